@@ -1,0 +1,28 @@
+"""Which model to fine-tune."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    name: str = "minilm"
+    """An alias (minilm), a local directory, a Hugging Face hub name, or a debug model built from a
+    config (tiny-bert, tiny-gpt2, tiny-llama)."""
+    tokenizer: str | None = None
+    """Tokenizer to load, if not the model's own. Debug models default to the minilm tokenizer."""
+    num_labels: int | None = None
+    """Classifier outputs. null: the number of labels of the task."""
+    freeze_embeddings: bool = False
+    """Freeze the embedding layers (fewer trainable parameters under DP)."""
+    dropout: float | None = None
+    """Override the model's dropout probabilities (null keeps the pre-trained value)."""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("model.name='' is invalid: give an alias (minilm, tiny-bert, tiny-gpt2, tiny-llama), a directory or a hub name")
+        if self.num_labels is not None and self.num_labels < 1:
+            raise ValueError(f"model.num_labels={self.num_labels!r} is invalid: must be >= 1")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise ValueError(f"model.dropout={self.dropout!r} is invalid: must be in [0, 1)")

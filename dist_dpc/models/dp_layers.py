@@ -1,0 +1,38 @@
+"""Per-sample gradient rules for transformers' own layer types (GPT-2 Conv1D, Llama RMSNorm).
+
+They live here, at the edge, so that dist_dpc.privacy and dist_dpc.engine never import transformers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dist_dpc.privacy.clipper import PerSampleClipper, register_dp_layer
+from dist_dpc.privacy.layers.linear import DPLinearFunction
+from dist_dpc.privacy.layers.norm_affine import dp_affine
+
+
+def dp_conv1d(module, clipper: PerSampleClipper, x: torch.Tensor) -> torch.Tensor:
+    # GPT-2's Conv1D is y = x W + b with W stored (in, out): a linear layer with a transposed weight.
+    return DPLinearFunction.apply(x, module.weight, module.bias, clipper, True, module)
+
+
+def dp_rms_norm(module, clipper: PerSampleClipper, hidden: torch.Tensor) -> torch.Tensor:
+    input_dtype = hidden.dtype
+    h = hidden.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
+    return dp_affine(clipper, h.to(input_dtype), module.weight, None)
+
+
+def register_transformers_layers() -> None:
+    from transformers.pytorch_utils import Conv1D
+
+    register_dp_layer(Conv1D)(dp_conv1d)
+    try:
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    except ImportError:  # pragma: no cover - very old transformers
+        return
+    register_dp_layer(LlamaRMSNorm)(dp_rms_norm)
+
+
+register_transformers_layers()

