@@ -1,0 +1,88 @@
+"""Rank and world from whichever launcher started us (torchrun, deepspeed, SLURM srun), then init."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class WorldInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_from_slurm(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """torch.distributed variables derived from a SLURM task's environment (srun, one task per GPU).
+
+    Master address: first host of the job's node list; port: derived from the job id so that two
+    jobs sharing a node do not collide.
+    """
+    env = os.environ if environ is None else environ
+    out = {
+        "RANK": env["SLURM_PROCID"],
+        "WORLD_SIZE": env["SLURM_NTASKS"],
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+    }
+    if "MASTER_ADDR" not in env:
+        out["MASTER_ADDR"] = first_host(env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or socket.gethostname())
+    if "MASTER_PORT" not in env:
+        out["MASTER_PORT"] = str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+    return out
+
+
+def first_host(nodelist: str) -> str:
+    try:
+        hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True, capture_output=True, text=True).stdout.split()
+        if hosts:
+            return hosts[0]
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    # Fallback without scontrol: "node[1-3],other" -> "node1"
+    head = nodelist.split(",")[0]
+    if "[" in head:
+        prefix, rng = head.split("[", 1)
+        return prefix + rng.rstrip("]").split(",")[0].split("-")[0]
+    return head
+
+
+def world_from_env() -> WorldInfo:
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        os.environ.update(env_from_slurm())
+    return WorldInfo(
+        rank=int(os.environ.get("RANK", "0")),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        world_size=int(os.environ.get("WORLD_SIZE", "1")),
+    )
+
+
+def init_distributed(world: WorldInfo | None = None) -> WorldInfo:
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU); single process too."""
+    import deepspeed
+    import torch
+
+    world = world or world_from_env()
+    if world.world_size == 1:
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(world.local_rank)
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_init_required=True, verbose=False)
+    return world
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,243 @@
+"""The DP-SGD step under DeepSpeed ZeRO 0-3. Read this file top to bottom.
+
+One logical step, for this rank's fixed-shape micro-batches (padding rows have sample_mask 0):
+
+  1. per-sample losses -> per-sample clip factors -> clipped gradient sum, accumulated over the
+     micro-batches and reduced across ranks by DeepSpeed exactly as in a non-DP step:
+       per_layer: one forward + one backward; every layer clips its own per-sample gradient to
+                  C / sqrt(L) inside the backward (dist_dpc.privacy.clipper);
+       flat:      a norms-only pass through the raw module (no gradients, no DeepSpeed hooks), then
+                  the real pass through the engine with the loss re-weighted by min(1, C / ||g_i||);
+  2. in a step pre-hook on the optimizer DeepSpeed finally steps (each rank's fp32 partition):
+     undo DeepSpeed's mean over ranks, add N(0, sigma^2 C^2) once per coordinate, divide by the
+     expected batch size;
+  3. the optimizer update; the accountant records (sigma, q).
+
+No collective is added to DeepSpeed's own: the sampler derives every rank's micro-step count locally.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from dist_dpc.engine import deepspeed_seam
+from dist_dpc.engine.distributed import WorldInfo
+from dist_dpc.privacy.accounting import Mechanism, PrivacyAccountant, calibrate_noise_multiplier, compute_epsilon
+from dist_dpc.privacy.clipper import ClipMode, PerSampleClipper
+from dist_dpc.privacy.config import PrivacyConfig
+from dist_dpc.privacy.accounting import check_delta, delta_default
+from dist_dpc.privacy.noise import add_gaussian_noise_
+
+# loss_fn(forward, micro_batch) -> per-sample losses (B,); ``forward`` is the DeepSpeed engine or
+# its raw module and is called with the model's keyword inputs.
+LossFn = Callable[[Callable, dict], torch.Tensor]
+
+
+class PrivacyBudgetError(RuntimeError):
+    """The step would spend more privacy than the configured budget."""
+
+
+@dataclass
+class StepStats:
+    step: int
+    loss: float                    # mean per-sample loss of this rank's real samples
+    local_samples: int             # real samples on this rank
+    logical_batch_size: int        # real samples on all ranks (known locally: shared sampler)
+    clipped_fraction: float        # of this rank's real samples
+    grad_norm_quantiles: dict[str, float] = field(default_factory=dict)  # per-sample norms, this rank
+
+
+def resolve_noise(privacy: PrivacyConfig, *, dataset_size: int, sample_rate: float, planned_steps: int,
+                  prior: tuple[Mechanism, ...] = ()) -> tuple[float, float, int]:
+    """(sigma, delta, max_steps) before training starts; refuses what the budget cannot pay for."""
+    delta = privacy.delta if privacy.delta is not None else delta_default(dataset_size)
+    check_delta(delta, dataset_size)
+    if not privacy.enabled:
+        return 0.0, delta, planned_steps
+    if privacy.noise_multiplier is None:
+        sigma = calibrate_noise_multiplier(privacy.target_epsilon, delta, sample_rate, planned_steps,
+                                           accountant=privacy.accountant, prior=prior)
+        return sigma, delta, planned_steps
+    sigma = privacy.noise_multiplier
+    if privacy.target_epsilon is not None:
+        eps = compute_epsilon(list(prior) + [Mechanism(sigma, sample_rate, planned_steps)], delta, privacy.accountant)
+        if eps > privacy.target_epsilon * (1 + 1e-6):
+            raise PrivacyBudgetError(
+                f"privacy.noise_multiplier={sigma} for {planned_steps} steps at q={sample_rate:.4g} spends "
+                f"epsilon={eps:.3f} > privacy.target_epsilon={privacy.target_epsilon}: raise the noise multiplier, "
+                "train fewer steps/epochs, lower the batch size, or leave noise_multiplier unset to calibrate it")
+    return sigma, delta, planned_steps
+
+
+class DPEngine:
+    """DeepSpeed engine + per-sample clipping + partition noise + accountant, one logical step per call."""
+
+    def __init__(self, model: torch.nn.Module, ds_config: dict, privacy: PrivacyConfig, *, dataset_size: int,
+                 expected_batch_size: int, planned_steps: int, loss_fn: LossFn, world: WorldInfo, seed: int,
+                 poisson_sampling: bool = True, prior: tuple[Mechanism, ...] = (), phase: str = "train"):
+        import deepspeed
+
+        self.privacy, self.world, self.loss_fn, self.seed = privacy, world, loss_fn, int(seed)
+        self.dataset_size, self.expected_batch_size = dataset_size, expected_batch_size
+        self.sample_rate = expected_batch_size / dataset_size
+        self.poisson_sampling = poisson_sampling
+        self.noise_multiplier, self.delta, self.max_steps = resolve_noise(
+            privacy, dataset_size=dataset_size, sample_rate=self.sample_rate, planned_steps=planned_steps, prior=prior)
+        # Validated before DeepSpeed sees the model: unsupported or tied layers fail here.
+        self.clipper = PerSampleClipper(model, privacy.max_grad_norm).attach() if privacy.enabled else None
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.ds, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
+        self._check_loss_scale()
+        self.optimizer = deepspeed_seam.inner_torch_optimizer(self.ds)
+        self.optimizer.register_step_pre_hook(self._noise_and_normalise)
+        self.noise_stream = world.rank if deepspeed_seam.partitions_are_disjoint(self.ds) else 0
+        self.accountant = PrivacyAccountant(accountant=privacy.accountant, delta=self.delta, prior=prior, phase=phase)
+        self.steps_done = 0
+        self._norm_sink = trainable
+        self.post_noise_hooks: list[Callable[[torch.optim.Optimizer], None]] = []  # e.g. pruning masks
+
+    # -- the DP step ----------------------------------------------------------------------------
+    def train_step(self, micro_batches: list[dict], logical_batch_size: int) -> StepStats:
+        if self.steps_done >= self.max_steps:
+            raise PrivacyBudgetError(
+                f"step {self.steps_done + 1} would exceed the privacy budget (epsilon calibrated for "
+                f"{self.max_steps} steps); raise privacy.target_epsilon or stop training here")
+        self._seed_dropout()
+        self.ds.train()
+        losses, norms, clipped = [], [], []
+        num_micro = len(micro_batches)
+        for j, micro in enumerate(micro_batches):
+            self.ds.set_gradient_accumulation_boundary(j == num_micro - 1)
+            loss_B, norm_B, clipped_B = self._accumulate(micro)
+            real = micro["sample_mask"] > 0
+            losses.append(loss_B[real])
+            if norm_B is not None:
+                norms.append(norm_B[real])
+                clipped.append(clipped_B[real])
+        self.ds.step()  # -> _noise_and_normalise, then the optimizer update
+        self.steps_done += 1
+        if self.privacy.enabled:
+            self.accountant.step(self.noise_multiplier, self.sample_rate)
+        return self._stats(losses, norms, clipped, logical_batch_size)
+
+    def _accumulate(self, micro: dict):
+        """Forward/backward of one micro-batch: only clipped per-sample gradients reach DeepSpeed."""
+        mask = micro["sample_mask"].to(self.ds.device)
+        batch = {k: v.to(self.ds.device) if torch.is_tensor(v) else v for k, v in micro.items()}
+        rows = mask.shape[0]
+        if self.clipper is None:  # non-private training, same normalisation
+            per_sample = self.loss_fn(self.ds, batch)
+            self.ds.backward((per_sample * mask).sum())
+            return per_sample.detach(), None, None
+        if self.privacy.clipping == "per_layer":
+            with self.clipper.pass_mode(ClipMode.PER_LAYER, rows):
+                per_sample = self.loss_fn(self.ds, batch)
+                self.ds.backward((per_sample * mask).sum())
+            return per_sample.detach(), self.clipper.sq_norms.sqrt(), self.clipper.clipped
+        # flat: norms first (raw module, nothing accumulated), then the re-weighted real pass.
+        rng = _RngSnapshot()
+        with self.clipper.pass_mode(ClipMode.NORMS, rows):
+            per_sample = self.loss_fn(self.ds.module, batch)
+            torch.autograd.grad((per_sample * mask).sum(), self._norm_sink, allow_unused=True)
+            factors = self.clipper.flat_factors(self.clipper.sq_norms)
+        rng.restore()  # same dropout masks in both passes, or the norms would be of another gradient
+        per_sample = self.loss_fn(self.ds, batch)
+        self.ds.backward((per_sample * (factors * mask).detach().to(per_sample.dtype)).sum())
+        return per_sample.detach(), self.clipper.sq_norms.sqrt(), self.clipper.clipped
+
+    def _noise_and_normalise(self, optimizer, args, kwargs) -> None:
+        """Optimizer step pre-hook: this rank's partition of the reduced clipped sum -> DP gradient."""
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        for g in grads:
+            g.mul_(self.world.world_size)  # DeepSpeed averaged over ranks; DP-SGD wants the sum
+        if self.clipper is not None:
+            std = self.noise_multiplier * self.privacy.max_grad_norm
+            add_gaussian_noise_(grads, std, self.seed, self.steps_done, self.noise_stream)
+        for g in grads:
+            g.div_(self.expected_batch_size)
+        for hook in self.post_noise_hooks:
+            hook(optimizer)
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _seed_dropout(self) -> None:
+        # Dropout depends only on (seed, step, rank): a resumed run replays the same masks.
+        torch.manual_seed((self.seed * 1_000_003 + self.steps_done * 7_919 + self.world.rank) % (2**63 - 1))
+
+    def _check_loss_scale(self) -> None:
+        scale = getattr(self.ds.optimizer, "loss_scale", 1.0)
+        scale = float(scale() if callable(scale) else scale)
+        if self.clipper is not None and scale != 1.0:
+            raise ValueError(f"DeepSpeed applies a loss scale of {scale}: clipping thresholds inside backward would "
+                             "be off by that factor; use bf16 or fp32 without loss scaling")
+
+    def _stats(self, losses, norms, clipped, logical_batch_size: int) -> StepStats:
+        loss_all = torch.cat(losses) if losses else torch.zeros(0)
+        stats = StepStats(step=self.steps_done, loss=float(loss_all.float().mean()) if loss_all.numel() else float("nan"),
+                          local_samples=int(loss_all.numel()), logical_batch_size=logical_batch_size,
+                          clipped_fraction=0.0)
+        if norms:
+            n = torch.cat(norms).float()
+            if n.numel():
+                stats.clipped_fraction = float(torch.cat(clipped).float().mean())
+                qs = torch.quantile(n, torch.tensor([0.1, 0.5, 0.9]))
+                stats.grad_norm_quantiles = {"p10": float(qs[0]), "p50": float(qs[1]), "p90": float(qs[2])}
+        return stats
+
+    def epsilon(self, accountant: str | None = None) -> float:
+        return self.accountant.epsilon(self.delta, accountant=accountant) if self.privacy.enabled else math.inf
+
+    def mechanism(self, phase: str = "") -> Mechanism:
+        return Mechanism(self.noise_multiplier, self.sample_rate, self.steps_done, phase=phase)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.ds.module
+
+    # -- checkpointing ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"steps_done": self.steps_done, "seed": self.seed, "noise_multiplier": self.noise_multiplier,
+                "sample_rate": self.sample_rate, "delta": self.delta, "max_steps": self.max_steps,
+                "accountant": self.accountant.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("noise_multiplier", "sample_rate", "delta"):
+            if not math.isclose(float(state[key]), float(getattr(self, key)), rel_tol=1e-9):
+                raise ValueError(f"checkpoint has {key}={state[key]} but this run computed {getattr(self, key)}: "
+                                 "resume with the same privacy and data configuration")
+        self.steps_done, self.seed = int(state["steps_done"]), int(state["seed"])
+        self.accountant.load_state_dict(state["accountant"])
+
+    def save_checkpoint(self, directory: str | Path, tag: str, client_state: dict | None = None) -> None:
+        state = {"dp_engine": self.state_dict(), **(client_state or {})}
+        self.ds.save_checkpoint(str(directory), tag=tag, client_state=state)
+
+    def load_checkpoint(self, directory: str | Path, tag: str | None = None) -> dict:
+        _, client = self.ds.load_checkpoint(str(directory), tag=tag)
+        if client is None:
+            raise FileNotFoundError(f"no loadable checkpoint in {directory}")
+        self.load_state_dict(client["dp_engine"])
+        return client
+
+
+class _RngSnapshot:
+    """CPU (and current CUDA device) RNG state, to replay dropout in the second flat pass."""
+
+    def __init__(self):
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda)
+
+
+def process_env_defaults() -> None:
+    """DeepSpeed on CPU: silence the accelerator probe warning; gloo wants few threads per rank."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")

@@ -1,0 +1,93 @@
+"""The run config: one typed tree, loaded from YAML, overridden by ``section.key=value``, saved per run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from dist_dpc.data.config import DataConfig
+from dist_dpc.models.config import ModelConfig
+from dist_dpc.privacy.config import PrivacyConfig
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    name: str = "run"
+    """Run name: the run directory is output_dir/name."""
+    output_dir: str = "runs"
+    """Where run directories are created."""
+    seed: int = 0
+    """Seed of the model head initialisation and of the data subset."""
+    overwrite: bool = False
+    """Allow writing into an existing run directory that holds a finished run (never deletes it)."""
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ValueError(f"run.name={self.name!r} is invalid: a non-empty name without '/'")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    epochs: float = 1.0
+    """Passes over the training set (in expected samples: steps = epochs * N / batch_size)."""
+    max_steps: int | None = None
+    """Cap on logical steps (overrides epochs when smaller)."""
+    batch_size: int = 64
+    """Expected logical batch size B = q * N (Poisson sampling draws around it)."""
+    micro_batch_size: int = 16
+    """Rows per micro-batch per rank (a memory knob; no effect on the maths)."""
+    lr: float = 5e-4
+    """Learning rate."""
+    weight_decay: float = 0.0
+    """Weight decay (AdamW)."""
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    """Optimizer, when the DeepSpeed config names none."""
+    zero_stage: int | None = None
+    """ZeRO stage 0-3 (null: the DeepSpeed config's, else 0)."""
+    deepspeed_config: str | None = None
+    """Path of a DeepSpeed JSON config (ds_configs/zero2.json ...). Batch sizes are derived, not read from it."""
+    bf16: bool = False
+    """bf16 mixed precision (GPU)."""
+    eval_batch_size: int = 64
+    """Rows per evaluation batch."""
+    log_every: int = 10
+    """Log a line every this many steps."""
+
+    def __post_init__(self) -> None:
+        if self.epochs <= 0:
+            raise ValueError(f"train.epochs={self.epochs!r} is invalid: must be > 0")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"train.max_steps={self.max_steps!r} is invalid: must be >= 1 or null")
+        for key in ("batch_size", "micro_batch_size", "eval_batch_size", "log_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"train.{key}={getattr(self, key)!r} is invalid: must be >= 1")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr={self.lr!r} is invalid: must be > 0")
+        if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"train.zero_stage={self.zero_stage!r} is invalid: allowed values are 0, 1, 2, 3")
+
+
+@dataclass(kw_only=True)
+class WandbConfig:
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    """W&B mode; offline writes runs locally (sync them later with `wandb sync`)."""
+    project: str = "dist-dpc"
+    """W&B project."""
+    entity: str | None = None
+    """W&B entity (team)."""
+
+
+@dataclass(kw_only=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
+    from dist_dpc.utils.config_loader import load
+
+    return load(Config, path, overrides)

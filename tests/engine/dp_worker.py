@@ -1,0 +1,99 @@
+"""Worker started by torchrun from the engine tests: runs DP steps and saves what rank 0 sees.
+
+Usage: torchrun --nproc_per_node W tests/engine/dp_worker.py SPEC.json OUT.pt
+SPEC: {"cases": [{"model", "stage", "clipping", "accumulation", "noise_multiplier", "max_grad_norm",
+       "micro_batch_size", "lr", "steps"}...], "batch_size": G, "seed": s, "mode": "update"|"noise"}
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+
+def logical_batch(vocab: int, size: int, length: int, seed: int) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (size, length), generator=gen)
+    mask = torch.ones(size, length, dtype=torch.long)
+    for i in range(0, size, 3):  # some right-padded rows
+        cut = 2 + i % (length - 2)
+        ids[i, cut:] = 0
+        mask[i, cut:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 2, (size,), generator=gen)}
+
+
+def rank_micro_batches(batch: dict, rank: int, world: int, micro: int, accumulation: int) -> list[dict]:
+    """Round-robin share of the logical batch, cut into ``accumulation`` fixed-size micro-batches
+    whose spare rows are padding (sample_mask 0)."""
+    size = batch["labels"].shape[0]
+    mine = list(range(rank, size, world))
+    out = []
+    for j in range(accumulation):
+        idx = mine[j * micro:(j + 1) * micro]
+        rows = {k: v[idx] for k, v in batch.items()}
+        pad = micro - len(idx)
+        length = batch["input_ids"].shape[1]
+        rows = {
+            "input_ids": torch.cat([rows["input_ids"], torch.zeros(pad, length, dtype=torch.long)]),
+            "attention_mask": torch.cat([rows["attention_mask"], torch.nn.functional.one_hot(torch.zeros(pad, dtype=torch.long), length)]),
+            "labels": torch.cat([rows["labels"], torch.zeros(pad, dtype=torch.long)]),
+            "sample_mask": torch.cat([torch.ones(len(idx)), torch.zeros(pad)]),
+        }
+        out.append(rows)
+    return out
+
+
+def full_params(engine) -> dict[str, torch.Tensor]:
+    import deepspeed
+
+    params = list(engine.module.named_parameters())
+    with deepspeed.zero.GatheredParameters([p for _, p in params], enabled=engine.ds.zero_optimization_stage() == 3):
+        return {n: p.detach().clone().double() for n, p in params}
+
+
+def run_case(case: dict, spec: dict, world) -> dict:
+    from dist_dpc.engine import DPEngine, build_ds_config
+    from dist_dpc.engine.losses import sequence_classification_loss
+    from dist_dpc.models import ModelConfig, load_sequence_classifier
+    from dist_dpc.privacy import PrivacyConfig
+
+    model = load_sequence_classifier(ModelConfig(name=case["model"], dropout=0.0), num_labels=2, seed=spec["seed"])
+    if spec.get("float64"):
+        model = model.double()
+    initial = {n: p.detach().clone().double() for n, p in model.named_parameters()}
+    ds_config = build_ds_config(
+        {"zero_optimization": {"stage": case["stage"], "stage3_param_persistence_threshold": 0},
+         "optimizer": {"type": "SGD", "params": {"lr": case["lr"]}}},
+        micro_batch_size=case["micro_batch_size"], world_size=world.world_size, zero_stage=case["stage"],
+        lr=case["lr"], weight_decay=0.0, optimizer="sgd", bf16=False)
+    privacy = PrivacyConfig(target_epsilon=None, noise_multiplier=case["noise_multiplier"], delta=1e-6,
+                            max_grad_norm=case["max_grad_norm"], clipping=case["clipping"])
+    engine = DPEngine(model, ds_config, privacy, dataset_size=10_000, expected_batch_size=spec["expected_batch_size"],
+                      planned_steps=case.get("steps", 1), loss_fn=sequence_classification_loss, world=world,
+                      seed=spec["seed"])
+    size = case.get("batch_size", spec.get("batch_size"))
+    batch = logical_batch(model.config.vocab_size, size, spec.get("length", 9), spec["seed"])
+    for _ in range(case.get("steps", 1)):
+        micro = rank_micro_batches(batch, world.rank, world.world_size, case["micro_batch_size"], case["accumulation"])
+        engine.train_step(micro, logical_batch_size=size)
+    final = full_params(engine)
+    return {"initial": initial, "final": final, "noise_stream": engine.noise_stream}
+
+
+def main() -> None:
+    from dist_dpc.engine import init_distributed
+
+    spec = json.loads(open(sys.argv[1]).read())
+    world = init_distributed()
+    results = [run_case(case, spec, world) for case in spec["cases"]]
+    gathered = [None] * world.world_size
+    torch.distributed.all_gather_object(gathered, [{"final": r["final"], "noise_stream": r["noise_stream"]} for r in results])
+    if world.rank == 0:
+        torch.save({"results": results, "per_rank": gathered}, sys.argv[2])
+    torch.distributed.barrier()
+
+
+if __name__ == "__main__":
+    main()
