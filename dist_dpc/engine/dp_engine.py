@@ -32,7 +32,7 @@ from dist_dpc.privacy.accounting import Mechanism, PrivacyAccountant, calibrate_
 from dist_dpc.privacy.clipper import ClipMode, PerSampleClipper
 from dist_dpc.privacy.config import PrivacyConfig
 from dist_dpc.privacy.accounting import check_delta, delta_default
-from dist_dpc.privacy.noise import add_gaussian_noise_
+from dist_dpc.privacy.noise import add_gaussian_noise_, derive_seed
 
 # loss_fn(forward, micro_batch) -> per-sample losses (B,); ``forward`` is the DeepSpeed engine or
 # its raw module and is called with the model's keyword inputs.
@@ -99,6 +99,7 @@ class DPEngine:
         self.noise_stream = world.rank if deepspeed_seam.partitions_are_disjoint(self.ds) else 0
         self.accountant = PrivacyAccountant(accountant=privacy.accountant, delta=self.delta, prior=prior, phase=phase)
         self.steps_done = 0
+        self._hook_calls = 0
         self._norm_sink = trainable
         self.post_noise_hooks: list[Callable[[torch.optim.Optimizer], None]] = []  # e.g. pruning masks
 
@@ -109,6 +110,7 @@ class DPEngine:
                 f"step {self.steps_done + 1} would exceed the privacy budget (epsilon calibrated for "
                 f"{self.max_steps} steps); raise privacy.target_epsilon or stop training here")
         self._seed_dropout()
+        self._hook_calls = 0
         self.ds.train()
         losses, norms, clipped = [], [], []
         num_micro = len(micro_batches)
@@ -157,8 +159,12 @@ class DPEngine:
         for g in grads:
             g.mul_(self.world.world_size)  # DeepSpeed averaged over ranks; DP-SGD wants the sum
         if self.clipper is not None:
+            # ZeRO-3 steps its sub-groups one at a time, calling this hook once per sub-group: the
+            # call index keeps their noise streams apart.
             std = self.noise_multiplier * self.privacy.max_grad_norm
-            add_gaussian_noise_(grads, std, self.seed, self.steps_done, self.noise_stream)
+            stream = self.noise_stream * 4096 + self._hook_calls
+            add_gaussian_noise_(grads, std, self.seed, self.steps_done, stream)
+        self._hook_calls += 1
         for g in grads:
             g.div_(self.expected_batch_size)
         for hook in self.post_noise_hooks:
@@ -167,7 +173,7 @@ class DPEngine:
     # -- helpers ---------------------------------------------------------------------------------
     def _seed_dropout(self) -> None:
         # Dropout depends only on (seed, step, rank): a resumed run replays the same masks.
-        torch.manual_seed((self.seed * 1_000_003 + self.steps_done * 7_919 + self.world.rank) % (2**63 - 1))
+        torch.manual_seed(derive_seed(self.seed, self.steps_done, self.world.rank, 1))
 
     def _check_loss_scale(self) -> None:
         scale = getattr(self.ds.optimizer, "loss_scale", 1.0)

@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
 ACCOUNTANTS = ("prv", "rdp")
+MAX_SIGMA = 1000.0
+# Beyond this RDP epsilon, PRV's discretisation takes minutes and the number is meaningless anyway:
+# the RDP value (an upper bound, so still a valid guarantee) is reported instead, with a warning.
+PRV_EPSILON_CUTOFF = 100.0
 
 
 @dataclass(frozen=True)
@@ -70,7 +75,13 @@ def compute_epsilon(mechanisms: Sequence[Mechanism], delta: float, accountant: s
             merged[-1][2] += steps
         else:
             merged.append([sigma, q, steps])
-    return _epsilon(tuple(tuple(h) for h in merged), float(delta), accountant)
+    key = tuple(tuple(h) for h in merged)
+    if accountant == "prv":
+        upper = _epsilon(key, float(delta), "rdp")
+        if upper > PRV_EPSILON_CUTOFF:
+            warnings.warn(f"epsilon > {PRV_EPSILON_CUTOFF:g}: reporting the RDP upper bound {upper:.1f} instead of PRV")
+            return upper
+    return _epsilon(key, float(delta), accountant)
 
 
 def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, steps: int,
@@ -89,25 +100,30 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate:
     if prior_eps >= target_epsilon:
         raise ValueError(f"privacy.target_epsilon={target_epsilon} is unreachable: the earlier phases already spent "
                          f"epsilon={prior_eps:.3f}; raise the target or give this phase a share of a larger budget")
-    high = 1.0
-    while eps(high) > target_epsilon:
+    # Bracket with RDP, which is fast and an upper bound on PRV's epsilon: sigma_rdp is feasible for
+    # both. PRV is slow (minutes) far from the target, so it is only evaluated near the answer.
+    rdp_eps = (lambda sigma: compute_epsilon(prior + (Mechanism(sigma, sample_rate, steps),), delta, "rdp"))
+    high = 0.25
+    while rdp_eps(high) > target_epsilon and high <= MAX_SIGMA:
         high *= 2
-        if high > 1e3:
-            raise ValueError(
-                f"privacy.target_epsilon={target_epsilon} is unreachable with q={sample_rate:.4g}, {steps} steps, "
-                f"delta={delta:.3g}: it would need sigma > 1000. Train fewer steps/epochs, lower train.batch_size, "
-                "raise privacy.target_epsilon or privacy.delta")
-    low = 0.0
-    # Bisection on sigma until epsilon is within tolerance below the target.
+    if high > MAX_SIGMA and eps(MAX_SIGMA) > target_epsilon:
+        raise ValueError(
+            f"privacy.target_epsilon={target_epsilon} is unreachable with q={sample_rate:.4g}, {steps} steps, "
+            f"delta={delta:.3g}: it would need sigma > {MAX_SIGMA:g}. Train fewer steps/epochs, lower "
+            "train.batch_size, raise privacy.target_epsilon or privacy.delta")
+    high = min(high, MAX_SIGMA)
+    low = high / 2 if accountant == "rdp" else high * 0.6
+    while low > 0.05 and eps(low) <= target_epsilon:
+        high, low = low, low * 0.6
+    # Bisection: epsilon(high) <= target < epsilon(low).
     for _ in range(60):
+        if eps(high) >= target_epsilon * (1 - epsilon_tolerance):
+            break
         mid = (low + high) / 2
-        e = eps(mid)
-        if e > target_epsilon:
+        if eps(mid) > target_epsilon:
             low = mid
         else:
             high = mid
-            if e >= target_epsilon * (1 - epsilon_tolerance):
-                break
     return high
 
 

@@ -8,15 +8,20 @@ that each hold a full replica (ZeRO 0) must use the same stream so they apply id
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
-_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, step, stream) over 63 bits
+
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed from a tuple of integers; distinct tuples give unrelated seeds."""
+    digest = hashlib.blake2b(":".join(str(int(k)) for k in keys).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 def step_generator(seed: int, step: int, stream: int, device: torch.device) -> torch.Generator:
-    key = (int(seed) * _MIX + int(step) * 1_000_003 + int(stream) * 7_919 + 1) % (2**63 - 1)
     gen = torch.Generator(device=device)
-    gen.manual_seed(key)
+    gen.manual_seed(derive_seed(seed, step, stream))
     return gen
 
 

@@ -63,23 +63,34 @@ def run_case(case: dict, spec: dict, world) -> dict:
     if spec.get("float64"):
         model = model.double()
     initial = {n: p.detach().clone().double() for n, p in model.named_parameters()}
+    user_ds = {"zero_optimization": {"stage": case["stage"], "stage3_param_persistence_threshold": 0},
+               "optimizer": {"type": "SGD", "params": {"lr": case["lr"]}}}
+    if case.get("comms"):
+        user_ds["comms_logger"] = {"enabled": True, "prof_all": True, "verbose": False}
     ds_config = build_ds_config(
-        {"zero_optimization": {"stage": case["stage"], "stage3_param_persistence_threshold": 0},
-         "optimizer": {"type": "SGD", "params": {"lr": case["lr"]}}},
+        user_ds,
         micro_batch_size=case["micro_batch_size"], world_size=world.world_size, zero_stage=case["stage"],
         lr=case["lr"], weight_decay=0.0, optimizer="sgd", bf16=False)
-    privacy = PrivacyConfig(target_epsilon=None, noise_multiplier=case["noise_multiplier"], delta=1e-6,
+    privacy = PrivacyConfig(enabled=case.get("private", True), target_epsilon=None,
+                            noise_multiplier=case["noise_multiplier"], delta=1e-6,
                             max_grad_norm=case["max_grad_norm"], clipping=case["clipping"])
     engine = DPEngine(model, ds_config, privacy, dataset_size=10_000, expected_batch_size=spec["expected_batch_size"],
                       planned_steps=case.get("steps", 1), loss_fn=sequence_classification_loss, world=world,
                       seed=spec["seed"])
     size = case.get("batch_size", spec.get("batch_size"))
     batch = logical_batch(model.config.vocab_size, size, spec.get("length", 9), spec["seed"])
-    for _ in range(case.get("steps", 1)):
+    comms = {}
+    for step in range(case.get("steps", 1)):
         micro = rank_micro_batches(batch, world.rank, world.world_size, case["micro_batch_size"], case["accumulation"])
+        if case.get("comms"):
+            from deepspeed.comm.comm import comms_logger
+
+            comms_logger.comms_dict = {}  # count the collectives of the last step only (the first warms up)
         engine.train_step(micro, logical_batch_size=size)
+        if case.get("comms"):
+            comms = {name: sorted((int(size), v[0]) for size, v in sizes.items()) for name, sizes in comms_logger.comms_dict.items()}
     final = full_params(engine)
-    return {"initial": initial, "final": final, "noise_stream": engine.noise_stream}
+    return {"initial": initial, "final": final, "noise_stream": engine.noise_stream, "comms": comms}
 
 
 def main() -> None:

@@ -1,0 +1,103 @@
+"""Everything that would make the DP guarantee silently false is refused before training starts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dist_dpc.engine import DPEngine, PrivacyBudgetError, UnsafeDeepSpeedConfig, build_ds_config, init_distributed
+from dist_dpc.engine.losses import sequence_classification_loss
+from dist_dpc.models import ModelConfig, load_sequence_classifier
+from dist_dpc.privacy import PrivacyConfig, TiedWeightsError, UnsupportedLayerError
+
+
+@pytest.fixture(scope="module")
+def world():
+    return init_distributed()
+
+
+def ds(**kw):
+    base = dict(micro_batch_size=4, world_size=1, zero_stage=0, lr=1e-3, weight_decay=0.0, optimizer="adamw", bf16=False)
+    base.update(kw)
+    return build_ds_config(base.pop("user", None), **base)
+
+
+def engine(world, model=None, privacy=None, **kw):
+    model = model or load_sequence_classifier(ModelConfig(name="tiny-bert"), num_labels=2)
+    privacy = privacy or PrivacyConfig(target_epsilon=None, noise_multiplier=1.0)
+    args = dict(dataset_size=1000, expected_batch_size=10, planned_steps=5, loss_fn=sequence_classification_loss,
+                world=world, seed=0)
+    args.update(kw)
+    return DPEngine(model, ds(), privacy, **args)
+
+
+@pytest.mark.parametrize("user, fix", [
+    ({"gradient_clipping": 1.0}, "privacy.max_grad_norm"),
+    ({"fp16": {"enabled": True}}, "use bf16 or fp32"),
+    ({"prescale_gradients": True}, "set it to false"),
+    ({"gradient_predivide_factor": 2.0}, "remove it"),
+    ({"amp": {"enabled": True}}, "use bf16 or fp32"),
+])
+def test_unsafe_deepspeed_configs_refused(user, fix):
+    with pytest.raises(UnsafeDeepSpeedConfig, match=fix):
+        ds(user=user)
+
+
+def test_deepspeed_batch_keys_are_derived_not_read():
+    with pytest.raises(ValueError, match="train.micro_batch_size"):
+        ds(user={"train_micro_batch_size_per_gpu": 99})
+    assert ds(user={"train_micro_batch_size_per_gpu": "auto"})["train_micro_batch_size_per_gpu"] == 4
+    # Without DP the same clipping setting is the user's business.
+    assert build_ds_config({"gradient_clipping": 1.0}, micro_batch_size=4, world_size=1, zero_stage=0, lr=1e-3,
+                           weight_decay=0.0, optimizer="adamw", bf16=False, dp_enabled=False)["gradient_clipping"] == 1.0
+
+
+def test_unsupported_trainable_layer_refused_before_deepspeed(world):
+    class WithConv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(4, 4, 1)
+
+    with pytest.raises(UnsupportedLayerError, match=r"conv \(torch.nn.modules.conv.Conv1d\)"):
+        engine(world, model=WithConv())
+
+
+def test_tied_weights_refused(world):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=16))
+    with pytest.raises(TiedWeightsError, match="tie_word_embeddings=False"):
+        engine(world, model=model)
+
+
+def test_delta_at_or_above_one_over_n_refused(world):
+    with pytest.raises(ValueError, match=r"must be < 1/N"):
+        engine(world, privacy=PrivacyConfig(target_epsilon=3.0, delta=1e-3), dataset_size=1000)
+
+
+def test_unreachable_epsilon_refused(world):
+    with pytest.raises(ValueError, match="unreachable"):
+        engine(world, privacy=PrivacyConfig(target_epsilon=1e-4), planned_steps=2000, expected_batch_size=100)
+
+
+def test_fixed_sigma_over_budget_refused(world):
+    with pytest.raises(PrivacyBudgetError, match="raise the noise multiplier"):
+        engine(world, privacy=PrivacyConfig(target_epsilon=0.5, noise_multiplier=0.6), planned_steps=500)
+
+
+def test_step_beyond_budget_refused(world):
+    eng = engine(world, planned_steps=1)
+    batch = {"input_ids": torch.randint(1, 100, (4, 6)), "attention_mask": torch.ones(4, 6, dtype=torch.long),
+             "labels": torch.zeros(4, dtype=torch.long), "sample_mask": torch.ones(4)}
+    eng.train_step([batch], logical_batch_size=4)
+    with pytest.raises(PrivacyBudgetError, match="exceed the privacy budget"):
+        eng.train_step([batch], logical_batch_size=4)
+    assert eng.accountant.steps == 1
+
+
+def test_config_level_checks():
+    with pytest.raises(ValueError, match="privacy.max_grad_norm"):
+        PrivacyConfig(max_grad_norm=0)
+    with pytest.raises(ValueError, match="privacy.target_epsilon"):
+        PrivacyConfig(target_epsilon=None, noise_multiplier=None)
