@@ -1,0 +1,52 @@
+"""Which private data set to train on, and how to read it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+TASKS = ("synthetic_sentiment", "sst2", "qnli", "mnli", "qqp", "yelp", "csv")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    task: str = "synthetic_sentiment"
+    """synthetic_sentiment (generated, no files), sst2, qnli, mnli, qqp (GLUE), yelp (control-code CSV), csv."""
+    data_dir: str | None = None
+    """GLUE: the directory holding SST-2/, QNLI/, MNLI/, QQP/ (or the task's own directory); yelp: the
+    directory holding train.csv/dev.csv/test.csv. null for GLUE: the hub's glue configs (needs network)."""
+    train_file: str | None = None
+    """task=csv: training file (.csv, .tsv or .jsonl); yelp: overrides the training CSV."""
+    eval_file: str | None = None
+    """task=csv: evaluation file; yelp: overrides the evaluation CSV."""
+    text_column: str = "text"
+    """task=csv: column of the text."""
+    text_pair_column: str | None = None
+    """task=csv: column of the second text of a pair, if any."""
+    label_column: str = "label"
+    """task=csv: label column; yelp: label1 (business category) or label2 (stars)."""
+    max_length: int = 128
+    """Tokens per example after truncation."""
+    max_train_samples: int | None = None
+    """Use only this many training examples (a seeded subset; N for the accountant is this number)."""
+    max_eval_samples: int | None = None
+    """Evaluate on only this many examples per split (the first ones)."""
+    synthetic_size: int = 2000
+    """task=synthetic_sentiment: training examples generated (evaluation: a quarter as many)."""
+    seed: int = 0
+    """Seed of the subset and of the generated set."""
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"data.task={self.task!r} is invalid: allowed values are {', '.join(TASKS)}")
+        if self.max_length < 8:
+            raise ValueError(f"data.max_length={self.max_length!r} is invalid: must be >= 8")
+        for key in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"data.{key}={value!r} is invalid: must be >= 1 or null")
+        if self.synthetic_size < 8:
+            raise ValueError(f"data.synthetic_size={self.synthetic_size!r} is invalid: must be >= 8")
+        if self.task == "csv" and not self.train_file:
+            raise ValueError("data.train_file=None is invalid for data.task='csv': give the path of a .csv, .tsv or .jsonl file")
+        if self.task == "yelp" and self.label_column not in ("label1", "label2"):
+            raise ValueError(f"data.label_column={self.label_column!r} is invalid for yelp: allowed values are 'label1' (category), 'label2' (stars)")

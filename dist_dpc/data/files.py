@@ -1,0 +1,74 @@
+"""Yelp reviews with control codes (text,label1,label2) and generic CSV / TSV / JSON-lines tasks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dist_dpc.data.splits import TaskData, TextSplit
+from dist_dpc.data.tables import read_rows, require_columns, require_file
+
+
+def _column_split(path: Path, name: str, text_col: str, pair_col: str | None, label_col: str):
+    columns, rows = read_rows(path)
+    require_columns(path, columns, [c for c in (text_col, pair_col, label_col) if c])
+    if not rows:
+        raise ValueError(f"{str(path)!r}: the {name} split is empty")
+    texts = [str(r[text_col]) for r in rows]
+    pairs = [str(r[pair_col]) for r in rows] if pair_col else None
+    raw = [r[label_col] for r in rows]
+    return texts, pairs, raw
+
+
+def _label_space(raw_train: list) -> tuple[list[str], dict]:
+    """Integer labels stay as they are; string labels become indices into their sorted names."""
+    if all(isinstance(v, int) or (isinstance(v, str) and v.strip().lstrip("-").isdigit()) for v in raw_train):
+        top = max(int(v) for v in raw_train)
+        return [str(i) for i in range(top + 1)], {}
+    names = sorted({str(v) for v in raw_train})
+    return names, {n: i for i, n in enumerate(names)}
+
+
+def _to_index(raw: list, mapping: dict, path: Path, label_col: str) -> list[int]:
+    if not mapping:
+        return [int(v) for v in raw]
+    unknown = sorted({str(v) for v in raw} - set(mapping))
+    if unknown:
+        raise ValueError(f"{str(path)!r}: labels {unknown[:5]} in column {label_col!r} do not occur in the training split")
+    return [mapping[str(v)] for v in raw]
+
+
+def load_columns(task: str, train_path: Path, eval_path: Path | None, text_col: str, pair_col: str | None,
+                 label_col: str) -> TaskData:
+    texts, pairs, raw = _column_split(train_path, "train", text_col, pair_col, label_col)
+    names, mapping = _label_space(raw)
+    train = TextSplit("train", texts, pairs, _to_index(raw, mapping, train_path, label_col))
+    evals = {}
+    if eval_path is not None:
+        e_texts, e_pairs, e_raw = _column_split(eval_path, "validation", text_col, pair_col, label_col)
+        evals["validation"] = TextSplit("validation", e_texts, e_pairs, _to_index(e_raw, mapping, eval_path, label_col))
+    return TaskData(task, train, evals, names, pair_col is not None, str(train_path))
+
+
+def load_csv_task(cfg) -> TaskData:
+    train = require_file(cfg.train_file, "data.train_file")
+    evals = require_file(cfg.eval_file, "data.eval_file") if cfg.eval_file else None
+    return load_columns("csv", train, evals, cfg.text_column, cfg.text_pair_column, cfg.label_column)
+
+
+def load_yelp(cfg) -> TaskData:
+    """Yelp: train.csv if present, else dev.csv, as training data; test.csv for evaluation."""
+    base = Path(cfg.data_dir) if cfg.data_dir else None
+    if cfg.train_file:
+        train = require_file(cfg.train_file, "data.train_file")
+    elif base is None:
+        raise FileNotFoundError("data.task='yelp' needs data.data_dir (the directory holding dev.csv/test.csv) "
+                                "or data.train_file")
+    else:
+        train = next((base / n for n in ("train.csv", "dev.csv") if (base / n).is_file()), None)
+        if train is None:
+            raise FileNotFoundError(f"data.data_dir={cfg.data_dir!r}: neither train.csv nor dev.csv exists there")
+    if cfg.eval_file:
+        evals = require_file(cfg.eval_file, "data.eval_file")
+    else:
+        evals = base / "test.csv" if base is not None and (base / "test.csv").is_file() else None
+    return load_columns("yelp", train, evals, "text", None, cfg.label_column)

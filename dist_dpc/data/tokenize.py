@@ -1,0 +1,93 @@
+"""Tokenisation (cached per run) and fixed-row collation into micro-batches."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from dist_dpc.data.splits import TextSplit
+
+
+class TokenizedDataset(torch.utils.data.Dataset):
+    """Unpadded token ids per example; padding happens per micro-batch in ``collate``."""
+
+    def __init__(self, input_ids: list[list[int]], labels: list[int], token_type_ids: list[list[int]] | None = None):
+        self.input_ids, self.labels, self.token_type_ids = input_ids, labels, token_type_ids
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        item = {"input_ids": self.input_ids[i], "labels": self.labels[i]}
+        if self.token_type_ids is not None:
+            item["token_type_ids"] = self.token_type_ids[i]
+        return item
+
+    def state(self) -> dict:
+        return {"input_ids": self.input_ids, "labels": self.labels, "token_type_ids": self.token_type_ids}
+
+
+def _cache_key(split: TextSplit, tokenizer, max_length: int) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([getattr(tokenizer, "name_or_path", ""), len(tokenizer), max_length, type(tokenizer).__name__]).encode())
+    for text in split.texts:
+        h.update(text.encode("utf-8", "surrogatepass") + b"\0")
+    for text in split.text_pairs or []:
+        h.update(text.encode("utf-8", "surrogatepass") + b"\1")
+    h.update(json.dumps(split.labels).encode())
+    return h.hexdigest()[:24]
+
+
+def tokenize_split(split: TextSplit, tokenizer, max_length: int, cache_dir: str | Path | None = None) -> TokenizedDataset:
+    cache_file = None
+    if cache_dir is not None:
+        cache_file = Path(cache_dir) / f"{split.name}-{_cache_key(split, tokenizer, max_length)}.pt"
+        if cache_file.is_file():
+            return TokenizedDataset(**torch.load(cache_file, weights_only=False))
+    enc = tokenizer(split.texts, split.text_pairs, truncation=True, max_length=max_length)
+    data = TokenizedDataset(list(enc["input_ids"]), list(split.labels), list(enc["token_type_ids"]) if "token_type_ids" in enc else None)
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")  # ranks may race: atomic rename
+        torch.save(data.state(), tmp)
+        os.replace(tmp, cache_file)
+    return data
+
+
+def collate(examples: list[dict], pad_token_id: int, pad_to_multiple_of: int = 8, num_rows: int | None = None) -> dict[str, torch.Tensor]:
+    """Pad to the longest example (rounded up); with ``num_rows``, append padding rows (sample_mask 0)
+    so that every micro-batch has the same number of rows on every rank."""
+    rows = num_rows if num_rows is not None else len(examples)
+    if rows < len(examples):
+        raise ValueError(f"{len(examples)} examples do not fit in {rows} rows")
+    longest = max([len(e["input_ids"]) for e in examples] + [1])
+    length = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((rows, length), pad_token_id, dtype=torch.long)
+    attention = torch.zeros(rows, length, dtype=torch.long)
+    attention[len(examples):, 0] = 1  # padding rows attend to one position so softmax stays finite
+    has_types = bool(examples) and "token_type_ids" in examples[0]
+    types = torch.zeros(rows, length, dtype=torch.long) if has_types else None
+    labels = torch.zeros(rows, dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        input_ids[i, :n] = torch.tensor(e["input_ids"])
+        attention[i, :n] = 1
+        labels[i] = int(e["labels"])
+        if has_types:
+            types[i, :n] = torch.tensor(e["token_type_ids"])
+    out = {"input_ids": input_ids, "attention_mask": attention, "labels": labels,
+           "sample_mask": torch.cat([torch.ones(len(examples)), torch.zeros(rows - len(examples))])}
+    if has_types:
+        out["token_type_ids"] = types
+    return out
+
+
+def check_labels(split: TextSplit, num_labels: int) -> None:
+    bad = sorted({y for y in split.labels if not 0 <= y < num_labels})
+    if bad:
+        raise ValueError(f"the {split.name} split has labels {bad[:5]} outside [0, {num_labels}): set model.num_labels "
+                         f"to at least {max(bad) + 1}, or fix the label column")
