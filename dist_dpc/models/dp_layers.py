@@ -24,15 +24,9 @@ def dp_rms_norm(module, clipper: PerSampleClipper, hidden: torch.Tensor) -> torc
     return dp_affine(clipper, h.to(input_dtype), module.weight, None)
 
 
-def register_transformers_layers() -> None:
-    from transformers.pytorch_utils import Conv1D
+RMS_NORMS = [f"transformers.models.{m}.modeling_{m}.{c}RMSNorm" for m, c in
+             (("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2"))]
 
-    register_dp_layer(Conv1D)(dp_conv1d)
-    try:
-        from transformers.models.llama.modeling_llama import LlamaRMSNorm
-    except ImportError:  # pragma: no cover - very old transformers
-        return
-    register_dp_layer(LlamaRMSNorm)(dp_rms_norm)
-
-
-register_transformers_layers()
+# By class path: registering does not import transformers.
+register_dp_layer("transformers.pytorch_utils.Conv1D")(dp_conv1d)
+register_dp_layer(*RMS_NORMS)(dp_rms_norm)

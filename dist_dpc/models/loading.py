@@ -75,7 +75,6 @@ def load_sequence_classifier(cfg: ModelConfig, num_labels: int, tokenizer=None, 
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    import dist_dpc.models.dp_layers  # noqa: F401  (registers Conv1D / RMSNorm rules)
 
     num_labels = cfg.num_labels or num_labels
     pad_id = tokenizer.pad_token_id if tokenizer is not None else 0

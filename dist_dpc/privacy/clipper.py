@@ -28,28 +28,36 @@ import torch
 from torch import nn
 
 DPForward = Callable[..., torch.Tensor]
-_REGISTRY: dict[type, DPForward] = {}
+# Keyed by "module.QualName" so that rules for third-party layers (transformers' Conv1D, RMSNorm)
+# can be registered without importing their library.
+_REGISTRY: dict[str, DPForward] = {}
 
 
-def register_dp_layer(*module_types: type) -> Callable[[DPForward], DPForward]:
-    """Register ``fn(module, clipper, *args, **kwargs)`` as the DP forward of ``module_types``."""
+def _key(module_type: type | str) -> str:
+    return module_type if isinstance(module_type, str) else f"{module_type.__module__}.{module_type.__qualname__}"
+
+
+def register_dp_layer(*module_types: type | str) -> Callable[[DPForward], DPForward]:
+    """Register ``fn(module, clipper, *args, **kwargs)`` as the DP forward of ``module_types``
+    (classes, or their "package.module.ClassName" paths)."""
 
     def wrap(fn: DPForward) -> DPForward:
         for module_type in module_types:
-            _REGISTRY[module_type] = fn
+            _REGISTRY[_key(module_type)] = fn
         return fn
 
     return wrap
 
 
-def registered_layer_types() -> tuple[type, ...]:
+def registered_layer_types() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
 def _dp_forward_for(module: nn.Module) -> DPForward | None:
     for klass in type(module).__mro__:
-        if klass in _REGISTRY:
-            return _REGISTRY[klass]
+        fn = _REGISTRY.get(_key(klass))
+        if fn is not None:
+            return fn
     return None
 
 
@@ -95,7 +103,7 @@ def find_dp_layers(model: nn.Module) -> list[DPLayer]:
         else:
             layers.append(DPLayer(name=name, module=module, forward=fn))
     if unsupported:
-        supported = ", ".join(sorted(t.__name__ for t in _REGISTRY))
+        supported = ", ".join(sorted(k.rsplit(".", 1)[-1] for k in _REGISTRY))
         raise UnsupportedLayerError(
             "these trainable modules have no per-sample gradient rule, so their gradients could not be "
             f"clipped: {'; '.join(unsupported)}. Freeze them (requires_grad=False), replace them, or "
