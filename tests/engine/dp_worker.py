@@ -53,7 +53,7 @@ def full_params(engine) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone().double() for n, p in params}
 
 
-def run_case(case: dict, spec: dict, world) -> dict:
+def make_engine(case: dict, spec: dict, world):
     from dist_dpc.engine import DPEngine, build_ds_config
     from dist_dpc.engine.losses import sequence_classification_loss
     from dist_dpc.models import ModelConfig, load_sequence_classifier
@@ -65,6 +65,8 @@ def run_case(case: dict, spec: dict, world) -> dict:
     initial = {n: p.detach().clone().double() for n, p in model.named_parameters()}
     user_ds = {"zero_optimization": {"stage": case["stage"], "stage3_param_persistence_threshold": 0},
                "optimizer": {"type": "SGD", "params": {"lr": case["lr"]}}}
+    if case.get("optimizer") == "adamw":
+        user_ds["optimizer"] = {"type": "AdamW", "params": {"lr": case["lr"], "torch_adam": True}}
     if case.get("comms"):
         user_ds["comms_logger"] = {"enabled": True, "prof_all": True, "verbose": False}
     ds_config = build_ds_config(
@@ -77,10 +79,22 @@ def run_case(case: dict, spec: dict, world) -> dict:
     engine = DPEngine(model, ds_config, privacy, dataset_size=10_000, expected_batch_size=spec["expected_batch_size"],
                       planned_steps=case.get("steps", 1), loss_fn=sequence_classification_loss, world=world,
                       seed=spec["seed"])
+    return engine, initial
+
+
+def run_case(case: dict, spec: dict, world) -> dict:
+    engine, initial = make_engine(case, spec, world)
     size = case.get("batch_size", spec.get("batch_size"))
-    batch = logical_batch(model.config.vocab_size, size, spec.get("length", 9), spec["seed"])
+    batch = logical_batch(engine.module.config.vocab_size, size, spec.get("length", 9), spec["seed"])
     comms = {}
     for step in range(case.get("steps", 1)):
+        if step == case.get("resume_at"):
+            # Simulated preemption: checkpoint, throw the engine away, rebuild from scratch, load.
+            directory = spec["checkpoint_dir"]
+            engine.save_checkpoint(directory, tag=f"step{step}")
+            del engine
+            engine, _ = make_engine(case, spec, world)
+            engine.load_checkpoint(directory, tag=f"step{step}")
         micro = rank_micro_batches(batch, world.rank, world.world_size, case["micro_batch_size"], case["accumulation"])
         if case.get("comms"):
             from deepspeed.comm.comm import comms_logger
@@ -90,7 +104,8 @@ def run_case(case: dict, spec: dict, world) -> dict:
         if case.get("comms"):
             comms = {name: sorted((int(size), v[0]) for size, v in sizes.items()) for name, sizes in comms_logger.comms_dict.items()}
     final = full_params(engine)
-    return {"initial": initial, "final": final, "noise_stream": engine.noise_stream, "comms": comms}
+    return {"initial": initial, "final": final, "noise_stream": engine.noise_stream, "comms": comms,
+            "epsilon": engine.epsilon(), "accountant": engine.accountant.state_dict()}
 
 
 def main() -> None:
