@@ -52,13 +52,19 @@ class TrainConfig:
     """Rows per evaluation batch."""
     log_every: int = 10
     """Log a line every this many steps."""
+    checkpoint_every: int = 0
+    """Save a resumable checkpoint every this many steps (0: only when interrupted or at the end)."""
+    keep_checkpoints: int = 1
+    """Checkpoints kept (older ones are deleted only after a newer one is complete)."""
 
     def __post_init__(self) -> None:
         if self.epochs <= 0:
             raise ValueError(f"train.epochs={self.epochs!r} is invalid: must be > 0")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"train.max_steps={self.max_steps!r} is invalid: must be >= 1 or null")
-        for key in ("batch_size", "micro_batch_size", "eval_batch_size", "log_every"):
+        if self.checkpoint_every < 0:
+            raise ValueError(f"train.checkpoint_every={self.checkpoint_every!r} is invalid: must be >= 0")
+        for key in ("batch_size", "micro_batch_size", "eval_batch_size", "log_every", "keep_checkpoints"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key}={getattr(self, key)!r} is invalid: must be >= 1")
         if self.lr <= 0:

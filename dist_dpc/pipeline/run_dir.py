@@ -7,9 +7,28 @@ import os
 import secrets
 from pathlib import Path
 
+import yaml
+
+from dist_dpc.utils.config_loader import to_dict
+
 
 class RunDirectoryError(ValueError):
     """The run directory exists and holds something this run must not overwrite."""
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ (run.overwrite and wandb.* may change between attempts)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        name = f"{prefix}{key}"
+        if name in ("run.overwrite",) or name.startswith("wandb"):
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(_differences(a, b, name + "."))
+        elif a != b:
+            out.append(f"{name}: {a!r} -> {b!r}")
+    return out
 
 
 class RunDir:
@@ -26,6 +45,14 @@ class RunDir:
                 f"(e.g. run.name={cfg.run.name}-2) or set run.overwrite=true to write over its results")
         if path.exists() and not path.is_dir():
             raise RunDirectoryError(f"run directory {path} exists and is not a directory; choose another run.name")
+        saved = path / "config.yaml"
+        if saved.is_file() and not cfg.run.overwrite:
+            differing = _differences(yaml.safe_load(saved.read_text()) or {}, to_dict(cfg))
+            if differing:
+                raise RunDirectoryError(
+                    f"run directory {path} holds a run with a different config ({', '.join(differing[:6])}); "
+                    "resuming it with other settings would mix two runs. Choose another run.name, or restore "
+                    "those values to resume it")
         if world.is_main:
             path.mkdir(parents=True, exist_ok=True)
         return cls(path, world)

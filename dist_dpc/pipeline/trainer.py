@@ -15,6 +15,7 @@ from dist_dpc.data import check_labels, collate, load_task, tokenize_split
 from dist_dpc.engine import DPEngine, build_ds_config, init_distributed
 from dist_dpc.engine.losses import model_inputs, sequence_classification_loss
 from dist_dpc.models import load_sequence_classifier, load_tokenizer
+from dist_dpc.pipeline.checkpoints import Checkpoints
 from dist_dpc.pipeline.config import Config
 from dist_dpc.pipeline.run_dir import RunDir
 from dist_dpc.privacy.sampling import make_sampler
@@ -72,6 +73,11 @@ def run_train(cfg: Config) -> dict:
                    f"sampling={sampling} accountant={privacy.accountant} zero_stage={engine.ds.zero_optimization_stage()} "
                    f"world={world.world_size}")
 
+    checkpoints = Checkpoints(run_dir.path / "checkpoints", keep=cfg.train.keep_checkpoints, world=world)
+    if checkpoints.latest() is not None:
+        checkpoints.load(engine)
+        spent = f", epsilon so far {engine.epsilon():.3f}" if privacy.enabled else ""
+        log(world, f"resumed from {checkpoints.latest()} at step {engine.steps_done}/{steps}{spent}")
     pad_id = tokenizer.pad_token_id
     start = time.perf_counter()
     for step in range(engine.steps_done, steps):
@@ -83,6 +89,8 @@ def run_train(cfg: Config) -> dict:
             eps = f" eps={engine.epsilon():.3f}" if privacy.enabled else ""
             log(world, f"step {step + 1}/{steps} loss={stats.loss:.4f} batch={stats.logical_batch_size} "
                        f"clipped={stats.clipped_fraction:.2f}{eps} ({time.perf_counter() - start:.0f}s)")
+        if cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0 and step + 1 < steps:
+            checkpoints.save(engine)
 
     metrics = {name: evaluate(engine, data, pad_id, cfg.train.eval_batch_size) for name, data in eval_sets.items()}
     results = {

@@ -1,0 +1,45 @@
+"""Resumable checkpoints of a phase: DeepSpeed state + DP engine state (accountant, seeds, step).
+
+A checkpoint is written under a new tag and only then named in ``latest`` (atomic rename), and
+older tags are deleted after that: a kill at any moment leaves the previous checkpoint loadable.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+
+class Checkpoints:
+    def __init__(self, directory: Path, keep: int, world):
+        self.directory, self.keep, self.world = Path(directory), max(1, keep), world
+
+    def latest(self) -> str | None:
+        pointer = self.directory / "latest_complete"
+        if not pointer.is_file():
+            return None
+        tag = pointer.read_text().strip()
+        return tag if (self.directory / tag).is_dir() else None
+
+    def save(self, engine, client_state: dict | None = None) -> str:
+        tag = f"step{engine.steps_done:08d}"
+        engine.save_checkpoint(self.directory, tag, client_state)
+        torch.distributed.barrier()  # every rank's shard is on disk before the pointer moves
+        if self.world.is_main:
+            tmp = self.directory / f"latest_complete.{os.getpid()}.tmp"
+            tmp.write_text(tag)
+            os.replace(tmp, self.directory / "latest_complete")
+            tags = sorted(p.name for p in self.directory.glob("step*") if p.is_dir())
+            for old in tags[:-self.keep]:
+                shutil.rmtree(self.directory / old, ignore_errors=True)
+        torch.distributed.barrier()
+        return tag
+
+    def load(self, engine) -> dict:
+        tag = self.latest()
+        if tag is None:
+            raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+        return engine.load_checkpoint(self.directory, tag)

@@ -1,0 +1,87 @@
+"""`dpc train` end to end on a debug model: single process, two torchrun ranks, kill and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE = ["model.name=tiny-bert", "data.synthetic_size=200", "data.max_length=16", "train.batch_size=20",
+        "train.micro_batch_size=8", "train.lr=5e-3", "privacy.target_epsilon=4", "privacy.noise_seed=7"]
+
+
+def env():
+    return dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT),
+                TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions")))
+
+
+def dpc(args, timeout=300, **kw):
+    return subprocess.run([sys.executable, "-m", "dist_dpc.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env(), cwd=ROOT, **kw)
+
+
+@pytest.mark.timeout(600)
+def test_train_single_process_then_refuses_to_clobber(tmp_path):
+    args = ["train", str(ROOT / "configs" / "debug.yaml"), f"run.output_dir={tmp_path}", "run.name=one", *BASE,
+            "train.max_steps=6"]
+    proc = dpc(args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = tmp_path / "one"
+    results = json.loads((run / "results.json").read_text())
+    assert results["private"] and results["steps"] == 6 and 0 < results["epsilon"] <= 4.0
+    assert results["noise_multiplier"] > 0 and results["delta"] < 1 / 200
+    assert "validation: accuracy" in proc.stdout and "epsilon=" in proc.stdout and "sigma=" in proc.stdout
+    assert (run / "config.yaml").is_file() and (run / "model" / "config.json").is_file()
+    saved = (run / "results.json").read_text()
+    again = dpc(args)
+    assert again.returncode == 2 and "already holds a finished run" in again.stderr
+    assert (run / "results.json").read_text() == saved  # nothing overwritten
+    other = dpc(args[:-1] + ["train.max_steps=7", "run.overwrite=false"])
+    assert other.returncode == 2
+
+
+@pytest.mark.timeout(600)
+def test_killed_run_resumes_to_the_same_result(tmp_path):
+    common = ["train", str(ROOT / "configs" / "debug.yaml"), f"run.output_dir={tmp_path}", *BASE, "train.max_steps=10",
+              "train.checkpoint_every=2"]
+    straight = dpc(common + ["run.name=straight"])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    # Start, wait for a complete checkpoint past step 2, kill -9 (a preemption without warning), resume.
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "dist_dpc.cli", *common, "run.name=killed"], env=env(), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    pointer = run / "checkpoints" / "latest_complete"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (pointer.is_file() and pointer.read_text().strip() >= "step00000004"):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "results.json").exists(), "the run finished before it could be killed"
+    resumed = dpc(common + ["run.name=killed"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step" in resumed.stdout
+    a = json.loads((tmp_path / "straight" / "results.json").read_text())
+    b = json.loads((run / "results.json").read_text())
+    assert a["epsilon"] == b["epsilon"] and a["metrics"] == b["metrics"]
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(tmp_path / "straight" / "model" / "model.safetensors"), load_file(run / "model" / "model.safetensors")
+    assert all((wa[k] == wb[k]).all() for k in wa)
+
+
+@pytest.mark.timeout(600)
+def test_torchrun_two_ranks_zero2(tmp_path):
+    from tests.engine.launch import torchrun
+
+    out = torchrun("dist_dpc/train.py", [str(ROOT / "configs" / "debug.yaml"), f"run.output_dir={tmp_path}", "run.name=two",
+                                         *BASE, "train.max_steps=4", "train.zero_stage=2"], world_size=2, timeout=500)
+    results = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert results["steps"] == 4 and results["epsilon"] > 0
+    assert "world=2" in out.stdout and "zero_stage=2" in out.stdout
