@@ -90,8 +90,14 @@ def build_ds_config(user: dict | str | Path | None, *, micro_batch_size: int, wo
         # torch SGD under ZeRO is plain elementwise maths on the fp32 partition; DeepSpeed only
         # asks for this flag because it did not write the optimizer.
         ds.setdefault("zero_allow_untested_optimizer", True)
+    bf16_section = ds.setdefault("bf16", {})
+    if bf16_section.get("enabled") == "auto":
+        # Templates say "auto": bf16 where the GPU has it, fp32 on CPU.
+        import torch
+
+        bf16_section["enabled"] = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     if bf16:
-        ds.setdefault("bf16", {})["enabled"] = True
+        bf16_section["enabled"] = True
     ds.setdefault("steps_per_print", 10**9)  # our own logging reports progress
     ds.setdefault("gradient_clipping", 0.0)
     check_dp_safe(ds, dp_enabled)

@@ -101,3 +101,15 @@ def test_config_level_checks():
         PrivacyConfig(max_grad_norm=0)
     with pytest.raises(ValueError, match="privacy.target_epsilon"):
         PrivacyConfig(target_epsilon=None, noise_multiplier=None)
+
+
+@pytest.mark.parametrize("template", sorted(p.name for p in (__import__("pathlib").Path(__file__).resolve().parents[2] / "ds_configs").glob("*.json")))
+def test_shipped_deepspeed_templates_pass_the_checks(template):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "ds_configs" / template
+    config = build_ds_config(str(path), micro_batch_size=4, world_size=2, zero_stage=None, lr=1e-3, weight_decay=0.0,
+                             optimizer="adamw", bf16=False)
+    assert config["zero_optimization"]["stage"] == int(template[4])
+    assert config["bf16"]["enabled"] is (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    assert config["gradient_clipping"] == 0.0
