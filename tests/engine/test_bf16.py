@@ -1,0 +1,41 @@
+"""bf16: clipping runs on bf16 activations, noise lands in DeepSpeed's fp32 master partitions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from deepspeed.utils import safe_get_full_fp32_param
+
+from dist_dpc.engine import DPEngine, build_ds_config, init_distributed
+from dist_dpc.engine.losses import sequence_classification_loss
+from dist_dpc.models import ModelConfig, load_sequence_classifier
+from dist_dpc.privacy import PrivacyConfig
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_bf16_noise_in_fp32_masters(stage):
+    world = init_distributed()
+    model = load_sequence_classifier(ModelConfig(name="tiny-bert", dropout=0.0), num_labels=2)
+    ds = build_ds_config({"zero_optimization": {"stage3_param_persistence_threshold": 0},
+                          "optimizer": {"type": "SGD", "params": {"lr": 1.0}}},
+                         micro_batch_size=4, world_size=1, zero_stage=stage, lr=1.0, weight_decay=0.0,
+                         optimizer="sgd", bf16=True)
+    sigma, clip, expected_batch = 1.0, 1.0, 4
+    engine = DPEngine(model, ds, PrivacyConfig(target_epsilon=None, noise_multiplier=sigma, max_grad_norm=clip, delta=1e-4),
+                      dataset_size=1000, expected_batch_size=expected_batch, planned_steps=2,
+                      loss_fn=sequence_classification_loss, world=world, seed=0)
+    params = list(engine.module.parameters())
+    assert params[0].dtype == torch.bfloat16
+    before = [safe_get_full_fp32_param(p).clone() for p in params]
+    real = {"input_ids": torch.randint(1, 100, (4, 6)), "attention_mask": torch.ones(4, 6, dtype=torch.long),
+            "labels": torch.tensor([0, 1, 0, 1]), "sample_mask": torch.ones(4)}
+    stats = engine.train_step([real], 4)
+    assert torch.isfinite(torch.tensor(stats.loss)) and stats.grad_norm_quantiles["p50"] > 0
+    # A batch of padding rows only: the update of the fp32 masters is the noise alone.
+    padding = dict(real, sample_mask=torch.zeros(4))
+    middle = [safe_get_full_fp32_param(p).clone() for p in params]
+    engine.train_step([padding], 0)
+    update = torch.cat([(safe_get_full_fp32_param(p) - m).flatten() for p, m in zip(params, middle)])
+    assert abs(float(update.std()) / (sigma * clip / expected_batch) - 1) < 0.03
+    assert int((update == 0).sum()) == 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, middle))
