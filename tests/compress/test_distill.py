@@ -1,0 +1,68 @@
+"""DPKD loss against hand-computed values; student initialisation from the teacher's layers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dist_dpc.compress import every_other_layer, kd_loss, student_from_teacher
+from dist_dpc.models import ModelConfig, load_sequence_classifier
+
+
+def test_kd_loss_hand_computed():
+    student = torch.tensor([[1.0, 0.0]])
+    teacher = torch.tensor([[0.0, 2.0]])
+    labels = torch.tensor([0])
+    alpha, temp = 0.25, 2.0
+    # By hand: CE = -log(e^1 / (e^1 + e^0)); at T = 2 the softmaxes are of [0.5, 0] and [0, 1].
+    ce = -math.log(math.e / (math.e + 1))
+    pt = [1 / (1 + math.e), math.e / (1 + math.e)]
+    ps = [math.exp(0.5) / (math.exp(0.5) + 1), 1 / (math.exp(0.5) + 1)]
+    kl = sum(p * math.log(p / q) for p, q in zip(pt, ps))
+    expected = (1 - alpha) * ce + alpha * temp ** 2 * kl
+    assert float(kd_loss(student, teacher, labels, alpha, temp)[0]) == pytest.approx(expected, rel=1e-6)
+    # alpha 0 is plain CE; identical logits give zero KL.
+    assert float(kd_loss(student, teacher, labels, 0.0, temp)[0]) == pytest.approx(ce, rel=1e-6)
+    assert float(kd_loss(teacher, teacher, torch.tensor([1]), 1.0, temp)[0]) == pytest.approx(0.0, abs=1e-7)
+    with pytest.raises(ValueError, match="distill.alpha"):
+        kd_loss(student, teacher, labels, 1.5, temp)
+
+
+def test_kd_loss_is_per_sample():
+    s, t = torch.randn(5, 3), torch.randn(5, 3)
+    y = torch.randint(0, 3, (5,))
+    full = kd_loss(s, t, y, 0.5, 2.0)
+    assert full.shape == (5,)
+    assert torch.allclose(full[2:3], kd_loss(s[2:3], t[2:3], y[2:3], 0.5, 2.0))
+
+
+@pytest.mark.parametrize("name, stack", [("tiny-bert", "bert.encoder.layer"), ("tiny-gpt2", "transformer.h"),
+                                         ("tiny-llama", "model.layers")])
+def test_student_copies_selected_layers_and_runs(name, stack):
+    cfg = ModelConfig(name=name)
+    teacher = load_sequence_classifier(cfg, num_labels=2, seed=0)
+    # Give the debug teacher 4 layers by stacking copies, so "every other" keeps 0 and 2.
+    layers = teacher.get_submodule(stack)
+    layers.extend([__import__("copy").deepcopy(layer) for layer in layers])
+    for i, layer in enumerate(layers):
+        for p in layer.parameters():
+            p.data.fill_(0.01 * (i + 1))
+    count = "n_layer" if name == "tiny-gpt2" else "num_hidden_layers"
+    setattr(teacher.config, count, 4)
+    if isinstance(getattr(teacher.config, "layer_types", None), list):
+        teacher.config.layer_types = teacher.config.layer_types * 2
+    student = student_from_teacher(teacher)
+    kept = student.get_submodule(stack)
+    assert len(kept) == 2 and getattr(student.config, count) == 2 and every_other_layer(4) == [0, 2]
+    assert all(float(p.detach().flatten()[0]) == pytest.approx(0.01 * (j * 2 + 1)) for j, layer in enumerate(kept) for p in layer.parameters())
+    t_params = dict(teacher.named_parameters())
+    for n, p in student.named_parameters():
+        if stack not in n:  # embeddings, final norm, classifier: identical copies, not shared
+            assert torch.equal(p, t_params[n]) and p.data_ptr() != t_params[n].data_ptr()
+    out = student(input_ids=torch.randint(1, 100, (2, 5)), attention_mask=torch.ones(2, 5, dtype=torch.long))
+    assert out.logits.shape == (2, 2)
+    assert sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in teacher.parameters())
+    with pytest.raises(ValueError, match="layer_map"):
+        student_from_teacher(teacher, [0, 7])
