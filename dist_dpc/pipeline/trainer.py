@@ -19,7 +19,9 @@ from dist_dpc.pipeline.checkpoints import Checkpoints
 from dist_dpc.pipeline.config import Config
 from dist_dpc.pipeline.run_dir import RunDir
 from dist_dpc.privacy.sampling import make_sampler
-from dist_dpc.utils.config_loader import dump_yaml
+from dist_dpc.utils.config_loader import dump_yaml, to_dict
+from dist_dpc.utils.progress import Progress
+from dist_dpc.utils.tracking import make_tracker
 from dist_dpc.utils.logging import log, warn_loudly
 
 
@@ -28,7 +30,7 @@ def planned_steps(cfg: Config, steps_per_epoch: int) -> int:
     return min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
 
 
-def run_train(cfg: Config) -> dict:
+def run_train(cfg: Config, phase: str = "train") -> dict:
     world = init_distributed()
     run_dir = RunDir.prepare(cfg, world)
     if world.is_main:
@@ -78,19 +80,26 @@ def run_train(cfg: Config) -> dict:
         checkpoints.load(engine)
         spent = f", epsilon so far {engine.epsilon():.3f}" if privacy.enabled else ""
         log(world, f"resumed from {checkpoints.latest()} at step {engine.steps_done}/{steps}{spent}")
+    tracker = make_tracker(cfg.wandb, world=world, run_dir=run_dir.path, group=cfg.run.name, phase=phase,
+                           config=to_dict(cfg))
     pad_id = tokenizer.pad_token_id
     start = time.perf_counter()
+    progress = Progress(world, total=steps, initial=engine.steps_done, desc=phase)
     for step in range(engine.steps_done, steps):
         plan = sampler.plan(step)
         micro = [collate([train_set[i] for i in idx], pad_id, num_rows=cfg.train.micro_batch_size)
                  for idx in plan.micro_batches]
+        step_start = time.perf_counter()
         stats = engine.train_step(micro, plan.logical_batch_size)
-        if world.is_main and ((step + 1) % cfg.train.log_every == 0 or step + 1 == steps):
-            eps = f" eps={engine.epsilon():.3f}" if privacy.enabled else ""
-            log(world, f"step {step + 1}/{steps} loss={stats.loss:.4f} batch={stats.logical_batch_size} "
-                       f"clipped={stats.clipped_fraction:.2f}{eps} ({time.perf_counter() - start:.0f}s)")
+        seconds = time.perf_counter() - step_start
+        progress.update()
+        if (step + 1) % cfg.train.log_every == 0 or step + 1 == steps:
+            metrics = step_metrics(engine, stats, micro, seconds)
+            tracker.log(metrics, step=step + 1)
+            progress.report(step + 1, metrics, time.perf_counter() - start)
         if cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0 and step + 1 < steps:
             checkpoints.save(engine)
+    progress.close()
 
     metrics = {name: evaluate(engine, data, pad_id, cfg.train.eval_batch_size) for name, data in eval_sets.items()}
     results = {
@@ -98,7 +107,7 @@ def run_train(cfg: Config) -> dict:
         "steps": steps,
         "private": privacy.enabled,
         "epsilon": engine.epsilon() if privacy.enabled else None,
-        "epsilon_rdp": engine.epsilon("rdp" if privacy.accountant == "prv" else "prv") if privacy.enabled else None,
+        "epsilon_rdp": engine.epsilon(other_accountant(engine)) if privacy.enabled else None,
         "delta": engine.delta if privacy.enabled else None,
         "noise_multiplier": engine.noise_multiplier,
         "sample_rate": engine.sample_rate,
@@ -109,11 +118,57 @@ def run_train(cfg: Config) -> dict:
         "norm_methods": engine.clipper.method_summary() if engine.clipper else {},
     }
     save_model(engine, run_dir.path / "model", tokenizer, world)
+    params = sum(p.numel() for p in model_parameters(engine))
+    tracker.log({f"eval/{split}/{k}": v for split, m in metrics.items() for k, v in m.items()} | {"eval/parameters": params},
+                step=steps)
+    if privacy.enabled:
+        tracker.summary({"final_epsilon": results["epsilon"], "final_epsilon_rdp": results["epsilon_rdp"],
+                         "delta": results["delta"], "noise_multiplier": engine.noise_multiplier,
+                         "sample_rate": engine.sample_rate})
+        rows = [[phase, m.noise_multiplier, m.sample_rate, m.steps, results["epsilon"]] for m in engine.accountant.history]
+        tracker.table("privacy_ledger", ["phase", "noise_multiplier", "sample_rate", "steps", "epsilon_total"], rows)
+    tracker.artifact(run_dir.path / "model", name=f"{cfg.run.name}-{phase}-model", kind="model",
+                     metadata={"epsilon": results["epsilon"], "delta": results["delta"], "private": privacy.enabled,
+                               "accountant": privacy.accountant, "sampling": sampling, "phase": phase})
     if world.is_main:
         run_dir.write_json("results.json", results)
         summary(world, results)
+    tracker.finish()
     torch.distributed.barrier()
     return results
+
+
+def step_metrics(engine: DPEngine, stats, micro: list[dict], seconds: float) -> dict:
+    """What a DP run is watched by: loss next to the privacy spent, clipping and throughput."""
+    tokens = sum(int((m["attention_mask"].sum(1) * m["sample_mask"]).sum()) for m in micro)
+    out = {"train/loss": stats.loss, "train/lr": engine.ds.get_lr()[0],
+           "train/expected_batch_size": engine.expected_batch_size, "train/batch_size": stats.logical_batch_size,
+           "perf/samples_per_s": stats.logical_batch_size / seconds, "perf/tokens_per_s_rank0": tokens / seconds,
+           "perf/peak_memory_mb": peak_memory_mb()}
+    if engine.clipper is not None:
+        out.update({"privacy/epsilon": engine.epsilon(), "privacy/epsilon_" + other_accountant(engine): engine.epsilon(other_accountant(engine)),
+                    "privacy/noise_multiplier": engine.noise_multiplier, "privacy/sample_rate": engine.sample_rate,
+                    "privacy/clipped_fraction": stats.clipped_fraction})
+        out.update({f"privacy/grad_norm_{k}": v for k, v in stats.grad_norm_quantiles.items()})
+    return out
+
+
+def other_accountant(engine: DPEngine) -> str:
+    return "rdp" if engine.privacy.accountant == "prv" else "prv"
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def model_parameters(engine: DPEngine):
+    """Parameters with their full sizes (ZeRO-3 keeps the numel of a partitioned one in ds_numel)."""
+    for p in engine.module.parameters():
+        yield torch.empty(getattr(p, "ds_numel", p.numel()), device="meta")
 
 
 @torch.no_grad()

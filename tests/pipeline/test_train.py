@@ -17,8 +17,13 @@ BASE = ["model.name=tiny-bert", "data.synthetic_size=200", "data.max_length=16",
         "train.micro_batch_size=8", "train.lr=5e-3", "privacy.target_epsilon=4", "privacy.noise_seed=7"]
 
 
+DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
 def env():
-    return dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT),
+    # In-process tests initialise torch.distributed and leave MASTER_PORT set: a child must not inherit it.
+    base = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    return dict(base, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT),
                 TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions")))
 
 
@@ -74,6 +79,10 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
 
     wa, wb = load_file(tmp_path / "straight" / "model" / "model.safetensors"), load_file(run / "model" / "model.safetensors")
     assert all((wa[k] == wb[k]).all() for k in wa)
+    # Both attempts wrote into the same W&B run (the resumed phase continues its run id).
+    run_id = (run / "wandb_run_id").read_text().strip()
+    attempts = list((run / "wandb").glob("offline-run-*"))
+    assert len(attempts) == 2 and all(p.name.endswith(run_id) for p in attempts)
 
 
 @pytest.mark.timeout(600)

@@ -1,0 +1,39 @@
+"""A real short training phase writes an offline W&B run with the metrics and the ledger table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.pipeline.test_train import BASE, ROOT, dpc
+from tests.wandb_files import read_run
+
+
+@pytest.mark.timeout(600)
+def test_offline_wandb_run_holds_metrics_and_ledger(tmp_path):
+    proc = dpc(["train", str(ROOT / "configs" / "debug.yaml"), f"run.output_dir={tmp_path}", "run.name=tracked", *BASE,
+                "train.max_steps=4", "train.log_every=2", "wandb.mode=offline"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "wandb sync" in proc.stdout
+    run_dir = tmp_path / "tracked"
+    results = json.loads((run_dir / "results.json").read_text())
+    (offline,) = list((run_dir / "wandb").glob("offline-run-*"))
+    run = read_run(offline)
+    assert run["run"]["group"] == "tracked" and run["run"]["job_type"] == "train"
+    assert run["run"]["id"] == (run_dir / "wandb_run_id").read_text().strip()
+    assert run["config"]["privacy"]["target_epsilon"] == 4.0
+    steps = [h for h in run["history"] if "train/loss" in h]
+    assert [h["_step"] for h in steps] == [2, 4]
+    for key in ("train/lr", "privacy/epsilon", "privacy/epsilon_rdp", "privacy/noise_multiplier", "privacy/sample_rate",
+                "privacy/clipped_fraction", "privacy/grad_norm_p50", "train/batch_size", "train/expected_batch_size",
+                "perf/samples_per_s", "perf/tokens_per_s_rank0", "perf/peak_memory_mb"):
+        assert key in steps[-1], key
+    assert steps[0]["privacy/epsilon"] < steps[1]["privacy/epsilon"] == pytest.approx(results["epsilon"])
+    assert run["summary"]["final_epsilon"] == pytest.approx(results["epsilon"])
+    assert run["summary"]["delta"] == pytest.approx(results["delta"])
+    assert any("eval/validation/accuracy" in h for h in run["history"])
+    table_path = run["summary"]["privacy_ledger.path"]
+    table = json.loads((offline / "files" / table_path).read_text())
+    assert table["columns"] == ["phase", "noise_multiplier", "sample_rate", "steps", "epsilon_total"]
+    assert table["data"] == [["train", results["noise_multiplier"], results["sample_rate"], 4, results["epsilon"]]]
