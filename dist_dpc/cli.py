@@ -55,6 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
                                    "DP-SGD on a small generated sentiment set; no data directory needed.")
     _add_config_args(p, config_required=False)
 
+    p = sub.add_parser("submit", formatter_class=fmt, epilog=_config_help(),
+                       help="submit the run's phases as jobs (SLURM via submitit, local, debug), chained with afterok",
+                       description="Each phase becomes one submitit job with the resources of the cluster section "
+                                   "(nodes, tasks_per_node = GPUs per node, cpus_per_task, mem_gb, time_min, partition, "
+                                   "account, qos, constraint, sbatch_extra). Prints job ids, log folder and run directory.")
+    p.add_argument("--executor", choices=("slurm", "local", "debug"), help="overrides cluster.executor")
+    _add_config_args(p)
+
+    p = sub.add_parser("status", help="state of each phase job of a submitted run",
+                       description="Reads RUN_DIR/jobs.json and asks the scheduler for each phase's state.")
+    p.add_argument("run_dir", help="run directory (run.output_dir/run.name)")
+
     p = sub.add_parser("config", formatter_class=fmt, epilog=_config_help(),
                        help="validate a config and print it resolved (with overrides applied)",
                        description="Loads CONFIG, applies the overrides, validates every field and prints the "
@@ -77,9 +89,30 @@ DEMO_OVERRIDES = [
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may follow options (`dpc submit cfg.yaml --executor slurm a.b=1`): argparse leaves
+    # those as unknown arguments; they are overrides when they look like one.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     from dist_dpc.pipeline.config import load_config
 
+    if args.command == "status":
+        from launch.submit import status
+
+        try:
+            rows = status(args.run_dir)
+        except FileNotFoundError as exc:
+            print(f"dpc status: {exc}", file=sys.stderr)
+            return 2
+        for row in rows:
+            print(f"{row['phase']:<10} job {row['job_id']:<10} {row['state']:<12} "
+                  f"{'results written' if row['finished'] else ''}  logs: {row['logs']}")
+        return 0
+    if args.command == "submit" and args.executor:
+        args.overrides = [*args.overrides, f"cluster.executor={args.executor}"]
     try:
         if args.command == "demo":
             overrides = list(DEMO_OVERRIDES)
@@ -98,6 +131,14 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
     _process_defaults()
+    if args.command == "submit":
+        from launch.submit import submit
+
+        for row in submit(cfg):
+            print(f"submitted {row['phase']}: job {row['job_id']} ({row['executor']}), logs in {row['logs']}")
+        print(f"run directory: {os.path.join(cfg.run.output_dir, cfg.run.name)}  (dpc status "
+              f"{os.path.join(cfg.run.output_dir, cfg.run.name)})")
+        return 0
     from dist_dpc.pipeline.trainer import run_train
 
     try:

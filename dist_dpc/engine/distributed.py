@@ -39,9 +39,15 @@ def env_from_slurm(environ: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def first_host(nodelist: str) -> str:
+    """Address of the first node of a SLURM node list: its NodeAddr (what SLURM itself uses to
+    reach it; differs from the name on clusters with a separate fabric and on emulated nodes)."""
     try:
         hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True, capture_output=True, text=True).stdout.split()
         if hosts:
+            info = subprocess.run(["scontrol", "show", "node", "-o", hosts[0]], capture_output=True, text=True).stdout
+            for field in info.split():
+                if field.startswith("NodeAddr=") and field[9:]:
+                    return field[9:]
             return hosts[0]
     except (OSError, subprocess.CalledProcessError):
         pass

@@ -84,6 +84,43 @@ class WandbConfig:
 
 
 @dataclass(kw_only=True)
+class ClusterConfig:
+    executor: Literal["slurm", "local", "debug"] = "local"
+    """Where `dpc submit` runs each phase: a SLURM job (submitit), a local process, or in-process (debug)."""
+    nodes: int = 1
+    """Nodes per phase job."""
+    tasks_per_node: int = 1
+    """Processes per node (one per GPU)."""
+    gpus_per_node: int = 0
+    """GPUs requested per node (0 on CPU clusters)."""
+    cpus_per_task: int = 2
+    """CPU cores per process."""
+    mem_gb: float | None = None
+    """Memory per node in GB (null: the partition's default)."""
+    time_min: int = 60
+    """Wall-clock limit of a phase job, in minutes."""
+    partition: str | None = None
+    """SLURM partition."""
+    account: str | None = None
+    """SLURM account."""
+    qos: str | None = None
+    """SLURM QOS."""
+    constraint: str | None = None
+    """SLURM node constraint (e.g. a GPU type)."""
+    sbatch_extra: dict[str, str] = field(default_factory=dict)
+    """Further sbatch options, as they would be written after #SBATCH --, e.g. {reservation: abc}."""
+    max_requeues: int = 3
+    """Times a preempted or timed-out phase is requeued (it resumes from its last checkpoint)."""
+
+    def __post_init__(self) -> None:
+        for key in ("nodes", "tasks_per_node", "cpus_per_task", "time_min"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"cluster.{key}={getattr(self, key)!r} is invalid: must be >= 1")
+        if self.gpus_per_node < 0:
+            raise ValueError(f"cluster.gpus_per_node={self.gpus_per_node!r} is invalid: must be >= 0")
+
+
+@dataclass(kw_only=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -91,6 +128,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 def load_config(path: str | None, overrides: list[str] | None = None) -> Config:

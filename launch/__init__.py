@@ -1,0 +1,1 @@
+"""Thin entry points: submitit jobs per phase (launch.submit)."""

@@ -1,0 +1,112 @@
+"""`dpc submit`: every phase of a run as a submitit job (SLURM, local or in-process), chained with afterok.
+
+The job only sets up the torch.distributed environment from SLURM and calls the phase; the run
+directory holds everything needed to resume, so a requeued job simply starts again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from dist_dpc.utils.config_loader import build, to_dict
+
+PHASES = ("train",)  # the compression phases join this list as they land
+
+
+class PhaseJob:
+    """Picklable job body; submitit calls ``checkpoint`` on preemption/timeout and requeues it."""
+
+    def __init__(self, config: dict, phase: str):
+        self.config, self.phase = config, phase
+
+    def __call__(self) -> dict:
+        import submitit
+
+        from dist_dpc.pipeline.config import Config
+
+        env = submitit.JobEnvironment()
+        os.environ.update({"RANK": str(env.global_rank), "WORLD_SIZE": str(env.num_tasks),
+                           "LOCAL_RANK": str(env.local_rank)})
+        if env.num_tasks > 1 or "SLURM_JOB_ID" in os.environ:
+            from dist_dpc.engine.distributed import env_from_slurm, first_host
+
+            derived = env_from_slurm(dict(os.environ, SLURM_PROCID=str(env.global_rank),
+                                          SLURM_NTASKS=str(env.num_tasks), SLURM_LOCALID=str(env.local_rank)))
+            os.environ.setdefault("MASTER_ADDR", derived.get("MASTER_ADDR") or first_host(",".join(env.hostnames)))
+            os.environ.setdefault("MASTER_PORT", derived.get("MASTER_PORT", "29500"))
+        os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
+        os.environ.setdefault("WANDB_MODE", "offline")
+        from dist_dpc.pipeline.trainer import run_train
+
+        return run_train(build(Config, self.config), phase=self.phase)
+
+    def checkpoint(self, *args, **kwargs):
+        import submitit
+
+        # Resuming needs nothing from memory: the phase restarts from its last complete checkpoint
+        # in the run directory (accountant, sampler position and noise streams included).
+        return submitit.helpers.DelayedSubmission(PhaseJob(self.config, self.phase))
+
+
+def executor_for(cfg, folder: Path, phase: str, after: str | None = None):
+    import submitit
+
+    c = cfg.cluster
+    kwargs = {"slurm_max_num_timeout": c.max_requeues} if c.executor == "slurm" else {}
+    executor = submitit.AutoExecutor(folder=str(folder), cluster=c.executor, **kwargs)
+    params = {"name": f"dpc-{cfg.run.name}-{phase}", "timeout_min": c.time_min, "nodes": c.nodes,
+              "tasks_per_node": c.tasks_per_node, "cpus_per_task": c.cpus_per_task}
+    if c.gpus_per_node:
+        params["gpus_per_node"] = c.gpus_per_node
+    if c.mem_gb is not None:
+        params["mem_gb"] = c.mem_gb
+    if c.executor == "slurm":
+        extra = dict(c.sbatch_extra)
+        for key in ("account", "qos", "constraint"):
+            if getattr(c, key):
+                extra[key] = getattr(c, key)
+        if after is not None:
+            # A failed (or cancelled) phase makes its dependants unrunnable: SLURM removes them
+            # instead of leaving them pending forever.
+            extra.update({"dependency": f"afterok:{after}", "kill-on-invalid-dep": "yes"})
+        params.update({"slurm_partition": c.partition, "slurm_additional_parameters": extra})
+        params = {k: v for k, v in params.items() if v is not None}
+    executor.update_parameters(**params)
+    return executor
+
+
+def submit(cfg, phases: tuple[str, ...] = PHASES) -> list[dict]:
+    """Submit ``phases`` in order, each depending (afterok) on the previous one; records job ids."""
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    folder = run_dir / "jobs"
+    records, previous = [], None
+    for phase in phases:
+        executor = executor_for(cfg, folder, phase, after=previous.job_id if previous is not None else None)
+        job = executor.submit(PhaseJob(to_dict(cfg), phase))
+        records.append({"phase": phase, "job_id": str(job.job_id), "executor": cfg.cluster.executor,
+                        "logs": str(folder)})
+        previous = job
+    (run_dir / "jobs.json").write_text(json.dumps(records, indent=2))
+    return records
+
+
+def status(run_dir: str | Path) -> list[dict]:
+    """Each phase's job state, from the scheduler (sacct through submitit) and the run directory."""
+    import submitit
+
+    run_dir = Path(run_dir)
+    path = run_dir / "jobs.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no jobs.json: was it submitted with `dpc submit`?")
+    out = []
+    for record in json.loads(path.read_text()):
+        state = "UNKNOWN"
+        if record["executor"] == "slurm":
+            state = submitit.SlurmJob(folder=record["logs"], job_id=record["job_id"]).state
+        elif (run_dir / "results.json").is_file():
+            state = "COMPLETED"
+        out.append({**record, "state": state, "finished": (run_dir / "results.json").is_file()})
+    return out
