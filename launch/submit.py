@@ -27,15 +27,23 @@ class PhaseJob:
         from dist_dpc.pipeline.config import Config
 
         env = submitit.JobEnvironment()
+        # The job inherits the submitting shell's environment (sbatch --export=ALL): a RANK or
+        # MASTER_PORT left there by an earlier process means nothing here and must not win over
+        # what SLURM says about this job.
         os.environ.update({"RANK": str(env.global_rank), "WORLD_SIZE": str(env.num_tasks),
                            "LOCAL_RANK": str(env.local_rank)})
         if env.num_tasks > 1 or "SLURM_JOB_ID" in os.environ:
-            from dist_dpc.engine.distributed import env_from_slurm, first_host
+            from dist_dpc.engine.distributed import env_from_slurm
 
-            derived = env_from_slurm(dict(os.environ, SLURM_PROCID=str(env.global_rank),
-                                          SLURM_NTASKS=str(env.num_tasks), SLURM_LOCALID=str(env.local_rank)))
-            os.environ.setdefault("MASTER_ADDR", derived.get("MASTER_ADDR") or first_host(",".join(env.hostnames)))
-            os.environ.setdefault("MASTER_PORT", derived.get("MASTER_PORT", "29500"))
+            job_env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+            job_env.update(SLURM_PROCID=str(env.global_rank), SLURM_NTASKS=str(env.num_tasks),
+                           SLURM_LOCALID=str(env.local_rank))
+            if "SLURM_JOB_NODELIST" not in job_env and "SLURM_NODELIST" not in job_env:
+                job_env["SLURM_JOB_NODELIST"] = ",".join(env.hostnames)
+            os.environ.update(env_from_slurm(job_env))
+        else:
+            for key in ("MASTER_ADDR", "MASTER_PORT"):
+                os.environ.pop(key, None)
         os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
         os.environ.setdefault("WANDB_MODE", "offline")
         from dist_dpc.pipeline.trainer import run_train

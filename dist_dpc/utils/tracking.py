@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import sys
@@ -40,10 +41,10 @@ class WandbTracker(Tracker):
                               settings=wandb.Settings(quiet=True, console="off"))
 
     def log(self, metrics: dict, step: int) -> None:
-        self.run.log(metrics, step=step)
+        self.run.log(_finite(metrics), step=step)
 
     def summary(self, values: dict) -> None:
-        for key, value in values.items():
+        for key, value in _finite(values).items():
             self.run.summary[key] = value
 
     def table(self, key: str, columns: list[str], rows: list[list]) -> None:
@@ -56,7 +57,7 @@ class WandbTracker(Tracker):
     def artifact(self, directory: Path, name: str, kind: str, metadata: dict) -> None:
         import wandb
 
-        art = wandb.Artifact(name=name, type=kind, metadata=metadata)
+        art = wandb.Artifact(name=name, type=kind, metadata=_finite(metadata))
         art.add_dir(str(directory))
         self.run.log_artifact(art)
 
@@ -65,6 +66,11 @@ class WandbTracker(Tracker):
         self.run.finish()
         if self.mode == "offline":
             print(f"W&B run saved offline; upload it with: wandb sync {Path(directory).parent}", flush=True)
+
+
+def _finite(values: dict) -> dict:
+    """W&B stores JSON: an infinite epsilon (noise off) becomes the string "inf"."""
+    return {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
 
 
 def _netrc_has_wandb() -> bool:
