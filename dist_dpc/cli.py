@@ -49,10 +49,35 @@ def build_parser() -> argparse.ArgumentParser:
                                    "`deepspeed --module dist_dpc.train CONFIG ...`.")
     _add_config_args(p)
 
+    phase_help = {
+        "teacher": ("DP fine-tuning of the pre-trained model (model.name) on the private task",
+                    "Writes RUN/teacher; its sigma is calibrated so that the run tree stays within its share of "
+                    "privacy.target_epsilon (pipeline.budget_split)."),
+        "distill": ("DPKD: a smaller student trained with DP-SGD against the DP teacher (section distill)",
+                    "Student = every other teacher layer (distill.layer_map) or distill.student; loss "
+                    "(1-alpha)*CE + alpha*T^2*KL(teacher||student); the teacher's logits come from the same private batch."),
+        "prune": ("DPIMP: rounds of magnitude pruning and DP fine-tuning (section prune)",
+                  "prune.method = unstructured (global magnitude, target_sparsity), structured (whole layers, "
+                  "target_layers) or 2:4; pruned weights stay exactly zero."),
+        "eval": ("accuracy/F1, parameters, non-zeros, size and throughput of every model of the run tree",
+                 "Post-processing: spends no privacy. Writes RUN/eval/results.json and prints the table."),
+        "export": ("a Hugging Face directory with a model card stating epsilon, delta and the phases",
+                   "Post-processing: spends no privacy. Writes RUN/export/model, reloadable with "
+                   "AutoModelForSequenceClassification.from_pretrained, checked against the trained model."),
+        "pipeline": ("all of pipeline.phases in order (teacher -> distill -> prune -> eval -> export by default)",
+                     "Completed training phases are skipped, so re-running resumes. Prints the privacy ledger "
+                     "and the accuracy table at the end."),
+    }
+    for name, (short, long) in phase_help.items():
+        p = sub.add_parser(name, formatter_class=fmt, epilog=_config_help(), help=short, description=f"{short}. {long}")
+        _add_config_args(p)
+
     p = sub.add_parser("demo", formatter_class=fmt, epilog=_config_help(),
-                       help="the main job on the embedded default (minilm, generated sentiment data, CPU, offline W&B)",
-                       description="Runs `dpc train` on the embedded default config: all-MiniLM-L6-v2 fine-tuned with "
-                                   "DP-SGD on a small generated sentiment set; no data directory needed.")
+                       help="the whole pipeline on the embedded default (minilm, generated sentiment data, CPU, offline W&B)",
+                       description="Runs `dpc pipeline` on the embedded default config: all-MiniLM-L6-v2 fine-tuned "
+                                   "with DP-SGD on a small generated sentiment set (teacher), distilled into a 3-layer "
+                                   "student (DPKD), pruned to 50%% sparsity (DPIMP), evaluated and exported, within "
+                                   "one privacy budget; no data directory needed.")
     _add_config_args(p, config_required=False)
 
     p = sub.add_parser("submit", formatter_class=fmt, epilog=_config_help(),
@@ -61,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(nodes, tasks_per_node = GPUs per node, cpus_per_task, mem_gb, time_min, partition, "
                                    "account, qos, constraint, sbatch_extra). Prints job ids, log folder and run directory.")
     p.add_argument("--executor", choices=("slurm", "local", "debug"), help="overrides cluster.executor")
+    p.add_argument("--phases", help="comma-separated phases to submit (default: pipeline.phases); `train` "
+                                    "submits the single-phase `dpc train` job")
     _add_config_args(p)
 
     p = sub.add_parser("status", help="state of each phase job of a submitted run",
@@ -80,11 +107,18 @@ DEMO_OVERRIDES = [
     "data.task=synthetic_sentiment",
     "model.name=minilm",
     "data.max_length=32",
-    "train.epochs=3",
+    "train.epochs=2",
     "train.batch_size=64",
     "train.micro_batch_size=32",
     "train.lr=1e-3",
     "privacy.target_epsilon=8",
+    "pipeline.phases=[teacher, distill, prune, eval, export]",
+    "pipeline.budget_split={teacher: 0.5, distill: 0.3, prune: 0.2}",
+    "distill.epochs=2",
+    "prune.method=unstructured",
+    "prune.target_sparsity=0.5",
+    "prune.rounds=2",
+    "prune.epochs=1",
 ]
 
 
@@ -134,16 +168,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "submit":
         from launch.submit import submit
 
-        for row in submit(cfg):
+        phases = tuple(x.strip() for x in args.phases.split(",")) if args.phases else None
+        for row in submit(cfg, phases):
             print(f"submitted {row['phase']}: job {row['job_id']} ({row['executor']}), logs in {row['logs']}")
         print(f"run directory: {os.path.join(cfg.run.output_dir, cfg.run.name)}  (dpc status "
               f"{os.path.join(cfg.run.output_dir, cfg.run.name)})")
         return 0
-    from dist_dpc.pipeline.trainer import run_train
+    from dist_dpc.pipeline.phases import run_phase, run_pipeline
+    from dist_dpc.engine.dp_engine import PrivacyBudgetError
+    from dist_dpc.privacy.ledger import PrivacyBudgetExceeded
 
     try:
-        run_train(cfg)
-    except (ValueError, FileNotFoundError) as exc:
+        if args.command in ("pipeline", "demo"):
+            run_pipeline(cfg)
+        else:
+            run_phase(cfg, args.command)
+    except (ValueError, FileNotFoundError, PrivacyBudgetExceeded, PrivacyBudgetError) as exc:
         # Configuration and privacy refusals: a plain message, no traceback to dig through.
         print(f"dpc {args.command}: error: {exc}", file=sys.stderr)
         return 2

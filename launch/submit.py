@@ -12,7 +12,6 @@ from pathlib import Path
 
 from dist_dpc.utils.config_loader import build, to_dict
 
-PHASES = ("train",)  # the compression phases join this list as they land
 
 
 class PhaseJob:
@@ -46,9 +45,9 @@ class PhaseJob:
                 os.environ.pop(key, None)
         os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
         os.environ.setdefault("WANDB_MODE", "offline")
-        from dist_dpc.pipeline.trainer import run_train
+        from dist_dpc.pipeline.phases import run_phase
 
-        return run_train(build(Config, self.config), phase=self.phase)
+        return run_phase(build(Config, self.config), self.phase)
 
     def checkpoint(self, *args, **kwargs):
         import submitit
@@ -85,13 +84,21 @@ def executor_for(cfg, folder: Path, phase: str, after: str | None = None):
     return executor
 
 
-def submit(cfg, phases: tuple[str, ...] = PHASES) -> list[dict]:
-    """Submit ``phases`` in order, each depending (afterok) on the previous one; records job ids."""
+def submit(cfg, phases: tuple[str, ...] | None = None) -> list[dict]:
+    """Submit ``phases`` (default: pipeline.phases) in order, each depending (afterok) on the previous
+    one; records job ids. Training phases already completed in the run tree are not submitted again,
+    so re-submitting a run resumes it after its last completed phase."""
+    from dist_dpc.pipeline.phases import MODEL_PHASES
+
+    phases = tuple(cfg.pipeline.phases) if phases is None else tuple(phases)
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
     folder = run_dir / "jobs"
     records, previous = [], None
     for phase in phases:
+        if phase in MODEL_PHASES and (run_dir / phase / "results.json").is_file():
+            records.append({"phase": phase, "job_id": "-", "executor": "done", "logs": str(folder)})
+            continue
         executor = executor_for(cfg, folder, phase, after=previous.job_id if previous is not None else None)
         job = executor.submit(PhaseJob(to_dict(cfg), phase))
         records.append({"phase": phase, "job_id": str(job.job_id), "executor": cfg.cluster.executor,
@@ -112,9 +119,12 @@ def status(run_dir: str | Path) -> list[dict]:
     out = []
     for record in json.loads(path.read_text()):
         state = "UNKNOWN"
-        if record["executor"] == "slurm":
-            state = submitit.SlurmJob(folder=record["logs"], job_id=record["job_id"]).state
-        elif (run_dir / "results.json").is_file():
+        done = run_dir / record["phase"] / "results.json" if record["phase"] != "train" else run_dir / "results.json"
+        if record["executor"] == "done":
             state = "COMPLETED"
-        out.append({**record, "state": state, "finished": (run_dir / "results.json").is_file()})
+        elif record["executor"] == "slurm":
+            state = submitit.SlurmJob(folder=record["logs"], job_id=record["job_id"]).state
+        elif done.is_file():
+            state = "COMPLETED"
+        out.append({**record, "state": state, "finished": done.is_file()})
     return out

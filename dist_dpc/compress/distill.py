@@ -33,7 +33,7 @@ def every_other_layer(num_layers: int) -> list[int]:
     return list(range(0, num_layers, 2))
 
 
-def _layers(model: nn.Module) -> tuple[nn.Module, str]:
+def transformer_layers(model: nn.Module) -> tuple[nn.Module, str]:
     """The ModuleList of transformer blocks and the config attribute counting them."""
     for path, count in (("bert.encoder.layer", "num_hidden_layers"), ("roberta.encoder.layer", "num_hidden_layers"),
                         ("transformer.h", "n_layer"), ("model.layers", "num_hidden_layers")):
@@ -51,12 +51,12 @@ def _layers(model: nn.Module) -> tuple[nn.Module, str]:
 def student_from_teacher(teacher: nn.Module, layer_map: list[int] | None = None) -> nn.Module:
     """A shallower copy of ``teacher`` keeping the layers in ``layer_map`` (embeddings, pooler and
     classifier copied too). Copying DP weights is post-processing: it costs no privacy."""
-    layers, count_attr = _layers(teacher)
+    layers, count_attr = transformer_layers(teacher)
     layer_map = every_other_layer(len(layers)) if layer_map is None else list(layer_map)
     if not layer_map or any(not 0 <= i < len(layers) for i in layer_map):
         raise ValueError(f"distill.layer_map={layer_map} is invalid: indices must be in [0, {len(layers)})")
     student = copy.deepcopy(teacher)
-    kept, _ = _layers(student)
+    kept, _ = transformer_layers(student)
     new = nn.ModuleList([kept[i] for i in layer_map])
     _set_layers(student, new)
     setattr(student.config, count_attr, len(layer_map))
@@ -82,3 +82,48 @@ def _set_layers(model: nn.Module, layers: nn.ModuleList) -> None:
         except AttributeError:
             continue
     raise ValueError("no transformer layer stack to replace")
+
+
+class DistillationLoss:
+    """Per-sample DPKD loss for the DP engine: ``loss(forward, batch) -> (B,)``.
+
+    The frozen teacher sees the same private micro-batch as the student; its logits are cached per
+    micro-batch because the flat clipping mode calls the loss twice on it. With ``hidden_weight`` > 0
+    the student's hidden states also regress onto the teacher's layers named by ``layer_map``
+    (mean squared error over real tokens; hidden sizes must match, as with a student cut from the
+    teacher).
+    """
+
+    def __init__(self, teacher: nn.Module, *, alpha: float, temperature: float, hidden_weight: float = 0.0,
+                 layer_map: list[int] | None = None, input_keys=("input_ids", "attention_mask", "token_type_ids")):
+        if hidden_weight < 0:
+            raise ValueError(f"distill.hidden_weight={hidden_weight!r} is invalid: must be >= 0")
+        if hidden_weight > 0 and layer_map is None:
+            raise ValueError("distill.hidden_weight > 0 needs the student's layer map (a student cut from the teacher)")
+        kd_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), alpha, temperature)  # validates
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.alpha, self.temperature, self.hidden_weight = alpha, temperature, hidden_weight
+        self.layer_map = layer_map
+        self.input_keys = input_keys
+        self._cache: tuple[int, object] | None = None
+
+    @torch.no_grad()
+    def _teacher_outputs(self, inputs: dict):
+        key = id(inputs["input_ids"])
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self.teacher(**inputs, output_hidden_states=self.hidden_weight > 0))
+        return self._cache[1]
+
+    def __call__(self, forward, batch: dict) -> torch.Tensor:
+        inputs = {k: batch[k] for k in self.input_keys if k in batch}
+        teacher = self._teacher_outputs(inputs)
+        student = forward(**inputs, output_hidden_states=self.hidden_weight > 0)
+        loss = kd_loss(student.logits, teacher.logits, batch["labels"], self.alpha, self.temperature)
+        if self.hidden_weight > 0:
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            tokens = mask.sum((1, 2)).clamp_min(1)
+            # hidden_states[0] is the embedding output; layer i's output is hidden_states[i + 1].
+            for i, j in enumerate(self.layer_map):
+                diff = (student.hidden_states[i + 1].float() - teacher.hidden_states[j + 1].float()) ** 2
+                loss = loss + self.hidden_weight * (diff * mask).sum((1, 2)) / (tokens * diff.shape[-1]) / len(self.layer_map)
+        return loss

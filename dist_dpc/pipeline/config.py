@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from dist_dpc.compress.config import DistillConfig, PruneConfig
 from dist_dpc.data.config import DataConfig
 from dist_dpc.models.config import ModelConfig
 from dist_dpc.privacy.config import PrivacyConfig
@@ -120,6 +121,51 @@ class ClusterConfig:
             raise ValueError(f"cluster.gpus_per_node={self.gpus_per_node!r} is invalid: must be >= 0")
 
 
+SPENDING_PHASES = ("teacher", "distill", "prune")  # read the private data with DP-SGD
+ALL_PHASES = (*SPENDING_PHASES, "eval", "export")
+
+
+@dataclass(kw_only=True)
+class PipelineConfig:
+    phases: list[str] = field(default_factory=lambda: list(ALL_PHASES))
+    """Phases run by `dpc pipeline` / `dpc submit`, in order (each writes run_dir/PHASE)."""
+    budget_split: dict[str, float] = field(default_factory=dict)
+    """Share of privacy.target_epsilon per spending phase, e.g. {teacher: 0.5, distill: 0.5} (empty:
+    equal shares). Phase k is calibrated so that the composition of phases 1..k reaches the sum of
+    their shares times the target; the last one brings the total to the target exactly."""
+    export_source: str = "auto"
+    """Phase whose model `export` writes (auto: the last model-producing phase in phases)."""
+
+    def __post_init__(self) -> None:
+        unknown = [p for p in self.phases if p not in ALL_PHASES]
+        if unknown or not self.phases or len(set(self.phases)) != len(self.phases):
+            raise ValueError(f"pipeline.phases={self.phases!r} is invalid: a list of distinct phases among "
+                             f"{', '.join(ALL_PHASES)}")
+        spending = [p for p in self.phases if p in SPENDING_PHASES]
+        bad = [p for p in self.budget_split if p not in spending]
+        if bad:
+            raise ValueError(f"pipeline.budget_split names {bad}, which are not spending phases of pipeline.phases "
+                             f"({', '.join(spending) or 'none'})")
+        if any(v <= 0 for v in self.budget_split.values()):
+            raise ValueError(f"pipeline.budget_split={self.budget_split!r} is invalid: shares must be > 0")
+        if self.budget_split and set(self.budget_split) != set(spending):
+            raise ValueError(f"pipeline.budget_split must give a share to every spending phase ({', '.join(spending)}), "
+                             f"got {sorted(self.budget_split)}")
+        if self.export_source not in ("auto", *SPENDING_PHASES):
+            raise ValueError(f"pipeline.export_source={self.export_source!r} is invalid: allowed values are auto, "
+                             f"{', '.join(SPENDING_PHASES)}")
+
+    def cumulative_share(self, phase: str) -> float:
+        """Fraction of the target the composition may reach once ``phase`` is done."""
+        spending = [p for p in self.phases if p in SPENDING_PHASES]
+        if phase not in spending:
+            return 1.0  # a phase run on its own (or `dpc train`) may spend the whole budget
+        shares = self.budget_split or {p: 1.0 for p in spending}
+        total = sum(shares[p] for p in spending)
+        upto = spending[:spending.index(phase) + 1]
+        return 1.0 if upto == spending else sum(shares[p] for p in upto) / total
+
+
 @dataclass(kw_only=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
@@ -129,6 +175,9 @@ class Config:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
 
 
 def load_config(path: str | None, overrides: list[str] | None = None) -> Config:

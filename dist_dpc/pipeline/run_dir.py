@@ -21,7 +21,7 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     out = []
     for key in sorted(set(old) | set(new)):
         name = f"{prefix}{key}"
-        if name in ("run.overwrite",) or name.startswith("wandb"):
+        if name in ("run.overwrite",) or name.startswith(("wandb", "cluster")):
             continue
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
@@ -36,12 +36,15 @@ class RunDir:
         self.path, self.world = path, world
 
     @classmethod
-    def prepare(cls, cfg, world) -> "RunDir":
-        """Checked by every rank (same answer everywhere), created by rank 0."""
+    def prepare(cls, cfg, world, phase_dir: Path | None = None) -> "RunDir":
+        """Checked by every rank (same answer everywhere), created by rank 0. ``phase_dir``: where the
+        phase about to run writes its results (the run root for a single-phase run)."""
         path = Path(cfg.run.output_dir) / cfg.run.name
-        if (path / "results.json").exists() and not cfg.run.overwrite:
+        phase_dir = path if phase_dir is None else Path(phase_dir)
+        if (phase_dir / "results.json").exists() and not cfg.run.overwrite:
+            what = "run" if phase_dir == path else f"{phase_dir.name} phase"
             raise RunDirectoryError(
-                f"run directory {path} already holds a finished run; choose another run.name "
+                f"{phase_dir} already holds a finished {what}; choose another run.name "
                 f"(e.g. run.name={cfg.run.name}-2) or set run.overwrite=true to write over its results")
         if path.exists() and not path.is_dir():
             raise RunDirectoryError(f"run directory {path} exists and is not a directory; choose another run.name")
@@ -77,8 +80,8 @@ class RunDir:
             self.write_json("noise_seed.json", {"seed": seed})
         return seed
 
-    def write_json(self, name: str, data: dict) -> None:
-        target = self.path / name
+    def write_json(self, name: str | Path, data: dict) -> None:
+        target = self.path / name  # an absolute path stays as it is
         tmp = target.with_name(target.name + ".tmp")
         tmp.write_text(json.dumps(data, indent=2, default=str))
         os.replace(tmp, target)

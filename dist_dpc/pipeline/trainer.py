@@ -1,93 +1,195 @@
 """The shared training loop: data -> model -> DP engine -> steps -> evaluation -> results.
 
-Phases are configs run through this one loop; the DP step itself lives in dist_dpc.engine.dp_engine.
+Every phase that reads the private data (train, teacher, distill, prune) runs its DP-SGD through
+``train_dp``; the DP step itself lives in dist_dpc.engine.dp_engine. What a phase may spend comes
+from the run tree's privacy ledger (``phase_privacy``), never from the phase alone.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from dist_dpc.data import check_labels, collate, load_task, tokenize_split
 from dist_dpc.engine import DPEngine, build_ds_config, init_distributed
+from dist_dpc.engine.distributed import WorldInfo
 from dist_dpc.engine.losses import model_inputs, sequence_classification_loss
 from dist_dpc.models import load_sequence_classifier, load_tokenizer
 from dist_dpc.pipeline.checkpoints import Checkpoints
 from dist_dpc.pipeline.config import Config
 from dist_dpc.pipeline.run_dir import RunDir
+from dist_dpc.privacy.accounting import Mechanism, delta_default
+from dist_dpc.privacy.config import PrivacyConfig
+from dist_dpc.privacy.ledger import PrivacyLedger
+from dist_dpc.privacy.noise import derive_seed
 from dist_dpc.privacy.sampling import make_sampler
 from dist_dpc.utils.config_loader import dump_yaml, to_dict
-from dist_dpc.utils.progress import Progress
-from dist_dpc.utils.tracking import make_tracker
 from dist_dpc.utils.logging import log, warn_loudly
+from dist_dpc.utils.progress import Progress
+from dist_dpc.utils.tracking import Tracker, make_tracker
+
+LEDGER_FILE = "privacy_ledger.json"
+POST_PROCESSING = ("eval", "export")
 
 
-def planned_steps(cfg: Config, steps_per_epoch: int) -> int:
-    steps = max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
-    return min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
+@dataclass
+class PhaseContext:
+    """What every phase of a run tree shares: config, ranks, data, tokenizer, ledger, noise seed."""
+    cfg: Config
+    world: WorldInfo
+    run: RunDir
+    phase: str
+    directory: Path           # this phase's directory (the run root for the single-phase `train`)
+    tokenizer: object
+    train_set: object
+    eval_sets: dict
+    num_labels: int
+    seed: int                 # this phase's noise and sampling seed
+    sampling: str
+    ledger: PrivacyLedger | None
+
+    @property
+    def is_main(self) -> bool:
+        return self.world.is_main
 
 
-def run_train(cfg: Config, phase: str = "train") -> dict:
+def phase_directory(cfg: Config, phase: str) -> Path:
+    root = Path(cfg.run.output_dir) / cfg.run.name
+    return root if phase == "train" else root / phase
+
+
+def phase_seed(run_seed: int, phase: str) -> int:
+    """Each phase draws its own noise and batches: reusing one phase's Gaussian draws in another
+    would correlate mechanisms that the accountant composes as independent."""
+    if phase == "train":
+        return run_seed
+    return derive_seed(run_seed, int.from_bytes(hashlib.blake2b(phase.encode(), digest_size=4).digest(), "little"))
+
+
+def open_phase(cfg: Config, phase: str, *, load_data: bool = True) -> PhaseContext:
     world = init_distributed()
-    run_dir = RunDir.prepare(cfg, world)
+    directory = phase_directory(cfg, phase)
+    # Post-processing phases are redone freely; a finished training phase is never overwritten.
+    run = RunDir.prepare(cfg, world, directory if phase not in POST_PROCESSING else None)
     if world.is_main:
-        dump_yaml(cfg, run_dir.path / "config.yaml")
+        dump_yaml(cfg, run.path / "config.yaml")
+        directory.mkdir(parents=True, exist_ok=True)
     torch.distributed.barrier()
 
     tokenizer = load_tokenizer(cfg.model)
     task = load_task(cfg.data)
-    log(world, f"data: {task.source}; train {len(task.train.labels)} examples, "
+    log(world, f"[{phase}] data: {task.source}; train {len(task.train.labels)} examples, "
                + ", ".join(f"{k} {len(v.labels)}" for k, v in task.eval.items()))
     num_labels = cfg.model.num_labels or task.num_labels
     for split in [task.train, *task.eval.values()]:
         check_labels(split, num_labels)
-    cache = run_dir.path / "cache"
-    train_set = tokenize_split(task.train, tokenizer, cfg.data.max_length, cache_dir=cache)
+    cache = run.path / "cache"
+    train_set = tokenize_split(task.train, tokenizer, cfg.data.max_length, cache_dir=cache) if load_data else None
     eval_sets = {k: tokenize_split(v, tokenizer, cfg.data.max_length, cache_dir=cache) for k, v in task.eval.items()}
-    model = load_sequence_classifier(cfg.model, num_labels, tokenizer, seed=cfg.run.seed)
-
     privacy = cfg.privacy
-    if not privacy.enabled:
-        warn_loudly(world, "privacy.enabled=false: training WITHOUT differential privacy; the model may leak its data")
-    seed = run_dir.noise_seed(privacy.noise_seed)
     sampling = privacy.sampling if privacy.enabled else "shuffle"
-    sampler = make_sampler(sampling, dataset_size=len(train_set), expected_batch_size=cfg.train.batch_size,
+    ledger = None
+    if privacy.enabled:
+        n = len(task.train.labels)
+        delta = privacy.delta if privacy.delta is not None else delta_default(n)
+        ledger = PrivacyLedger(run.path / LEDGER_FILE, privacy.target_epsilon, delta, n, privacy.accountant)
+    return PhaseContext(cfg=cfg, world=world, run=run, phase=phase, directory=directory, tokenizer=tokenizer,
+                        train_set=train_set, eval_sets=eval_sets, num_labels=num_labels,
+                        seed=phase_seed(run.noise_seed(privacy.noise_seed), phase), sampling=sampling, ledger=ledger)
+
+
+def planned_steps(epochs: float, max_steps: int | None, steps_per_epoch: int) -> int:
+    steps = max(1, math.ceil(epochs * steps_per_epoch))
+    return min(steps, max_steps) if max_steps else steps
+
+
+def sample_rate(ctx: PhaseContext) -> float:
+    return ctx.cfg.train.batch_size / len(ctx.train_set)
+
+
+def phase_privacy(ctx: PhaseContext, steps: int) -> PrivacyConfig:
+    """This phase's privacy settings: sigma fixed for all its steps, calibrated (or checked) against
+    the ledger so that everything recorded so far plus this phase stays within the phase's
+    cumulative share of privacy.target_epsilon. Records the plan before any private data is read,
+    so a phase killed before its first checkpoint is still counted."""
+    privacy = ctx.cfg.privacy
+    if ctx.ledger is None:
+        return privacy
+    q = sample_rate(ctx)
+    target = privacy.target_epsilon
+    if target is not None:
+        target *= ctx.cfg.pipeline.cumulative_share(ctx.phase)
+    if privacy.noise_multiplier is None:
+        sigma = ctx.ledger.calibrate_phase(ctx.phase, q, steps, target)
+    else:
+        sigma = privacy.noise_multiplier
+    planned = [Mechanism(sigma, q, steps, ctx.phase)]
+    total = ctx.ledger.check_planned(ctx.phase, planned)  # raises PrivacyBudgetExceeded
+    done = ctx.ledger.phases().get(ctx.phase, {})
+    if ctx.is_main and done.get("status") != "completed":
+        ctx.ledger.record(ctx.phase, planned, status="running")
+    log(ctx.world, f"[{ctx.phase}] privacy budget: this phase sigma={sigma:.4f}, q={q:.5f}, {steps} steps; run total "
+                   f"after it epsilon={total:.3f}" + (f" (phase target {target:.3f} of {privacy.target_epsilon:g})"
+                                                      if target is not None else ""))
+    return dataclasses.replace(privacy, noise_multiplier=sigma, target_epsilon=target)
+
+
+def prior_mechanisms(ctx: PhaseContext) -> tuple[Mechanism, ...]:
+    return tuple(ctx.ledger.mechanisms(exclude_phase=ctx.phase)) if ctx.ledger is not None else ()
+
+
+def train_dp(ctx: PhaseContext, model: torch.nn.Module, *, directory: Path, steps: int, privacy: PrivacyConfig,
+             prior: tuple[Mechanism, ...], tracker: Tracker, loss_fn=sequence_classification_loss, lr: float | None = None,
+             seed: int | None = None, step_offset: int = 0, setup: Callable[[DPEngine], None] | None = None,
+             desc: str | None = None) -> DPEngine:
+    """DP-SGD on the private training set for ``steps`` logical steps, resumable from ``directory``."""
+    cfg, world = ctx.cfg, ctx.world
+    seed = ctx.seed if seed is None else seed
+    sampler = make_sampler(ctx.sampling, dataset_size=len(ctx.train_set), expected_batch_size=cfg.train.batch_size,
                            micro_batch_size=cfg.train.micro_batch_size, rank=world.rank,
                            world_size=world.world_size, seed=seed)
-    if privacy.enabled and sampling != "poisson":
+    if privacy.enabled and ctx.sampling != "poisson":
         warn_loudly(world, "privacy.sampling=shuffle: the accountant's epsilon assumes Poisson sampling; "
                            "the reported epsilon is not a proven bound for fixed-size shuffled batches")
-    steps = planned_steps(cfg, sampler.steps_per_epoch())
     ds_config = build_ds_config(cfg.train.deepspeed_config, micro_batch_size=cfg.train.micro_batch_size,
-                                world_size=world.world_size, zero_stage=cfg.train.zero_stage, lr=cfg.train.lr,
+                                world_size=world.world_size, zero_stage=cfg.train.zero_stage, lr=lr or cfg.train.lr,
                                 weight_decay=cfg.train.weight_decay, optimizer=cfg.train.optimizer,
                                 bf16=cfg.train.bf16, dp_enabled=privacy.enabled)
-    engine = DPEngine(model, ds_config, privacy, dataset_size=len(train_set),
-                      expected_batch_size=cfg.train.batch_size, planned_steps=steps,
-                      loss_fn=sequence_classification_loss, world=world, seed=seed,
-                      poisson_sampling=(sampling == "poisson"))
+    engine = DPEngine(model, ds_config, privacy, dataset_size=len(ctx.train_set),
+                      expected_batch_size=cfg.train.batch_size, planned_steps=steps, loss_fn=loss_fn, world=world,
+                      seed=seed, poisson_sampling=(ctx.sampling == "poisson"), prior=prior, phase=ctx.phase)
+    if setup is not None:
+        setup(engine)
     if privacy.enabled:
-        log(world, f"DP-SGD: sigma={engine.noise_multiplier:.4f} q={engine.sample_rate:.5f} steps={steps} "
-                   f"delta={engine.delta:.3g} C={privacy.max_grad_norm} clipping={privacy.clipping} "
-                   f"sampling={sampling} accountant={privacy.accountant} zero_stage={engine.ds.zero_optimization_stage()} "
-                   f"world={world.world_size}")
+        log(world, f"[{desc or ctx.phase}] DP-SGD: sigma={engine.noise_multiplier:.4f} q={engine.sample_rate:.5f} "
+                   f"steps={steps} delta={engine.delta:.3g} C={privacy.max_grad_norm} clipping={privacy.clipping} "
+                   f"sampling={ctx.sampling} accountant={privacy.accountant} "
+                   f"zero_stage={engine.ds.zero_optimization_stage()} world={world.world_size}")
 
-    checkpoints = Checkpoints(run_dir.path / "checkpoints", keep=cfg.train.keep_checkpoints, world=world)
+    if world.is_main:
+        directory.mkdir(parents=True, exist_ok=True)
+    checkpoints = Checkpoints(directory / "checkpoints", keep=cfg.train.keep_checkpoints, world=world)
+    # One metrics file per phase (rounds of a phase append to it at their global step).
+    metrics_log = MetricsLog(ctx.directory / "metrics.jsonl", enabled=world.is_main)
     if checkpoints.latest() is not None:
         checkpoints.load(engine)
         spent = f", epsilon so far {engine.epsilon():.3f}" if privacy.enabled else ""
-        log(world, f"resumed from {checkpoints.latest()} at step {engine.steps_done}/{steps}{spent}")
-    tracker = make_tracker(cfg.wandb, world=world, run_dir=run_dir.path, group=cfg.run.name, phase=phase,
-                           config=to_dict(cfg))
-    pad_id = tokenizer.pad_token_id
+        log(world, f"[{desc or ctx.phase}] resumed from {checkpoints.latest()} at step {engine.steps_done}/{steps}{spent}")
+    metrics_log.truncate_after(step_offset + engine.steps_done)
+    pad_id = ctx.tokenizer.pad_token_id
     start = time.perf_counter()
-    progress = Progress(world, total=steps, initial=engine.steps_done, desc=phase)
+    progress = Progress(world, total=steps, initial=engine.steps_done, desc=desc or ctx.phase)
     for step in range(engine.steps_done, steps):
         plan = sampler.plan(step)
-        micro = [collate([train_set[i] for i in idx], pad_id, num_rows=cfg.train.micro_batch_size)
+        micro = [collate([ctx.train_set[i] for i in idx], pad_id, num_rows=cfg.train.micro_batch_size)
                  for idx in plan.micro_batches]
         step_start = time.perf_counter()
         stats = engine.train_step(micro, plan.logical_batch_size)
@@ -95,47 +197,33 @@ def run_train(cfg: Config, phase: str = "train") -> dict:
         progress.update()
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == steps:
             metrics = step_metrics(engine, stats, micro, seconds)
-            tracker.log(metrics, step=step + 1)
+            tracker.log(metrics, step=step_offset + step + 1)
+            metrics_log.write(step_offset + step + 1, metrics)
             progress.report(step + 1, metrics, time.perf_counter() - start)
         if cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0 and step + 1 < steps:
             checkpoints.save(engine)
     progress.close()
+    engine.train_seconds = time.perf_counter() - start
+    return engine
 
-    metrics = {name: evaluate(engine, data, pad_id, cfg.train.eval_batch_size) for name, data in eval_sets.items()}
-    results = {
-        "metrics": metrics,
-        "steps": steps,
-        "private": privacy.enabled,
-        "epsilon": engine.epsilon() if privacy.enabled else None,
-        "epsilon_rdp": engine.epsilon(other_accountant(engine)) if privacy.enabled else None,
-        "delta": engine.delta if privacy.enabled else None,
-        "noise_multiplier": engine.noise_multiplier,
-        "sample_rate": engine.sample_rate,
-        "accountant": privacy.accountant,
-        "sampling": sampling,
-        "dataset_size": len(train_set),
-        "train_seconds": time.perf_counter() - start,
-        "norm_methods": engine.clipper.method_summary() if engine.clipper else {},
-    }
-    save_model(engine, run_dir.path / "model", tokenizer, world)
-    params = sum(p.numel() for p in model_parameters(engine))
-    tracker.log({f"eval/{split}/{k}": v for split, m in metrics.items() for k, v in m.items()} | {"eval/parameters": params},
-                step=steps)
-    if privacy.enabled:
-        tracker.summary({"final_epsilon": results["epsilon"], "final_epsilon_rdp": results["epsilon_rdp"],
-                         "delta": results["delta"], "noise_multiplier": engine.noise_multiplier,
-                         "sample_rate": engine.sample_rate})
-        rows = [[phase, m.noise_multiplier, m.sample_rate, m.steps, results["epsilon"]] for m in engine.accountant.history]
-        tracker.table("privacy_ledger", ["phase", "noise_multiplier", "sample_rate", "steps", "epsilon_total"], rows)
-    tracker.artifact(run_dir.path / "model", name=f"{cfg.run.name}-{phase}-model", kind="model",
-                     metadata={"epsilon": results["epsilon"], "delta": results["delta"], "private": privacy.enabled,
-                               "accountant": privacy.accountant, "sampling": sampling, "phase": phase})
-    if world.is_main:
-        run_dir.write_json("results.json", results)
-        summary(world, results)
-    tracker.finish()
-    torch.distributed.barrier()
-    return results
+
+class MetricsLog:
+    """Per-step metrics as JSON lines next to the phase (what `dpc report` plots without W&B)."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def truncate_after(self, step: int) -> None:
+        # A resumed run repeats the steps after its checkpoint: drop their earlier lines.
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, step: int, metrics: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as fh:
+                fh.write(json.dumps({"step": step, **metrics}, default=float) + "\n")
 
 
 def step_metrics(engine: DPEngine, stats, micro: list[dict], seconds: float) -> dict:
@@ -165,24 +253,26 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def model_parameters(engine: DPEngine):
+def model_parameters(module: torch.nn.Module):
     """Parameters with their full sizes (ZeRO-3 keeps the numel of a partitioned one in ds_numel)."""
-    for p in engine.module.parameters():
+    for p in module.parameters():
         yield torch.empty(getattr(p, "ds_numel", p.numel()), device="meta")
 
 
 @torch.no_grad()
-def evaluate(engine: DPEngine, data, pad_id: int, batch_size: int) -> dict:
-    """Accuracy (and macro F1 for two classes) on a split; every rank runs it (ZeRO-3 needs them all)."""
-    engine.ds.eval()
+def evaluate(model: torch.nn.Module, data, pad_id: int, batch_size: int, device=None) -> dict:
+    """Accuracy (and F1 of class 1 for two classes) on a split; every rank runs it (ZeRO-3 needs them all)."""
+    was_training = model.training
+    model.eval()
+    device = device or next(model.parameters()).device
     preds, labels = [], []
     for i in range(0, len(data), batch_size):
         batch = collate([data[j] for j in range(i, min(i + batch_size, len(data)))], pad_id)
-        batch = {k: v.to(engine.ds.device) for k, v in batch.items()}
-        logits = engine.ds(**model_inputs(batch)).logits
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(**model_inputs(batch)).logits
         preds.append(logits.argmax(-1).cpu())
         labels.append(batch["labels"].cpu())
-    engine.ds.train()
+    model.train(was_training)
     p, y = torch.cat(preds), torch.cat(labels)
     out = {"accuracy": float((p == y).float().mean()), "examples": int(len(y))}
     if int(y.max()) <= 1 and int(p.max()) <= 1:
@@ -193,8 +283,16 @@ def evaluate(engine: DPEngine, data, pad_id: int, batch_size: int) -> dict:
     return out
 
 
+def evaluate_engine(engine: DPEngine, ctx: PhaseContext) -> dict:
+    return {name: evaluate(engine.ds, data, ctx.tokenizer.pad_token_id, ctx.cfg.train.eval_batch_size, engine.ds.device)
+            for name, data in ctx.eval_sets.items()}
+
+
 def save_model(engine: DPEngine, directory: Path, tokenizer, world) -> None:
-    """Hugging Face directory of the trained model (gathered from ZeRO-3 partitions if needed)."""
+    """Hugging Face directory of the trained model (gathered from ZeRO-3 partitions if needed).
+    Written next to the target and renamed into place: a crash never leaves half a model."""
+    import shutil
+
     import deepspeed
 
     module = engine.module
@@ -202,18 +300,103 @@ def save_model(engine: DPEngine, directory: Path, tokenizer, world) -> None:
     with deepspeed.zero.GatheredParameters(params, enabled=engine.ds.zero_optimization_stage() == 3):
         if world.is_main:
             state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-            module.save_pretrained(str(directory), state_dict=state)
-            tokenizer.save_pretrained(str(directory))
+            tmp = directory.with_name(directory.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            module.save_pretrained(str(tmp), state_dict=state)
+            tokenizer.save_pretrained(str(tmp))
+            if directory.exists():
+                shutil.rmtree(directory)
+            tmp.rename(directory)
+    torch.distributed.barrier()
+
+
+def phase_results(ctx: PhaseContext, engine: DPEngine, metrics: dict, steps: int, **extra) -> dict:
+    privacy = ctx.cfg.privacy
+    private = privacy.enabled
+    return {
+        "phase": ctx.phase,
+        "metrics": metrics,
+        "steps": steps,
+        "private": private,
+        "epsilon": engine.epsilon() if private else None,
+        "epsilon_rdp": engine.epsilon(other_accountant(engine)) if private else None,
+        "delta": engine.delta if private else None,
+        "noise_multiplier": engine.noise_multiplier,
+        "sample_rate": engine.sample_rate,
+        "accountant": privacy.accountant,
+        "sampling": ctx.sampling,
+        "dataset_size": len(ctx.train_set),
+        "train_seconds": getattr(engine, "train_seconds", None),
+        "norm_methods": engine.clipper.method_summary() if engine.clipper else {},
+        "parameters": sum(p.numel() for p in model_parameters(engine.module)),
+        **extra,
+    }
+
+
+def finish_phase(ctx: PhaseContext, tracker: Tracker, results: dict, model_dir: Path | None) -> None:
+    """Ledger (completed), W&B summary/table/artifact, results.json, and the printed summary."""
+    if ctx.ledger is not None and ctx.is_main:
+        ctx.ledger.record(ctx.phase, [Mechanism(results["noise_multiplier"], results["sample_rate"],
+                                                results["steps"], ctx.phase)], status="completed")
+    flat = {f"eval/{split}/{k}": v for split, m in results["metrics"].items() for k, v in m.items()}
+    flat["eval/parameters"] = results.get("parameters")
+    if "nonzero_parameters" in results:
+        flat["eval/nonzero_parameters"] = results["nonzero_parameters"]
+        flat["eval/sparsity"] = 1 - results["nonzero_parameters"] / results["parameters"]
+    tracker.log(flat, step=results.get("global_steps", results["steps"]))
+    if results["private"]:
+        tracker.summary({"final_epsilon": results["epsilon"], "final_epsilon_rdp": results["epsilon_rdp"],
+                         "delta": results["delta"], "noise_multiplier": results["noise_multiplier"],
+                         "sample_rate": results["sample_rate"]})
+        tracker.table("privacy_ledger", ["phase", "status", "noise_multiplier", "sample_rate", "steps"],
+                      [[name, entry["status"], m["noise_multiplier"], m["sample_rate"], m["steps"]]
+                       for name, entry in ctx.ledger.phases().items() for m in entry["mechanisms"]])
+    if model_dir is not None:
+        tracker.artifact(model_dir, name=f"{ctx.cfg.run.name}-{ctx.phase}-model", kind="model",
+                         metadata={"epsilon": results["epsilon"], "delta": results["delta"],
+                                   "private": results["private"], "accountant": results["accountant"],
+                                   "sampling": results["sampling"], "phase": ctx.phase})
+    if ctx.is_main:
+        if ctx.ledger is not None:
+            results["ledger_total_epsilon"] = ctx.ledger.total_epsilon()
+        ctx.run.write_json(ctx.directory / "results.json", results)
+        summary(ctx.world, results)
+    tracker.finish()
+    torch.distributed.barrier()
+
+
+def open_tracker(ctx: PhaseContext) -> Tracker:
+    return make_tracker(ctx.cfg.wandb, world=ctx.world, run_dir=ctx.directory, group=ctx.cfg.run.name,
+                        phase=ctx.phase, config=to_dict(ctx.cfg))
+
+
+def run_train(cfg: Config, phase: str = "train") -> dict:
+    """Single-model DP fine-tuning: `dpc train` (phase train, in the run root) and the teacher phase."""
+    ctx = open_phase(cfg, phase)
+    if not cfg.privacy.enabled:
+        warn_loudly(ctx.world, "privacy.enabled=false: training WITHOUT differential privacy; the model may leak its data")
+    model = load_sequence_classifier(cfg.model, ctx.num_labels, ctx.tokenizer, seed=cfg.run.seed)
+    steps_per_epoch = math.ceil(len(ctx.train_set) / cfg.train.batch_size)
+    steps = planned_steps(cfg.train.epochs, cfg.train.max_steps, steps_per_epoch)
+    privacy = phase_privacy(ctx, steps)
+    tracker = open_tracker(ctx)
+    engine = train_dp(ctx, model, directory=ctx.directory, steps=steps, privacy=privacy,
+                      prior=prior_mechanisms(ctx), tracker=tracker)
+    metrics = evaluate_engine(engine, ctx)
+    results = phase_results(ctx, engine, metrics, steps)
+    save_model(engine, ctx.directory / "model", ctx.tokenizer, ctx.world)
+    finish_phase(ctx, tracker, results, ctx.directory / "model")
+    return results
 
 
 def summary(world, results: dict) -> None:
-    lines = ["", "=" * 72]
+    lines = ["", "=" * 72, f"phase {results.get('phase', 'train')}"]
     for name, m in results["metrics"].items():
         lines.append(f"{name}: accuracy {m['accuracy'] * 100:.2f}% on {m['examples']} examples"
                      + (f", F1 {m['f1'] * 100:.2f}" if "f1" in m else ""))
     if results["private"]:
-        lines.append(f"privacy: epsilon={results['epsilon']:.3f} ({results['accountant'].upper()}; "
-                     f"other accountant {results['epsilon_rdp']:.3f}), delta={results['delta']:.3g}, "
+        lines.append(f"privacy: epsilon={results['epsilon']:.3f} ({results['accountant'].upper()}, whole run tree so "
+                     f"far; other accountant {results['epsilon_rdp']:.3f}), delta={results['delta']:.3g}, "
                      f"sigma={results['noise_multiplier']:.4f}, q={results['sample_rate']:.5f}, "
                      f"steps={results['steps']}, N={results['dataset_size']}, sampling={results['sampling']}")
     else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -37,6 +38,21 @@ def _describe(tp: Any) -> str:
     if origin is dict:
         return "a mapping"
     return getattr(tp, "__name__", str(tp))
+
+
+class YamlLoader(yaml.SafeLoader):
+    """SafeLoader without YAML 1.1's base-60 integers: `prune.method: 2:4` must stay the string "2:4"
+    (SafeLoader reads it as 124)."""
+
+
+YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers
+            if not (tag == "tag:yaml.org,2002:int" and ":" in regexp.pattern)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"))
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -141,7 +157,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r}: empty key")
-    value = yaml.safe_load(raw) if raw.strip() != "" else None
+    value = yaml.load(raw, Loader=YamlLoader) if raw.strip() != "" else None
     return key.split("."), value
 
 
@@ -175,7 +191,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {str(path)!r} does not exist")
     with path.open() as fh:
         try:
-            data = yaml.safe_load(fh)
+            data = yaml.load(fh, Loader=YamlLoader)
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
     if data is None:

@@ -46,7 +46,7 @@ def test_two_node_dp_job_equals_single_process(slurm_cluster, tmp_path):
 
     noiseless = ["privacy.target_epsilon=null", "privacy.noise_multiplier=0", "train.max_steps=5"]
     two = config(tmp_path, "two-nodes", "cluster.nodes=2", *noiseless)
-    (row,) = submit(two)
+    (row,) = submit(two, phases=("train",))
     rows = wait_done(tmp_path / "two-nodes")
     assert rows[0]["state"] == "COMPLETED", Path(row["logs"]).joinpath(f"{row['job_id']}_0_log.err").read_text()[-3000:]
     log = (Path(row["logs"]) / f"{row['job_id']}_0_log.out").read_text()
@@ -100,7 +100,7 @@ def test_requeued_job_resumes_with_identical_ledger(slurm_cluster, tmp_path):
                                f"run.output_dir={tmp_path}", "run.name=straight", *COMMON, *extra],
                               capture_output=True, text=True, timeout=400, cwd=ROOT)
     assert straight.returncode == 0, straight.stderr[-3000:]
-    (row,) = submit(config(tmp_path, "requeued", *extra))
+    (row,) = submit(config(tmp_path, "requeued", *extra), phases=("train",))
     run = tmp_path / "requeued"
     pointer = run / "checkpoints" / "latest_complete"
     deadline = time.time() + 300

@@ -1,0 +1,74 @@
+"""Settings of the compression phases (DPKD, DPIMP); sections `distill` and `prune` of the run config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(kw_only=True)
+class DistillConfig:
+    student: str = "from_teacher"
+    """from_teacher: the teacher with only the layers of layer_map (default every other one); or a
+    model name/directory of a smaller pre-trained model with the same tokenizer."""
+    layer_map: list[int] | None = None
+    """Teacher layers the student keeps (null: 0, 2, 4, ...)."""
+    alpha: float = 0.5
+    """Weight of the distillation term: (1 - alpha) * CE(labels) + alpha * T^2 * KL(teacher_T || student_T).
+    alpha=0 trains the same student with DP-SGD alone (the no-KD baseline)."""
+    temperature: float = 2.0
+    """Softmax temperature T of the distillation term."""
+    hidden_weight: float = 0.0
+    """Weight of the hidden-state MSE between student layer i and teacher layer layer_map[i] (0: off)."""
+    teacher: str | None = None
+    """Directory of the DP teacher (null: this run's teacher phase). A teacher from another run tree
+    brings its privacy cost: its ledger's mechanisms are imported into this run's ledger."""
+    epochs: float | None = None
+    """Training epochs of this phase (null: train.epochs)."""
+    lr: float | None = None
+    """Learning rate of this phase (null: train.lr)."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"distill.alpha={self.alpha!r} is invalid: must be in [0, 1]")
+        if self.temperature <= 0:
+            raise ValueError(f"distill.temperature={self.temperature!r} is invalid: must be > 0")
+        if self.hidden_weight < 0:
+            raise ValueError(f"distill.hidden_weight={self.hidden_weight!r} is invalid: must be >= 0")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ValueError(f"distill.epochs={self.epochs!r} is invalid: must be > 0 or null")
+        if self.lr is not None and self.lr <= 0:
+            raise ValueError(f"distill.lr={self.lr!r} is invalid: must be > 0 or null")
+
+
+@dataclass(kw_only=True)
+class PruneConfig:
+    method: Literal["unstructured", "structured", "2:4"] = "unstructured"
+    """unstructured: global magnitude pruning of the transformer blocks' weight matrices (Alg. 3);
+    structured: removal of whole transformer layers by mean |w| (Alg. 2); 2:4: two of every four
+    consecutive weights kept by magnitude."""
+    target_sparsity: float = 0.5
+    """unstructured: fraction of the prunable weights set to zero after the last round."""
+    target_layers: int | None = None
+    """structured: transformer layers left after the last round (null: half, rounded up)."""
+    rounds: int = 3
+    """Prune-then-DP-fine-tune rounds; sparsity (or depth) moves evenly to its target."""
+    source: str = "auto"
+    """Phase whose model is pruned: teacher, distill, or auto (the last model-producing phase listed
+    before prune in pipeline.phases); or a model directory (its run's ledger is imported)."""
+    epochs: float | None = None
+    """Total DP fine-tuning epochs over all rounds (null: train.epochs)."""
+    lr: float | None = None
+    """Learning rate of this phase (null: train.lr)."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.target_sparsity < 1:
+            raise ValueError(f"prune.target_sparsity={self.target_sparsity!r} is invalid: must be in [0, 1)")
+        if self.target_layers is not None and self.target_layers < 1:
+            raise ValueError(f"prune.target_layers={self.target_layers!r} is invalid: must be >= 1 or null")
+        if self.rounds < 1:
+            raise ValueError(f"prune.rounds={self.rounds!r} is invalid: must be >= 1")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ValueError(f"prune.epochs={self.epochs!r} is invalid: must be > 0 or null")
+        if self.lr is not None and self.lr <= 0:
+            raise ValueError(f"prune.lr={self.lr!r} is invalid: must be > 0 or null")

@@ -1,0 +1,184 @@
+"""DP iterative magnitude pruning (Mireshghallah et al. 2022, Alg. 2 and 3): masks and layer removal.
+
+Masks are computed from DP-trained weights only, so choosing them is post-processing and costs no
+privacy; what costs privacy is the DP fine-tuning between rounds (dist_dpc.pipeline.phases).
+
+Which weights are pruned: the weight matrices of the Linear (and GPT-2 Conv1D) layers inside the
+transformer blocks -- attention projections and MLP. Embeddings, norms, biases, the pooler and the
+classifier head stay dense, as in the paper.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dist_dpc.compress.distill import student_from_teacher, transformer_layers
+
+PATTERNS = ("unstructured", "2:4")
+
+
+def prunable_weights(model: nn.Module) -> dict[str, nn.Parameter]:
+    """name -> weight matrix of every Linear/Conv1D inside the transformer blocks (trainable ones)."""
+    layers, _ = transformer_layers(model)
+    block_ids = {id(m) for layer in layers for m in layer.modules()}
+    out = {}
+    for name, module in model.named_modules():
+        if id(module) not in block_ids:
+            continue
+        weight = getattr(module, "weight", None)
+        is_matrix = isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+        if is_matrix and isinstance(weight, nn.Parameter) and weight.requires_grad:
+            out[f"{name}.weight"] = weight
+    if not out:
+        raise ValueError(f"{type(model).__name__}: no prunable Linear weights inside its transformer layers")
+    return out
+
+
+def global_magnitude_masks(weights: dict[str, torch.Tensor], sparsity: float,
+                           previous: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Keep the (1 - sparsity) fraction of largest |w| over all matrices together (one global
+    threshold, so layers that matter less lose more). Already-pruned weights stay pruned."""
+    if not 0 <= sparsity < 1:
+        raise ValueError(f"prune.target_sparsity={sparsity!r} is invalid: must be in [0, 1)")
+    scores = {}
+    for name, w in weights.items():
+        score = w.detach().abs().float()
+        if previous is not None and name in previous:
+            score = torch.where(previous[name].bool(), score, torch.full_like(score, -1.0))
+        scores[name] = score
+    flat = torch.cat([s.flatten() for s in scores.values()])
+    num_pruned = int(round(sparsity * flat.numel()))
+    if num_pruned == 0:
+        return {name: torch.ones_like(s, dtype=torch.bool) for name, s in scores.items()}
+    # Ties at the threshold are broken by position so that exactly num_pruned weights go.
+    order = torch.argsort(flat, stable=True)
+    keep = torch.ones(flat.numel(), dtype=torch.bool)
+    keep[order[:num_pruned]] = False
+    masks, offset = {}, 0
+    for name, s in scores.items():
+        masks[name] = keep[offset:offset + s.numel()].view_as(s)
+        offset += s.numel()
+    return masks
+
+
+def two_four_masks(weights: dict[str, torch.Tensor], input_dim: dict[str, int]) -> dict[str, torch.Tensor]:
+    """In every group of four consecutive weights along the input dimension keep the two largest |w|
+    (the pattern torch's semi-structured sparse kernels accelerate)."""
+    masks = {}
+    for name, w in weights.items():
+        dim = input_dim[name]
+        moved = w.detach().abs().float().movedim(dim, -1)
+        if moved.shape[-1] % 4:
+            raise ValueError(f"{name}: input dimension {moved.shape[-1]} is not a multiple of 4; 2:4 sparsity needs it")
+        groups = moved.reshape(*moved.shape[:-1], -1, 4)
+        top2 = groups.topk(2, dim=-1).indices
+        keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, top2, True)
+        masks[name] = keep.reshape(moved.shape).movedim(-1, dim).contiguous()
+    return masks
+
+
+def input_dims(model: nn.Module, names) -> dict[str, int]:
+    """nn.Linear stores (out, in); GPT-2's Conv1D stores (in, out)."""
+    modules = dict(model.named_modules())
+    return {n: 0 if type(modules[n.rsplit(".", 1)[0]]).__name__ == "Conv1D" else 1 for n in names}
+
+
+def compute_masks(model: nn.Module, pattern: str, sparsity: float,
+                  previous: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    weights = prunable_weights(model)
+    if pattern == "unstructured":
+        return global_magnitude_masks(weights, sparsity, previous)
+    if pattern == "2:4":
+        return two_four_masks(weights, input_dims(model, weights))
+    raise ValueError(f"prune.method={pattern!r} is invalid for masks: allowed values are {', '.join(PATTERNS)}")
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    for name, mask in masks.items():
+        params[name].mul_(mask.to(params[name].device, params[name].dtype))
+
+
+class MaskEnforcer:
+    """Keeps pruned weights exactly zero during DP training.
+
+    Installed as a DP-engine post-noise hook: after the noise is added, the gradient of every pruned
+    coordinate is zeroed, so the noise drawn for it is discarded and the optimizer never moves it
+    (a fresh AdamW/SGD state + zero gradient + zero weight = zero update, weight decay included).
+    That needs the optimizer to step the module's own parameter tensors, which holds for ZeRO stage
+    0 in fp32; ZeRO 1-3 and bf16 step flattened fp32 partitions, where a mask would have to follow
+    DeepSpeed's partitioning -- refused until that is supported.
+    """
+
+    def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor]):
+        params = dict(model.named_parameters())
+        missing = [n for n in masks if n not in params]
+        if missing:
+            raise ValueError(f"masks name parameters the model does not have: {missing[:3]}")
+        self.pairs = [(params[n], m.to(params[n].device, params[n].dtype)) for n, m in masks.items()]
+
+    def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if not all(id(p) in stepped for p, _ in self.pairs):
+            raise ValueError(
+                "pruning masks need the optimizer to update the model's own parameters, but DeepSpeed steps "
+                "flattened partitions here (ZeRO stage >= 1 or bf16): set train.zero_stage=0 and train.bf16=false "
+                "for the prune phase (pruning targets models small enough for data parallelism)")
+
+    @torch.no_grad()
+    def __call__(self, optimizer: torch.optim.Optimizer) -> None:
+        for param, mask in self.pairs:
+            if param.grad is not None:
+                param.grad.mul_(mask)
+
+    @torch.no_grad()
+    def violations(self) -> int:
+        """Pruned coordinates that are not exactly zero (must stay 0)."""
+        return sum(int((p[~m.bool()] != 0).sum()) for p, m in self.pairs)
+
+
+def sparsity_stats(model: nn.Module) -> dict:
+    """Zeros among the prunable matrices, and over all parameters."""
+    weights = prunable_weights(model)
+    prunable = sum(w.numel() for w in weights.values())
+    zeros = sum(int((w == 0).sum()) for w in weights.values())
+    total = sum(p.numel() for p in model.parameters())
+    nonzero = sum(int((p != 0).sum()) for p in model.parameters())
+    return {"prunable_sparsity": zeros / max(1, prunable), "parameters": total, "nonzero_parameters": nonzero}
+
+
+# -- structured: whole transformer layers (Alg. 2) -------------------------------------------------
+@torch.no_grad()
+def layer_importance(model: nn.Module) -> list[float]:
+    """Mean |w| over each transformer layer's prunable matrices: magnitude pruning lifted to whole
+    layers (the structure with the smallest weights contributes least to the residual stream)."""
+    layers, _ = transformer_layers(model)
+    scores = []
+    for layer in layers:
+        mats = [m.weight for m in layer.modules()
+                if (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D") and m.weight is not None]
+        total = sum(float(w.abs().sum()) for w in mats)
+        scores.append(total / max(1, sum(w.numel() for w in mats)))
+    return scores
+
+
+def drop_layers(model: nn.Module, num_to_keep: int) -> tuple[nn.Module, list[int]]:
+    """A copy of ``model`` keeping its ``num_to_keep`` most important layers, in their original order."""
+    layers, _ = transformer_layers(model)
+    if not 1 <= num_to_keep <= len(layers):
+        raise ValueError(f"prune.target_layers={num_to_keep} is invalid: must be in [1, {len(layers)}]")
+    scores = layer_importance(model)
+    keep = sorted(sorted(range(len(layers)), key=lambda i: scores[i], reverse=True)[:num_to_keep])
+    return student_from_teacher(model, keep), keep
+
+
+def depth_schedule(start: int, target: int, rounds: int) -> list[int]:
+    """Depth after each round, shrinking evenly from ``start`` to ``target``."""
+    return [round(start - (start - target) * (r + 1) / rounds) for r in range(rounds)]
+
+
+def sparsity_schedule(target: float, rounds: int) -> list[float]:
+    """Sparsity after each round, growing evenly to ``target`` (iterative, not one-shot)."""
+    return [target * (r + 1) / rounds for r in range(rounds)]

@@ -1,0 +1,494 @@
+"""The phases of a compression run tree and the pipeline that chains them.
+
+    RUN/ config.yaml  privacy_ledger.json  noise_seed.json  cache/
+         teacher/  distill/  prune/   each: model/ checkpoints/ metrics.jsonl results.json
+         eval/results.json            export/ (a Hugging Face directory with its model card)
+
+teacher, distill and prune read the private data with DP-SGD and record their mechanisms in the
+one ledger of the tree; eval and export are post-processing and spend nothing.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from dist_dpc.compress.distill import DistillationLoss, every_other_layer, student_from_teacher, transformer_layers
+from dist_dpc.compress.pruning import (MaskEnforcer, apply_masks, compute_masks, depth_schedule, drop_layers,
+                                       sparsity_schedule, sparsity_stats)
+from dist_dpc.models import ModelConfig, load_sequence_classifier
+from dist_dpc.pipeline.config import ALL_PHASES, SPENDING_PHASES, Config
+from dist_dpc.pipeline.trainer import (PhaseContext, evaluate, evaluate_engine, finish_phase, open_phase,
+                                       open_tracker, phase_privacy, phase_results, planned_steps, prior_mechanisms,
+                                       run_train, save_model, train_dp)
+from dist_dpc.privacy.accounting import Mechanism
+from dist_dpc.privacy.ledger import PrivacyLedger
+from dist_dpc.utils.logging import log, warn_loudly
+
+MODEL_PHASES = SPENDING_PHASES
+
+
+class PhaseOrderError(ValueError):
+    """A phase needs the output of another phase that has not completed."""
+
+
+# -- sources ---------------------------------------------------------------------------------------
+def root_of(cfg: Config) -> Path:
+    return Path(cfg.run.output_dir) / cfg.run.name
+
+
+def completed(cfg: Config, phase: str) -> bool:
+    return (root_of(cfg) / phase / "results.json").is_file()
+
+
+def source_model(cfg: Config, phase: str, reference: str) -> Path:
+    """Model directory of the phase named by ``reference`` (auto: the last model-producing phase
+    listed before ``phase``), or ``reference`` itself when it is a directory."""
+    if reference not in ("auto", *MODEL_PHASES):
+        path = Path(reference)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{phase}: source model {reference!r} is not a phase name "
+                                    f"({', '.join(MODEL_PHASES)}) nor a model directory with config.json")
+        return path
+    if reference == "auto":
+        listed = cfg.pipeline.phases
+        before = listed[:listed.index(phase)] if phase in listed else listed
+        candidates = [p for p in before if p in MODEL_PHASES and p != phase]
+        if not candidates:
+            raise PhaseOrderError(f"{phase}: no model-producing phase before it in pipeline.phases={listed}; "
+                                  "name one explicitly (e.g. prune.source=teacher)")
+        reference = candidates[-1]
+    if not completed(cfg, reference):
+        raise PhaseOrderError(f"{phase} needs the {reference} phase's model, but {root_of(cfg) / reference} holds no "
+                              f"completed {reference} phase: run `dpc {reference}` first (or `dpc pipeline`)")
+    return root_of(cfg) / reference / "model"
+
+
+def import_lineage(ctx: PhaseContext, model_dir: Path) -> None:
+    """A model trained in another run tree on the same data brings its privacy cost along: copy the
+    mechanisms of that tree's ledger into ours (as phase 'imported:<tree>') before spending more."""
+    model_dir = model_dir.resolve()
+    if model_dir.parent.parent == ctx.run.path.resolve():
+        _refuse_non_private_source(ctx, model_dir)
+        return
+    other = model_dir.parent.parent / "privacy_ledger.json"
+    results = model_dir.parent / "results.json"
+    if results.is_file() and not json.loads(results.read_text()).get("private", True) and ctx.cfg.privacy.enabled:
+        _refuse_non_private_source(ctx, model_dir)
+    if not other.is_file():
+        warn_loudly(ctx.world, f"{model_dir} has no privacy ledger next to it: it is taken to be trained on PUBLIC "
+                               "data only. If it saw the private data, this run's epsilon is not a valid bound")
+        return
+    if ctx.ledger is None:
+        return
+    data = json.loads(other.read_text())
+    theirs = PrivacyLedger(other, data.get("target_epsilon"), data["delta"], data["dataset_size"], data["accountant"])
+    if theirs.dataset_size != ctx.ledger.dataset_size:
+        raise ValueError(f"{model_dir} was trained on a data set of N={theirs.dataset_size}, this run has "
+                         f"N={ctx.ledger.dataset_size}: importing its privacy cost needs the same private data set")
+    name = f"imported:{model_dir.parent.parent.name}"
+    if ctx.is_main and name not in ctx.ledger.phases():
+        ctx.ledger.record(name, theirs.mechanisms(), status="completed")
+    torch.distributed.barrier()
+    log(ctx.world, f"[{ctx.phase}] imported the privacy cost of {model_dir} ({len(theirs.mechanisms())} mechanisms) "
+                   f"into this run's ledger")
+
+
+def _refuse_non_private_source(ctx: PhaseContext, model_dir: Path) -> None:
+    results = model_dir.parent / "results.json"
+    if ctx.cfg.privacy.enabled and results.is_file() and not json.loads(results.read_text()).get("private", True):
+        raise ValueError(f"{ctx.phase}: its source model {model_dir} was trained on the private data WITHOUT "
+                         "differential privacy; nothing derived from it has a DP guarantee. Train the source "
+                         "with privacy.enabled=true")
+
+
+def load_model_dir(path: Path, cfg: Config, num_labels: int, tokenizer):
+    model_cfg = ModelConfig(name=str(path), tokenizer=cfg.model.tokenizer, num_labels=cfg.model.num_labels,
+                            dropout=cfg.model.dropout, freeze_embeddings=cfg.model.freeze_embeddings)
+    return load_sequence_classifier(model_cfg, num_labels, tokenizer, seed=cfg.run.seed)
+
+
+# -- teacher ---------------------------------------------------------------------------------------
+def run_teacher(cfg: Config) -> dict:
+    """DP fine-tuning of the pre-trained model on the private task (model.name)."""
+    return run_train(cfg, phase="teacher")
+
+
+# -- distill (DPKD, Alg. 1) ------------------------------------------------------------------------
+def run_distill(cfg: Config) -> dict:
+    d = cfg.distill
+    teacher_dir = Path(d.teacher) if d.teacher else source_model(cfg, "distill", "teacher")
+    ctx = open_phase(cfg, "distill")
+    import_lineage(ctx, teacher_dir)
+    teacher = load_model_dir(teacher_dir, cfg, ctx.num_labels, ctx.tokenizer)
+    if d.student == "from_teacher":
+        layers, _ = transformer_layers(teacher)
+        layer_map = d.layer_map if d.layer_map is not None else every_other_layer(len(layers))
+        # Copying the DP teacher's layers is post-processing of a DP model: no privacy cost.
+        student = student_from_teacher(teacher, layer_map)
+        init = f"teacher layers {layer_map}"
+    else:
+        layer_map = None
+        student = load_sequence_classifier(ModelConfig(name=d.student, num_labels=cfg.model.num_labels,
+                                                       dropout=cfg.model.dropout), ctx.num_labels, ctx.tokenizer,
+                                           seed=cfg.run.seed)
+        if student.config.vocab_size != teacher.config.vocab_size:
+            raise ValueError(f"distill.student={d.student!r} has a vocabulary of {student.config.vocab_size}, the "
+                             f"teacher {teacher.config.vocab_size}: distillation on the same batch needs one tokenizer")
+        init = f"pre-trained {d.student}"
+    teacher.to(_device())
+    loss = DistillationLoss(teacher, alpha=d.alpha, temperature=d.temperature, hidden_weight=d.hidden_weight,
+                            layer_map=layer_map)
+    steps = planned_steps(d.epochs or cfg.train.epochs, cfg.train.max_steps, _steps_per_epoch(ctx))
+    privacy = phase_privacy(ctx, steps)
+    tracker = open_tracker(ctx)
+    log(ctx.world, f"[distill] student: {init}; loss (1-{d.alpha})*CE + {d.alpha}*T^2*KL, T={d.temperature}"
+                   + (f", hidden MSE x{d.hidden_weight}" if d.hidden_weight else ""))
+    engine = train_dp(ctx, student, directory=ctx.directory, steps=steps, privacy=privacy, prior=prior_mechanisms(ctx),
+                      tracker=tracker, loss_fn=loss, lr=d.lr)
+    metrics = evaluate_engine(engine, ctx)
+    results = phase_results(ctx, engine, metrics, steps, student_init=init, alpha=d.alpha, temperature=d.temperature,
+                            source=str(teacher_dir))
+    save_model(engine, ctx.directory / "model", ctx.tokenizer, ctx.world)
+    finish_phase(ctx, tracker, results, ctx.directory / "model")
+    return results
+
+
+# -- prune (DPIMP, Alg. 2 and 3) -------------------------------------------------------------------
+def run_prune(cfg: Config) -> dict:
+    """Rounds of (prune by magnitude -> DP fine-tune), one DeepSpeed engine per round; the rounds
+    share one sigma, calibrated for all their steps together, and one ledger entry."""
+    p = cfg.prune
+    source = source_model(cfg, "prune", p.source)
+    ctx = open_phase(cfg, "prune")
+    import_lineage(ctx, source)
+    steps_per_round = planned_steps((p.epochs or cfg.train.epochs) / p.rounds, cfg.train.max_steps,
+                                    _steps_per_epoch(ctx))
+    total_steps = steps_per_round * p.rounds
+    privacy = phase_privacy(ctx, total_steps)
+    tracker = open_tracker(ctx)
+    prior = prior_mechanisms(ctx)
+    model = load_model_dir(source, cfg, ctx.num_labels, ctx.tokenizer)
+    start_depth = len(transformer_layers(model)[0])
+    target_layers = p.target_layers or math.ceil(start_depth / 2)
+    depths = depth_schedule(start_depth, target_layers, p.rounds)
+    sparsities = sparsity_schedule(p.target_sparsity, p.rounds)
+    masks, kept_layers, engine = None, list(range(start_depth)), None
+    for r in range(p.rounds):
+        round_dir = ctx.directory / f"round{r + 1}"
+        done = round_dir / "model"
+        if (round_dir / "done.json").is_file() and r + 1 < p.rounds:
+            # A resumed phase skips finished rounds: their model is the next round's input. (The
+            # last round is replayed from its checkpoint: its engine is needed for evaluation.)
+            model = load_model_dir(done, cfg, ctx.num_labels, ctx.tokenizer)
+            state = json.loads((round_dir / "done.json").read_text())
+            kept_layers = state["kept_layers"]
+            masks = _load_masks(round_dir) if p.method != "structured" else None
+            continue
+        # Pruning reads only DP weights: post-processing, no privacy cost.
+        if p.method == "structured":
+            model, keep = drop_layers(model, depths[r])
+            kept_layers = [kept_layers[i] for i in keep]
+            log(ctx.world, f"[prune] round {r + 1}/{p.rounds}: kept layers {kept_layers} of the source's {start_depth}")
+        else:
+            masks = compute_masks(model, p.method, sparsities[r], previous=masks)
+            apply_masks(model, masks)
+            if ctx.is_main:
+                round_dir.mkdir(parents=True, exist_ok=True)
+                torch.save(masks, round_dir / "masks.pt")
+            log(ctx.world, f"[prune] round {r + 1}/{p.rounds}: {p.method} sparsity "
+                           f"{sparsity_stats(model)['prunable_sparsity']:.3f} of the prunable weights")
+        enforcer = MaskEnforcer(model, masks) if masks is not None else None
+
+        def setup(engine, enforcer=enforcer):
+            if enforcer is not None:
+                enforcer.check_optimizer(engine.optimizer)
+                engine.post_noise_hooks.append(enforcer)
+
+        round_prior = prior + tuple(Mechanism(privacy.noise_multiplier, ctx.cfg.train.batch_size / len(ctx.train_set),
+                                              steps_per_round, "prune") for _ in range(r)) if privacy.enabled else prior
+        engine = train_dp(ctx, model, directory=round_dir, steps=steps_per_round, privacy=privacy, prior=round_prior,
+                          tracker=tracker, lr=p.lr, seed=_round_seed(ctx.seed, r), step_offset=r * steps_per_round,
+                          setup=setup, desc=f"prune {r + 1}/{p.rounds}")
+        if enforcer is not None and enforcer.violations():
+            raise RuntimeError(f"prune round {r + 1}: {enforcer.violations()} pruned weights moved off zero")
+        save_model(engine, done, ctx.tokenizer, ctx.world)
+        if ctx.is_main:
+            ctx.run.write_json(round_dir / "done.json", {"round": r + 1, "kept_layers": kept_layers,
+                                                         "steps": steps_per_round})
+        if r + 1 < p.rounds:
+            # The next round starts from the saved weights: a fresh module without this engine's hooks.
+            del engine
+            gc.collect()
+            model = load_model_dir(done, cfg, ctx.num_labels, ctx.tokenizer)
+            engine = None
+    metrics = evaluate_engine(engine, ctx)
+    stats = sparsity_stats(engine.module)
+    results = phase_results(ctx, engine, metrics, total_steps, method=p.method, rounds=p.rounds,
+                            kept_layers=kept_layers if p.method == "structured" else None,
+                            prunable_sparsity=stats["prunable_sparsity"],
+                            nonzero_parameters=stats["nonzero_parameters"], source=str(source),
+                            global_steps=total_steps)
+    # engine.accountant covers only the last round (plus everything before it as prior): epsilon
+    # and steps above are for the whole phase because the prior includes the earlier rounds.
+    save_model(engine, ctx.directory / "model", ctx.tokenizer, ctx.world)
+    finish_phase(ctx, tracker, results, ctx.directory / "model")
+    return results
+
+
+def _round_seed(seed: int, r: int) -> int:
+    from dist_dpc.privacy.noise import derive_seed
+
+    return derive_seed(seed, 7919, r)  # rounds draw independent noise and batches
+
+
+def _load_masks(round_dir: Path):
+    path = round_dir / "masks.pt"
+    return torch.load(path) if path.is_file() else None
+
+
+def _steps_per_epoch(ctx: PhaseContext) -> int:
+    return math.ceil(len(ctx.train_set) / ctx.cfg.train.batch_size)
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+# -- eval ------------------------------------------------------------------------------------------
+def run_eval(cfg: Config) -> dict:
+    """Every model of the run tree on the dev split(s): accuracy/F1, parameters, non-zeros, size on
+    disk, inference throughput (and the 2:4 sparse-kernel speed-up on a GPU). Spends nothing."""
+    ctx = open_phase(cfg, "eval", load_data=False)
+    rows = []
+    for phase in MODEL_PHASES:
+        model_dir = ctx.run.path / phase / "model"
+        results_file = ctx.run.path / phase / "results.json"
+        if not results_file.is_file():
+            continue
+        trained = json.loads(results_file.read_text())
+        model = load_model_dir(model_dir, cfg, ctx.num_labels, ctx.tokenizer).to(_device())
+        metrics = {name: evaluate(model, data, ctx.tokenizer.pad_token_id, cfg.train.eval_batch_size)
+                   for name, data in ctx.eval_sets.items()}
+        first = next(iter(ctx.eval_sets.values()))
+        row = {"phase": phase, "metrics": metrics, **_size(model, model_dir),
+               "examples_per_s": _throughput(model, first, ctx.tokenizer.pad_token_id, cfg.train.eval_batch_size),
+               "epsilon": trained.get("epsilon"), "private": trained.get("private"),
+               "method": trained.get("method"), "layers": len(transformer_layers(model)[0])}
+        if trained.get("method") == "2:4":
+            row["sparse_2_4_speedup"] = _semi_structured_speedup(model, first, ctx.tokenizer.pad_token_id)
+        rows.append(row)
+        del model
+        gc.collect()
+    if not rows:
+        raise PhaseOrderError(f"eval: {ctx.run.path} holds no completed model phase ({', '.join(MODEL_PHASES)})")
+    results = {"models": rows, "ledger": ctx.ledger.to_dict() if ctx.ledger is not None else None}
+    if ctx.is_main:
+        ctx.directory.mkdir(parents=True, exist_ok=True)
+        ctx.run.write_json(ctx.directory / "results.json", results)
+        log(ctx.world, accuracy_table(rows))
+    torch.distributed.barrier()
+    return results
+
+
+def _size(model: torch.nn.Module, model_dir: Path) -> dict:
+    params = sum(p.numel() for p in model.parameters())
+    nonzero = sum(int((p != 0).sum()) for p in model.parameters())
+    files = list(model_dir.glob("*.safetensors")) + list(model_dir.glob("*.bin"))
+    return {"parameters": params, "nonzero_parameters": nonzero,
+            "size_mb": sum(f.stat().st_size for f in files) / 2**20}
+
+
+@torch.no_grad()
+def _throughput(model, data, pad_id: int, batch_size: int, max_examples: int = 512) -> float:
+    from dist_dpc.data import collate
+    from dist_dpc.engine.losses import model_inputs
+
+    model.eval()
+    n = min(len(data), max_examples)
+    device = next(model.parameters()).device
+    batches = [collate([data[j] for j in range(i, min(i + batch_size, n))], pad_id) for i in range(0, n, batch_size)]
+    start = time.perf_counter()
+    for batch in batches:
+        model(**model_inputs({k: v.to(device) for k, v in batch.items()}))
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - start)
+
+
+@torch.no_grad()
+def _semi_structured_speedup(model, data, pad_id: int) -> float | None:
+    """Dense vs torch's 2:4 sparse kernels on the pruned Linear layers (CUDA, fp16); None elsewhere."""
+    if not torch.cuda.is_available():
+        return None
+    import copy
+
+    from torch.sparse import to_sparse_semi_structured
+
+    from dist_dpc.compress.pruning import prunable_weights
+
+    dense = copy.deepcopy(model).half().cuda().eval()
+    sparse = copy.deepcopy(dense)
+    modules = dict(sparse.named_modules())
+    for name in prunable_weights(sparse):
+        module = modules[name.rsplit(".", 1)[0]]
+        if isinstance(module, torch.nn.Linear):
+            module.weight = torch.nn.Parameter(to_sparse_semi_structured(module.weight))
+    dense_rate = _throughput(dense, data, pad_id, 64)
+    sparse_rate = _throughput(sparse, data, pad_id, 64)
+    return sparse_rate / dense_rate
+
+
+def accuracy_table(rows: list[dict]) -> str:
+    lines = ["", f"{'model':<10} {'layers':>6} {'params':>11} {'non-zero':>11} {'MB':>7} {'ex/s':>8} "
+                 f"{'accuracy':>9} {'epsilon':>8}"]
+    for row in rows:
+        acc = next(iter(row["metrics"].values()))["accuracy"]
+        eps = f"{row['epsilon']:.3f}" if row.get("epsilon") is not None else "inf"
+        lines.append(f"{row['phase']:<10} {row['layers']:>6} {row['parameters']:>11,} {row['nonzero_parameters']:>11,} "
+                     f"{row['size_mb']:>7.1f} {row['examples_per_s']:>8.1f} {acc * 100:>8.2f}% {eps:>8}")
+    return "\n".join(lines)
+
+
+# -- export ----------------------------------------------------------------------------------------
+def run_export(cfg: Config) -> dict:
+    """A Hugging Face directory (AutoModelForSequenceClassification.from_pretrained) with a model card
+    stating epsilon, delta, the mechanisms and the phases; reloaded and checked before it is kept."""
+    from transformers import AutoModelForSequenceClassification
+
+    reference = cfg.pipeline.export_source
+    if reference == "auto":
+        produced = [p for p in cfg.pipeline.phases if p in MODEL_PHASES and completed(cfg, p)]
+        if not produced:
+            raise PhaseOrderError(f"export: no completed model phase in {root_of(cfg)}")
+        reference = produced[-1]
+    source = source_model(cfg, "export", reference)
+    ctx = open_phase(cfg, "export", load_data=False)
+    trained = json.loads((source.parent / "results.json").read_text())
+    target = ctx.directory / "model"
+    if ctx.is_main:
+        tmp = ctx.directory / "model.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(source, tmp)
+        (tmp / "README.md").write_text(model_card(cfg, ctx, reference, trained))
+        # Reload exactly as a user would and compare predictions with the source before publishing.
+        reloaded = AutoModelForSequenceClassification.from_pretrained(str(tmp)).eval()
+        original = load_model_dir(source, cfg, ctx.num_labels, ctx.tokenizer).eval()
+        data = next(iter(ctx.eval_sets.values()))
+        a = evaluate_predictions(reloaded, data, ctx.tokenizer.pad_token_id)
+        b = evaluate_predictions(original, data, ctx.tokenizer.pad_token_id)
+        if not torch.equal(a, b):
+            raise RuntimeError("export: the reloaded model predicts differently from the trained one")
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+        results = {"source_phase": reference, "directory": str(target), "epsilon": _ledger_total(ctx),
+                   "delta": ctx.ledger.delta if ctx.ledger is not None else None, "checked_examples": int(a.numel())}
+        ctx.run.write_json(ctx.directory / "results.json", results)
+        log(ctx.world, f"[export] {target}: from the {reference} phase; AutoModelForSequenceClassification"
+                       f".from_pretrained({str(target)!r}) reloads it (checked on {a.numel()} examples)")
+    torch.distributed.barrier()
+    return json.loads((ctx.directory / "results.json").read_text())
+
+
+@torch.no_grad()
+def evaluate_predictions(model, data, pad_id: int, limit: int = 256) -> torch.Tensor:
+    from dist_dpc.data import collate
+    from dist_dpc.engine.losses import model_inputs
+
+    batch = collate([data[j] for j in range(min(limit, len(data)))], pad_id)
+    return model(**model_inputs(batch)).logits.argmax(-1)
+
+
+def _ledger_total(ctx: PhaseContext) -> float | None:
+    return ctx.ledger.total_epsilon() if ctx.ledger is not None else None
+
+
+def model_card(cfg: Config, ctx: PhaseContext, source_phase: str, trained: dict) -> str:
+    ledger = ctx.ledger.to_dict() if ctx.ledger is not None else None
+    lines = [f"# {cfg.run.name}: {source_phase} model", "",
+             "Sequence classifier trained with dist-dpc (DP-SGD under DeepSpeed).", "",
+             "## Privacy", ""]
+    if ledger is None:
+        lines += ["**No differential privacy**: trained with privacy.enabled=false; this model may reveal its "
+                  "training data.", ""]
+    else:
+        lines += [f"- Guarantee: ({ledger['total_epsilon_prv']:.3f}, {ledger['delta']:.3g})-differential privacy "
+                  f"with respect to adding or removing one of the N={ledger['dataset_size']} training examples, "
+                  "for everything released from this run tree (all phases composed).",
+                  f"- Accountant: PRV (opacus), heterogeneous composition of all phases; RDP bound "
+                  f"{ledger['total_epsilon_rdp']:.3f} for comparison.",
+                  f"- Target epsilon: {ledger['target_epsilon']}.",
+                  f"- Mechanism: per-sample gradient clipping to {cfg.privacy.max_grad_norm} "
+                  f"({cfg.privacy.clipping}), Gaussian noise, {ctx.sampling} sampling"
+                  + ("" if ctx.sampling == "poisson" else " (the accounting assumes Poisson sampling: NOT a proven "
+                                                          "bound for these fixed-size batches)") + ".", "",
+                  "| phase | status | noise multiplier | sample rate | steps |", "|---|---|---|---|---|"]
+        for name, entry in ledger["phases"].items():
+            for m in entry["mechanisms"]:
+                lines.append(f"| {name} | {entry['status']} | {m['noise_multiplier']:.4f} | {m['sample_rate']:.5f} "
+                             f"| {m['steps']} |")
+        lines.append("")
+    lines += ["## Phases", ""]
+    for phase in cfg.pipeline.phases:
+        f = ctx.run.path / phase / "results.json"
+        if f.is_file() and phase in MODEL_PHASES:
+            r = json.loads(f.read_text())
+            acc = next(iter(r["metrics"].values()))["accuracy"] if r.get("metrics") else float("nan")
+            lines.append(f"- {phase}: {r.get('steps')} DP-SGD steps, dev accuracy {acc * 100:.2f}%"
+                         + (f", {r['method']} pruning" if r.get("method") else "")
+                         + (f", student {r['student_init']}" if r.get("student_init") else ""))
+    lines += ["", f"Exported from the {source_phase} phase ({trained.get('parameters', 0):,} parameters).",
+              f"Data: {cfg.data.task}. Base model: {cfg.model.name}.", ""]
+    return "\n".join(lines)
+
+
+# -- the chain -------------------------------------------------------------------------------------
+RUNNERS = {"teacher": run_teacher, "distill": run_distill, "prune": run_prune, "eval": run_eval,
+           "export": run_export}
+
+
+def run_phase(cfg: Config, phase: str) -> dict:
+    if phase == "train":
+        return run_train(cfg)
+    if phase not in RUNNERS:
+        raise ValueError(f"unknown phase {phase!r}: allowed {', '.join(ALL_PHASES)}")
+    return RUNNERS[phase](cfg)
+
+
+def run_pipeline(cfg: Config) -> dict:
+    """pipeline.phases in order; completed phases are skipped, so re-running resumes."""
+    out = {}
+    for phase in cfg.pipeline.phases:
+        if phase in MODEL_PHASES and completed(cfg, phase):
+            print(f"[pipeline] {phase}: already completed in {root_of(cfg) / phase}, skipped", flush=True)
+            out[phase] = json.loads((root_of(cfg) / phase / "results.json").read_text())
+            continue
+        out[phase] = run_phase(cfg, phase)  # eval and export are redone: cheap, and they describe the current models
+        gc.collect()
+    ledger_file = root_of(cfg) / "privacy_ledger.json"
+    if ledger_file.is_file() and torch.distributed.get_rank() == 0:
+        data = json.loads(ledger_file.read_text())
+        theirs = PrivacyLedger(ledger_file, data.get("target_epsilon"), data["delta"], data["dataset_size"],
+                               data["accountant"])
+        print(ledger_summary(theirs), flush=True)
+    return out
+
+
+def ledger_summary(ledger: PrivacyLedger) -> str:
+    d = ledger.to_dict()
+    lines = ["", "privacy ledger " + str(ledger.path), f"{'phase':<24} {'status':<10} {'sigma':>8} {'q':>9} {'steps':>7}"]
+    for name, entry in d["phases"].items():
+        for m in entry["mechanisms"]:
+            lines.append(f"{name:<24} {entry['status']:<10} {m['noise_multiplier']:>8.4f} {m['sample_rate']:>9.5f} "
+                         f"{m['steps']:>7}")
+    lines.append(f"total: epsilon={d['total_epsilon_prv']:.3f} (PRV composition of all phases; RDP "
+                 f"{d['total_epsilon_rdp']:.3f}), delta={d['delta']:.3g}, N={d['dataset_size']}, target "
+                 f"{d['target_epsilon']}")
+    return "\n".join(lines)

@@ -1,0 +1,157 @@
+"""The compression pipeline end to end on a debug model, through the real CLI: teacher -> DPKD ->
+DPIMP -> eval -> export, one ledger composed like opacus' PRV, resume, refusals, imported teachers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dist_dpc.privacy.accounting import Mechanism, compute_epsilon
+from tests.pipeline.test_train import ROOT, dpc
+
+TINY = ["model.name=tiny-bert", "model.dropout=0", "data.synthetic_size=240", "data.max_length=16",
+        "train.batch_size=24", "train.micro_batch_size=12", "train.lr=5e-3", "privacy.noise_seed=11",
+        "train.max_steps=6", "train.log_every=2"]
+CONFIG = str(ROOT / "configs" / "debug.yaml")
+
+
+def opacus_prv_epsilon(mechanisms: list[dict], delta: float) -> float:
+    from opacus.accountants import PRVAccountant
+
+    acc = PRVAccountant()
+    acc.history = [(m["noise_multiplier"], m["sample_rate"], m["steps"]) for m in mechanisms]
+    return acc.get_epsilon(delta=delta, eps_error=0.01)
+
+
+def ok(proc):
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+@pytest.mark.timeout(900)
+def test_pipeline_ledger_masks_export_and_resume(tmp_path):
+    args = [CONFIG, f"run.output_dir={tmp_path}", "run.name=p", *TINY, "privacy.target_epsilon=6",
+            "pipeline.budget_split={teacher: 0.5, distill: 0.25, prune: 0.25}", "prune.rounds=2",
+            "train.checkpoint_every=2"]
+    proc = ok(dpc(["pipeline", *args], timeout=600))
+    run = tmp_path / "p"
+    ledger = json.loads((run / "privacy_ledger.json").read_text())
+    assert list(ledger["phases"]) == ["teacher", "distill", "prune"]
+    assert all(e["status"] == "completed" for e in ledger["phases"].values())
+    assert [m["steps"] for e in ledger["phases"].values() for m in e["mechanisms"]] == [6, 6, 12]
+    mechs = [m for e in ledger["phases"].values() for m in e["mechanisms"]]
+    results = {p: json.loads((run / p / "results.json").read_text()) for p in ("teacher", "distill", "prune")}
+    # Each phase was calibrated to its cumulative share of epsilon = 6: 3, 4.5, then 6.
+    for phase, target in (("teacher", 3.0), ("distill", 4.5), ("prune", 6.0)):
+        assert target * 0.99 <= results[phase]["epsilon"] <= target * (1 + 1e-6), (phase, results[phase]["epsilon"])
+    # The total is a heterogeneous composition: equal to opacus' PRV accountant over the same list,
+    # and clearly below the sum of what each phase would cost alone.
+    delta = ledger["delta"]
+    total = compute_epsilon([Mechanism(m["noise_multiplier"], m["sample_rate"], m["steps"]) for m in mechs], delta)
+    assert results["prune"]["epsilon"] == pytest.approx(total, rel=1e-6)
+    assert total == pytest.approx(opacus_prv_epsilon(mechs, delta), rel=0.02)
+    alone = sum(opacus_prv_epsilon([m], delta) for m in mechs)
+    assert total < 0.9 * alone
+    assert "privacy ledger" in proc.stdout and "PRV composition of all phases" in proc.stdout
+
+    # DPKD student: half the teacher's layers, initialised from its layers 0 (every other one).
+    teacher_cfg = json.loads((run / "teacher" / "model" / "config.json").read_text())
+    student_cfg = json.loads((run / "distill" / "model" / "config.json").read_text())
+    assert (teacher_cfg["num_hidden_layers"], student_cfg["num_hidden_layers"]) == (2, 1)
+
+    # Pruned weights are exactly zero in the final model, at the last round's masks, 50 % of them.
+    masks = torch.load(run / "prune" / "round2" / "masks.pt")
+    weights = load_file(run / "prune" / "model" / "model.safetensors")
+    pruned = sum(int((~m).sum()) for m in masks.values())
+    total_prunable = sum(m.numel() for m in masks.values())
+    assert pruned == round(0.5 * total_prunable)
+    for name, mask in masks.items():
+        assert torch.count_nonzero(weights[name][~mask]) == 0
+        assert torch.count_nonzero(weights[name][mask]) == int(mask.sum())
+    assert results["prune"]["prunable_sparsity"] == pytest.approx(0.5, abs=1e-3)
+
+    # eval: every model, with sizes; export: reloads as a user would, same predictions as the trained model.
+    table = json.loads((run / "eval" / "results.json").read_text())["models"]
+    assert [r["phase"] for r in table] == ["teacher", "distill", "prune"]
+    assert table[1]["parameters"] < table[0]["parameters"] and table[2]["nonzero_parameters"] < table[1]["parameters"]
+    from transformers import AutoModelForSequenceClassification
+
+    exported = AutoModelForSequenceClassification.from_pretrained(str(run / "export" / "model")).eval()
+    trained = AutoModelForSequenceClassification.from_pretrained(str(run / "prune" / "model")).eval()
+    ids = torch.randint(0, 1000, (16, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(exported(input_ids=ids).logits, trained(input_ids=ids).logits)
+    card = (run / "export" / "model" / "README.md").read_text()
+    assert f"{total:.3f}" in card and "prune" in card and "teacher" in card and "Poisson".lower() in card.lower()
+
+    # Resume: lose the end of the prune phase (after its step-4 checkpoint of round 2); it continues
+    # from the checkpoint to bit-identical weights, and the ledger neither forgets nor double-counts.
+    before = {k: v.clone() for k, v in weights.items()}
+    ledger_text = json.dumps(json.loads((run / "privacy_ledger.json").read_text())["phases"])
+    for path in ("prune/results.json", "prune/round2/done.json"):
+        (run / path).unlink()
+    shutil.rmtree(run / "prune" / "model")
+    shutil.rmtree(run / "prune" / "round2" / "model")
+    again = ok(dpc(["prune", *args], timeout=400))
+    assert "resumed from step00000004" in again.stdout
+    after = load_file(run / "prune" / "model" / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert json.dumps(json.loads((run / "privacy_ledger.json").read_text())["phases"]) == ledger_text
+
+
+@pytest.mark.timeout(900)
+def test_budget_refusal_structured_and_2_4_pruning_with_an_imported_teacher(tmp_path):
+    # A tree whose sigma is fixed: the teacher fits in epsilon = 4, a second phase would not.
+    fixed = [CONFIG, f"run.output_dir={tmp_path}", "run.name=fixed", *TINY, "privacy.target_epsilon=2.6",
+             "privacy.noise_multiplier=0.7", "pipeline.phases=[teacher, distill]",
+             "pipeline.budget_split={teacher: 0.95, distill: 0.05}"]
+    ok(dpc(["teacher", *fixed]))
+    ledger_before = (tmp_path / "fixed" / "privacy_ledger.json").read_text()
+    refused = dpc(["distill", *fixed])
+    assert refused.returncode == 2
+    assert "would bring the run's total epsilon" in refused.stderr and "privacy.target_epsilon=2.6" in refused.stderr
+    assert not (tmp_path / "fixed" / "distill" / "model").exists()
+    assert (tmp_path / "fixed" / "privacy_ledger.json").read_text() == ledger_before
+
+    teacher_dir = tmp_path / "fixed" / "teacher" / "model"
+    teacher_mechs = json.loads(ledger_before)["phases"]["teacher"]["mechanisms"]
+    # Structured DPIMP from a teacher of another tree: its cost is imported into this tree's ledger.
+    structured = [CONFIG, f"run.output_dir={tmp_path}", "run.name=structured", *TINY, "privacy.target_epsilon=8",
+                  "pipeline.phases=[prune, eval]", "prune.method=structured", "prune.rounds=1",
+                  f"prune.source={teacher_dir}"]
+    ok(dpc(["pipeline", *structured]))
+    ledger = json.loads((tmp_path / "structured" / "privacy_ledger.json").read_text())
+    assert ledger["phases"]["imported:fixed"]["mechanisms"] == [dict(m, phase="imported:fixed") for m in teacher_mechs]
+    results = json.loads((tmp_path / "structured" / "prune" / "results.json").read_text())
+    all_mechs = [Mechanism(m["noise_multiplier"], m["sample_rate"], m["steps"])
+                 for e in ledger["phases"].values() for m in e["mechanisms"]]
+    assert results["epsilon"] == pytest.approx(compute_epsilon(all_mechs, ledger["delta"]), rel=1e-6)
+    assert 8 * 0.99 <= results["epsilon"] <= 8 * (1 + 1e-6)
+    assert results["kept_layers"] and len(results["kept_layers"]) == 1
+    assert json.loads((tmp_path / "structured" / "prune" / "model" / "config.json").read_text())["num_hidden_layers"] == 1
+    evaluated = json.loads((tmp_path / "structured" / "eval" / "results.json").read_text())["models"]
+    assert evaluated[0]["layers"] == 1 and 0 <= evaluated[0]["metrics"]["validation"]["accuracy"] <= 1
+
+    # 2:4: every group of four consecutive input weights of the blocks' matrices keeps at most two.
+    two_four = [CONFIG, f"run.output_dir={tmp_path}", "run.name=24", *TINY, "privacy.target_epsilon=8",
+                "pipeline.phases=[prune]", "prune.method=2:4", "prune.rounds=1", f"prune.source={teacher_dir}"]
+    ok(dpc(["pipeline", *two_four]))
+    masks = torch.load(tmp_path / "24" / "prune" / "round1" / "masks.pt")
+    weights = load_file(tmp_path / "24" / "prune" / "model" / "model.safetensors")
+    for name in masks:
+        groups = (weights[name] != 0).reshape(weights[name].shape[0], -1, 4).sum(-1)
+        assert int(groups.max()) <= 2
+
+
+@pytest.mark.timeout(300)
+def test_phase_needs_its_source_and_non_private_teachers_are_refused(tmp_path):
+    lonely = dpc(["distill", CONFIG, f"run.output_dir={tmp_path}", "run.name=lonely", *TINY])
+    assert lonely.returncode == 2 and "run `dpc teacher` first" in lonely.stderr
+    ok(dpc(["teacher", CONFIG, f"run.output_dir={tmp_path}", "run.name=public", *TINY, "privacy.enabled=false"]))
+    leaky = dpc(["distill", CONFIG, f"run.output_dir={tmp_path}", "run.name=leaky", *TINY,
+                 f"distill.teacher={tmp_path / 'public' / 'teacher' / 'model'}"])
+    assert leaky.returncode == 2 and "WITHOUT differential privacy" in leaky.stderr
