@@ -391,6 +391,13 @@ def run_export(cfg: Config) -> dict:
         results = {"source_phase": reference, "directory": str(target), "epsilon": _ledger_total(ctx),
                    "delta": ctx.ledger.delta if ctx.ledger is not None else None, "checked_examples": int(a.numel())}
         ctx.run.write_json(ctx.directory / "results.json", results)
+        tracker = open_tracker(ctx)
+        tracker.summary({"final_epsilon": results["epsilon"], "delta": results["delta"], "source_phase": reference})
+        tracker.artifact(target, name=f"{cfg.run.name}-export", kind="model",
+                         metadata={"epsilon": results["epsilon"], "delta": results["delta"], "source_phase": reference,
+                                   "accountant": cfg.privacy.accountant, "sampling": ctx.sampling,
+                                   "private": ctx.ledger is not None})
+        tracker.finish()
         log(ctx.world, f"[export] {target}: from the {reference} phase; AutoModelForSequenceClassification"
                        f".from_pretrained({str(target)!r}) reloads it (checked on {a.numel()} examples)")
     torch.distributed.barrier()
@@ -478,6 +485,9 @@ def run_pipeline(cfg: Config) -> dict:
         theirs = PrivacyLedger(ledger_file, data.get("target_epsilon"), data["delta"], data["dataset_size"],
                                data["accountant"])
         print(ledger_summary(theirs), flush=True)
+    eval_file = root_of(cfg) / "eval" / "results.json"
+    if "eval" in cfg.pipeline.phases and eval_file.is_file() and torch.distributed.get_rank() == 0:
+        print(accuracy_table(json.loads(eval_file.read_text())["models"]), flush=True)
     return out
 
 

@@ -24,6 +24,7 @@ from dist_dpc.engine.distributed import WorldInfo
 from dist_dpc.engine.losses import model_inputs, sequence_classification_loss
 from dist_dpc.models import load_sequence_classifier, load_tokenizer
 from dist_dpc.pipeline.checkpoints import Checkpoints
+from dist_dpc.pipeline.preemption import PreemptionGuard
 from dist_dpc.pipeline.config import Config
 from dist_dpc.pipeline.run_dir import RunDir
 from dist_dpc.privacy.accounting import Mechanism, delta_default
@@ -184,9 +185,20 @@ def train_dp(ctx: PhaseContext, model: torch.nn.Module, *, directory: Path, step
         spent = f", epsilon so far {engine.epsilon():.3f}" if privacy.enabled else ""
         log(world, f"[{desc or ctx.phase}] resumed from {checkpoints.latest()} at step {engine.steps_done}/{steps}{spent}")
     metrics_log.truncate_after(step_offset + engine.steps_done)
-    pad_id = ctx.tokenizer.pad_token_id
     start = time.perf_counter()
     progress = Progress(world, total=steps, initial=engine.steps_done, desc=desc or ctx.phase)
+    guard = PreemptionGuard(world, engine.ds.device)
+    try:
+        _steps(ctx, engine, sampler, tracker, metrics_log, checkpoints, progress, guard, steps, step_offset, start)
+    finally:
+        guard.restore()
+    progress.close()
+    engine.train_seconds = time.perf_counter() - start
+    return engine
+
+
+def _steps(ctx, engine, sampler, tracker, metrics_log, checkpoints, progress, guard, steps, step_offset, start):
+    cfg, pad_id = ctx.cfg, ctx.tokenizer.pad_token_id
     for step in range(engine.steps_done, steps):
         plan = sampler.plan(step)
         micro = [collate([ctx.train_set[i] for i in idx], pad_id, num_rows=cfg.train.micro_batch_size)
@@ -200,11 +212,13 @@ def train_dp(ctx: PhaseContext, model: torch.nn.Module, *, directory: Path, step
             tracker.log(metrics, step=step_offset + step + 1)
             metrics_log.write(step_offset + step + 1, metrics)
             progress.report(step + 1, metrics, time.perf_counter() - start)
+        if step + 1 < steps and guard.requested():
+            tag = checkpoints.save(engine)
+            progress.close()
+            tracker.finish()  # flush the W&B run; the resumed job continues the same run id
+            guard.stop(f"{checkpoints.directory / tag}")
         if cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0 and step + 1 < steps:
             checkpoints.save(engine)
-    progress.close()
-    engine.train_seconds = time.perf_counter() - start
-    return engine
 
 
 class MetricsLog:

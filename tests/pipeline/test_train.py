@@ -94,3 +94,35 @@ def test_torchrun_two_ranks_zero2(tmp_path):
     results = json.loads((tmp_path / "two" / "results.json").read_text())
     assert results["steps"] == 4 and results["epsilon"] > 0
     assert "world=2" in out.stdout and "zero_stage=2" in out.stdout
+
+
+@pytest.mark.timeout(600)
+def test_sigterm_saves_a_checkpoint_and_the_resumed_run_matches(tmp_path):
+    """A scheduler's warning (SIGTERM on scancel/requeue/preemption): the step in flight finishes, a
+    checkpoint is saved although none was scheduled, the process ends; resuming gives the same run."""
+    common = ["train", str(ROOT / "configs" / "debug.yaml"), f"run.output_dir={tmp_path}", *BASE, "train.max_steps=40",
+              "train.checkpoint_every=0", "train.log_every=1"]
+    straight = dpc(common + ["run.name=straight"])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    a = json.loads((tmp_path / "straight" / "results.json").read_text())
+    run = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, "-m", "dist_dpc.cli", *common, "run.name=stopped"], env=env(), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 143, err[-3000:]
+    assert "SIGTERM received: checkpoint saved" in err
+    assert not (run / "results.json").exists()
+    tag = (run / "checkpoints" / "latest_complete").read_text().strip()
+    assert "step00000003" <= tag < f"step{a['steps']:08d}"
+    resumed = dpc(common + ["run.name=stopped"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {tag}" in resumed.stdout
+    b = json.loads((run / "results.json").read_text())
+    assert a["epsilon"] == b["epsilon"] and a["metrics"] == b["metrics"]
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(1, a["steps"] + 1))  # metrics of the replayed steps are not duplicated

@@ -35,5 +35,7 @@ def test_offline_wandb_run_holds_metrics_and_ledger(tmp_path):
     assert any("eval/validation/accuracy" in h for h in run["history"])
     table_path = run["summary"]["privacy_ledger.path"]
     table = json.loads((offline / "files" / table_path).read_text())
-    assert table["columns"] == ["phase", "noise_multiplier", "sample_rate", "steps", "epsilon_total"]
-    assert table["data"] == [["train", results["noise_multiplier"], results["sample_rate"], 4, results["epsilon"]]]
+    assert table["columns"] == ["phase", "status", "noise_multiplier", "sample_rate", "steps"]
+    assert table["data"] == [["train", "completed", results["noise_multiplier"], results["sample_rate"], 4]]
+    ledger = json.loads((run_dir / "privacy_ledger.json").read_text())
+    assert ledger["phases"]["train"]["mechanisms"][0]["noise_multiplier"] == results["noise_multiplier"]
