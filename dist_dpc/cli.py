@@ -170,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
 
         phases = tuple(x.strip() for x in args.phases.split(",")) if args.phases else None
         for row in submit(cfg, phases):
+            if row["executor"] == "done":
+                print(f"{row['phase']}: already completed, not submitted again")
+                continue
             print(f"submitted {row['phase']}: job {row['job_id']} ({row['executor']}), logs in {row['logs']}")
         print(f"run directory: {os.path.join(cfg.run.output_dir, cfg.run.name)}  (dpc status "
               f"{os.path.join(cfg.run.output_dir, cfg.run.name)})")

@@ -47,7 +47,9 @@ class PhaseJob:
         os.environ.setdefault("WANDB_MODE", "offline")
         from dist_dpc.pipeline.phases import run_phase
 
-        return run_phase(build(Config, self.config), self.phase)
+        cfg = build(Config, self.config)
+        # A local/debug job runs several phases in order (no scheduler to chain them).
+        return {phase: run_phase(cfg, phase) for phase in self.phase.split("+")}
 
     def checkpoint(self, *args, **kwargs):
         import submitit
@@ -95,10 +97,14 @@ def submit(cfg, phases: tuple[str, ...] | None = None) -> list[dict]:
     run_dir.mkdir(parents=True, exist_ok=True)
     folder = run_dir / "jobs"
     records, previous = [], None
+    todo = [p for p in phases if not (p in MODEL_PHASES and (run_dir / p / "results.json").is_file())]
     for phase in phases:
-        if phase in MODEL_PHASES and (run_dir / phase / "results.json").is_file():
+        if phase not in todo:
             records.append({"phase": phase, "job_id": "-", "executor": "done", "logs": str(folder)})
-            continue
+    if cfg.cluster.executor != "slurm" and todo:
+        # Without a scheduler there are no afterok dependencies: one job runs the phases in order.
+        todo = ["+".join(todo)]
+    for phase in todo:
         executor = executor_for(cfg, folder, phase, after=previous.job_id if previous is not None else None)
         job = executor.submit(PhaseJob(to_dict(cfg), phase))
         records.append({"phase": phase, "job_id": str(job.job_id), "executor": cfg.cluster.executor,
@@ -119,7 +125,8 @@ def status(run_dir: str | Path) -> list[dict]:
     out = []
     for record in json.loads(path.read_text()):
         state = "UNKNOWN"
-        done = run_dir / record["phase"] / "results.json" if record["phase"] != "train" else run_dir / "results.json"
+        last = record["phase"].split("+")[-1]
+        done = run_dir / last / "results.json" if last != "train" else run_dir / "results.json"
         if record["executor"] == "done":
             state = "COMPLETED"
         elif record["executor"] == "slurm":

@@ -1,0 +1,36 @@
+"""`dpc submit --executor local`: the phases run as a real submitit job (a separate process), in order;
+`dpc status` follows them; re-submitting skips completed training phases."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from tests.pipeline.test_phases import CONFIG, TINY, ok
+from tests.pipeline.test_train import dpc
+
+
+@pytest.mark.timeout(600)
+def test_local_submission_runs_the_phases_in_order_and_resumes(tmp_path):
+    args = [CONFIG, f"run.output_dir={tmp_path}", "run.name=sub", *TINY, "privacy.target_epsilon=5",
+            "pipeline.phases=[teacher, distill, eval]", "cluster.executor=local"]
+    out = ok(dpc(["submit", *args, "--phases", "teacher,distill"])).stdout
+    assert "submitted teacher+distill" in out and "dpc status" in out
+    run = tmp_path / "sub"
+    deadline = time.time() + 400
+    while time.time() < deadline:
+        status = ok(dpc(["status", str(run)])).stdout
+        if "COMPLETED" in status or "FAILED" in status:
+            break
+        time.sleep(2)
+    assert "COMPLETED" in status, status + "".join(p.read_text()[-2000:] for p in (run / "jobs").glob("*.err"))
+    ledger = json.loads((run / "privacy_ledger.json").read_text())
+    assert [n for n in ledger["phases"]] == ["teacher", "distill"]
+    assert all(e["status"] == "completed" for e in ledger["phases"].values())
+    # Re-submitting the whole pipeline: teacher and distill are done, only eval is left to run.
+    again = ok(dpc(["submit", *args])).stdout
+    records = json.loads((run / "jobs.json").read_text())
+    assert [(r["phase"], r["executor"]) for r in records] == [("teacher", "done"), ("distill", "done"), ("eval", "local")]
+    assert "submitted eval" in again
