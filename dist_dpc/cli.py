@@ -94,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Reads RUN_DIR/jobs.json and asks the scheduler for each phase's state.")
     p.add_argument("run_dir", help="run directory (run.output_dir/run.name)")
 
+    p = sub.add_parser("report", help="privacy report of a run tree: Markdown + plots (reads only; spends nothing)",
+                       description="Recomputes the run tree's epsilon from RUN_DIR/privacy_ledger.json (PRV "
+                                   "composition of all phases, RDP beside it) and writes privacy_report.md, "
+                                   "epsilon_vs_step.png and accuracy_vs_size.png. See docs/report.md.")
+    p.add_argument("run_dir", help="run directory (run.output_dir/run.name) of a `dpc train` or `dpc pipeline` run")
+    p.add_argument("--output", metavar="DIR", help="where to write the report and plots (default: RUN_DIR/report)")
+
     p = sub.add_parser("config", formatter_class=fmt, epilog=_config_help(),
                        help="validate a config and print it resolved (with overrides applied)",
                        description="Loads CONFIG, applies the overrides, validates every field and prints the "
@@ -144,6 +151,15 @@ def main(argv: list[str] | None = None) -> int:
         for row in rows:
             print(f"{row['phase']:<10} job {row['job_id']:<10} {row['state']:<12} "
                   f"{'results written' if row['finished'] else ''}  logs: {row['logs']}")
+        return 0
+    if args.command == "report":
+        from dist_dpc.pipeline.report import ReportError, summary_line, write_report
+
+        try:
+            print(summary_line(write_report(args.run_dir, args.output)))
+        except ReportError as exc:
+            print(f"dpc report: {exc}", file=sys.stderr)
+            return 2
         return 0
     if args.command == "submit" and args.executor:
         args.overrides = [*args.overrides, f"cluster.executor={args.executor}"]
