@@ -17,9 +17,9 @@ run baseline pipeline.phases=[distill,eval] pipeline.budget_split={} distill.alp
 run structured pipeline.phases=[prune,eval] pipeline.budget_split={} prune.method=structured prune.target_layers=3 \
     prune.rounds=3 prune.epochs=1 prune.source=$TEACHER
 run unstructured pipeline.phases=[prune,eval] pipeline.budget_split={} prune.method=unstructured \
-    prune.target_sparsity=0.5 prune.rounds=2 prune.epochs=1 prune.source=$TEACHER
-run two-four pipeline.phases=[prune,eval] pipeline.budget_split={} prune.method=2:4 prune.rounds=1 prune.epochs=1 \
+    prune.target_sparsity=0.5 prune.rounds=2 prune.epochs=0.5 prune.source=$TEACHER
+run two-four pipeline.phases=[prune,eval] pipeline.budget_split={} prune.method=2:4 prune.rounds=1 prune.epochs=0.5 \
     prune.source=$TEACHER
 # Non-private reference (no guarantee at all).
-run nonprivate pipeline.phases=[teacher,eval] pipeline.budget_split={} privacy.enabled=false train.epochs=1
+run nonprivate pipeline.phases=[teacher,eval] pipeline.budget_split={} privacy.enabled=false train.epochs=0.25 model.trainable=null
 .venv/bin/python bench/results_table.py "$OUT"

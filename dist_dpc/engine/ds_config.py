@@ -62,7 +62,8 @@ _OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumu
 
 
 def build_ds_config(user: dict | str | Path | None, *, micro_batch_size: int, world_size: int, zero_stage: int | None,
-                    lr: float, weight_decay: float, optimizer: str, bf16: bool, dp_enabled: bool = True) -> dict[str, Any]:
+                    lr: float, weight_decay: float, optimizer: str, bf16: bool, dp_enabled: bool = True,
+                    momentum: float = 0.0) -> dict[str, Any]:
     ds = read_ds_config(user)
     for key in _OWNED:
         value = ds.get(key)
@@ -85,7 +86,7 @@ def build_ds_config(user: dict | str | Path | None, *, micro_batch_size: int, wo
         if optimizer == "adamw":
             ds["optimizer"] = {"type": "AdamW", "params": {"lr": lr, "weight_decay": weight_decay, "torch_adam": True}}
         else:
-            ds["optimizer"] = {"type": "SGD", "params": {"lr": lr, "weight_decay": weight_decay}}
+            ds["optimizer"] = {"type": "SGD", "params": {"lr": lr, "weight_decay": weight_decay, "momentum": momentum}}
     if str(ds["optimizer"].get("type", "")).lower() == "sgd":
         # torch SGD under ZeRO is plain elementwise maths on the fp32 partition; DeepSpeed only
         # asks for this flag because it did not write the optimizer.

@@ -16,6 +16,10 @@ class ModelConfig:
     """Classifier outputs. null: the number of labels of the task."""
     freeze_embeddings: bool = False
     """Freeze the embedding layers (fewer trainable parameters under DP)."""
+    trainable: list[str] | None = None
+    """Regular expressions: only parameters whose name matches one of them are trained (null: all).
+    Fewer trainable coordinates means less total noise under DP, e.g. DP-BiTFiT with
+    [bias, LayerNorm, classifier, pooler]. Unmatched parameters are frozen, never noised."""
     dropout: float | None = None
     """Override the model's dropout probabilities (null keeps the pre-trained value)."""
 
@@ -24,5 +28,13 @@ class ModelConfig:
             raise ValueError("model.name='' is invalid: give an alias (minilm, tiny-bert, tiny-gpt2, tiny-llama), a directory or a hub name")
         if self.num_labels is not None and self.num_labels < 1:
             raise ValueError(f"model.num_labels={self.num_labels!r} is invalid: must be >= 1")
+        if self.trainable is not None:
+            import re
+
+            for pattern in self.trainable:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ValueError(f"model.trainable: {pattern!r} is not a regular expression ({exc})") from exc
         if self.dropout is not None and not 0 <= self.dropout < 1:
             raise ValueError(f"model.dropout={self.dropout!r} is invalid: must be in [0, 1)")

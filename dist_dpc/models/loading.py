@@ -99,6 +99,19 @@ def load_sequence_classifier(cfg: ModelConfig, num_labels: int, tokenizer=None, 
         for module in model.modules():
             if isinstance(module, torch.nn.Embedding):
                 module.weight.requires_grad_(False)
+    if cfg.trainable is not None:
+        import re
+
+        patterns = [re.compile(p) for p in cfg.trainable]
+        matched = 0
+        for name, param in model.named_parameters():
+            keep = any(p.search(name) for p in patterns)
+            matched += keep
+            if not keep:
+                param.requires_grad_(False)
+        if not matched:
+            raise ValueError(f"model.trainable={cfg.trainable}: no parameter name matches; names look like "
+                             f"{[n for n, _ in model.named_parameters()][:4]}")
     return model
 
 

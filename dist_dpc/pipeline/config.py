@@ -43,6 +43,8 @@ class TrainConfig:
     """Weight decay (AdamW)."""
     optimizer: Literal["adamw", "sgd"] = "adamw"
     """Optimizer, when the DeepSpeed config names none."""
+    momentum: float = 0.0
+    """Momentum of the sgd optimizer."""
     zero_stage: int | None = None
     """ZeRO stage 0-3 (null: the DeepSpeed config's, else 0)."""
     deepspeed_config: str | None = None

@@ -110,7 +110,8 @@ def _refuse_non_private_source(ctx: PhaseContext, model_dir: Path) -> None:
 
 def load_model_dir(path: Path, cfg: Config, num_labels: int, tokenizer):
     model_cfg = ModelConfig(name=str(path), tokenizer=cfg.model.tokenizer, num_labels=cfg.model.num_labels,
-                            dropout=cfg.model.dropout, freeze_embeddings=cfg.model.freeze_embeddings)
+                            dropout=cfg.model.dropout, freeze_embeddings=cfg.model.freeze_embeddings,
+                            trainable=cfg.model.trainable)
     return load_sequence_classifier(model_cfg, num_labels, tokenizer, seed=cfg.run.seed)
 
 
@@ -136,7 +137,9 @@ def run_distill(cfg: Config) -> dict:
     else:
         layer_map = None
         student = load_sequence_classifier(ModelConfig(name=d.student, num_labels=cfg.model.num_labels,
-                                                       dropout=cfg.model.dropout), ctx.num_labels, ctx.tokenizer,
+                                                       dropout=cfg.model.dropout, trainable=cfg.model.trainable,
+                                                       freeze_embeddings=cfg.model.freeze_embeddings),
+                                           ctx.num_labels, ctx.tokenizer,
                                            seed=cfg.run.seed)
         if student.config.vocab_size != teacher.config.vocab_size:
             raise ValueError(f"distill.student={d.student!r} has a vocabulary of {student.config.vocab_size}, the "

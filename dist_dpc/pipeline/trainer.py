@@ -163,7 +163,7 @@ def train_dp(ctx: PhaseContext, model: torch.nn.Module, *, directory: Path, step
     ds_config = build_ds_config(cfg.train.deepspeed_config, micro_batch_size=cfg.train.micro_batch_size,
                                 world_size=world.world_size, zero_stage=cfg.train.zero_stage, lr=lr or cfg.train.lr,
                                 weight_decay=cfg.train.weight_decay, optimizer=cfg.train.optimizer,
-                                bf16=cfg.train.bf16, dp_enabled=privacy.enabled)
+                                bf16=cfg.train.bf16, dp_enabled=privacy.enabled, momentum=cfg.train.momentum)
     engine = DPEngine(model, ds_config, privacy, dataset_size=len(ctx.train_set),
                       expected_batch_size=cfg.train.batch_size, planned_steps=steps, loss_fn=loss_fn, world=world,
                       seed=seed, poisson_sampling=(ctx.sampling == "poisson"), prior=prior, phase=ctx.phase)

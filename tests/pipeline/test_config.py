@@ -77,3 +77,21 @@ def test_help_describes_every_option():
     # Every config field carries a docstring, so --help explains it.
     undocumented = [name for name, _, _, doc in describe_fields(Config) if not doc]
     assert not undocumented, undocumented
+
+
+def test_model_trainable_freezes_everything_else_and_the_engine_skips_it():
+    from dist_dpc.models import ModelConfig, load_sequence_classifier
+    from dist_dpc.privacy import PerSampleClipper
+
+    model = load_sequence_classifier(ModelConfig(name="tiny-bert", trainable=["bias", "LayerNorm", "classifier"]), 2)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(("bias" in n or "LayerNorm" in n or "classifier" in n) for n in trained)
+    assert "bert.encoder.layer.0.attention.self.query.weight" not in trained
+    assert "classifier.weight" in trained and "bert.encoder.layer.0.attention.self.query.bias" in trained
+    clipper = PerSampleClipper(model, 1.0)  # modules with only frozen parameters are not clipped layers
+    owners = {n.rsplit(".", 1)[0] for n in trained}
+    assert {layer.name for layer in clipper.layers} == owners
+    with pytest.raises(ValueError, match="no parameter name matches"):
+        load_sequence_classifier(ModelConfig(name="tiny-bert", trainable=["nothing_like_this"]), 2)
+    with pytest.raises(ValueError, match="model.trainable"):
+        ModelConfig(name="tiny-bert", trainable=["("])
