@@ -128,3 +128,18 @@ def test_tied_weights_refused():
     assert model.lm_head.weight is model.transformer.wte.weight
     with pytest.raises(TiedWeightsError, match="tie_word_embeddings=False"):
         PerSampleClipper(model, 1.0)
+
+
+@pytest.mark.parametrize("clipping", ["per_layer", "flat"])
+def test_bias_only_training_matches_per_example_reference(clipping):
+    """DP-BiTFiT (model.trainable): Linear weights frozen, their biases trained; the clipped sums of
+    the trainable tensors equal the per-example reference, and frozen weights get no gradient."""
+    model = tiny("tiny-bert")
+    for name, p in model.named_parameters():
+        p.requires_grad_(("bias" in name or "LayerNorm" in name or "classifier" in name) and "embeddings" not in name)
+    batch = make_batch(model.config.vocab_size, pair=True)
+    reference = clipped_sum(model, per_example_grads(model, batch), 0.05, clipping)
+    got, clipper = dp_grads(model, batch, clipping, 0.05)
+    assert set(got) == set(reference) and all("weight" not in n or "LayerNorm" in n or "classifier" in n for n in got)
+    assert_grads_close(got, reference)
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
