@@ -81,7 +81,8 @@ class RunDir:
         return seed
 
     def write_json(self, name: str | Path, data: dict) -> None:
-        target = self.path / name  # an absolute path stays as it is
+        # A Path names the file itself (a phase directory's); a string is relative to the run root.
+        target = name if isinstance(name, Path) else self.path / name
         tmp = target.with_name(target.name + ".tmp")
         tmp.write_text(json.dumps(data, indent=2, default=str))
         os.replace(tmp, target)

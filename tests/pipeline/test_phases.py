@@ -4,6 +4,7 @@ DPIMP -> eval -> export, one ledger composed like opacus' PRV, resume, refusals,
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -120,7 +121,8 @@ def test_budget_refusal_structured_and_2_4_pruning_with_an_imported_teacher(tmp_
     teacher_dir = tmp_path / "fixed" / "teacher" / "model"
     teacher_mechs = json.loads(ledger_before)["phases"]["teacher"]["mechanisms"]
     # Structured DPIMP from a teacher of another tree: its cost is imported into this tree's ledger.
-    structured = [CONFIG, f"run.output_dir={tmp_path}", "run.name=structured", *TINY, "privacy.target_epsilon=8",
+    # A relative run.output_dir (as in the demo and the docs) must work as well as an absolute one.
+    structured = [CONFIG, f"run.output_dir={os.path.relpath(tmp_path, ROOT)}", "run.name=structured", *TINY, "privacy.target_epsilon=8",
                   "pipeline.phases=[prune, eval]", "prune.method=structured", "prune.rounds=1",
                   f"prune.source={teacher_dir}"]
     ok(dpc(["pipeline", *structured]))
