@@ -92,12 +92,19 @@ def import_lineage(ctx: PhaseContext, model_dir: Path) -> None:
     if theirs.dataset_size != ctx.ledger.dataset_size:
         raise ValueError(f"{model_dir} was trained on a data set of N={theirs.dataset_size}, this run has "
                          f"N={ctx.ledger.dataset_size}: importing its privacy cost needs the same private data set")
+    # The model's lineage: its own phase and everything that tree recorded before it (conservative:
+    # an earlier sibling phase is counted too); phases recorded after it did not shape this model.
+    phases = theirs.phases()
+    source_phase = model_dir.parent.name
+    names = list(phases)
+    lineage = names[:names.index(source_phase) + 1] if source_phase in phases else names
+    mechanisms = [m for m in theirs.mechanisms() if m.phase in lineage]
     name = f"imported:{model_dir.parent.parent.name}"
     if ctx.is_main and name not in ctx.ledger.phases():
-        ctx.ledger.record(name, theirs.mechanisms(), status="completed")
+        ctx.ledger.record(name, mechanisms, status="completed")
     torch.distributed.barrier()
-    log(ctx.world, f"[{ctx.phase}] imported the privacy cost of {model_dir} ({len(theirs.mechanisms())} mechanisms) "
-                   f"into this run's ledger")
+    log(ctx.world, f"[{ctx.phase}] imported the privacy cost of {model_dir} (phases {', '.join(lineage)}: "
+                   f"{len(mechanisms)} mechanisms) into this run's ledger")
 
 
 def _refuse_non_private_source(ctx: PhaseContext, model_dir: Path) -> None:

@@ -103,6 +103,15 @@ def test_pipeline_ledger_masks_export_and_resume(tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert json.dumps(json.loads((run / "privacy_ledger.json").read_text())["phases"]) == ledger_text
 
+    # A student of this tree's teacher in another tree imports the teacher's lineage only, not the
+    # phases recorded after it (distill, prune), and spends the rest of its own target.
+    ok(dpc(["distill", CONFIG, f"run.output_dir={tmp_path}", "run.name=q", *TINY, "privacy.target_epsilon=6",
+            "pipeline.phases=[distill]", f"distill.teacher={run / 'teacher' / 'model'}", "distill.alpha=0"]))
+    q = json.loads((tmp_path / "q" / "privacy_ledger.json").read_text())["phases"]
+    assert [m["steps"] for m in q["imported:p"]["mechanisms"]] == [6]
+    assert q["imported:p"]["mechanisms"][0]["noise_multiplier"] == ledger["phases"]["teacher"]["mechanisms"][0]["noise_multiplier"]
+    assert 6 * 0.99 <= json.loads((tmp_path / "q" / "distill" / "results.json").read_text())["epsilon"] <= 6 * (1 + 1e-6)
+
 
 @pytest.mark.timeout(900)
 def test_budget_refusal_structured_and_2_4_pruning_with_an_imported_teacher(tmp_path):
