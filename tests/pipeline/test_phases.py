@@ -162,7 +162,17 @@ def test_budget_refusal_structured_and_2_4_pruning_with_an_imported_teacher(tmp_
 def test_phase_needs_its_source_and_non_private_teachers_are_refused(tmp_path):
     lonely = dpc(["distill", CONFIG, f"run.output_dir={tmp_path}", "run.name=lonely", *TINY])
     assert lonely.returncode == 2 and "run `dpc teacher` first" in lonely.stderr
-    ok(dpc(["teacher", CONFIG, f"run.output_dir={tmp_path}", "run.name=public", *TINY, "privacy.enabled=false"]))
+    # Through the launchers' entry (srun / torchrun / deepspeed run `python -m dist_dpc.train CONFIG --phase P`).
+    import subprocess
+    import sys
+
+    from tests.pipeline.test_train import env
+
+    launched = subprocess.run([sys.executable, "-m", "dist_dpc.train", CONFIG, "--phase", "teacher",
+                               f"run.output_dir={tmp_path}", "run.name=public", *TINY, "privacy.enabled=false",
+                               "--local_rank=0"], capture_output=True, text=True, timeout=300, env=env(), cwd=ROOT)
+    ok(launched)
+    assert (tmp_path / "public" / "teacher" / "results.json").is_file()
     leaky = dpc(["distill", CONFIG, f"run.output_dir={tmp_path}", "run.name=leaky", *TINY,
                  f"distill.teacher={tmp_path / 'public' / 'teacher' / 'model'}"])
     assert leaky.returncode == 2 and "WITHOUT differential privacy" in leaky.stderr
