@@ -97,7 +97,11 @@ def submit(cfg, phases: tuple[str, ...] | None = None) -> list[dict]:
     run_dir.mkdir(parents=True, exist_ok=True)
     folder = run_dir / "jobs"
     records, previous = [], None
-    todo = [p for p in phases if not (p in MODEL_PHASES and (run_dir / p / "results.json").is_file())]
+    def done(p: str) -> bool:
+        return (run_dir / "results.json").is_file() if p == "train" else \
+            p in MODEL_PHASES and (run_dir / p / "results.json").is_file()
+
+    todo = [p for p in phases if not done(p)]
     for phase in phases:
         if phase not in todo:
             records.append({"phase": phase, "job_id": "-", "executor": "done", "logs": str(folder)})
@@ -110,6 +114,8 @@ def submit(cfg, phases: tuple[str, ...] | None = None) -> list[dict]:
         records.append({"phase": phase, "job_id": str(job.job_id), "executor": cfg.cluster.executor,
                         "logs": str(folder)})
         previous = job
+        if cfg.cluster.executor == "debug":
+            job.result()  # submitit's debug jobs run in this process, and only when asked for
     (run_dir / "jobs.json").write_text(json.dumps(records, indent=2))
     return records
 

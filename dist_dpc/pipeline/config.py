@@ -113,7 +113,8 @@ class ClusterConfig:
     sbatch_extra: dict[str, str] = field(default_factory=dict)
     """Further sbatch options, as they would be written after #SBATCH --, e.g. {reservation: abc}."""
     max_requeues: int = 3
-    """Times a preempted or timed-out phase is requeued (it resumes from its last checkpoint)."""
+    """Times a phase that reaches its time limit is requeued by submitit (it resumes from its last
+    checkpoint); requeues after a preemption are not counted by submitit."""
 
     def __post_init__(self) -> None:
         for key in ("nodes", "tasks_per_node", "cpus_per_task", "time_min"):
