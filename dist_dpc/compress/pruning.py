@@ -19,7 +19,8 @@ PATTERNS = ("unstructured", "2:4")
 
 
 def prunable_weights(model: nn.Module) -> dict[str, nn.Parameter]:
-    """name -> weight matrix of every Linear/Conv1D inside the transformer blocks (trainable ones)."""
+    """name -> weight matrix of every Linear/Conv1D inside the transformer blocks (frozen ones too:
+    a frozen pruned weight simply stays zero)."""
     layers, _ = transformer_layers(model)
     block_ids = {id(m) for layer in layers for m in layer.modules()}
     out = {}
@@ -28,7 +29,7 @@ def prunable_weights(model: nn.Module) -> dict[str, nn.Parameter]:
             continue
         weight = getattr(module, "weight", None)
         is_matrix = isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
-        if is_matrix and isinstance(weight, nn.Parameter) and weight.requires_grad:
+        if is_matrix and isinstance(weight, nn.Parameter):
             out[f"{name}.weight"] = weight
     if not out:
         raise ValueError(f"{type(model).__name__}: no prunable Linear weights inside its transformer layers")
@@ -117,7 +118,11 @@ class MaskEnforcer:
         missing = [n for n in masks if n not in params]
         if missing:
             raise ValueError(f"masks name parameters the model does not have: {missing[:3]}")
-        self.pairs = [(params[n], m.to(params[n].device, params[n].dtype)) for n, m in masks.items()]
+        # Frozen weights never receive a gradient: once zeroed they stay zero by themselves.
+        self.pairs = [(params[n], m.to(params[n].device, params[n].dtype)) for n, m in masks.items()
+                      if params[n].requires_grad]
+        self.frozen = [(params[n], m.to(params[n].device, params[n].dtype)) for n, m in masks.items()
+                       if not params[n].requires_grad]
 
     def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -136,7 +141,7 @@ class MaskEnforcer:
     @torch.no_grad()
     def violations(self) -> int:
         """Pruned coordinates that are not exactly zero (must stay 0)."""
-        return sum(int((p[~m.bool()] != 0).sum()) for p, m in self.pairs)
+        return sum(int((p[~m.bool()] != 0).sum()) for p, m in self.pairs + self.frozen)
 
 
 def sparsity_stats(model: nn.Module) -> dict:

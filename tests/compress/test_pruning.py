@@ -158,3 +158,22 @@ def test_masks_stay_exactly_zero_under_noisy_dp_steps_and_zero_stage_check():
     engine2 = _engine(other, zero_stage=2)
     with pytest.raises(ValueError, match="train.zero_stage=0"):
         MaskEnforcer(other, compute_masks(other, "unstructured", 0.5)).check_optimizer(engine2.optimizer)
+
+
+def test_frozen_matrices_are_pruned_and_stay_zero():
+    model = tiny()
+    for name, p in model.named_parameters():
+        p.requires_grad_("bias" in name or "classifier" in name)
+    masks = compute_masks(model, "unstructured", 0.5)
+    assert masks and set(masks) == set(prunable_weights(model))
+    apply_masks(model, masks)
+    enforcer = MaskEnforcer(model, masks)
+    assert not enforcer.pairs and enforcer.violations() == 0
+    engine = _engine(model, zero_stage=0)
+    enforcer.check_optimizer(engine.optimizer)  # nothing trainable to follow: no refusal
+    engine.post_noise_hooks.append(enforcer)
+    batch = {"input_ids": torch.randint(0, 1000, (8, 6)), "attention_mask": torch.ones(8, 6, dtype=torch.long),
+             "token_type_ids": torch.zeros(8, 6, dtype=torch.long), "labels": torch.randint(0, 2, (8,)),
+             "sample_mask": torch.ones(8)}
+    engine.train_step([batch], 8)
+    assert enforcer.violations() == 0
