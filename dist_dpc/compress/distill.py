@@ -105,13 +105,15 @@ class DistillationLoss:
         self.alpha, self.temperature, self.hidden_weight = alpha, temperature, hidden_weight
         self.layer_map = layer_map
         self.input_keys = input_keys
-        self._cache: tuple[int, object] | None = None
+        self._cache: tuple[torch.Tensor, object] | None = None
 
     @torch.no_grad()
     def _teacher_outputs(self, inputs: dict):
-        key = id(inputs["input_ids"])
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self.teacher(**inputs, output_hidden_states=self.hidden_weight > 0))
+        # Keyed by the tensor object itself (kept alive by the cache): an id() of a freed tensor can
+        # be reused by the next micro-batch and would hand it another batch's teacher outputs.
+        ids = inputs["input_ids"]
+        if self._cache is None or self._cache[0] is not ids:
+            self._cache = (ids, self.teacher(**inputs, output_hidden_states=self.hidden_weight > 0))
         return self._cache[1]
 
     def __call__(self, forward, batch: dict) -> torch.Tensor:
