@@ -6,6 +6,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 
+def _check_phase_schedule(section: str, epochs: float | None, lr: float | None) -> None:
+    """The per-phase overrides of train.epochs and train.lr: positive, or null for the train value."""
+    for key, value in (("epochs", epochs), ("lr", lr)):
+        if value is not None and value <= 0:
+            raise ValueError(f"{section}.{key}={value!r} is invalid: must be > 0 or null")
+
+
 @dataclass(kw_only=True)
 class DistillConfig:
     student: str = "from_teacher"
@@ -35,10 +42,7 @@ class DistillConfig:
             raise ValueError(f"distill.temperature={self.temperature!r} is invalid: must be > 0")
         if self.hidden_weight < 0:
             raise ValueError(f"distill.hidden_weight={self.hidden_weight!r} is invalid: must be >= 0")
-        if self.epochs is not None and self.epochs <= 0:
-            raise ValueError(f"distill.epochs={self.epochs!r} is invalid: must be > 0 or null")
-        if self.lr is not None and self.lr <= 0:
-            raise ValueError(f"distill.lr={self.lr!r} is invalid: must be > 0 or null")
+        _check_phase_schedule("distill", self.epochs, self.lr)
 
 
 @dataclass(kw_only=True)
@@ -68,7 +72,4 @@ class PruneConfig:
             raise ValueError(f"prune.target_layers={self.target_layers!r} is invalid: must be >= 1 or null")
         if self.rounds < 1:
             raise ValueError(f"prune.rounds={self.rounds!r} is invalid: must be >= 1")
-        if self.epochs is not None and self.epochs <= 0:
-            raise ValueError(f"prune.epochs={self.epochs!r} is invalid: must be > 0 or null")
-        if self.lr is not None and self.lr <= 0:
-            raise ValueError(f"prune.lr={self.lr!r} is invalid: must be > 0 or null")
+        _check_phase_schedule("prune", self.epochs, self.lr)

@@ -26,7 +26,7 @@ from dist_dpc.models import ModelConfig, load_sequence_classifier
 from dist_dpc.pipeline.config import ALL_PHASES, SPENDING_PHASES, Config
 from dist_dpc.pipeline.trainer import (PhaseContext, evaluate, evaluate_engine, finish_phase, open_phase,
                                        open_tracker, phase_privacy, phase_results, planned_steps, prior_mechanisms,
-                                       run_train, save_model, train_dp)
+                                       root_of, run_train, sample_rate, save_model, steps_per_epoch, train_dp)
 from dist_dpc.privacy.accounting import Mechanism
 from dist_dpc.privacy.ledger import PrivacyLedger
 from dist_dpc.utils.logging import log, warn_loudly
@@ -39,10 +39,6 @@ class PhaseOrderError(ValueError):
 
 
 # -- sources ---------------------------------------------------------------------------------------
-def root_of(cfg: Config) -> Path:
-    return Path(cfg.run.output_dir) / cfg.run.name
-
-
 def completed(cfg: Config, phase: str) -> bool:
     return (root_of(cfg) / phase / "results.json").is_file()
 
@@ -74,13 +70,10 @@ def import_lineage(ctx: PhaseContext, model_dir: Path) -> None:
     """A model trained in another run tree on the same data brings its privacy cost along: copy the
     mechanisms of that tree's ledger into ours (as phase 'imported:<tree>') before spending more."""
     model_dir = model_dir.resolve()
+    _refuse_non_private_source(ctx, model_dir)
     if model_dir.parent.parent == ctx.run.path.resolve():
-        _refuse_non_private_source(ctx, model_dir)
-        return
+        return  # same tree: its phases are in our ledger already
     other = model_dir.parent.parent / "privacy_ledger.json"
-    results = model_dir.parent / "results.json"
-    if results.is_file() and not json.loads(results.read_text()).get("private", True) and ctx.cfg.privacy.enabled:
-        _refuse_non_private_source(ctx, model_dir)
     if not other.is_file():
         warn_loudly(ctx.world, f"{model_dir} has no privacy ledger next to it: it is taken to be trained on PUBLIC "
                                "data only. If it saw the private data, this run's epsilon is not a valid bound")
@@ -155,7 +148,7 @@ def run_distill(cfg: Config) -> dict:
     teacher.to(_device())
     loss = DistillationLoss(teacher, alpha=d.alpha, temperature=d.temperature, hidden_weight=d.hidden_weight,
                             layer_map=layer_map)
-    steps = planned_steps(d.epochs or cfg.train.epochs, cfg.train.max_steps, _steps_per_epoch(ctx))
+    steps = planned_steps(d.epochs or cfg.train.epochs, cfg.train.max_steps, steps_per_epoch(ctx))
     privacy = phase_privacy(ctx, steps)
     tracker = open_tracker(ctx)
     log(ctx.world, f"[distill] student: {init}; loss (1-{d.alpha})*CE + {d.alpha}*T^2*KL, T={d.temperature}"
@@ -179,7 +172,7 @@ def run_prune(cfg: Config) -> dict:
     ctx = open_phase(cfg, "prune")
     import_lineage(ctx, source)
     steps_per_round = planned_steps((p.epochs or cfg.train.epochs) / p.rounds, cfg.train.max_steps,
-                                    _steps_per_epoch(ctx))
+                                    steps_per_epoch(ctx))
     total_steps = steps_per_round * p.rounds
     privacy = phase_privacy(ctx, total_steps)
     tracker = open_tracker(ctx)
@@ -221,8 +214,8 @@ def run_prune(cfg: Config) -> dict:
                 enforcer.check_optimizer(engine.optimizer)
                 engine.post_noise_hooks.append(enforcer)
 
-        round_prior = prior + tuple(Mechanism(privacy.noise_multiplier, ctx.cfg.train.batch_size / len(ctx.train_set),
-                                              steps_per_round, "prune") for _ in range(r)) if privacy.enabled else prior
+        round_prior = prior + tuple(Mechanism(privacy.noise_multiplier, sample_rate(ctx), steps_per_round, "prune")
+                                    for _ in range(r)) if privacy.enabled else prior
         engine = train_dp(ctx, model, directory=round_dir, steps=steps_per_round, privacy=privacy, prior=round_prior,
                           tracker=tracker, lr=p.lr, seed=_round_seed(ctx.seed, r), step_offset=r * steps_per_round,
                           setup=setup, desc=f"prune {r + 1}/{p.rounds}")
@@ -261,10 +254,6 @@ def _round_seed(seed: int, r: int) -> int:
 def _load_masks(round_dir: Path):
     path = round_dir / "masks.pt"
     return torch.load(path) if path.is_file() else None
-
-
-def _steps_per_epoch(ctx: PhaseContext) -> int:
-    return math.ceil(len(ctx.train_set) / ctx.cfg.train.batch_size)
 
 
 def _device() -> torch.device:

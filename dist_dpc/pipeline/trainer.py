@@ -62,9 +62,12 @@ class PhaseContext:
         return self.world.is_main
 
 
+def root_of(cfg: Config) -> Path:
+    return Path(cfg.run.output_dir) / cfg.run.name
+
+
 def phase_directory(cfg: Config, phase: str) -> Path:
-    root = Path(cfg.run.output_dir) / cfg.run.name
-    return root if phase == "train" else root / phase
+    return root_of(cfg) if phase == "train" else root_of(cfg) / phase
 
 
 def phase_seed(run_seed: int, phase: str) -> int:
@@ -110,6 +113,10 @@ def open_phase(cfg: Config, phase: str, *, load_data: bool = True) -> PhaseConte
 def planned_steps(epochs: float, max_steps: int | None, steps_per_epoch: int) -> int:
     steps = max(1, math.ceil(epochs * steps_per_epoch))
     return min(steps, max_steps) if max_steps else steps
+
+
+def steps_per_epoch(ctx: PhaseContext) -> int:
+    return math.ceil(len(ctx.train_set) / ctx.cfg.train.batch_size)
 
 
 def sample_rate(ctx: PhaseContext) -> float:
@@ -390,8 +397,7 @@ def run_train(cfg: Config, phase: str = "train") -> dict:
     if not cfg.privacy.enabled:
         warn_loudly(ctx.world, "privacy.enabled=false: training WITHOUT differential privacy; the model may leak its data")
     model = load_sequence_classifier(cfg.model, ctx.num_labels, ctx.tokenizer, seed=cfg.run.seed)
-    steps_per_epoch = math.ceil(len(ctx.train_set) / cfg.train.batch_size)
-    steps = planned_steps(cfg.train.epochs, cfg.train.max_steps, steps_per_epoch)
+    steps = planned_steps(cfg.train.epochs, cfg.train.max_steps, steps_per_epoch(ctx))
     privacy = phase_privacy(ctx, steps)
     tracker = open_tracker(ctx)
     engine = train_dp(ctx, model, directory=ctx.directory, steps=steps, privacy=privacy,
