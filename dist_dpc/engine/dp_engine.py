@@ -80,7 +80,8 @@ class DPEngine:
 
     def __init__(self, model: torch.nn.Module, ds_config: dict, privacy: PrivacyConfig, *, dataset_size: int,
                  expected_batch_size: int, planned_steps: int, loss_fn: LossFn, world: WorldInfo, seed: int,
-                 poisson_sampling: bool = True, prior: tuple[Mechanism, ...] = (), phase: str = "train"):
+                 poisson_sampling: bool = True, prior: tuple[Mechanism, ...] = (), phase: str = "train",
+                 lr_schedule: Callable[[int], float] | None = None):
         import deepspeed
 
         self.privacy, self.world, self.loss_fn, self.seed = privacy, world, loss_fn, int(seed)
@@ -96,6 +97,9 @@ class DPEngine:
         self._check_loss_scale()
         self.optimizer = deepspeed_seam.inner_torch_optimizer(self.ds)
         self.optimizer.register_step_pre_hook(self._noise_and_normalise)
+        # lr of step s = base lr * lr_schedule(s), a function of the step count alone (resume-safe).
+        self.lr_schedule = lr_schedule
+        self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.noise_stream = world.rank if deepspeed_seam.partitions_are_disjoint(self.ds) else 0
         self.accountant = PrivacyAccountant(accountant=privacy.accountant, delta=self.delta, prior=prior, phase=phase)
         self.steps_done = 0
@@ -122,6 +126,10 @@ class DPEngine:
             if norm_B is not None:
                 norms.append(norm_B[real])
                 clipped.append(clipped_B[real])
+        if self.lr_schedule is not None:
+            factor = self.lr_schedule(self.steps_done)
+            for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+                group["lr"] = base * factor
         self.ds.step()  # -> _noise_and_normalise, then the optimizer update
         self.steps_done += 1
         if self.privacy.enabled:

@@ -45,6 +45,10 @@ class TrainConfig:
     """Optimizer, when the DeepSpeed config names none."""
     momentum: float = 0.0
     """Momentum of the sgd optimizer."""
+    lr_schedule: Literal["constant", "linear"] = "constant"
+    """constant, or linear decay from lr (after warm-up) to lr/(T-W) at a phase's last step (per round when pruning)."""
+    warmup_steps: int = 0
+    """Steps of linear warm-up from lr/(W+1) up to lr."""
     zero_stage: int | None = None
     """ZeRO stage 0-3 (null: the DeepSpeed config's, else 0)."""
     deepspeed_config: str | None = None
@@ -72,6 +76,8 @@ class TrainConfig:
                 raise ValueError(f"train.{key}={getattr(self, key)!r} is invalid: must be >= 1")
         if self.lr <= 0:
             raise ValueError(f"train.lr={self.lr!r} is invalid: must be > 0")
+        if self.warmup_steps < 0:
+            raise ValueError(f"train.warmup_steps={self.warmup_steps!r} is invalid: must be >= 0")
         if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"train.zero_stage={self.zero_stage!r} is invalid: allowed values are 0, 1, 2, 3")
 

@@ -20,6 +20,7 @@ import torch
 
 from dist_dpc.data import check_labels, collate, load_task, tokenize_split
 from dist_dpc.engine import DPEngine, build_ds_config, init_distributed
+from dist_dpc.engine.lr_schedule import make_lr_schedule
 from dist_dpc.engine.distributed import WorldInfo
 from dist_dpc.engine.losses import model_inputs, sequence_classification_loss
 from dist_dpc.models import load_sequence_classifier, load_tokenizer
@@ -171,9 +172,15 @@ def train_dp(ctx: PhaseContext, model: torch.nn.Module, *, directory: Path, step
                                 world_size=world.world_size, zero_stage=cfg.train.zero_stage, lr=lr or cfg.train.lr,
                                 weight_decay=cfg.train.weight_decay, optimizer=cfg.train.optimizer,
                                 bf16=cfg.train.bf16, dp_enabled=privacy.enabled, momentum=cfg.train.momentum)
+    schedule = make_lr_schedule(cfg.train.lr_schedule, steps, cfg.train.warmup_steps)
+    if schedule is not None and "scheduler" in ds_config:
+        raise ValueError(f"train.deepspeed_config={cfg.train.deepspeed_config!r} has a scheduler block and "
+                         f"train.lr_schedule={cfg.train.lr_schedule!r}, train.warmup_steps={cfg.train.warmup_steps} "
+                         "set another: keep one (remove the block, or set lr_schedule=constant and warmup_steps=0)")
     engine = DPEngine(model, ds_config, privacy, dataset_size=len(ctx.train_set),
                       expected_batch_size=cfg.train.batch_size, planned_steps=steps, loss_fn=loss_fn, world=world,
-                      seed=seed, poisson_sampling=(ctx.sampling == "poisson"), prior=prior, phase=ctx.phase)
+                      seed=seed, poisson_sampling=(ctx.sampling == "poisson"), prior=prior, phase=ctx.phase,
+                      lr_schedule=schedule)
     if setup is not None:
         setup(engine)
     if privacy.enabled:

@@ -54,8 +54,9 @@ def test_train_single_process_then_refuses_to_clobber(tmp_path):
 
 @pytest.mark.timeout(600)
 def test_killed_run_resumes_to_the_same_result(tmp_path):
+    # A linear schedule with warm-up: the resumed run must pick the schedule up at the right step.
     common = ["train", str(ROOT / "configs" / "debug.yaml"), f"run.output_dir={tmp_path}", *BASE, "train.max_steps=10",
-              "train.checkpoint_every=2"]
+              "train.checkpoint_every=2", "train.log_every=1", "train.lr_schedule=linear", "train.warmup_steps=2"]
     straight = dpc(common + ["run.name=straight"])
     assert straight.returncode == 0, straight.stderr[-3000:]
     # Start, wait for a complete checkpoint past step 2, kill -9 (a preemption without warning), resume.
@@ -79,10 +80,26 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
 
     wa, wb = load_file(tmp_path / "straight" / "model" / "model.safetensors"), load_file(run / "model" / "model.safetensors")
     assert all((wa[k] == wb[k]).all() for k in wa)
+    # The lr each step ran at (logged after the step), against the hand-computed schedule: 5e-3 x
+    # [1/3, 2/3] warm-up, then (10 - s) / 8.
+    lrs = [json.loads(line)["train/lr"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    expected = [5e-3 * f for f in (1 / 3, 2 / 3, 1, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8)]
+    assert lrs == pytest.approx(expected, rel=1e-6)
     # Both attempts wrote into the same W&B run (the resumed phase continues its run id).
     run_id = (run / "wandb_run_id").read_text().strip()
     attempts = list((run / "wandb").glob("offline-run-*"))
     assert len(attempts) == 2 and all(p.name.endswith(run_id) for p in attempts)
+
+
+@pytest.mark.timeout(300)
+def test_two_lr_schedulers_are_refused(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 5}}}))
+    proc = dpc(["train", str(ROOT / "configs" / "debug.yaml"), f"run.output_dir={tmp_path}", "run.name=two", *BASE,
+                "train.max_steps=2", "train.lr_schedule=linear", f"train.deepspeed_config={ds}"])
+    assert proc.returncode != 0
+    assert "has a scheduler block" in proc.stderr and "train.lr_schedule='linear'" in proc.stderr
+    assert not (tmp_path / "two" / "model").exists()
 
 
 @pytest.mark.timeout(600)
