@@ -139,5 +139,32 @@ def status(run_dir: str | Path) -> list[dict]:
             state = submitit.SlurmJob(folder=record["logs"], job_id=record["job_id"]).state
         elif done.is_file():
             state = "COMPLETED"
+        elif record["executor"] == "local":
+            state = local_state(record)
         out.append({**record, "state": state, "finished": done.is_file()})
     return out
+
+
+def local_state(record: dict) -> str:
+    """State of a submitit local job seen from another process (submitit knows it only in the one
+    that submitted): the job's result file says COMPLETED or FAILED; without one, the job is RUNNING
+    while its process (the job id is its pid) is alive, and FAILED once it died without a result."""
+    import submitit
+    from submitit.core.utils import pickle_load
+
+    job = submitit.local.local.LocalJob(folder=record["logs"], job_id=record["job_id"])
+    if job.paths.result_pickle.exists():
+        outcome, _ = pickle_load(job.paths.result_pickle)  # ("success" | "error", value or traceback)
+        return "COMPLETED" if outcome == "success" else "FAILED"
+    try:
+        os.kill(int(record["job_id"]), 0)
+    except ProcessLookupError:
+        return "FAILED"
+    except PermissionError:  # alive, owned by someone else
+        return "RUNNING"
+    except ValueError:
+        return "UNKNOWN"
+    stat = Path(f"/proc/{record['job_id']}/stat")
+    if stat.is_file() and stat.read_text().rsplit(")", 1)[-1].split()[0] == "Z":
+        return "FAILED"  # exited, not yet reaped (no init reaping orphans in some containers)
+    return "RUNNING"

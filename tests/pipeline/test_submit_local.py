@@ -34,3 +34,20 @@ def test_local_submission_runs_the_phases_in_order_and_resumes(tmp_path):
     records = json.loads((run / "jobs.json").read_text())
     assert [(r["phase"], r["executor"]) for r in records] == [("teacher", "done"), ("distill", "done"), ("eval", "local")]
     assert "submitted eval" in again
+
+
+@pytest.mark.timeout(300)
+def test_status_reports_a_failed_local_job(tmp_path):
+    # The model directory does not exist: the job fails when it loads it, after submission.
+    args = [CONFIG, f"run.output_dir={tmp_path}", "run.name=bad", *TINY, "privacy.target_epsilon=5",
+            "pipeline.phases=[teacher]", "cluster.executor=local", f"model.name={tmp_path / 'no-such-model'}"]
+    ok(dpc(["submit", *args]))
+    run = tmp_path / "bad"
+    states, deadline = [], time.time() + 200
+    while time.time() < deadline:
+        states.append(ok(dpc(["status", str(run)])).stdout)
+        if "FAILED" in states[-1] or "COMPLETED" in states[-1]:
+            break
+        time.sleep(2)
+    assert "FAILED" in states[-1], states[-1]
+    assert not (run / "teacher" / "results.json").exists()
