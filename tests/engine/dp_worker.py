@@ -56,6 +56,7 @@ def full_params(engine) -> dict[str, torch.Tensor]:
 def make_engine(case: dict, spec: dict, world):
     from dist_dpc.engine import DPEngine, build_ds_config
     from dist_dpc.engine.losses import sequence_classification_loss
+    from dist_dpc.engine.lr_schedule import make_lr_schedule
     from dist_dpc.models import ModelConfig, load_sequence_classifier
     from dist_dpc.privacy import PrivacyConfig
 
@@ -78,7 +79,8 @@ def make_engine(case: dict, spec: dict, world):
                             max_grad_norm=case["max_grad_norm"], clipping=case["clipping"])
     engine = DPEngine(model, ds_config, privacy, dataset_size=10_000, expected_batch_size=spec["expected_batch_size"],
                       planned_steps=case.get("steps", 1), loss_fn=sequence_classification_loss, world=world,
-                      seed=spec["seed"])
+                      seed=spec["seed"], lr_schedule=make_lr_schedule(case.get("lr_schedule", "constant"),
+                                                                     case.get("steps", 1), case.get("warmup_steps", 0)))
     return engine, initial
 
 
