@@ -42,6 +42,17 @@ def reference_update(case: dict) -> dict[str, torch.Tensor]:
     return {n: -case["lr"] * g / EXPECTED_BATCH for n, g in total.items()}
 
 
+def update_error(result: dict, expected: dict[str, torch.Tensor]) -> float:
+    """Relative error of a worker's update (final - initial) against the reference update.
+
+    float32 ranks vs a float64 reference: the error is measured on the whole update vector
+    (per-tensor errors of near-zero tensors such as a fresh LayerNorm's gradient are roundoff).
+    """
+    diff = torch.cat([(result["final"][n] - result["initial"][n] - d).flatten() for n, d in expected.items()])
+    ref = torch.cat([d.flatten() for d in expected.values()])
+    return float(diff.norm() / ref.norm())
+
+
 @pytest.fixture(scope="module")
 def references():
     cache = {}
@@ -64,12 +75,7 @@ def test_dp_update_equals_per_example_reference(world, tmp_path, references):
     out = run_worker(spec, world, tmp_path, timeout=800)
     failures, worst = [], 0.0
     for case, result in zip(spec["cases"], out["results"]):
-        expected = references(case)
-        # float32 ranks vs a float64 reference: the error is measured on the whole update vector
-        # (per-tensor errors of near-zero tensors such as a fresh LayerNorm's gradient are roundoff).
-        diff = torch.cat([(result["final"][n] - result["initial"][n] - d).flatten() for n, d in expected.items()])
-        ref = torch.cat([d.flatten() for d in expected.values()])
-        err = float(diff.norm() / ref.norm())
+        err = update_error(result, references(case))
         worst = max(worst, err)
         if err > 1e-5:
             failures.append((case["model"], case["stage"], case["clipping"], case["accumulation"], err))

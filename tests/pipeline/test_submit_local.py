@@ -12,6 +12,16 @@ from tests.pipeline.test_phases import CONFIG, TINY, ok
 from tests.pipeline.test_train import dpc
 
 
+def final_status(run, timeout: float) -> str:
+    """`dpc status` output once the job has ended (COMPLETED or FAILED), or the last one at the deadline."""
+    deadline = time.time() + timeout
+    while True:
+        status = ok(dpc(["status", str(run)])).stdout
+        if "COMPLETED" in status or "FAILED" in status or time.time() > deadline:
+            return status
+        time.sleep(2)
+
+
 @pytest.mark.timeout(600)
 def test_local_submission_runs_the_phases_in_order_and_resumes(tmp_path):
     args = [CONFIG, f"run.output_dir={tmp_path}", "run.name=sub", *TINY, "privacy.target_epsilon=5",
@@ -19,12 +29,7 @@ def test_local_submission_runs_the_phases_in_order_and_resumes(tmp_path):
     out = ok(dpc(["submit", *args, "--phases", "teacher,distill"])).stdout
     assert "submitted teacher+distill" in out and "dpc status" in out
     run = tmp_path / "sub"
-    deadline = time.time() + 400
-    while time.time() < deadline:
-        status = ok(dpc(["status", str(run)])).stdout
-        if "COMPLETED" in status or "FAILED" in status:
-            break
-        time.sleep(2)
+    status = final_status(run, timeout=400)
     assert "COMPLETED" in status, status + "".join(p.read_text()[-2000:] for p in (run / "jobs").glob("*.err"))
     ledger = json.loads((run / "privacy_ledger.json").read_text())
     assert [n for n in ledger["phases"]] == ["teacher", "distill"]
@@ -43,11 +48,6 @@ def test_status_reports_a_failed_local_job(tmp_path):
             "pipeline.phases=[teacher]", "cluster.executor=local", f"model.name={tmp_path / 'no-such-model'}"]
     ok(dpc(["submit", *args]))
     run = tmp_path / "bad"
-    states, deadline = [], time.time() + 200
-    while time.time() < deadline:
-        states.append(ok(dpc(["status", str(run)])).stdout)
-        if "FAILED" in states[-1] or "COMPLETED" in states[-1]:
-            break
-        time.sleep(2)
-    assert "FAILED" in states[-1], states[-1]
+    status = final_status(run, timeout=200)
+    assert "FAILED" in status, status
     assert not (run / "teacher" / "results.json").exists()
