@@ -176,6 +176,39 @@ class PipelineConfig:
 
 
 @dataclass(kw_only=True)
+class HeadInitConfig:
+    """Before DP fine-tuning, a DP start for the classifier head of a BERT-style model
+    (docs/privacy.md, "Head initialisation"). Both steps read the private data and are recorded in
+    the ledger under the phase that runs them; every training phase (teacher, distill, each prune
+    round) runs them on its own model."""
+    centre_pooler: bool = False
+    """Replace the pooler by tanh([CLS] - m), m a DP mean of the [CLS] states of the training set
+    (one Gaussian mechanism, q = 1). Pre-trained sentence encoders (e.g. minilm) have a pooler that
+    was never trained and a [CLS] with a large common component: the head then learns nothing
+    under DP noise."""
+    mean_clip_norm: float = 10.0
+    """[CLS] states are clipped to this L2 norm for the DP mean (its sensitivity)."""
+    mean_noise_multiplier: float = 20.0
+    """sigma of the DP mean: noise N(0, (sigma * mean_clip_norm)^2) on the sum of N clipped states."""
+    probe_epochs: float = 0.0
+    """Epochs of a DP linear probe: DP-SGD on the classifier alone, on fixed pooled features, at the
+    phase's batch size and sigma (its steps add to the phase's DP-SGD steps). 0: no probe."""
+    probe_lr: float = 0.05
+    """Adam learning rate of the probe."""
+
+    def __post_init__(self) -> None:
+        for key in ("mean_clip_norm", "mean_noise_multiplier", "probe_lr"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"head_init.{key}={getattr(self, key)!r} is invalid: must be > 0")
+        if self.probe_epochs < 0:
+            raise ValueError(f"head_init.probe_epochs={self.probe_epochs!r} is invalid: must be >= 0 (0: no probe)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.centre_pooler or self.probe_epochs > 0
+
+
+@dataclass(kw_only=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -187,6 +220,7 @@ class Config:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    head_init: HeadInitConfig = field(default_factory=HeadInitConfig)
 
 
 def load_config(path: str | None, overrides: list[str] | None = None) -> Config:

@@ -24,6 +24,7 @@ from dist_dpc.compress.pruning import (MaskEnforcer, apply_masks, compute_masks,
                                        sparsity_schedule, sparsity_stats)
 from dist_dpc.models import ModelConfig, load_sequence_classifier
 from dist_dpc.pipeline.config import ALL_PHASES, SPENDING_PHASES, Config
+from dist_dpc.pipeline.head_init import HeadStart
 from dist_dpc.pipeline.trainer import (PhaseContext, evaluate, evaluate_engine, finish_phase, open_phase,
                                        open_tracker, phase_privacy, phase_results, planned_steps, prior_mechanisms,
                                        root_of, run_train, sample_rate, save_model, steps_per_epoch, train_dp)
@@ -149,15 +150,19 @@ def run_distill(cfg: Config) -> dict:
     loss = DistillationLoss(teacher, alpha=d.alpha, temperature=d.temperature, hidden_weight=d.hidden_weight,
                             layer_map=layer_map)
     steps = planned_steps(d.epochs or cfg.train.epochs, cfg.train.max_steps, steps_per_epoch(ctx))
-    privacy = phase_privacy(ctx, steps)
+    start = HeadStart.plan(ctx)
+    privacy = phase_privacy(ctx, steps + start.probe_steps, extra=start.extra)
     tracker = open_tracker(ctx)
     log(ctx.world, f"[distill] student: {init}; loss (1-{d.alpha})*CE + {d.alpha}*T^2*KL, T={d.temperature}"
                    + (f", hidden MSE x{d.hidden_weight}" if d.hidden_weight else ""))
-    engine = train_dp(ctx, student, directory=ctx.directory, steps=steps, privacy=privacy, prior=prior_mechanisms(ctx),
-                      tracker=tracker, loss_fn=loss, lr=d.lr)
+    # The probe fits the student's classifier to the same loss (without the hidden-state term).
+    info = start.run(ctx, student, ctx.directory, privacy, ctx.seed, teacher=teacher if d.alpha else None,
+                     alpha=d.alpha, temperature=d.temperature)
+    engine = train_dp(ctx, student, directory=ctx.directory, steps=steps, privacy=privacy,
+                      prior=prior_mechanisms(ctx) + start.spent(ctx, privacy), tracker=tracker, loss_fn=loss, lr=d.lr)
     metrics = evaluate_engine(engine, ctx)
     results = phase_results(ctx, engine, metrics, steps, student_init=init, alpha=d.alpha, temperature=d.temperature,
-                            source=str(teacher_dir))
+                            source=str(teacher_dir), **start.results(ctx, privacy, steps, info))
     save_model(engine, ctx.directory / "model", ctx.tokenizer, ctx.world)
     finish_phase(ctx, tracker, results, ctx.directory / "model")
     return results
@@ -174,7 +179,9 @@ def run_prune(cfg: Config) -> dict:
     steps_per_round = planned_steps((p.epochs or cfg.train.epochs) / p.rounds, cfg.train.max_steps,
                                     steps_per_epoch(ctx))
     total_steps = steps_per_round * p.rounds
-    privacy = phase_privacy(ctx, total_steps)
+    # head_init runs in every round, on the pruned model: its steps and DP mean count once per round.
+    start = HeadStart.plan(ctx)
+    privacy = phase_privacy(ctx, total_steps + start.probe_steps * p.rounds, extra=start.extra * p.rounds)
     tracker = open_tracker(ctx)
     prior = prior_mechanisms(ctx)
     model = load_model_dir(source, cfg, ctx.num_labels, ctx.tokenizer)
@@ -214,8 +221,10 @@ def run_prune(cfg: Config) -> dict:
                 enforcer.check_optimizer(engine.optimizer)
                 engine.post_noise_hooks.append(enforcer)
 
-        round_prior = prior + tuple(Mechanism(privacy.noise_multiplier, sample_rate(ctx), steps_per_round, "prune")
-                                    for _ in range(r)) if privacy.enabled else prior
+        earlier = (*start.extra, Mechanism(privacy.noise_multiplier, sample_rate(ctx),
+                                           start.probe_steps + steps_per_round, "prune")) if privacy.enabled else ()
+        round_prior = prior + earlier * r + start.spent(ctx, privacy)
+        info = start.run(ctx, model, round_dir, privacy, _round_seed(ctx.seed, r))
         engine = train_dp(ctx, model, directory=round_dir, steps=steps_per_round, privacy=privacy, prior=round_prior,
                           tracker=tracker, lr=p.lr, seed=_round_seed(ctx.seed, r), step_offset=r * steps_per_round,
                           setup=setup, desc=f"prune {r + 1}/{p.rounds}")
@@ -237,12 +246,23 @@ def run_prune(cfg: Config) -> dict:
                             kept_layers=kept_layers if p.method == "structured" else None,
                             prunable_sparsity=stats["prunable_sparsity"],
                             nonzero_parameters=stats["nonzero_parameters"], source=str(source),
-                            global_steps=total_steps)
+                            global_steps=total_steps, **_prune_head_results(ctx, start, privacy, p.rounds,
+                                                                            steps_per_round, info))
     # engine.accountant covers only the last round (plus everything before it as prior): epsilon
     # and steps above are for the whole phase because the prior includes the earlier rounds.
     save_model(engine, ctx.directory / "model", ctx.tokenizer, ctx.world)
     finish_phase(ctx, tracker, results, ctx.directory / "model")
     return results
+
+
+def _prune_head_results(ctx, start: HeadStart, privacy, rounds: int, steps_per_round: int, info: dict) -> dict:
+    """head_init fields of the prune results: the last round's head_init, every round's mechanisms."""
+    out = start.results(ctx, privacy, steps_per_round * rounds, info)
+    if "mechanisms" in out:
+        out["mechanisms"] = [m.to_dict() for m in start.extra] * rounds + [
+            Mechanism(privacy.noise_multiplier, sample_rate(ctx), (start.probe_steps + steps_per_round) * rounds,
+                      "prune").to_dict()]
+    return out
 
 
 def _round_seed(seed: int, r: int) -> int:

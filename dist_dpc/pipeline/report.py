@@ -529,6 +529,14 @@ def _assumptions(tree: RunTree, rows: list[dict]) -> list[str]:
                          "bound.**")
         elif r["sampling"] != "poisson":
             lines.append(f"  - phase {r['phase']}: sampling {r['sampling_source'] or 'unknown'}; assumed Poisson.")
+    head = tree.config.get("head_init") or {}
+    if head.get("centre_pooler"):
+        lines.append(f"- Rows with q = 1 are head_init's DP mean of the [CLS] states: each clipped to norm "
+                     f"R = {head.get('mean_clip_norm')}, Gaussian noise of standard deviation sigma·R on their sum "
+                     "(one release per phase, per round for prune).")
+    if head.get("probe_epochs"):
+        lines.append("- Each phase's DP-SGD steps include its DP linear probe of the classifier (same sigma and q, "
+                     "flat clipping to C).")
     running = [r["phase"] for r in rows if r["status"] != "completed"]
     if running:
         lines.append(f"- Phase(s) not completed ({', '.join(running)}): counted with all their planned steps "

@@ -124,9 +124,10 @@ def sample_rate(ctx: PhaseContext) -> float:
     return ctx.cfg.train.batch_size / len(ctx.train_set)
 
 
-def phase_privacy(ctx: PhaseContext, steps: int) -> PrivacyConfig:
+def phase_privacy(ctx: PhaseContext, steps: int, extra: tuple[Mechanism, ...] = ()) -> PrivacyConfig:
     """This phase's privacy settings: sigma fixed for all its steps, calibrated (or checked) against
-    the ledger so that everything recorded so far plus this phase stays within the phase's
+    the ledger so that everything recorded so far plus this phase (its DP-SGD steps and the fixed
+    mechanisms ``extra``, e.g. a DP mean of head_init) stays within the phase's
     cumulative share of privacy.target_epsilon. Records the plan before any private data is read,
     so a phase killed before its first checkpoint is still counted."""
     privacy = ctx.cfg.privacy
@@ -137,10 +138,10 @@ def phase_privacy(ctx: PhaseContext, steps: int) -> PrivacyConfig:
     if target is not None:
         target *= ctx.cfg.pipeline.cumulative_share(ctx.phase)
     if privacy.noise_multiplier is None:
-        sigma = ctx.ledger.calibrate_phase(ctx.phase, q, steps, target)
+        sigma = ctx.ledger.calibrate_phase(ctx.phase, q, steps, target, extra=extra)
     else:
         sigma = privacy.noise_multiplier
-    planned = [Mechanism(sigma, q, steps, ctx.phase)]
+    planned = [*extra, Mechanism(sigma, q, steps, ctx.phase)]
     total = ctx.ledger.check_planned(ctx.phase, planned)  # raises PrivacyBudgetExceeded
     done = ctx.ledger.phases().get(ctx.phase, {})
     if ctx.is_main and done.get("status") != "completed":
@@ -364,8 +365,10 @@ def phase_results(ctx: PhaseContext, engine: DPEngine, metrics: dict, steps: int
 def finish_phase(ctx: PhaseContext, tracker: Tracker, results: dict, model_dir: Path | None) -> None:
     """Ledger (completed), W&B summary/table/artifact, results.json, and the printed summary."""
     if ctx.ledger is not None and ctx.is_main:
-        ctx.ledger.record(ctx.phase, [Mechanism(results["noise_multiplier"], results["sample_rate"],
-                                                results["steps"], ctx.phase)], status="completed")
+        # "mechanisms": phases with more than their DP-SGD steps (head_init) list all of them.
+        mechanisms = ([Mechanism.from_dict(m) for m in results["mechanisms"]] if "mechanisms" in results else
+                      [Mechanism(results["noise_multiplier"], results["sample_rate"], results["steps"], ctx.phase)])
+        ctx.ledger.record(ctx.phase, mechanisms, status="completed")
     flat = {f"eval/{split}/{k}": v for split, m in results["metrics"].items() for k, v in m.items()}
     flat["eval/parameters"] = results.get("parameters")
     if "nonzero_parameters" in results:
@@ -400,17 +403,21 @@ def open_tracker(ctx: PhaseContext) -> Tracker:
 
 def run_train(cfg: Config, phase: str = "train") -> dict:
     """Single-model DP fine-tuning: `dpc train` (phase train, in the run root) and the teacher phase."""
+    from dist_dpc.pipeline.head_init import HeadStart
+
     ctx = open_phase(cfg, phase)
     if not cfg.privacy.enabled:
         warn_loudly(ctx.world, "privacy.enabled=false: training WITHOUT differential privacy; the model may leak its data")
     model = load_sequence_classifier(cfg.model, ctx.num_labels, ctx.tokenizer, seed=cfg.run.seed)
     steps = planned_steps(cfg.train.epochs, cfg.train.max_steps, steps_per_epoch(ctx))
-    privacy = phase_privacy(ctx, steps)
+    start = HeadStart.plan(ctx)
+    privacy = phase_privacy(ctx, steps + start.probe_steps, extra=start.extra)
     tracker = open_tracker(ctx)
+    info = start.run(ctx, model, ctx.directory, privacy, ctx.seed)
     engine = train_dp(ctx, model, directory=ctx.directory, steps=steps, privacy=privacy,
-                      prior=prior_mechanisms(ctx), tracker=tracker)
+                      prior=prior_mechanisms(ctx) + start.spent(ctx, privacy), tracker=tracker)
     metrics = evaluate_engine(engine, ctx)
-    results = phase_results(ctx, engine, metrics, steps)
+    results = phase_results(ctx, engine, metrics, steps, **start.results(ctx, privacy, steps, info))
     save_model(engine, ctx.directory / "model", ctx.tokenizer, ctx.world)
     finish_phase(ctx, tracker, results, ctx.directory / "model")
     return results

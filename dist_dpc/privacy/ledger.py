@@ -172,16 +172,17 @@ class PrivacyLedger:
                 "between phases")
         return total
 
-    def calibrate_phase(self, phase: str, sample_rate: float, steps: int, phase_epsilon_target: float) -> float:
-        """sigma such that (the other phases' mechanisms + this phase's (sigma, q, steps)) composes to
-        ``phase_epsilon_target``, a *cumulative* target: for a 50/50 split of epsilon=4 the first phase
-        calibrates to 2.0 and the second to 4.0."""
+    def calibrate_phase(self, phase: str, sample_rate: float, steps: int, phase_epsilon_target: float,
+                        extra: Sequence[Mechanism] = ()) -> float:
+        """sigma such that (the other phases' mechanisms + this phase's fixed ``extra`` mechanisms +
+        its (sigma, q, steps)) composes to ``phase_epsilon_target``, a *cumulative* target: for a 50/50
+        split of epsilon=4 the first phase calibrates to 2.0 and the second to 4.0."""
         if self.target_epsilon is not None and phase_epsilon_target > self.target_epsilon * (1 + RELATIVE_SLACK):
             raise ValueError(f"phase {phase!r}: cumulative target epsilon {phase_epsilon_target:g} exceeds the run's "
                              f"privacy.target_epsilon={self.target_epsilon:g}")
         try:
             return calibrate_noise_multiplier(phase_epsilon_target, self.delta, sample_rate, steps, self.accountant,
-                                              prior=self.mechanisms(exclude_phase=phase))
+                                              prior=(*self.mechanisms(exclude_phase=phase), *extra))
         except ValueError as err:
             raise ValueError(f"phase {phase!r}: {err}") from err
 

@@ -198,3 +198,18 @@ def test_prv_failure_is_reported_not_silent():
     with pytest.warns(AccountingWarning, match="RDP"):  # epsilons beyond PRV_EPSILON_CUTOFF
         assert compute_epsilon([Mechanism(0.3, 0.05, 5000)], DELTA) == compute_epsilon([Mechanism(0.3, 0.05, 5000)],
                                                                                         DELTA, "rdp")
+
+
+@pytest.mark.parametrize("sigma,delta", [(20.0, 1e-5), (2.0, 1e-5), (0.8, 1e-6)])
+def test_full_batch_gaussian_matches_the_analytic_gaussian_mechanism(sigma, delta):
+    # q = 1 (head_init's DP mean): no subsampling, so the exact curve is Balle & Wang's (2018)
+    # delta(eps) = Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2), mu = 1/sigma. PRV may only
+    # over-estimate, by at most its discretisation error.
+    from scipy.optimize import brentq
+    from scipy.stats import norm
+
+    mu = 1 / sigma
+    exact = brentq(lambda e: norm.cdf(-e / mu + mu / 2) - math.exp(e) * norm.cdf(-e / mu - mu / 2) - delta, 0, 100)
+    got = compute_epsilon([Mechanism(sigma, 1.0, 1)], delta, "prv")
+    assert exact <= got <= exact + 0.02
+    assert compute_epsilon([Mechanism(sigma, 1.0, 1)], delta, "rdp") >= exact

@@ -1,0 +1,63 @@
+"""Where a BERT-family sequence classifier keeps its head: [CLS] hidden state -> pooler (dense + tanh)
+-> dropout -> classifier (linear). Used to centre the pooler and to fit the classifier on fixed
+features (dist_dpc.pipeline.head_init); other architectures are refused with a clear message."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dist_dpc.engine.losses import model_inputs
+
+
+@dataclass
+class PooledHead:
+    encoder: nn.Module      # returns last_hidden_state
+    pooler: nn.Module       # .dense (Linear hidden -> hidden) and .activation
+    classifier: nn.Linear   # pooled -> logits
+
+    @property
+    def hidden_size(self) -> int:
+        return self.pooler.dense.in_features
+
+
+def pooled_head(model: nn.Module, field: str) -> PooledHead:
+    """The head of a BERT-style classifier; ``field`` names the setting that asked for it."""
+    encoder = getattr(model, "base_model", None)
+    pooler = getattr(encoder, "pooler", None)
+    classifier = getattr(model, "classifier", None)
+    if (pooler is None or not isinstance(getattr(pooler, "dense", None), nn.Linear)
+            or not isinstance(classifier, nn.Linear)):
+        raise ValueError(f"{field} needs a BERT-style classifier ([CLS] -> pooler dense+tanh -> linear classifier); "
+                         f"{type(model).__name__} has none: set {field} off for this model")
+    return PooledHead(encoder, pooler, classifier)
+
+
+@torch.no_grad()
+def cls_hidden(head: PooledHead, batch: dict) -> torch.Tensor:
+    """The final [CLS] hidden state, (B, hidden), of the encoder in its current mode."""
+    return head.encoder(**model_inputs(batch)).last_hidden_state[:, 0]
+
+
+@torch.no_grad()
+def pool(head: PooledHead, cls: torch.Tensor) -> torch.Tensor:
+    """What the classifier sees (before dropout) for these [CLS] states."""
+    dense = head.pooler.dense
+    return head.pooler.activation(cls.to(dense.weight.dtype) @ dense.weight.T + dense.bias)
+
+
+@torch.no_grad()
+def centre_pooler_(head: PooledHead, mean: torch.Tensor) -> None:
+    """pooler(h) = tanh(h - mean): identity weights, bias -mean. The architecture (and so
+    AutoModelForSequenceClassification.from_pretrained) is unchanged."""
+    dense = head.pooler.dense
+    dense.weight.copy_(torch.eye(dense.out_features, dense.in_features, dtype=dense.weight.dtype))
+    dense.bias.copy_(-mean.to(dense.bias.dtype))
+
+
+@torch.no_grad()
+def set_classifier_(head: PooledHead, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    head.classifier.weight.copy_(weight.to(head.classifier.weight.dtype))
+    head.classifier.bias.copy_(bias.to(head.classifier.bias.dtype))

@@ -1,0 +1,108 @@
+"""DP estimates on fixed features of the private examples: a Gaussian mean, and a linear softmax head
+trained by DP-SGD (a DP linear probe).
+
+Both read the private data, so both are recorded in the ledger like any DP-SGD phase:
+  - private_mean: one Gaussian mechanism, rows clipped to ``clip_norm``, N(0, (sigma*clip_norm)^2) on
+    the sum: Mechanism(sigma, sample_rate=1, steps=1);
+  - dp_linear_probe: Poisson sampling at rate q, per-example gradients clipped to C (flat, over weight
+    and bias together), N(0, sigma^2 C^2) per coordinate on the sum: Mechanism(sigma, q, steps).
+
+Dividing by N (the mean) or by q*N (the probe's gradient) treats N as public, as the DP-SGD engine does.
+Why a probe at all: under DP noise the head of a pre-trained encoder learns slowly when its input
+features share a large common component (docs/RESULTS.md); on centred features a DP linear probe
+reaches the non-private probe's accuracy at small epsilon, and DP fine-tuning then starts from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from dist_dpc.privacy.noise import derive_seed
+
+
+def clip_rows(x: torch.Tensor, clip_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows scaled to norm <= clip_norm, and which rows were scaled."""
+    norms = x.norm(dim=1, keepdim=True)
+    factors = torch.clamp(clip_norm / norms.clamp_min(1e-12), max=1.0)
+    return x * factors, (factors < 1).squeeze(1)
+
+
+def private_mean(x: torch.Tensor, *, clip_norm: float, noise_multiplier: float, seed: int) -> tuple[torch.Tensor, float]:
+    """(sum of rows clipped to clip_norm + N(0, (noise_multiplier*clip_norm)^2 I)) / N, and the clipped fraction."""
+    if clip_norm <= 0:
+        raise ValueError(f"clip_norm={clip_norm!r} must be > 0")
+    if len(x) == 0:
+        raise ValueError("private_mean of no rows")
+    clipped, was_clipped = clip_rows(x.double(), clip_norm)
+    gen = torch.Generator().manual_seed(derive_seed(seed, 0x3EA7))
+    noise = torch.randn(x.shape[1], generator=gen, dtype=torch.double) * (noise_multiplier * clip_norm)
+    return ((clipped.sum(0) + noise) / len(x)).to(x.dtype), float(was_clipped.float().mean())
+
+
+def logit_gradients(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None = None,
+                    alpha: float = 0.0, temperature: float = 1.0) -> torch.Tensor:
+    """d loss_i / d logits_i for loss = (1-alpha) CE(labels) + alpha T^2 KL(teacher_T || student_T)
+    (alpha = 0: plain cross-entropy), per example: (B, K)."""
+    one_hot = F.one_hot(labels, logits.shape[1]).to(logits.dtype)
+    grad = (1 - alpha) * (torch.softmax(logits, 1) - one_hot)
+    if alpha:
+        if teacher_logits is None:
+            raise ValueError("alpha > 0 needs teacher_logits")
+        grad = grad + alpha * temperature * (torch.softmax(logits / temperature, 1)
+                                             - torch.softmax(teacher_logits / temperature, 1))
+    return grad
+
+
+@dataclass
+class ProbeResult:
+    weight: torch.Tensor          # (K, D), as nn.Linear stores it
+    bias: torch.Tensor            # (K,)
+    steps: int
+    clipped_fraction: float       # over all sampled examples of all steps
+
+
+def dp_linear_probe(features: torch.Tensor, labels: torch.Tensor, *, weight: torch.Tensor, bias: torch.Tensor,
+                    sample_rate: float, steps: int, noise_multiplier: float, max_grad_norm: float, lr: float,
+                    seed: int, teacher_logits: torch.Tensor | None = None, alpha: float = 0.0,
+                    temperature: float = 1.0, optimizer: str = "adam") -> ProbeResult:
+    """DP-SGD (Adam, or plain SGD) on logits = features @ weight.T + bias, starting from (weight, bias).
+
+    The per-example gradient of a linear layer is g_i x_i^T (weight) and g_i (bias), g_i the gradient
+    wrt the logits, so its norm is ||g_i|| * sqrt(||x_i||^2 + 1): exact, no autograd per example."""
+    n = len(features)
+    if not 0 < sample_rate <= 1:
+        raise ValueError(f"sample_rate={sample_rate!r} must be in (0, 1]")
+    if max_grad_norm <= 0:
+        raise ValueError(f"max_grad_norm={max_grad_norm!r} must be > 0")
+    x = features.float()
+    w = weight.detach().clone().float().requires_grad_(True)
+    b = bias.detach().clone().float().requires_grad_(True)
+    if optimizer not in ("adam", "sgd"):
+        raise ValueError(f"optimizer={optimizer!r} must be adam or sgd")
+    opt = (torch.optim.Adam if optimizer == "adam" else torch.optim.SGD)([w, b], lr=lr)
+    gen = torch.Generator().manual_seed(derive_seed(seed, 0x9E0BE))
+    expected = sample_rate * n
+    clipped = seen = 0
+    for _ in range(steps):
+        idx = (torch.rand(n, generator=gen) < sample_rate).nonzero().squeeze(1)
+        xb, yb = x[idx], labels[idx]
+        with torch.no_grad():
+            g = logit_gradients(xb @ w.T + b, yb, None if teacher_logits is None else teacher_logits[idx].float(),
+                                alpha, temperature)
+            norms = g.norm(dim=1) * (xb.pow(2).sum(1) + 1).sqrt()
+            factors = torch.clamp(max_grad_norm / norms.clamp_min(1e-12), max=1.0)
+            clipped += int((factors < 1).sum())
+            seen += len(idx)
+            g = g * factors.unsqueeze(1)
+            grad_w, grad_b = g.T @ xb, g.sum(0)
+            std = noise_multiplier * max_grad_norm
+            if std:
+                grad_w += torch.randn(grad_w.shape, generator=gen) * std
+                grad_b += torch.randn(grad_b.shape, generator=gen) * std
+        w.grad, b.grad = grad_w / expected, grad_b / expected
+        opt.step()
+    return ProbeResult(w.detach(), b.detach(), steps, clipped / seen if seen else 0.0)
+

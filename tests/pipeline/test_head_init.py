@@ -1,0 +1,81 @@
+"""head_init: the centred pooler keeps the HF architecture, its DP mean and probe are in the ledger
+(composed like opacus' PRV), and a restarted phase reloads the head instead of reading the data again."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from dist_dpc.models import ModelConfig, load_sequence_classifier
+from dist_dpc.models.heads import centre_pooler_, pooled_head
+from tests.pipeline.test_phases import CONFIG, TINY, ok, opacus_prv_epsilon
+from tests.pipeline.test_train import dpc
+
+
+def test_centred_pooler_is_tanh_of_cls_minus_mean_and_reloads_with_from_pretrained(tmp_path):
+    model = load_sequence_classifier(ModelConfig(name="tiny-bert", dropout=0.0), 2).eval()
+    head = pooled_head(model, "head_init.centre_pooler")
+    mean = torch.randn(head.hidden_size)
+    centre_pooler_(head, mean)
+    hidden = torch.randn(3, 5, head.hidden_size)
+    torch.testing.assert_close(model.bert.pooler(hidden), torch.tanh(hidden[:, 0] - mean))
+    model.save_pretrained(tmp_path)
+    again = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    ids = torch.randint(1, 100, (2, 6))
+    torch.testing.assert_close(again(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_models_without_a_pooler_are_refused_naming_the_setting():
+    model = load_sequence_classifier(ModelConfig(name="tiny-gpt2"), 2)
+    with pytest.raises(ValueError, match="head_init.centre_pooler.*set head_init.centre_pooler off"):
+        pooled_head(model, "head_init.centre_pooler")
+
+
+@pytest.mark.timeout(900)
+def test_pipeline_records_mean_and_probe_and_a_restart_reloads_the_head(tmp_path):
+    overrides = [*TINY, "pipeline.phases=[teacher,distill,eval]", "privacy.target_epsilon=8",
+                 "head_init.centre_pooler=true", "head_init.probe_epochs=1", "wandb.mode=disabled"]
+    ok(dpc(["pipeline", CONFIG, f"run.output_dir={tmp_path}", "run.name=h", *overrides], timeout=800))
+    run = tmp_path / "h"
+    ledger = json.loads((run / "privacy_ledger.json").read_text())
+    probe_steps = 10  # 1 epoch of 240 examples at batch 24
+    mechanisms = []
+    for phase in ("teacher", "distill"):
+        results = json.loads((run / phase / "results.json").read_text())
+        entry = ledger["phases"][phase]["mechanisms"]
+        # the DP mean (fixed sigma, q = 1), then the probe's and the fine-tuning's steps at one sigma and q
+        assert [(m["noise_multiplier"], m["sample_rate"], m["steps"]) for m in entry] == [
+            (20.0, 1.0, 1), (results["noise_multiplier"], results["sample_rate"], probe_steps + results["steps"])]
+        assert results["head_init"]["probe"]["steps"] == probe_steps
+        assert results["head_init"]["probe"]["noise_multiplier"] == results["noise_multiplier"]
+        assert (run / phase / "head_init.pt").is_file()
+        mechanisms += entry
+    total = ledger_total = json.loads((run / "distill" / "results.json").read_text())["epsilon"]
+    assert ledger_total == pytest.approx(8.0, rel=0.01)  # calibrated to the target, mean and probe included
+    assert total == pytest.approx(opacus_prv_epsilon(mechanisms, ledger["delta"]), rel=0.02)
+
+    ok(dpc(["report", str(run)]))
+    report = (run / "report" / "privacy_report.md").read_text()
+    assert "| teacher | completed | poisson | 20.0000 | 1 | 1 |" in report
+    assert "Rows with q = 1 are head_init's DP mean" in report and "DP linear probe" in report
+
+    # A restart finds head_init.pt and loads it: ctx has no training data, so reading it would fail.
+    from dist_dpc.engine import init_distributed
+    from dist_dpc.pipeline.config import load_config
+    from dist_dpc.pipeline.head_init import initialise_head
+
+    cfg = load_config(CONFIG, [*overrides, f"run.output_dir={tmp_path}", "run.name=h"])
+    ctx = SimpleNamespace(cfg=cfg, world=init_distributed(), phase="teacher", train_set=None, tokenizer=None)
+    model = load_sequence_classifier(ModelConfig(name="tiny-bert", dropout=0.0), 2)
+    info = initialise_head(ctx, model, directory=run / "teacher", noise_multiplier=1.0, sample_rate=0.1, steps=10,
+                           seed=0)
+    saved = torch.load(run / "teacher" / "head_init.pt", weights_only=True)
+    assert info == saved["info"]
+    torch.testing.assert_close(model.bert.pooler.state_dict(), saved["pooler"])
+    torch.testing.assert_close(model.classifier.state_dict(), saved["classifier"])
+    # and what it saved is the centred pooler: identity weights (the bias is minus the DP mean)
+    torch.testing.assert_close(saved["pooler"]["dense.weight"], torch.eye(model.config.hidden_size))
