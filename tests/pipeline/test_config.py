@@ -34,6 +34,8 @@ def test_yaml_and_overrides(tmp_path):
     (["train.zero_stage=4"], "train.zero_stage=4 is invalid: allowed values are 0, 1, 2, 3"),
     (["privacy.max_grad_norm=-1"], "privacy.max_grad_norm=-1.0 is invalid: must be > 0"),
     (["train.lr"], "not of the form section.key=value"),
+    (["head_init.probe_epochs=-1"], "head_init.probe_epochs=-1.0 is invalid: must be >= 0 (0: no probe)"),
+    (["head_init.mean_noise_multiplier=0"], "head_init.mean_noise_multiplier=0.0 is invalid: must be > 0"),
 ])
 def test_bad_values_name_field_value_and_fix(override, message):
     with pytest.raises(ConfigError) as info:
