@@ -186,6 +186,11 @@ class HeadInitConfig:
     (one Gaussian mechanism, q = 1). Pre-trained sentence encoders (e.g. minilm) have a pooler that
     was never trained and a [CLS] with a large common component: the head then learns nothing
     under DP noise."""
+    freeze_pooler_weight: bool = True
+    """With centre_pooler: keep the pooler's identity weight fixed during DP fine-tuning (its bias
+    still trains if model.trainable selects it). Its per-coordinate signal is far below the noise,
+    so training it mostly adds a random matrix of lr-sized entries to the identity, which mixes the
+    [CLS] components the probed head relies on (measured: docs/RESULTS.md)."""
     mean_clip_norm: float = 10.0
     """[CLS] states are clipped to this L2 norm for the DP mean (its sensitivity)."""
     mean_noise_multiplier: float = 20.0

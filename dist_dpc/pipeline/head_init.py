@@ -76,6 +76,8 @@ def initialise_head(ctx, model: torch.nn.Module, *, directory: Path, noise_multi
     if not h.enabled:
         return {}
     head = pooled_head(model, "head_init.centre_pooler / head_init.probe_epochs")
+    if h.centre_pooler and h.freeze_pooler_weight:
+        head.pooler.dense.weight.requires_grad_(False)
     saved = Path(directory) / FILE
     if saved.is_file():
         state = torch.load(saved, weights_only=True)

@@ -58,6 +58,14 @@ def test_pipeline_records_mean_and_probe_and_a_restart_reloads_the_head(tmp_path
     assert ledger_total == pytest.approx(8.0, rel=0.01)  # calibrated to the target, mean and probe included
     assert total == pytest.approx(opacus_prv_epsilon(mechanisms, ledger["delta"]), rel=0.02)
 
+    # The centred pooler's identity weight stayed frozen through DP fine-tuning; its bias trained.
+    from safetensors.torch import load_file
+
+    trained = load_file(run / "teacher" / "model" / "model.safetensors")
+    start = torch.load(run / "teacher" / "head_init.pt", weights_only=True)["pooler"]
+    assert torch.equal(trained["bert.pooler.dense.weight"], torch.eye(start["dense.weight"].shape[0]))
+    assert not torch.equal(trained["bert.pooler.dense.bias"], start["dense.bias"])
+
     ok(dpc(["report", str(run)]))
     report = (run / "report" / "privacy_report.md").read_text()
     assert "| teacher | completed | poisson | 20.0000 | 1 | 1 |" in report
