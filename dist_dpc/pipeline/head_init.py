@@ -53,14 +53,16 @@ class HeadStart:
             return self.extra
         return (*self.extra, Mechanism(privacy.noise_multiplier, sample_rate(ctx), self.probe_steps, ctx.phase))
 
-    def results(self, ctx, privacy: PrivacyConfig, steps: int, info: dict) -> dict:
-        """Extra fields of the phase's results.json: what was done, and every mechanism to record."""
+    def results(self, ctx, privacy: PrivacyConfig, steps: int, info: dict, rounds: int = 1) -> dict:
+        """Extra fields of the phase's results.json: what was done (the last run's info), and every
+        mechanism to record; ``steps`` are the phase's fine-tuning steps over all its ``rounds``."""
         if not ctx.cfg.head_init.enabled:
             return {}
         out = {"head_init": info}
         if privacy.enabled:
-            out["mechanisms"] = [m.to_dict() for m in self.extra] + [
-                Mechanism(privacy.noise_multiplier, sample_rate(ctx), self.probe_steps + steps, ctx.phase).to_dict()]
+            out["mechanisms"] = [m.to_dict() for m in self.extra] * rounds + [
+                Mechanism(privacy.noise_multiplier, sample_rate(ctx), self.probe_steps * rounds + steps,
+                          ctx.phase).to_dict()]
         return out
 
     def run(self, ctx, model: torch.nn.Module, directory: Path, privacy: PrivacyConfig, seed: int, **probe) -> dict:

@@ -246,23 +246,12 @@ def run_prune(cfg: Config) -> dict:
                             kept_layers=kept_layers if p.method == "structured" else None,
                             prunable_sparsity=stats["prunable_sparsity"],
                             nonzero_parameters=stats["nonzero_parameters"], source=str(source),
-                            global_steps=total_steps, **_prune_head_results(ctx, start, privacy, p.rounds,
-                                                                            steps_per_round, info))
+                            global_steps=total_steps, **start.results(ctx, privacy, total_steps, info, p.rounds))
     # engine.accountant covers only the last round (plus everything before it as prior): epsilon
     # and steps above are for the whole phase because the prior includes the earlier rounds.
     save_model(engine, ctx.directory / "model", ctx.tokenizer, ctx.world)
     finish_phase(ctx, tracker, results, ctx.directory / "model")
     return results
-
-
-def _prune_head_results(ctx, start: HeadStart, privacy, rounds: int, steps_per_round: int, info: dict) -> dict:
-    """head_init fields of the prune results: the last round's head_init, every round's mechanisms."""
-    out = start.results(ctx, privacy, steps_per_round * rounds, info)
-    if "mechanisms" in out:
-        out["mechanisms"] = [m.to_dict() for m in start.extra] * rounds + [
-            Mechanism(privacy.noise_multiplier, sample_rate(ctx), (start.probe_steps + steps_per_round) * rounds,
-                      "prune").to_dict()]
-    return out
 
 
 def _round_seed(seed: int, r: int) -> int:
