@@ -55,6 +55,9 @@ class PruneConfig:
     """unstructured: fraction of the prunable weights set to zero after the last round."""
     target_layers: int | None = None
     """structured: transformer layers left after the last round (null: half, rounded up)."""
+    keep_last_layer: bool = True
+    """structured: never remove the last transformer layer (the one the head reads); the other
+    layers are ranked by mean |w|. false ranks every layer, the last one included."""
     rounds: int = 3
     """Prune-then-DP-fine-tune rounds; sparsity (or depth) moves evenly to its target."""
     source: str = "auto"

@@ -203,7 +203,7 @@ def run_prune(cfg: Config) -> dict:
             continue
         # Pruning reads only DP weights: post-processing, no privacy cost.
         if p.method == "structured":
-            model, keep = drop_layers(model, depths[r])
+            model, keep = drop_layers(model, depths[r], keep_last=p.keep_last_layer)
             kept_layers = [kept_layers[i] for i in keep]
             log(ctx.world, f"[prune] round {r + 1}/{p.rounds}: kept layers {kept_layers} of the source's {start_depth}")
         else:

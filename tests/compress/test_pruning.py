@@ -88,13 +88,26 @@ def test_drop_layers_keeps_the_largest_layers_in_order():
                 p.mul_(scale)
     scores = layer_importance(model)
     assert scores.index(max(scores)) == 2 and scores.index(min(scores)) == 1
-    small, keep = drop_layers(model, 2)
+    small, keep = drop_layers(model, 2, keep_last=False)
     assert keep == [0, 2] and small.config.num_hidden_layers == 2
     ref = dict(layers[2].named_parameters())
     for n, p in transformer_layers(small)[0][1].named_parameters():
         assert torch.equal(p, ref[n])
-    out = small(input_ids=torch.randint(0, 100, (3, 7)), attention_mask=torch.ones(3, 7, dtype=torch.long))
-    assert out.logits.shape == (3, 2)
+    ids, mask = torch.randint(0, 100, (3, 7)), torch.ones(3, 7, dtype=torch.long)
+    assert small(input_ids=ids, attention_mask=mask).logits.shape == (3, 2)
+    # keep_last (the default): layer 3 ranks below layer 0 but stays; the best of the others joins it.
+    small, keep = drop_layers(model, 2)
+    assert keep == [2, 3] and small.config.num_hidden_layers == 2
+    assert all(torch.equal(a, b) for a, b in zip(transformer_layers(small)[0][1].parameters(), layers[3].parameters()))
+    assert drop_layers(model, 1)[1] == [3] and drop_layers(model, 1, keep_last=False)[1] == [2]
+    # The kept layers compute what the same layers of the original compute, in the same order.
+    with torch.no_grad():
+        hidden = model.bert.embeddings(input_ids=ids)
+        for i in keep:
+            out = layers[i](hidden)
+            hidden = out[0] if isinstance(out, tuple) else out
+        expected = model.classifier(model.bert.pooler(hidden))
+        assert torch.allclose(small(input_ids=ids, attention_mask=mask).logits, expected, atol=1e-5)
 
 
 def test_distillation_loss_matches_kd_loss_and_hidden_mse():
