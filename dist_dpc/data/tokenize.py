@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from dist_dpc.data.splits import TextSplit
+from dist_dpc.utils.atomic import atomic_write
 
 
 class TokenizedDataset(torch.utils.data.Dataset):
@@ -51,10 +51,7 @@ def tokenize_split(split: TextSplit, tokenizer, max_length: int, cache_dir: str 
     enc = tokenizer(split.texts, split.text_pairs, truncation=True, max_length=max_length)
     data = TokenizedDataset(list(enc["input_ids"]), list(split.labels), list(enc["token_type_ids"]) if "token_type_ids" in enc else None)
     if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")  # ranks may race: atomic rename
-        torch.save(data.state(), tmp)
-        os.replace(tmp, cache_file)
+        atomic_write(cache_file, lambda tmp: torch.save(data.state(), tmp))  # ranks may race on it
     return data
 
 

@@ -6,11 +6,12 @@ older tags are deleted after that: a kill at any moment leaves the previous chec
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import torch
+
+from dist_dpc.utils.atomic import atomic_write
 
 
 class Checkpoints:
@@ -29,9 +30,7 @@ class Checkpoints:
         engine.save_checkpoint(self.directory, tag, client_state)
         torch.distributed.barrier()  # every rank's shard is on disk before the pointer moves
         if self.world.is_main:
-            tmp = self.directory / f"latest_complete.{os.getpid()}.tmp"
-            tmp.write_text(tag)
-            os.replace(tmp, self.directory / "latest_complete")
+            atomic_write(self.directory / "latest_complete", lambda tmp: tmp.write_text(tag))
             tags = sorted(p.name for p in self.directory.glob("step*") if p.is_dir())
             for old in tags[:-self.keep]:
                 shutil.rmtree(self.directory / old, ignore_errors=True)

@@ -12,7 +12,6 @@ reloads it instead of reading the private data again, so the ledger's single ent
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,10 +20,11 @@ import torch
 from dist_dpc.data import collate
 from dist_dpc.engine.losses import model_inputs
 from dist_dpc.models.heads import centre_pooler_, cls_hidden, pool, pooled_head, set_classifier_
-from dist_dpc.pipeline.trainer import planned_steps, sample_rate, steps_per_epoch
+from dist_dpc.pipeline.trainer import local_device, planned_steps, sample_rate, steps_per_epoch
 from dist_dpc.privacy.accounting import Mechanism
 from dist_dpc.privacy.config import PrivacyConfig
 from dist_dpc.privacy.linear_probe import dp_linear_probe, private_mean
+from dist_dpc.utils.atomic import atomic_write
 from dist_dpc.utils.logging import log
 
 FILE = "head_init.pt"
@@ -52,6 +52,13 @@ class HeadStart:
         if not privacy.enabled or not self.probe_steps:
             return self.extra
         return (*self.extra, Mechanism(privacy.noise_multiplier, sample_rate(ctx), self.probe_steps, ctx.phase))
+
+    def spent_with(self, ctx, privacy: PrivacyConfig, steps: int) -> tuple[Mechanism, ...]:
+        """What one whole fine-tuning run spends: the head start, then ``steps`` DP-SGD steps (the
+        probe's steps and the fine-tuning's share sigma and q: one mechanism)."""
+        if not privacy.enabled:
+            return ()
+        return (*self.extra, Mechanism(privacy.noise_multiplier, sample_rate(ctx), self.probe_steps + steps, ctx.phase))
 
     def results(self, ctx, privacy: PrivacyConfig, steps: int, info: dict, rounds: int = 1) -> dict:
         """Extra fields of the phase's results.json: what was done (the last run's info), and every
@@ -109,7 +116,8 @@ def initialise_head(ctx, model: torch.nn.Module, *, directory: Path, noise_multi
     for tensor in [*head.pooler.parameters(), *head.classifier.parameters()]:
         _broadcast(tensor)
     if ctx.world.is_main:
-        _save(saved, {"pooler": head.pooler.state_dict(), "classifier": head.classifier.state_dict(), "info": info})
+        state = {"pooler": head.pooler.state_dict(), "classifier": head.classifier.state_dict(), "info": info}
+        atomic_write(saved, lambda tmp: torch.save(state, tmp))
     torch.distributed.barrier()
     log(ctx.world, f"[{ctx.phase}] head_init: {info}")
     return info
@@ -117,7 +125,7 @@ def initialise_head(ctx, model: torch.nn.Module, *, directory: Path, noise_multi
 
 def _features(ctx, model, head, teacher):
     """[CLS] states (N, hidden) of every training example in dataset order, labels, teacher logits."""
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = local_device()
     world, data, pad = ctx.world, ctx.train_set, ctx.tokenizer.pad_token_id
     mine = list(range(world.rank, len(data), world.world_size))
     was_training = model.training
@@ -153,10 +161,3 @@ def _broadcast(tensor: torch.Tensor) -> None:
         torch.distributed.broadcast(buf, src=0)
         with torch.no_grad():
             tensor.copy_(buf.to(tensor.device))
-
-
-def _save(path: Path, state: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)

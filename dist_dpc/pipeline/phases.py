@@ -25,10 +25,9 @@ from dist_dpc.compress.pruning import (MaskEnforcer, apply_masks, compute_masks,
 from dist_dpc.models import ModelConfig, load_sequence_classifier
 from dist_dpc.pipeline.config import ALL_PHASES, SPENDING_PHASES, Config
 from dist_dpc.pipeline.head_init import HeadStart
-from dist_dpc.pipeline.trainer import (PhaseContext, evaluate, evaluate_engine, finish_phase, open_phase,
-                                       open_tracker, phase_privacy, phase_results, planned_steps, prior_mechanisms,
-                                       root_of, run_train, sample_rate, save_model, steps_per_epoch, train_dp)
-from dist_dpc.privacy.accounting import Mechanism
+from dist_dpc.pipeline.trainer import (PhaseContext, evaluate, evaluate_engine, finish_phase, local_device,
+                                       open_phase, open_tracker, phase_privacy, phase_results, planned_steps,
+                                       prior_mechanisms, root_of, run_train, save_model, steps_per_epoch, train_dp)
 from dist_dpc.privacy.ledger import PrivacyLedger
 from dist_dpc.utils.logging import log, warn_loudly
 
@@ -146,7 +145,7 @@ def run_distill(cfg: Config) -> dict:
             raise ValueError(f"distill.student={d.student!r} has a vocabulary of {student.config.vocab_size}, the "
                              f"teacher {teacher.config.vocab_size}: distillation on the same batch needs one tokenizer")
         init = f"pre-trained {d.student}"
-    teacher.to(_device())
+    teacher.to(local_device())
     loss = DistillationLoss(teacher, alpha=d.alpha, temperature=d.temperature, hidden_weight=d.hidden_weight,
                             layer_map=layer_map)
     steps = planned_steps(d.epochs or cfg.train.epochs, cfg.train.max_steps, steps_per_epoch(ctx))
@@ -221,9 +220,7 @@ def run_prune(cfg: Config) -> dict:
                 enforcer.check_optimizer(engine.optimizer)
                 engine.post_noise_hooks.append(enforcer)
 
-        earlier = (*start.extra, Mechanism(privacy.noise_multiplier, sample_rate(ctx),
-                                           start.probe_steps + steps_per_round, "prune")) if privacy.enabled else ()
-        round_prior = prior + earlier * r + start.spent(ctx, privacy)
+        round_prior = prior + start.spent_with(ctx, privacy, steps_per_round) * r + start.spent(ctx, privacy)
         info = start.run(ctx, model, round_dir, privacy, _round_seed(ctx.seed, r))
         engine = train_dp(ctx, model, directory=round_dir, steps=steps_per_round, privacy=privacy, prior=round_prior,
                           tracker=tracker, lr=p.lr, seed=_round_seed(ctx.seed, r), step_offset=r * steps_per_round,
@@ -265,10 +262,6 @@ def _load_masks(round_dir: Path):
     return torch.load(path) if path.is_file() else None
 
 
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
 # -- eval ------------------------------------------------------------------------------------------
 def run_eval(cfg: Config) -> dict:
     """Every model of the run tree on the dev split(s): accuracy/F1, parameters, non-zeros, size on
@@ -281,7 +274,7 @@ def run_eval(cfg: Config) -> dict:
         if not results_file.is_file():
             continue
         trained = json.loads(results_file.read_text())
-        model = load_model_dir(model_dir, cfg, ctx.num_labels, ctx.tokenizer).to(_device())
+        model = load_model_dir(model_dir, cfg, ctx.num_labels, ctx.tokenizer).to(local_device())
         metrics = {name: evaluate(model, data, ctx.tokenizer.pad_token_id, cfg.train.eval_batch_size)
                    for name, data in ctx.eval_sets.items()}
         first = next(iter(ctx.eval_sets.values()))

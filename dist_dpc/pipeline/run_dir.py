@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import secrets
 from pathlib import Path
 
 import yaml
 
+from dist_dpc.utils.atomic import atomic_write
 from dist_dpc.utils.config_loader import to_dict
 
 
@@ -83,6 +83,5 @@ class RunDir:
     def write_json(self, name: str | Path, data: dict) -> None:
         # A Path names the file itself (a phase directory's); a string is relative to the run root.
         target = name if isinstance(name, Path) else self.path / name
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=2, default=str))
-        os.replace(tmp, target)
+        text = json.dumps(data, indent=2, default=str)
+        atomic_write(target, lambda tmp: tmp.write_text(text))

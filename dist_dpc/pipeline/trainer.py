@@ -111,6 +111,12 @@ def open_phase(cfg: Config, phase: str, *, load_data: bool = True) -> PhaseConte
                         seed=phase_seed(run.noise_seed(privacy.noise_seed), phase), sampling=sampling, ledger=ledger)
 
 
+def local_device() -> torch.device:
+    """This rank's accelerator (the one init_distributed selected), else the CPU: where a phase puts
+    the models it runs outside the DeepSpeed engine (a frozen teacher, head_init, eval)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def planned_steps(epochs: float, max_steps: int | None, steps_per_epoch: int) -> int:
     steps = max(1, math.ceil(epochs * steps_per_epoch))
     return min(steps, max_steps) if max_steps else steps

@@ -87,3 +87,26 @@ def test_pipeline_records_mean_and_probe_and_a_restart_reloads_the_head(tmp_path
     torch.testing.assert_close(model.classifier.state_dict(), saved["classifier"])
     # and what it saved is the centred pooler: identity weights (the bias is minus the DP mean)
     torch.testing.assert_close(saved["pooler"]["dense.weight"], torch.eye(model.config.hidden_size))
+
+
+@pytest.mark.timeout(900)
+def test_prune_rounds_each_record_their_head_start_and_the_last_round_counts_them_all(tmp_path):
+    # Every round centres and probes its own pruned model: the ledger has one DP mean per round and
+    # one DP-SGD mechanism for all the rounds' probe and fine-tuning steps. The last round's engine
+    # starts from the earlier rounds as its prior, so its epsilon must equal the ledger's total.
+    base = [*TINY, "head_init.centre_pooler=true", "head_init.probe_epochs=1", "wandb.mode=disabled"]
+    ok(dpc(["pipeline", CONFIG, f"run.output_dir={tmp_path}", "run.name=t", *base, "pipeline.phases=[teacher]",
+            "privacy.target_epsilon=4"], timeout=400))
+    ok(dpc(["pipeline", CONFIG, f"run.output_dir={tmp_path}", "run.name=p", *base, "pipeline.phases=[prune]",
+            "pipeline.budget_split={}", "privacy.target_epsilon=8", "prune.method=unstructured", "prune.rounds=2",
+            f"prune.source={tmp_path / 't' / 'teacher' / 'model'}"], timeout=600))
+    ledger = json.loads((tmp_path / "p" / "privacy_ledger.json").read_text())
+    results = json.loads((tmp_path / "p" / "prune" / "results.json").read_text())
+    probe_steps = 10  # 1 epoch of 240 examples at batch 24, in each round
+    assert [(m["noise_multiplier"], m["sample_rate"], m["steps"]) for m in ledger["phases"]["prune"]["mechanisms"]] == [
+        (20.0, 1.0, 1), (20.0, 1.0, 1), (results["noise_multiplier"], results["sample_rate"], 2 * probe_steps + results["steps"])]
+    everything = [m for entry in ledger["phases"].values() for m in entry["mechanisms"]]
+    assert results["epsilon"] == pytest.approx(opacus_prv_epsilon(everything, ledger["delta"]), rel=0.02)
+    assert results["epsilon"] == pytest.approx(8.0, rel=0.01)
+    for r in (1, 2):
+        assert (tmp_path / "p" / "prune" / f"round{r}" / "head_init.pt").is_file()
