@@ -9,8 +9,10 @@ from pathlib import Path
 ROWS = [  # label, run tree, phase
     ("non-private teacher (6 layers)", "nonprivate", "teacher"),
     ("DP teacher (6 layers)", "teacher", "teacher"),
-    ("DPKD student (3 layers)", "teacher", "distill"),
-    ("DP-SGD-only student (3 layers, same init, no KD)", "baseline", "distill"),
+    ("DPKD student (3 layers: teacher layers 0, 2, 4)", "teacher", "distill"),
+    ("DP-SGD-only student (same init, no KD)", "baseline", "distill"),
+    ("DPKD student, teacher layers 0, 2, 5", "kd-last", "distill"),
+    ("DP-SGD-only student, teacher layers 0, 2, 5", "baseline-last", "distill"),
     ("structured DPIMP (6 -> 3 layers)", "structured", "prune"),
     ("unstructured DPIMP (50 %)", "unstructured", "prune"),
     ("2:4 DPIMP", "two-four", "prune"),

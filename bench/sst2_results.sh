@@ -13,6 +13,11 @@ EXTRA=("$@")
 run teacher
 # DP-SGD-only student: the same 3-layer init from the DP teacher, no distillation term.
 run baseline pipeline.phases=[distill,eval] pipeline.budget_split={} distill.alpha=0 distill.teacher=$TEACHER
+# The same two students with the last teacher layer in place of layer 4 (the head reads the last
+# layer; structured pruning keeps it too -- docs/RESULTS.md), each in its own tree on the DP teacher.
+run kd-last pipeline.phases=[distill,eval] pipeline.budget_split={} distill.layer_map=[0,2,5] distill.teacher=$TEACHER
+run baseline-last pipeline.phases=[distill,eval] pipeline.budget_split={} distill.alpha=0 distill.layer_map=[0,2,5] \
+    distill.teacher=$TEACHER
 # DPIMP from the DP teacher: structured to 3 layers, unstructured 50 %, 2:4.
 run structured pipeline.phases=[prune,eval] pipeline.budget_split={} prune.method=structured prune.target_layers=3 \
     prune.rounds=3 prune.epochs=1 prune.source=$TEACHER
