@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from dist_dpc.compress.distill import every_other_layer, student_from_teacher, transformer_layers
+from dist_dpc.compress.distill import student_from_teacher, transformer_layers
 from dist_dpc.compress.pruning import apply_masks
 from dist_dpc.data import load_task, tokenize_split
 from dist_dpc.models import load_sequence_classifier, load_tokenizer
@@ -29,7 +29,9 @@ def input_model(tree: Path, phase: str, cfg, num_labels: int, tokenizer) -> tupl
         return load_sequence_classifier(cfg.model, num_labels, tokenizer, seed=cfg.run.seed), tree / "teacher"
     if phase == "distill":
         teacher = load_model_dir(Path(cfg.distill.teacher or tree / "teacher" / "model"), cfg, num_labels, tokenizer)
-        layer_map = cfg.distill.layer_map or every_other_layer(len(transformer_layers(teacher)[0]))
+        # The map the phase used (results.json; older runs only name it in student_init).
+        trained = json.loads((tree / "distill" / "results.json").read_text())
+        layer_map = trained.get("layer_map") or json.loads(trained["student_init"].removeprefix("teacher layers "))
         return student_from_teacher(teacher, layer_map), tree / "distill"
     if phase == "prune":
         rounds = cfg.prune.rounds

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dist_dpc.compress.distill import every_other_layer
 from dist_dpc.privacy.accounting import Mechanism, compute_epsilon
 from tests.pipeline.test_train import ROOT, dpc
 
@@ -63,6 +64,7 @@ def test_pipeline_ledger_masks_export_and_resume(tmp_path):
     teacher_cfg = json.loads((run / "teacher" / "model" / "config.json").read_text())
     student_cfg = json.loads((run / "distill" / "model" / "config.json").read_text())
     assert (teacher_cfg["num_hidden_layers"], student_cfg["num_hidden_layers"]) == (2, 1)
+    assert results["distill"]["layer_map"] == every_other_layer(2)
 
     # Pruned weights are exactly zero in the final model, at the last round's masks, 50 % of them.
     masks = torch.load(run / "prune" / "round2" / "masks.pt")
