@@ -184,10 +184,9 @@ def drop_layers(model: nn.Module, num_to_keep: int, keep_last: bool = True) -> t
     if not 1 <= num_to_keep <= len(layers):
         raise ValueError(f"prune.target_layers={num_to_keep} is invalid: must be in [1, {len(layers)}]")
     scores = layer_importance(model)
-    candidates = range(len(layers) - 1) if keep_last else range(len(layers))
-    places = num_to_keep - 1 if keep_last else num_to_keep
-    keep = sorted(candidates, key=lambda i: scores[i], reverse=True)[:places]
-    keep = sorted(keep + [len(layers) - 1]) if keep_last else sorted(keep)
+    protected = [len(layers) - 1] if keep_last else []
+    ranked = sorted((i for i in range(len(layers)) if i not in protected), key=lambda i: scores[i], reverse=True)
+    keep = sorted(protected + ranked[:num_to_keep - len(protected)])
     return student_from_teacher(model, keep), keep
 
 

@@ -51,14 +51,14 @@ class HeadStart:
         """Prior for the fine-tuning engine's accountant once the head start has run."""
         if not privacy.enabled or not self.probe_steps:
             return self.extra
-        return (*self.extra, Mechanism(privacy.noise_multiplier, sample_rate(ctx), self.probe_steps, ctx.phase))
+        return (*self.extra, _dp_sgd(ctx, privacy, self.probe_steps))
 
     def spent_with(self, ctx, privacy: PrivacyConfig, steps: int) -> tuple[Mechanism, ...]:
         """What one whole fine-tuning run spends: the head start, then ``steps`` DP-SGD steps (the
         probe's steps and the fine-tuning's share sigma and q: one mechanism)."""
         if not privacy.enabled:
             return ()
-        return (*self.extra, Mechanism(privacy.noise_multiplier, sample_rate(ctx), self.probe_steps + steps, ctx.phase))
+        return (*self.extra, _dp_sgd(ctx, privacy, self.probe_steps + steps))
 
     def results(self, ctx, privacy: PrivacyConfig, steps: int, info: dict, rounds: int = 1) -> dict:
         """Extra fields of the phase's results.json: what was done (the last run's info), and every
@@ -68,13 +68,17 @@ class HeadStart:
         out = {"head_init": info}
         if privacy.enabled:
             out["mechanisms"] = [m.to_dict() for m in self.extra] * rounds + [
-                Mechanism(privacy.noise_multiplier, sample_rate(ctx), self.probe_steps * rounds + steps,
-                          ctx.phase).to_dict()]
+                _dp_sgd(ctx, privacy, self.probe_steps * rounds + steps).to_dict()]
         return out
 
     def run(self, ctx, model: torch.nn.Module, directory: Path, privacy: PrivacyConfig, seed: int, **probe) -> dict:
         return initialise_head(ctx, model, directory=directory, noise_multiplier=privacy.noise_multiplier,
                                sample_rate=sample_rate(ctx), steps=self.probe_steps, seed=seed, **probe)
+
+
+def _dp_sgd(ctx, privacy: PrivacyConfig, steps: int) -> Mechanism:
+    """The phase's DP-SGD mechanism (its sigma and q) over ``steps`` steps, probe and fine-tuning alike."""
+    return Mechanism(privacy.noise_multiplier, sample_rate(ctx), steps, ctx.phase)
 
 
 def initialise_head(ctx, model: torch.nn.Module, *, directory: Path, noise_multiplier: float, sample_rate: float,

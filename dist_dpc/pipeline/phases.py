@@ -160,8 +160,9 @@ def run_distill(cfg: Config) -> dict:
     engine = train_dp(ctx, student, directory=ctx.directory, steps=steps, privacy=privacy,
                       prior=prior_mechanisms(ctx) + start.spent(ctx, privacy), tracker=tracker, loss_fn=loss, lr=d.lr)
     metrics = evaluate_engine(engine, ctx)
-    results = phase_results(ctx, engine, metrics, steps, student_init=init, layer_map=layer_map, alpha=d.alpha, temperature=d.temperature,
-                            source=str(teacher_dir), **start.results(ctx, privacy, steps, info))
+    results = phase_results(ctx, engine, metrics, steps, student_init=init, layer_map=layer_map, alpha=d.alpha,
+                            temperature=d.temperature, source=str(teacher_dir),
+                            **start.results(ctx, privacy, steps, info))
     save_model(engine, ctx.directory / "model", ctx.tokenizer, ctx.world)
     finish_phase(ctx, tracker, results, ctx.directory / "model")
     return results
