@@ -24,6 +24,11 @@ class DataConfig:
     """task=csv: column of the second text of a pair, if any."""
     label_column: str = "label"
     """task=csv: label column; yelp: label1 (business category) or label2 (stars)."""
+    label_names: list[str] | None = None
+    """task=csv/yelp: the class names in index order (the public label schema); a label in the files
+    is one of these names or its index. They size the classifier and become config.json's id2label.
+    null: yelp uses its published categories/stars, csv needs integer labels and model.num_labels.
+    GLUE and the generated set always use their published labels. Never read from the private data."""
     max_length: int = 128
     """Tokens per example after truncation."""
     max_train_samples: int | None = None
@@ -48,5 +53,16 @@ class DataConfig:
             raise ValueError(f"data.synthetic_size={self.synthetic_size!r} is invalid: must be >= 8")
         if self.task == "csv" and not self.train_file:
             raise ValueError("data.train_file=None is invalid for data.task='csv': give the path of a .csv, .tsv or .jsonl file")
+        if self.label_names is not None:
+            self._check_label_names()
         if self.task == "yelp" and self.label_column not in ("label1", "label2"):
             raise ValueError(f"data.label_column={self.label_column!r} is invalid for yelp: allowed values are 'label1' (category), 'label2' (stars)")
+
+    def _check_label_names(self) -> None:
+        names = [str(n).strip() for n in self.label_names]
+        if self.task not in ("csv", "yelp"):
+            raise ValueError(f"data.label_names is set for data.task={self.task!r}, which has a published label "
+                             "schema: remove data.label_names (it applies to task=csv and yelp)")
+        if not names or "" in names or len(set(names)) != len(names):
+            raise ValueError(f"data.label_names={self.label_names!r} is invalid: a non-empty list of distinct names")
+        self.label_names = names

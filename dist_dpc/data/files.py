@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dist_dpc.data.labels import YELP_LABELS, to_indices
+from dist_dpc.data.overlap import refuse_overlap
 from dist_dpc.data.splits import TaskData, TextSplit
 from dist_dpc.data.tables import read_rows, require_columns, require_file
 
@@ -19,40 +21,24 @@ def _column_split(path: Path, name: str, text_col: str, pair_col: str | None, la
     return texts, pairs, raw
 
 
-def _label_space(raw_train: list) -> tuple[list[str], dict]:
-    """Integer labels stay as they are; string labels become indices into their sorted names."""
-    if all(isinstance(v, int) or (isinstance(v, str) and v.strip().lstrip("-").isdigit()) for v in raw_train):
-        top = max(int(v) for v in raw_train)
-        return [str(i) for i in range(top + 1)], {}
-    names = sorted({str(v) for v in raw_train})
-    return names, {n: i for i, n in enumerate(names)}
-
-
-def _to_index(raw: list, mapping: dict, path: Path, label_col: str) -> list[int]:
-    if not mapping:
-        return [int(v) for v in raw]
-    unknown = sorted({str(v) for v in raw} - set(mapping))
-    if unknown:
-        raise ValueError(f"{str(path)!r}: labels {unknown[:5]} in column {label_col!r} do not occur in the training split")
-    return [mapping[str(v)] for v in raw]
-
-
 def load_columns(task: str, train_path: Path, eval_path: Path | None, text_col: str, pair_col: str | None,
-                 label_col: str) -> TaskData:
+                 label_col: str, label_names: list[str] | None) -> TaskData:
+    """Both splits, labels indexed by ``label_names`` (the public schema; None: integer labels)."""
     texts, pairs, raw = _column_split(train_path, "train", text_col, pair_col, label_col)
-    names, mapping = _label_space(raw)
-    train = TextSplit("train", texts, pairs, _to_index(raw, mapping, train_path, label_col))
+    train = TextSplit("train", texts, pairs, to_indices(raw, label_names, train_path, label_col, private=True))
     evals = {}
     if eval_path is not None:
         e_texts, e_pairs, e_raw = _column_split(eval_path, "validation", text_col, pair_col, label_col)
-        evals["validation"] = TextSplit("validation", e_texts, e_pairs, _to_index(e_raw, mapping, eval_path, label_col))
-    return TaskData(task, train, evals, names, pair_col is not None, str(train_path))
+        evals["validation"] = TextSplit("validation", e_texts, e_pairs,
+                                        to_indices(e_raw, label_names, eval_path, label_col, private=False))
+        refuse_overlap(train, evals["validation"], train_path, eval_path)
+    return TaskData(task, train, evals, label_names, pair_col is not None, str(train_path))
 
 
 def load_csv_task(cfg) -> TaskData:
     train = require_file(cfg.train_file, "data.train_file")
     evals = require_file(cfg.eval_file, "data.eval_file") if cfg.eval_file else None
-    return load_columns("csv", train, evals, cfg.text_column, cfg.text_pair_column, cfg.label_column)
+    return load_columns("csv", train, evals, cfg.text_column, cfg.text_pair_column, cfg.label_column, cfg.label_names)
 
 
 def load_yelp(cfg) -> TaskData:
@@ -71,4 +57,5 @@ def load_yelp(cfg) -> TaskData:
         evals = require_file(cfg.eval_file, "data.eval_file")
     else:
         evals = base / "test.csv" if base is not None and (base / "test.csv").is_file() else None
-    return load_columns("yelp", train, evals, "text", None, cfg.label_column)
+    names = cfg.label_names or YELP_LABELS[cfg.label_column]
+    return load_columns("yelp", train, evals, "text", None, cfg.label_column, names)

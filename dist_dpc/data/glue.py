@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+from dist_dpc.data.overlap import refuse_overlap
 from dist_dpc.data.splits import TaskData, TextSplit
 from dist_dpc.data.tables import read_rows, require_columns
 
@@ -65,6 +66,8 @@ def load_glue_dir(task: str, data_dir: str) -> TaskData:
     _, (_, pair_col), _, names, dev = GLUE[task]
     train = _split(task, directory / "train.tsv", "train")
     evals = {split: _split(task, directory / fname, split) for split, fname in dev.items()}
+    for split, fname in dev.items():
+        refuse_overlap(train, evals[split], directory / "train.tsv", directory / fname, field="data.data_dir")
     return TaskData(task, train, evals, names, pair_col is not None, str(directory))
 
 

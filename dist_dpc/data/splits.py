@@ -29,10 +29,10 @@ class TaskData:
     task: str
     train: TextSplit
     eval: dict[str, TextSplit]
-    label_names: list[str]
+    label_names: list[str] | None  # the public schema; None: integer labels, count from model.num_labels
     is_pair: bool
     source: str
 
     @property
-    def num_labels(self) -> int:
-        return len(self.label_names)
+    def num_labels(self) -> int | None:
+        return len(self.label_names) if self.label_names is not None else None

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from dist_dpc.data.splits import TextSplit
-from dist_dpc.utils.atomic import atomic_write
+from dist_dpc.utils.atomic import PRIVATE_FILE, atomic_write, private_dir
 
 
 class TokenizedDataset(torch.utils.data.Dataset):
@@ -45,13 +45,14 @@ def _cache_key(split: TextSplit, tokenizer, max_length: int) -> str:
 def tokenize_split(split: TextSplit, tokenizer, max_length: int, cache_dir: str | Path | None = None) -> TokenizedDataset:
     cache_file = None
     if cache_dir is not None:
-        cache_file = Path(cache_dir) / f"{split.name}-{_cache_key(split, tokenizer, max_length)}.pt"
+        # The cache is the private data itself: 0700 directory, 0600 files.
+        cache_file = private_dir(cache_dir) / f"{split.name}-{_cache_key(split, tokenizer, max_length)}.pt"
         if cache_file.is_file():
             return TokenizedDataset(**torch.load(cache_file, weights_only=False))
     enc = tokenizer(split.texts, split.text_pairs, truncation=True, max_length=max_length)
     data = TokenizedDataset(list(enc["input_ids"]), list(split.labels), list(enc["token_type_ids"]) if "token_type_ids" in enc else None)
     if cache_file is not None:
-        atomic_write(cache_file, lambda tmp: torch.save(data.state(), tmp))  # ranks may race on it
+        atomic_write(cache_file, lambda tmp: torch.save(data.state(), tmp), mode=PRIVATE_FILE)  # ranks may race on it
     return data
 
 
@@ -84,7 +85,12 @@ def collate(examples: list[dict], pad_token_id: int, pad_to_multiple_of: int = 8
 
 
 def check_labels(split: TextSplit, num_labels: int) -> None:
+    """Refuse a label outside the head's range. The training split's offending values are not
+    shown: the message is printed and logged, and they are private; the refusal itself says only
+    that the data is malformed."""
     bad = sorted({y for y in split.labels if not 0 <= y < num_labels})
     if bad:
-        raise ValueError(f"the {split.name} split has labels {bad[:5]} outside [0, {num_labels}): set model.num_labels "
-                         f"to at least {max(bad) + 1}, or fix the label column")
+        shown = "" if split.name == "train" else f" {bad[:5]}"
+        raise ValueError(f"the {split.name} split has labels{shown} outside [0, {num_labels}) (the classifier's "
+                         f"{num_labels} classes): set data.label_names / model.num_labels to the task's full label "
+                         "schema, or fix the label column")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_dpc.data import DataConfig, check_labels, collate, load_task, tokenize_split
+from dist_dpc.data import DataConfig, check_labels, collate, load_task, resolve_num_labels, tokenize_split
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"real data not found at {SHARED}")
@@ -73,18 +73,90 @@ def test_glue_pair_tasks_from_original_tsv(tmp_path):
     assert qqp.train.labels == [1, 0] and qqp.label_names == ["not_duplicate", "duplicate"]
 
 
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    if path.suffix == ".jsonl":
+        path.write_text("\n".join(json.dumps(r) for r in rows))
+    else:
+        sep = "\t" if path.suffix == ".tsv" else ","
+        path.write_text("\n".join(sep.join(str(v) for v in r.values()) if i else sep.join(r)
+                                  for i, r in enumerate([rows[0]] + rows)))
+    return path
+
+
 @pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl"])
 def test_generic_files(tmp_path, suffix):
     rows = [{"review": "fine", "other": "x", "sentiment": "pos"}, {"review": "meh", "other": "y", "sentiment": "neg"}]
-    path = tmp_path / f"train{suffix}"
-    if suffix == ".jsonl":
-        path.write_text("\n".join(json.dumps(r) for r in rows))
-    else:
-        sep = "\t" if suffix == ".tsv" else ","
-        path.write_text("\n".join(sep.join(r.values()) if i else sep.join(r) for i, r in enumerate([rows[0]] + rows)))
-    data = load_task(DataConfig(task="csv", train_file=str(path), eval_file=str(path), text_column="review",
-                                text_pair_column="other", label_column="sentiment"))
+    path = write_rows(tmp_path / f"train{suffix}", rows)
+    held_out = write_rows(tmp_path / f"dev{suffix}", [{"review": "ok", "other": "z", "sentiment": "neg"}])
+    data = load_task(DataConfig(task="csv", train_file=str(path), eval_file=str(held_out), text_column="review",
+                                text_pair_column="other", label_column="sentiment", label_names=["neg", "pos"]))
     assert data.label_names == ["neg", "pos"] and data.train.labels == [1, 0] and data.train.text_pairs == ["x", "y"]
+    assert data.eval["validation"].labels == [0]
+
+
+def test_label_schema_comes_from_the_config_not_the_private_labels(tmp_path):
+    # The training file holds two of the three configured classes (and one row by index): the head
+    # and id2label have three, in the configured order, whatever the data holds.
+    train = write_rows(tmp_path / "train.csv", [{"text": "a", "label": "pos"}, {"text": "b", "label": "neg"},
+                                                {"text": "c", "label": "1"}])
+    dev = write_rows(tmp_path / "dev.csv", [{"text": "d", "label": "neutral"}])
+    data = load_task(DataConfig(task="csv", train_file=str(train), eval_file=str(dev),
+                                label_names=["neg", "pos", "neutral"]))
+    assert data.label_names == ["neg", "pos", "neutral"] and data.num_labels == 3
+    assert data.train.labels == [1, 0, 1] and data.eval["validation"].labels == [2]
+    assert resolve_num_labels(data, None) == 3 and resolve_num_labels(data, 4) == 4
+
+    # A private label outside the schema is refused; the message names the field, never the value.
+    secret = write_rows(tmp_path / "secret.csv", [{"text": "a", "label": "pos"}, {"text": "b", "label": "s3cr3t"}])
+    with pytest.raises(ValueError, match="data.label_names") as err:
+        load_task(DataConfig(task="csv", train_file=str(secret), label_names=["neg", "pos"]))
+    assert "s3cr3t" not in str(err.value)
+    # String labels without a schema: no names are made up from the data.
+    with pytest.raises(ValueError, match="set data.label_names to the class names") as err:
+        load_task(DataConfig(task="csv", train_file=str(secret)))
+    assert "s3cr3t" not in str(err.value) and "pos" not in str(err.value)
+    # An evaluation label outside the schema may be shown: the evaluation split is not protected.
+    odd = write_rows(tmp_path / "odd.csv", [{"text": "e", "label": "maybe"}])
+    with pytest.raises(ValueError, match=r"maybe.*data.label_names"):
+        load_task(DataConfig(task="csv", train_file=str(train), eval_file=str(odd), label_names=["neg", "pos"]))
+
+    # Integer labels without data.label_names: the class count is model.num_labels, not max(label) + 1.
+    ints = write_rows(tmp_path / "ints.csv", [{"text": "a", "label": 0}, {"text": "b", "label": 3}])
+    data = load_task(DataConfig(task="csv", train_file=str(ints)))
+    assert data.label_names is None and data.num_labels is None
+    with pytest.raises(ValueError, match="Set data.label_names .* or model.num_labels"):
+        resolve_num_labels(data, None)
+    assert resolve_num_labels(data, 5) == 5
+    with pytest.raises(ValueError, match="train split has labels outside \\[0, 3\\).*model.num_labels") as err:
+        check_labels(data.train, 3)
+    assert "[3]" not in str(err.value)
+    # Tasks with a published schema refuse a configured one.
+    with pytest.raises(ValueError, match="data.label_names is set for data.task='sst2'"):
+        DataConfig(task="sst2", label_names=["a", "b"])
+
+
+def test_evaluation_file_overlapping_the_training_file_is_refused(tmp_path):
+    train = write_rows(tmp_path / "train.csv", [{"text": f"row {i}", "label": i % 2} for i in range(20)])
+    with pytest.raises(ValueError, match="data.eval_file: the evaluation file .*train.csv' is the training file"):
+        load_task(DataConfig(task="csv", train_file=str(train), eval_file=str(tmp_path / "." / "train.csv")))
+    # Two rows shared, labels differing: refused, naming both files but not how many or which rows.
+    dev = write_rows(tmp_path / "dev.csv", [{"text": "fresh", "label": 0}, {"text": " row 3 ", "label": 0},
+                                            {"text": "row 7", "label": 1}])
+    with pytest.raises(ValueError, match="dev.csv' shares rows .* with the training file .*train.csv'") as err:
+        load_task(DataConfig(task="csv", train_file=str(train), eval_file=str(dev)))
+    assert not any(c.isdigit() for c in str(err.value).replace(str(tmp_path), ""))
+    disjoint = write_rows(tmp_path / "ok.csv", [{"text": "fresh", "label": 0}, {"text": "row 3 again", "label": 1}])
+    assert len(load_task(DataConfig(task="csv", train_file=str(train), eval_file=str(disjoint))).eval["validation"]) == 2
+    # GLUE's dev files are checked against train.tsv too (pairs compared as pairs).
+    write_tsv(tmp_path / "QNLI" / "train.tsv", ["index", "question", "sentence", "label"],
+              [["0", "Who?", "Him.", "entailment"], ["1", "Where?", "There.", "not_entailment"]])
+    write_tsv(tmp_path / "QNLI" / "dev.tsv", ["index", "question", "sentence", "label"],
+              [["0", "Who?", "There.", "entailment"]])
+    assert len(load_task(DataConfig(task="qnli", data_dir=str(tmp_path))).eval["validation"]) == 1
+    write_tsv(tmp_path / "QNLI" / "dev.tsv", ["index", "question", "sentence", "label"],
+              [["0", "Where?", "There.", "entailment"]])
+    with pytest.raises(ValueError, match="data.data_dir: the evaluation file .*dev.tsv' shares rows"):
+        load_task(DataConfig(task="qnli", data_dir=str(tmp_path)))
 
 
 def test_errors_name_the_field(tmp_path):
@@ -144,7 +216,11 @@ def test_tokenize_cache_and_collate(tmp_path, tokenizer, monkeypatch):
 
 
 def test_check_labels():
-    split = load_task(DataConfig(synthetic_size=40)).train
-    check_labels(split, 2)
-    with pytest.raises(ValueError, match="set model.num_labels to at least 2"):
-        check_labels(split, 1)
+    data = load_task(DataConfig(synthetic_size=40))
+    check_labels(data.train, 2)
+    # The training split's values stay out of the message; the evaluation split's are shown.
+    with pytest.raises(ValueError, match=r"train split has labels outside \[0, 1\).*set data.label_names / "
+                                         r"model.num_labels to the task's full label schema"):
+        check_labels(data.train, 1)
+    with pytest.raises(ValueError, match=r"validation split has labels \[1\] outside \[0, 1\)"):
+        check_labels(data.eval["validation"], 1)

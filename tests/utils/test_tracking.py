@@ -23,12 +23,17 @@ def test_offline_wandb_run_holds_metrics_and_ledger(tmp_path):
     assert run["run"]["group"] == "tracked" and run["run"]["job_type"] == "train"
     assert run["run"]["id"] == (run_dir / "wandb_run_id").read_text().strip()
     assert run["config"]["privacy"]["target_epsilon"] == 4.0
-    steps = [h for h in run["history"] if "train/loss" in h]
+    steps = [h for h in run["history"] if "privacy/epsilon" in h]
     assert [h["_step"] for h in steps] == [2, 4]
+    # Under DP only public quantities; the exact statistics of the private batches (train loss,
+    # clipped fraction, gradient-norm quantiles, realised batch size, token counts) are not logged.
     for key in ("train/lr", "privacy/epsilon", "privacy/epsilon_rdp", "privacy/noise_multiplier", "privacy/sample_rate",
-                "privacy/clipped_fraction", "privacy/grad_norm_p50", "train/batch_size", "train/expected_batch_size",
-                "perf/samples_per_s", "perf/tokens_per_s_rank0", "perf/peak_memory_mb"):
+                "train/expected_batch_size", "perf/samples_per_s", "perf/peak_memory_mb"):
         assert key in steps[-1], key
+    for key in ("train/loss", "privacy/clipped_fraction", "privacy/grad_norm_p50", "train/batch_size",
+                "perf/tokens_per_s_rank0"):
+        assert not any(key in h for h in run["history"]), key
+    assert run["summary"]["statistics_released_without_dp"] is False
     assert steps[0]["privacy/epsilon"] < steps[1]["privacy/epsilon"] == pytest.approx(results["epsilon"])
     assert run["summary"]["final_epsilon"] == pytest.approx(results["epsilon"])
     assert run["summary"]["delta"] == pytest.approx(results["delta"])
