@@ -2,21 +2,27 @@
 
 from dist_dpc.privacy import layers  # noqa: F401  (registers the built-in DP layers)
 from dist_dpc.privacy.clipper import (
+    BypassedLayerError,
     ClipMode,
     PerSampleClipper,
+    ReusedLayerError,
     TiedWeightsError,
     UnsupportedLayerError,
+    check_no_bypass,
     find_dp_layers,
     register_dp_layer,
 )
 from dist_dpc.privacy.config import PrivacyConfig
 
 __all__ = [
+    "BypassedLayerError",
     "ClipMode",
     "PerSampleClipper",
     "PrivacyConfig",
+    "ReusedLayerError",
     "TiedWeightsError",
     "UnsupportedLayerError",
+    "check_no_bypass",
     "find_dp_layers",
     "register_dp_layer",
 ]

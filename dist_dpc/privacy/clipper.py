@@ -12,6 +12,8 @@ then, depending on the clipper's mode:
                 has norm <= C: the sensitivity is the same as flat clipping with threshold C.
 
 In ``OFF`` mode the layer runs its ordinary forward (the second, re-weighted pass of flat clipping).
+In the DP modes each layer may run once per pass (``ReusedLayerError`` otherwise), and rules cover
+exact types; ``check_no_bypass`` catches weights used outside their module's forward.
 The Functions save the Parameter objects themselves, so DeepSpeed ZeRO-3's pre-backward gather
 refills them before the backward runs.
 """
@@ -28,22 +30,35 @@ import torch
 from torch import nn
 
 DPForward = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class _Rule:
+    forward: DPForward
+    subclasses: bool  # also serves subclasses (MRO lookup); off by default, see _dp_forward_for
+
+
 # Keyed by "module.QualName" so that rules for third-party layers (transformers' Conv1D, RMSNorm)
 # can be registered without importing their library.
-_REGISTRY: dict[str, DPForward] = {}
+_REGISTRY: dict[str, _Rule] = {}
 
 
 def _key(module_type: type | str) -> str:
     return module_type if isinstance(module_type, str) else f"{module_type.__module__}.{module_type.__qualname__}"
 
 
-def register_dp_layer(*module_types: type | str) -> Callable[[DPForward], DPForward]:
+def register_dp_layer(*module_types: type | str, subclasses: bool = False) -> Callable[[DPForward], DPForward]:
     """Register ``fn(module, clipper, *args, **kwargs)`` as the DP forward of ``module_types``
-    (classes, or their "package.module.ClassName" paths)."""
+    (classes, or their "package.module.ClassName" paths).
+
+    A rule serves exactly these types. A subclass may override ``forward`` or read its weights
+    elsewhere (torch's NonDynamicallyQuantizableLinear is used by nn.MultiheadAttention, which reads
+    its weight directly), so it is only covered when the rule says ``subclasses=True``.
+    """
 
     def wrap(fn: DPForward) -> DPForward:
         for module_type in module_types:
-            _REGISTRY[_key(module_type)] = fn
+            _REGISTRY[_key(module_type)] = _Rule(fn, subclasses)
         return fn
 
     return wrap
@@ -54,10 +69,14 @@ def registered_layer_types() -> tuple[str, ...]:
 
 
 def _dp_forward_for(module: nn.Module) -> DPForward | None:
-    for klass in type(module).__mro__:
-        fn = _REGISTRY.get(_key(klass))
-        if fn is not None:
-            return fn
+    """The rule for ``type(module)`` exactly, else one of its bases registered with subclasses=True."""
+    rule = _REGISTRY.get(_key(type(module)))
+    if rule is not None:
+        return rule.forward
+    for klass in type(module).__mro__[1:]:
+        rule = _REGISTRY.get(_key(klass))
+        if rule is not None and rule.subclasses:
+            return rule.forward
     return None
 
 
@@ -67,6 +86,15 @@ class UnsupportedLayerError(ValueError):
 
 class TiedWeightsError(ValueError):
     """One trainable parameter is used by several layers: per-layer norms would undercount it."""
+
+
+class ReusedLayerError(ValueError):
+    """A DP layer ran twice in one pass (weights shared across depth, a module called twice): its
+    per-sample gradient is the sum over the calls, whose norm needs the cross terms between them."""
+
+
+class BypassedLayerError(ValueError):
+    """A trainable parameter got a gradient outside the DP layers, so that gradient is not clipped."""
 
 
 class ClipMode(enum.Enum):
@@ -87,6 +115,15 @@ def _own_trainable(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
 
 
+def _subclass_hint(module: nn.Module) -> str:
+    """Why a subclass of a supported layer is refused: its forward or its weights' use may differ."""
+    base = next((k for k in type(module).__mro__[1:] if _key(k) in _REGISTRY), None)
+    if base is None:
+        return ""
+    return (f", a subclass of {base.__qualname__}: rules cover exact types, since a subclass may change forward or "
+            "have its weights read by its parent (nn.MultiheadAttention.out_proj)")
+
+
 def find_dp_layers(model: nn.Module) -> list[DPLayer]:
     """Every module owning trainable parameters, each with its DP forward; refuses what can't be clipped."""
     unsupported, layers = [], []
@@ -99,7 +136,7 @@ def find_dp_layers(model: nn.Module) -> list[DPLayer]:
             owners.setdefault(id(p), []).append(name or "<root>")
         fn = _dp_forward_for(module)
         if fn is None:
-            unsupported.append(f"{name or '<root>'} ({type(module).__module__}.{type(module).__name__})")
+            unsupported.append(f"{name or '<root>'} ({type(module).__module__}.{type(module).__name__}){_subclass_hint(module)}")
         else:
             layers.append(DPLayer(name=name, module=module, forward=fn))
     if unsupported:
@@ -138,6 +175,7 @@ class PerSampleClipper:
         self.batch_size: int | None = None
         self.sq_norms: torch.Tensor | None = None  # (B,) sum over layers of squared norms (before clipping)
         self.clipped: torch.Tensor | None = None   # (B,) bool: some layer of this sample was clipped
+        self._called: set[int] = set()             # id(module) of the DP layers run in this pass
         self._attached = False
 
     # -- wiring ---------------------------------------------------------------------------------
@@ -162,22 +200,42 @@ class PerSampleClipper:
         self.mode, self.batch_size = mode, batch_size
         self.sq_norms = None
         self.clipped = None
+        self._called = set()
         try:
             yield self
         finally:
             self.mode = ClipMode.OFF
 
+    def record_call(self, module: nn.Module) -> None:
+        """Refuse a DP layer's second call in one pass, before its output (or any gradient) exists.
+
+        Each call's backward would clip (per_layer) or measure (flat) its own share of the
+        gradient, but a sample's gradient of a layer run k times is the sum of the k shares, whose
+        norm can be up to k times C_l: the sensitivity bound would silently not hold.
+        """
+        if id(module) in self._called:
+            layer = self.layer_by_module[id(module)]
+            name = layer.name or "<root>"
+            raise ReusedLayerError(
+                f"the DP layer {name} ({type(module).__module__}.{type(module).__qualname__}) ran twice in one "
+                "forward pass (weights shared across depth, as in ALBERT, or a module called twice): its per-sample "
+                "gradient would be clipped per call, not as a whole, and could exceed max_grad_norm. Give each use "
+                "its own module, or freeze the shared weights (requires_grad=False)")
+        self._called.add(id(module))
+
     # -- called from the layers' backward ----------------------------------------------------
     def add_sq_norms(self, sq_B: torch.Tensor) -> None:
         self.sq_norms = sq_B if self.sq_norms is None else self.sq_norms + sq_B
 
-    def layer_factors(self, sq_B: torch.Tensor) -> torch.Tensor:
-        """Clip factors min(1, C_l / ||g_i,l||) for one layer; records norms for statistics."""
+    def layer_factors(self, sq_B: torch.Tensor, grad_dtype: torch.dtype) -> torch.Tensor:
+        """Clip factors min(1, C_l' / ||g_i,l||) for one layer, in at least float32; records norms
+        for statistics. ``grad_dtype`` is the dtype the clipped sum is cast to (the parameter's)."""
         self.add_sq_norms(sq_B)
-        norms = sq_B.sqrt()
+        norms = sq_B.sqrt()  # float32 at least: per_sample upcasts
         clipped = norms > self.layer_threshold
         self.clipped = clipped if self.clipped is None else (self.clipped | clipped)
-        return (self.layer_threshold / (norms + 1e-6)).clamp(max=1.0)
+        threshold = self.layer_threshold * (1 - _rounding_margin(grad_dtype))
+        return (threshold / (norms + 1e-6)).clamp(max=1.0)
 
     def flat_factors(self, sq_B: torch.Tensor) -> torch.Tensor:
         """Clip factors min(1, C / ||g_i||) from the whole per-sample norm (flat clipping)."""
@@ -187,6 +245,14 @@ class PerSampleClipper:
 
     def method_summary(self) -> dict[str, dict]:
         return {layer.name: dict(layer.methods) for layer in self.layers}
+
+
+def _rounding_margin(grad_dtype: torch.dtype) -> float:
+    """Relative margin under the threshold so that casting the clipped sum to ``grad_dtype`` cannot
+    lift a sample's contribution above C_l: the cast rounds each coordinate, hence the norm, by at
+    most the unit roundoff (2^-8 for bf16, 2^-11 for fp16); 2^-7 also covers float32 error in the
+    norm. For a batch of one the cast sum is the sample's contribution itself."""
+    return 2.0 ** -7 if grad_dtype in (torch.float16, torch.bfloat16) else 0.0
 
 
 class _BoundDPForward:
@@ -199,7 +265,34 @@ class _BoundDPForward:
     def __call__(self, *args, **kwargs):
         if self.clipper.mode is ClipMode.OFF:
             return type(self.module_ref).forward(self.module_ref, *args, **kwargs)
+        self.clipper.record_call(self.module_ref)
         return self.fn(self.module_ref, self.clipper, *args, **kwargs)
+
+
+def check_no_bypass(clipper: PerSampleClipper, model: nn.Module, summed_loss: Callable[[], torch.Tensor],
+                    batch_size: int) -> None:
+    """Start-up self-test: refuse a trainable parameter whose gradient does not come from a DP layer.
+
+    Exact-type rules say nothing about how a weight is *used*: nn.MultiheadAttention reads
+    out_proj.weight directly, a parent may read a child's weight. In NORMS mode the DP layers return
+    no weight gradients, so after one norms-only backward any trainable parameter with a gradient
+    got it outside them, unclipped. ``summed_loss()`` runs the forward (in NORMS mode) and returns
+    the scalar loss. ``torch.autograd.grad`` neither touches ``.grad`` nor fires accumulation hooks,
+    and under ZeRO-3 it still returns a (full-shape) gradient for a partitioned parameter.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    methods = [dict(layer.methods) for layer in clipper.layers]  # this pass is not part of the report
+    with clipper.pass_mode(ClipMode.NORMS, batch_size):
+        grads = torch.autograd.grad(summed_loss(), [p for _, p in named], allow_unused=True)
+    for layer, counts in zip(clipper.layers, methods):
+        layer.methods = counts
+    bypassed = [n for (n, _), g in zip(named, grads) if g is not None]
+    if bypassed:
+        raise BypassedLayerError(
+            f"these trainable parameters get gradients outside the DP layers, which would not be clipped: "
+            f"{', '.join(bypassed)}. Their module's forward is bypassed (e.g. nn.MultiheadAttention reads "
+            "out_proj.weight directly, or a parent module reads a child's weight). Freeze them "
+            "(requires_grad=False) or replace the module by one whose forward uses its own weights")
 
 
 def record_method(clipper: PerSampleClipper, module: nn.Module, method: str) -> None:

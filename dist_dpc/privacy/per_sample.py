@@ -1,7 +1,9 @@
 """Per-sample gradient norms and clipped gradient sums, from a layer's input and output gradient.
 
 Shapes: B batch, T positions (all non-batch, non-feature dims flattened), I input features,
-O output features. Norms are computed in at least float32.
+O output features. Norms and clipped sums are computed in at least float32: bf16/fp16 inputs are
+upcast, and only the final summed gradient is cast back to the parameter's dtype (by the layer),
+so no sample's clip factor is applied to a rounded copy of its gradient.
 
 For a linear map y_t = W a_t (+ b) the per-sample weight gradient is G_i = sum_t g_t a_t^T. Its
 squared norm can be had two ways:
@@ -21,7 +23,7 @@ DIRECT = "direct"
 
 
 def _acc(t: torch.Tensor) -> torch.Tensor:
-    """Norms accumulate in at least float32 (bf16/fp16 activations are upcast)."""
+    """Norms and clipped sums accumulate in at least float32 (bf16/fp16 activations are upcast)."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
@@ -48,7 +50,9 @@ def linear_sq_norms(a_BTI: torch.Tensor, g_BTO: torch.Tensor, weight_trainable: 
             else:
                 aa_BTT = torch.bmm(a, a.transpose(1, 2))
                 gg_BTT = torch.bmm(g, g.transpose(1, 2))
-                sq = sq + (aa_BTT * gg_BTT).sum(dim=(1, 2))
+                # The Hadamard product of two Gram matrices is PSD, so the sum is >= 0; rounding
+                # can push a ~0 norm slightly negative, and its sqrt would be NaN.
+                sq = sq + (aa_BTT * gg_BTT).sum(dim=(1, 2)).clamp(min=0)
         else:
             grad_BOI = torch.bmm(g.transpose(1, 2), a)
             sq = sq + grad_BOI.pow(2).sum(dim=(1, 2))
@@ -58,11 +62,12 @@ def linear_sq_norms(a_BTI: torch.Tensor, g_BTO: torch.Tensor, weight_trainable: 
 
 
 def linear_clipped_grads(a_BTI: torch.Tensor, g_BTO: torch.Tensor, factors_B: torch.Tensor, weight_trainable: bool, bias_trainable: bool):
-    """sum_i c_i * (per-sample weight grad (O, I), per-sample bias grad (O,))."""
-    cg = g_BTO * factors_B.to(g_BTO.dtype).view(-1, 1, 1)
+    """sum_i c_i * (per-sample weight grad (O, I), per-sample bias grad (O,)), in at least float32."""
+    g = _acc(g_BTO)
+    cg = g * factors_B.to(g.dtype).view(-1, 1, 1)
     weight_grad = bias_grad = None
     if weight_trainable:
-        weight_grad = cg.reshape(-1, cg.shape[-1]).t() @ a_BTI.reshape(-1, a_BTI.shape[-1])
+        weight_grad = cg.reshape(-1, cg.shape[-1]).t() @ _acc(a_BTI).reshape(-1, a_BTI.shape[-1])
     if bias_trainable:
         bias_grad = cg.reshape(-1, cg.shape[-1]).sum(0)
     return weight_grad, bias_grad
@@ -83,10 +88,11 @@ def embedding_sq_norms(ids_BT: torch.Tensor, g_BTD: torch.Tensor, padding_idx: i
 
 
 def embedding_clipped_grad(ids_BT: torch.Tensor, g_BTD: torch.Tensor, factors_B: torch.Tensor, num_embeddings: int, padding_idx: int | None) -> torch.Tensor:
-    cg = g_BTD * factors_B.to(g_BTD.dtype).view(-1, 1, 1)
+    g = _acc(g_BTD)
+    cg = g * factors_B.to(g.dtype).view(-1, 1, 1)
     if padding_idx is not None:
         cg = cg * (ids_BT != padding_idx).unsqueeze(-1).to(cg.dtype)
-    grad = torch.zeros(num_embeddings, g_BTD.shape[-1], dtype=g_BTD.dtype, device=g_BTD.device)
+    grad = torch.zeros(num_embeddings, g.shape[-1], dtype=g.dtype, device=g.device)
     return grad.index_add_(0, ids_BT.reshape(-1), cg.reshape(-1, cg.shape[-1]))
 
 
@@ -102,7 +108,8 @@ def affine_sq_norms(xhat_BTD: torch.Tensor, g_BTD: torch.Tensor, weight_trainabl
 
 
 def affine_clipped_grads(xhat_BTD: torch.Tensor, g_BTD: torch.Tensor, factors_B: torch.Tensor, weight_trainable: bool, bias_trainable: bool):
-    cg = g_BTD * factors_B.to(g_BTD.dtype).view(-1, 1, 1)
-    weight_grad = (cg * xhat_BTD).sum(dim=(0, 1)) if weight_trainable else None
+    g = _acc(g_BTD)
+    cg = g * factors_B.to(g.dtype).view(-1, 1, 1)
+    weight_grad = (cg * _acc(xhat_BTD)).sum(dim=(0, 1)) if weight_trainable else None
     bias_grad = cg.sum(dim=(0, 1)) if bias_trainable else None
     return weight_grad, bias_grad

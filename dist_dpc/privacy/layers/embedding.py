@@ -29,7 +29,7 @@ class DPEmbeddingFunction(torch.autograd.Function):
         if ctx.mode is ClipMode.NORMS:
             ctx.clipper.add_sq_norms(sq)
             return None, None, None, None, None
-        factors = ctx.clipper.layer_factors(sq)
+        factors = ctx.clipper.layer_factors(sq, weight.dtype)
         grad = per_sample.embedding_clipped_grad(ids_BT, g_BTD, factors, weight.shape[0], ctx.padding_idx)
         return None, grad.to(weight.dtype), None, None, None
 

@@ -37,7 +37,7 @@ class DPLinearFunction(torch.autograd.Function):
         if ctx.mode is ClipMode.NORMS:
             ctx.clipper.add_sq_norms(sq)
             return grad_x, None, None, None, None, None
-        factors = ctx.clipper.layer_factors(sq)
+        factors = ctx.clipper.layer_factors(sq, weight.dtype)
         grad_w, grad_b = per_sample.linear_clipped_grads(a_BTI, g_BTO, factors, weight_trainable, bias_trainable)
         if grad_w is not None:
             grad_w = (grad_w.t() if ctx.transposed else grad_w).to(weight.dtype)

@@ -37,7 +37,7 @@ class DPAffineFunction(torch.autograd.Function):
         if ctx.mode is ClipMode.NORMS:
             ctx.clipper.add_sq_norms(sq)
             return grad_xhat, None, None, None
-        factors = ctx.clipper.layer_factors(sq)
+        factors = ctx.clipper.layer_factors(sq, weight.dtype)
         gw, gb = per_sample.affine_clipped_grads(xhat_BTD, g_BTD, factors, weight_trainable, bias_trainable)
         gw = gw.reshape(weight.shape).to(weight.dtype) if gw is not None else None
         gb = gb.reshape(weight.shape).to(weight.dtype) if gb is not None else None
