@@ -74,6 +74,7 @@ def run_deepspeed_mode(mode: str, stage: int, s: dict) -> dict:
     from dist_dpc.engine import DPEngine, build_ds_config, init_distributed
     from dist_dpc.engine.losses import sequence_classification_loss
     from dist_dpc.privacy import PrivacyConfig
+    from dist_dpc.privacy.randomness import SecretKey
 
     world = init_distributed()
     device = torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
@@ -85,7 +86,7 @@ def run_deepspeed_mode(mode: str, stage: int, s: dict) -> dict:
                             clipping="flat" if mode == "flat" else "per_layer")
     total = s["steps"] + s["warmup"]
     engine = DPEngine(model, ds_config, privacy, dataset_size=10**6, expected_batch_size=s["batch"],
-                      planned_steps=total, loss_fn=sequence_classification_loss, world=world, seed=0)
+                      planned_steps=total, loss_fn=sequence_classification_loss, world=world, key=SecretKey.generate())
     batch = make_batch(s, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

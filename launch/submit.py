@@ -10,6 +10,7 @@ import json
 import os
 from pathlib import Path
 
+from dist_dpc.utils.atomic import private_dir
 from dist_dpc.utils.config_loader import build, to_dict
 
 
@@ -93,8 +94,7 @@ def submit(cfg, phases: tuple[str, ...] | None = None) -> list[dict]:
     from dist_dpc.pipeline.phases import MODEL_PHASES
 
     phases = tuple(cfg.pipeline.phases) if phases is None else tuple(phases)
-    run_dir = Path(cfg.run.output_dir) / cfg.run.name
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = private_dir(Path(cfg.run.output_dir) / cfg.run.name)  # 0700: see dist_dpc.utils.atomic
     folder = run_dir / "jobs"
     records, previous = [], None
     def done(p: str) -> bool:

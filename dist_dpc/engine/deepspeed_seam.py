@@ -40,3 +40,18 @@ def zero_stage(engine) -> int:
 def partitions_are_disjoint(engine) -> bool:
     """True when each rank's optimizer holds a disjoint shard of the parameters (ZeRO >= 1)."""
     return zero_stage(engine) >= 1
+
+
+def hooked_partitions(engine) -> list[torch.Tensor]:
+    """Every fp32 tensor the hooked optimizer steps in one whole step on this rank.
+
+    At ZeRO 0-2 they are the inner optimizer's params. ZeRO-3 swaps one sub-group's flat partition
+    into the inner optimizer per ``step()`` and empties its param groups in between, so they are read
+    from the ZeRO-3 optimizer's ``fp32_partitioned_groups_flat`` (pinned by test_deepspeed_seam)."""
+    if zero_stage(engine) == 3:
+        flats = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
+        if flats is None:
+            raise RuntimeError("DeepSpeed's ZeRO-3 optimizer has no fp32_partitioned_groups_flat (tested on "
+                               f"{', '.join(TESTED_DEEPSPEED)}.x): the noise hook cannot check what it noises")
+        return list(flats)
+    return [p for group in inner_torch_optimizer(engine).param_groups for p in group["params"]]

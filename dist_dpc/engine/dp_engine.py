@@ -29,10 +29,11 @@ import torch
 from dist_dpc.engine import deepspeed_seam
 from dist_dpc.engine.distributed import WorldInfo
 from dist_dpc.privacy.accounting import Mechanism, PrivacyAccountant, calibrate_noise_multiplier, compute_epsilon
-from dist_dpc.privacy.clipper import ClipMode, PerSampleClipper
+from dist_dpc.privacy.clipper import ClipMode, PerSampleClipper, check_no_bypass
 from dist_dpc.privacy.config import PrivacyConfig
 from dist_dpc.privacy.accounting import check_delta, delta_default
-from dist_dpc.privacy.noise import add_gaussian_noise_, derive_seed
+from dist_dpc.privacy.noise import add_gaussian_noise_
+from dist_dpc.privacy.randomness import SecretKey
 
 # loss_fn(forward, micro_batch) -> per-sample losses (B,); ``forward`` is the DeepSpeed engine or
 # its raw module and is called with the model's keyword inputs.
@@ -45,6 +46,10 @@ class PrivacyBudgetError(RuntimeError):
 
 @dataclass
 class StepStats:
+    """What one step saw of its private batch. Every field but ``step`` is an exact statistic of
+    the training data, never noised (the realised batch size alone reveals membership under Poisson
+    sampling): for tests and debugging. Runs release them only through trainer.step_metrics, which
+    drops them under DP unless privacy.release_exact_statistics is set."""
     step: int
     loss: float                    # mean per-sample loss of this rank's real samples
     local_samples: int             # real samples on this rank
@@ -78,13 +83,16 @@ def resolve_noise(privacy: PrivacyConfig, *, dataset_size: int, sample_rate: flo
 class DPEngine:
     """DeepSpeed engine + per-sample clipping + partition noise + accountant, one logical step per call."""
 
+    _self_tested = False  # set by the first train_step's _self_test
+
     def __init__(self, model: torch.nn.Module, ds_config: dict, privacy: PrivacyConfig, *, dataset_size: int,
-                 expected_batch_size: int, planned_steps: int, loss_fn: LossFn, world: WorldInfo, seed: int,
+                 expected_batch_size: int, planned_steps: int, loss_fn: LossFn, world: WorldInfo, key: SecretKey,
                  poisson_sampling: bool = True, prior: tuple[Mechanism, ...] = (), phase: str = "train",
                  lr_schedule: Callable[[int], float] | None = None):
         import deepspeed
 
-        self.privacy, self.world, self.loss_fn, self.seed = privacy, world, loss_fn, int(seed)
+        self.privacy, self.world, self.loss_fn = privacy, world, loss_fn
+        self._key = key  # noise and dropout; never saved (see state_dict)
         self.dataset_size, self.expected_batch_size = dataset_size, expected_batch_size
         self.sample_rate = expected_batch_size / dataset_size
         self.poisson_sampling = poisson_sampling
@@ -92,18 +100,24 @@ class DPEngine:
             privacy, dataset_size=dataset_size, sample_rate=self.sample_rate, planned_steps=planned_steps, prior=prior)
         # Validated before DeepSpeed sees the model: unsupported or tied layers fail here.
         self.clipper = PerSampleClipper(model, privacy.max_grad_norm).attach() if privacy.enabled else None
+        _check_flat_precision(privacy, ds_config, model)
         trainable = [p for p in model.parameters() if p.requires_grad]
+        trainable_numel = sum(p.numel() for p in trainable)  # before ZeRO-3 partitions them
         self.ds, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
         self._check_loss_scale()
         self.optimizer = deepspeed_seam.inner_torch_optimizer(self.ds)
         self.optimizer.register_step_pre_hook(self._noise_and_normalise)
+        self._partitions = deepspeed_seam.hooked_partitions(self.ds)
+        self.partition_numel = sum(t.numel() for t in self._partitions)
+        self._begin_noise_count()
+        if self.clipper is not None:
+            self._check_partitions_cover(trainable_numel)
         # lr of step s = base lr * lr_schedule(s), a function of the step count alone (resume-safe).
         self.lr_schedule = lr_schedule
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.noise_stream = world.rank if deepspeed_seam.partitions_are_disjoint(self.ds) else 0
         self.accountant = PrivacyAccountant(accountant=privacy.accountant, delta=self.delta, prior=prior, phase=phase)
         self.steps_done = 0
-        self._hook_calls = 0
         self._norm_sink = trainable
         self.post_noise_hooks: list[Callable[[torch.optim.Optimizer], None]] = []  # e.g. pruning masks
 
@@ -114,8 +128,9 @@ class DPEngine:
                 f"step {self.steps_done + 1} would exceed the privacy budget (epsilon calibrated for "
                 f"{self.max_steps} steps); raise privacy.target_epsilon or stop training here")
         self._seed_dropout()
-        self._hook_calls = 0
+        self._begin_noise_count()
         self.ds.train()
+        self._self_test(micro_batches)
         losses, norms, clipped = [], [], []
         num_micro = len(micro_batches)
         for j, micro in enumerate(micro_batches):
@@ -131,6 +146,7 @@ class DPEngine:
             for group, base in zip(self.optimizer.param_groups, self.base_lrs):
                 group["lr"] = base * factor
         self.ds.step()  # -> _noise_and_normalise, then the optimizer update
+        self._check_noise_count(after_step=True)
         self.steps_done += 1
         if self.privacy.enabled:
             self.accountant.step(self.noise_multiplier, self.sample_rate)
@@ -161,27 +177,112 @@ class DPEngine:
         self.ds.backward((per_sample * (factors * mask).detach().to(per_sample.dtype)).sum())
         return per_sample.detach(), self.clipper.sq_norms.sqrt(), self.clipper.clipped
 
+    def _self_test(self, micro_batches: list[dict]) -> None:
+        """Once per engine, before the first real backward: refuse parameters whose gradients would
+        bypass the DP layers (dist_dpc.privacy.clipper.check_no_bypass). It is the flat mode's
+        norms pass, through the raw module (a backward through the DeepSpeed engine would start
+        ZeRO's reduction), so it works at every stage; the RNG is replayed so that the real pass
+        draws the same dropout masks as without it."""
+        if self.clipper is None or self._self_tested or not micro_batches:
+            return
+        micro = micro_batches[0]
+        mask = micro["sample_mask"].to(self.ds.device)
+        batch = {k: v.to(self.ds.device) if torch.is_tensor(v) else v for k, v in micro.items()}
+        rng = _RngSnapshot()
+        try:
+            check_no_bypass(self.clipper, self.ds.module, lambda: (self.loss_fn(self.ds.module, batch) * mask).sum(),
+                            mask.shape[0])
+        finally:
+            rng.restore()
+        self._self_tested = True
+
     def _noise_and_normalise(self, optimizer, args, kwargs) -> None:
-        """Optimizer step pre-hook: this rank's partition of the reduced clipped sum -> DP gradient."""
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        """Optimizer step pre-hook: this rank's partition of the reduced clipped sum -> DP gradient.
+
+        ZeRO-3 steps its sub-groups one at a time, calling this hook once per sub-group: the noise is
+        labelled (step, stream, call index, tensor index), so no two draws share a generator however
+        many sub-groups there are, and ZeRO 0 replicas (stream 0 everywhere) draw identical noise."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if self.clipper is not None:
+            self._count_noised(params)
+        grads = [p.grad for p in params if p.grad is not None]
         for g in grads:
             g.mul_(self.world.world_size)  # DeepSpeed averaged over ranks; DP-SGD wants the sum
         if self.clipper is not None:
-            # ZeRO-3 steps its sub-groups one at a time, calling this hook once per sub-group: the
-            # call index keeps their noise streams apart.
             std = self.noise_multiplier * self.privacy.max_grad_norm
-            stream = self.noise_stream * 4096 + self._hook_calls
-            add_gaussian_noise_(grads, std, self.seed, self.steps_done, stream)
+            add_gaussian_noise_(grads, std, self._key, "dp-sgd", self.steps_done, self.noise_stream, self._hook_calls)
         self._hook_calls += 1
         for g in grads:
             g.div_(self.expected_batch_size)
         for hook in self.post_noise_hooks:
             hook(optimizer)
 
+    # -- noise accounting: every coordinate the optimizer steps is noised exactly once ------------
+    def _check_partitions_cover(self, trainable_numel: int) -> None:
+        """Once, at construction: the partitions this hook will noise, all ranks together, cover every
+        trainable parameter (>=: DeepSpeed pads partitions for alignment). At ZeRO 0 each rank must hold
+        all of them, or ranks sharing noise stream 0 would put the same draws on different coordinates."""
+        local = self.partition_numel
+        if not deepspeed_seam.partitions_are_disjoint(self.ds):
+            if local != trainable_numel:
+                raise RuntimeError(
+                    f"the optimizer DeepSpeed steps holds {local} elements on rank {self.world.rank}, but the model "
+                    f"has {trainable_numel} trainable ones: at ZeRO 0 every rank must hold all of them (identical "
+                    "noise on replicas). This DeepSpeed setup partitions them anyway; use zero_optimization.stage >= 1")
+            return
+        total = torch.tensor([local], dtype=torch.int64, device=self.ds.device)
+        if self.world.world_size > 1:
+            torch.distributed.all_reduce(total)
+        if int(total) < trainable_numel:
+            raise RuntimeError(
+                f"the optimizer partitions of all {self.world.world_size} ranks hold {int(total)} elements but the "
+                f"model has {trainable_numel} trainable ones: some coordinates would be updated without DP noise. "
+                "Check the DeepSpeed config (offload ratio, ZenFlow, untested optimizers)")
+
+    def _begin_noise_count(self) -> None:
+        self._hook_calls, self._noised_numel, self._noised_ids = 0, 0, set()
+
+    def _count_noised(self, params: list[torch.Tensor]) -> None:
+        """Called from the pre-hook, before the update: raises on a tensor without gradient, one
+        outside this rank's partition, one presented twice, or (on the last expected call) a total
+        other than the partition size."""
+        expected = {id(t) for t in self._partitions}
+        for p in params:
+            if p.grad is None:
+                # torch optimizers skip such a param, DeepSpeed's may not: either way the count is off.
+                raise RuntimeError(f"noise hook: a {p.numel()}-element tensor of this rank's optimizer partition "
+                                   "has no gradient at the step; it would be stepped or skipped without noise. "
+                                   "Stopping before the update")
+            if id(p) not in expected or id(p) in self._noised_ids:
+                raise RuntimeError(f"noise hook: a {p.numel()}-element tensor is "
+                                   + ("not part of this rank's partition" if id(p) not in expected else
+                                      "presented twice in one step (it would be noised twice)")
+                                   + ". Stopping before the update")
+            self._noised_ids.add(id(p))
+            self._noised_numel += p.numel()
+        if self._hook_calls + 1 == self._expected_calls():
+            self._check_noise_count(after_step=False)
+
+    def _expected_calls(self) -> int:
+        # ZeRO-3 presents one sub-group's flat partition per optimizer.step(); the others one call.
+        return len(self._partitions) if deepspeed_seam.zero_stage(self.ds) == 3 else 1
+
+    def _check_noise_count(self, after_step: bool) -> None:
+        if self.clipper is None or self._noised_numel == self.partition_numel:
+            return
+        when = ("after the step (ZeRO-3 had already updated the noised sub-groups; the run stops here)"
+                if after_step else "stopping before the update")
+        raise RuntimeError(
+            f"noise hook: {self._noised_numel} elements were noised at step {self.steps_done} but this rank's "
+            f"optimizer partition has {self.partition_numel}, {when}. Some coordinates were updated outside the "
+            "hooked optimizer (offload_optimizer.ratio < 1, ZenFlow, an untested DeepSpeed path) or lost their "
+            "gradient; use a DeepSpeed config from ds_configs/")
+
     # -- helpers ---------------------------------------------------------------------------------
     def _seed_dropout(self) -> None:
-        # Dropout depends only on (seed, step, rank): a resumed run replays the same masks.
-        torch.manual_seed(derive_seed(self.seed, self.steps_done, self.world.rank, 1))
+        # Dropout depends only on (key, step, rank): a resumed run with the same key replays the same
+        # masks. A hash of the key, so torch's global seed reveals nothing of it.
+        torch.manual_seed(self._key.seed64("dropout", self.steps_done, self.world.rank))
 
     def _check_loss_scale(self) -> None:
         scale = getattr(self.ds.optimizer, "loss_scale", 1.0)
@@ -215,7 +316,8 @@ class DPEngine:
 
     # -- checkpointing ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"steps_done": self.steps_done, "seed": self.seed, "noise_multiplier": self.noise_multiplier,
+        # No key: checkpoints may be released. A run restarted in secure mode draws fresh noise.
+        return {"steps_done": self.steps_done, "noise_multiplier": self.noise_multiplier,
                 "sample_rate": self.sample_rate, "delta": self.delta, "max_steps": self.max_steps,
                 "accountant": self.accountant.state_dict()}
 
@@ -224,7 +326,7 @@ class DPEngine:
             if not math.isclose(float(state[key]), float(getattr(self, key)), rel_tol=1e-9):
                 raise ValueError(f"checkpoint has {key}={state[key]} but this run computed {getattr(self, key)}: "
                                  "resume with the same privacy and data configuration")
-        self.steps_done, self.seed = int(state["steps_done"]), int(state["seed"])
+        self.steps_done = int(state["steps_done"])
         self.accountant.load_state_dict(state["accountant"])
 
     def save_checkpoint(self, directory: str | Path, tag: str, client_state: dict | None = None) -> None:
@@ -237,6 +339,20 @@ class DPEngine:
             raise FileNotFoundError(f"no loadable checkpoint in {directory}")
         self.load_state_dict(client["dp_engine"])
         return client
+
+
+def _check_flat_precision(privacy: PrivacyConfig, ds_config: dict, model: torch.nn.Module) -> None:
+    """Refuse flat clipping in bf16/fp16: its factors come from the norms pass, but the gradient they
+    scale is the real pass's ordinary low-precision backward, accumulated in that precision, so no
+    sample's contribution is bounded by C after rounding. per_layer clips in float32 with a margin."""
+    if not privacy.enabled or privacy.clipping != "flat":
+        return
+    low = {torch.bfloat16, torch.float16}
+    half_params = any(p.dtype in low for p in model.parameters() if p.requires_grad)
+    if half_params or any(ds_config.get(k, {}).get("enabled") for k in ("bf16", "fp16")):
+        raise ValueError("privacy.clipping=flat is not supported with bf16/fp16 training: its real pass computes and "
+                         "sums the re-weighted gradients in low precision, so a sample's clipped contribution can "
+                         "exceed max_grad_norm after rounding. Use privacy.clipping=per_layer, or train in fp32")
 
 
 class _RngSnapshot:

@@ -2,7 +2,8 @@
 
 Batch sizes and accumulation are derived from the DP config (micro-steps per logical step vary
 under Poisson sampling, so the engine drives the accumulation boundary itself). Anything that
-would change gradients behind the DP engine's back is refused before training.
+would change gradients behind the DP engine's back is refused before training, and so is any key
+outside the allow-list of settings the engine is tested with (``ALLOWED``).
 """
 
 from __future__ import annotations
@@ -31,31 +32,116 @@ def read_ds_config(source: dict | str | Path | None) -> dict[str, Any]:
         raise ValueError(f"train.deepspeed_config={str(source)!r} is not valid JSON: {exc}") from exc
 
 
+ANY = None  # a key whose value does not touch gradients (checked elsewhere, or free)
+
+# The DeepSpeed settings the DP engine is tested with (ds_configs/ and tests/engine). Anything else
+# is refused: DeepSpeed has paths that update or rescale coordinates outside the optimizer the noise
+# hook sits on (ZeRO-3 offload ratio < 1 steps a backup optimizer, ZenFlow selective updates,
+# torch_autocast's grad scaler), and a new version may add more. A dict is a nested block, a tuple the
+# allowed values (strings compared case-insensitively), ANY any value. Bucket and prefetch sizes only
+# change how the same sums are communicated; the per-step noise count in DPEngine is the backstop.
+_OFFLOAD_DEVICE = ("cpu", "none")
+ALLOWED: dict[str, Any] = {
+    "train_batch_size": ANY, "train_micro_batch_size_per_gpu": ANY, "gradient_accumulation_steps": ANY,
+    "zero_optimization": {
+        "stage": (0, 1, 2, 3), "overlap_comm": ANY, "contiguous_gradients": ANY, "reduce_scatter": ANY,
+        "reduce_bucket_size": ANY, "allgather_partitions": ANY, "allgather_bucket_size": ANY,
+        "stage3_param_persistence_threshold": ANY, "stage3_gather_16bit_weights_on_model_save": ANY,
+        "stage3_max_live_parameters": ANY, "stage3_max_reuse_distance": ANY, "stage3_prefetch_bucket_size": ANY,
+        "sub_group_size": ANY,
+        "offload_optimizer": {"device": _OFFLOAD_DEVICE, "pin_memory": ANY, "ratio": (1,), "buffer_count": ANY,
+                              "fast_init": ANY},
+        "offload_param": {"device": _OFFLOAD_DEVICE, "pin_memory": ANY, "buffer_count": ANY, "buffer_size": ANY,
+                          "max_in_cpu": ANY},
+    },
+    "bf16": {"enabled": (True, False, "auto")},
+    "fp16": {"enabled": ANY}, "amp": {"enabled": ANY},  # enabled=true refused below, with the reason
+    "optimizer": {"type": ("adam", "adamw", "sgd"),
+                  "params": {"lr": ANY, "betas": ANY, "eps": ANY, "weight_decay": ANY, "torch_adam": ANY,
+                             "adam_w_mode": ANY, "momentum": ANY, "dampening": ANY, "nesterov": ANY}},
+    "scheduler": {"type": ("warmuplr", "warmupdecaylr", "warmupcosinelr", "onecycle", "lrrangetest"), "params": ANY},
+    "zero_allow_untested_optimizer": ANY,  # torch SGD under ZeRO (see build_ds_config)
+    "gradient_clipping": ANY, "prescale_gradients": ANY, "gradient_predivide_factor": ANY,  # checked below
+    "data_efficiency": {"enabled": ANY},  # enabled=true refused below
+    "steps_per_print": ANY, "wall_clock_breakdown": ANY,
+    "comms_logger": {"enabled": ANY, "verbose": ANY, "prof_all": ANY, "prof_ops": ANY, "debug": ANY},
+}
+
+
 def check_dp_safe(ds: dict[str, Any], dp_enabled: bool = True) -> None:
-    """Refuse settings that clip, scale or otherwise change gradients behind the DP engine."""
+    """Refuse settings that clip, scale, or update coordinates behind the DP engine: first the known
+    hazards with their reason and fix, then anything outside the tested allow-list ``ALLOWED``."""
     if not dp_enabled:
         return
-    problems = []
-    if float(ds.get("gradient_clipping", 0) or 0) > 0:
-        problems.append(f"gradient_clipping={ds['gradient_clipping']} (DeepSpeed would clip the noisy sum again, "
-                        "after the per-sample clipping; set it to 0 and use privacy.max_grad_norm)")
-    if ds.get("prescale_gradients"):
-        problems.append("prescale_gradients=true (set it to false)")
-    if float(ds.get("gradient_predivide_factor", 1.0)) != 1.0:
-        problems.append(f"gradient_predivide_factor={ds['gradient_predivide_factor']} (remove it: the engine scales by the expected batch size)")
-    if (ds.get("fp16") or {}).get("enabled"):
-        problems.append("fp16.enabled=true (dynamic loss scaling changes the gradient scale inside the clipped "
-                        "backward; use bf16 or fp32)")
-    if (ds.get("amp") or {}).get("enabled"):
-        problems.append("amp.enabled=true (use bf16 or fp32)")
-    zero = ds.get("zero_optimization") or {}
-    if zero.get("stage", 0) not in (0, 1, 2, 3):
-        problems.append(f"zero_optimization.stage={zero.get('stage')} (allowed: 0, 1, 2, 3)")
-    if (ds.get("data_efficiency") or {}).get("enabled"):
-        problems.append("data_efficiency.enabled=true (curriculum/random-LTD sampling breaks the Poisson sampling the accounting assumes)")
+    problems = _known_hazards(ds)
+    _check_allowed(ds, ALLOWED, "", problems)
     if problems:
         raise UnsafeDeepSpeedConfig("the DeepSpeed config would change gradients behind the DP engine: "
-                                    + "; ".join(problems))
+                                    + "; ".join(problems.values()))
+
+
+def _known_hazards(ds: dict[str, Any]) -> dict[str, str]:
+    """Dotted key -> why it is refused and what to do instead."""
+    problems = {}
+    if float(ds.get("gradient_clipping", 0) or 0) > 0:
+        problems["gradient_clipping"] = (f"gradient_clipping={ds['gradient_clipping']} (DeepSpeed would clip the "
+                                         "noisy sum again, after the per-sample clipping; set it to 0 and use "
+                                         "privacy.max_grad_norm)")
+    if ds.get("prescale_gradients"):
+        problems["prescale_gradients"] = "prescale_gradients=true (set it to false)"
+    if float(ds.get("gradient_predivide_factor", 1.0)) != 1.0:
+        problems["gradient_predivide_factor"] = (f"gradient_predivide_factor={ds['gradient_predivide_factor']} "
+                                                 "(remove it: the engine scales by the expected batch size)")
+    if (ds.get("fp16") or {}).get("enabled"):
+        problems["fp16"] = ("fp16.enabled=true (dynamic loss scaling changes the gradient scale inside the clipped "
+                            "backward; use bf16 or fp32)")
+    if (ds.get("amp") or {}).get("enabled"):
+        problems["amp"] = "amp.enabled=true (use bf16 or fp32)"
+    if "torch_autocast" in ds:
+        problems["torch_autocast"] = ("torch_autocast (DeepSpeed's autocast path steps through its own grad scaler "
+                                      "and is not verified with the noise hook; remove the block and use "
+                                      "bf16.enabled)")
+    zero = ds.get("zero_optimization") or {}
+    if zero.get("stage", 0) not in (0, 1, 2, 3):
+        problems["zero_optimization.stage"] = f"zero_optimization.stage={zero.get('stage')} (allowed: 0, 1, 2, 3)"
+    if "zenflow" in zero:
+        problems["zero_optimization.zenflow"] = ("zero_optimization.zenflow (ZenFlow updates selected coordinates "
+                                                 "outside the hooked optimizer, without DP noise; remove it)")
+    ratio = (zero.get("offload_optimizer") or {}).get("ratio", 1)
+    if float(ratio) != 1.0:
+        problems["zero_optimization.offload_optimizer.ratio"] = (
+            f"zero_optimization.offload_optimizer.ratio={ratio} (below 1, ZeRO-3 steps part of the parameters with "
+            "a backup optimizer the noise hook never sees; remove it or set it to 1)")
+    if (ds.get("data_efficiency") or {}).get("enabled"):
+        problems["data_efficiency"] = ("data_efficiency.enabled=true (curriculum/random-LTD sampling breaks the "
+                                       "Poisson sampling the accounting assumes)")
+    return problems
+
+
+def _check_allowed(block: dict[str, Any], allowed: dict[str, Any], prefix: str, problems: dict[str, str]) -> None:
+    """Add a problem for every key (at any depth) or value outside ``allowed``, unless already explained."""
+    where = f" in {prefix[:-1]}" if prefix else ""
+    for key, value in block.items():
+        name = prefix + key
+        if name in problems:
+            continue
+        if key not in allowed:
+            problems[name] = (f"{name} (not a DeepSpeed setting the DP engine is tested with; it could update or "
+                              f"rescale coordinates outside the noise hook. Allowed{where}: "
+                              f"{', '.join(allowed)})")
+            continue
+        rule = allowed[key]
+        if isinstance(rule, dict):
+            if isinstance(value, dict):
+                _check_allowed(value, rule, name + ".", problems)
+            else:
+                problems[name] = f"{name}={value!r} (must be a JSON object with keys among: {', '.join(rule)})"
+        elif isinstance(rule, tuple) and _normalised(value) not in rule:
+            problems[name] = f"{name}={value!r} (tested values: {', '.join(map(str, rule))})"
+
+
+def _normalised(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value
 
 
 _OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")

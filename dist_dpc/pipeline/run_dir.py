@@ -8,7 +8,8 @@ from pathlib import Path
 
 import yaml
 
-from dist_dpc.utils.atomic import atomic_write
+from dist_dpc.privacy.randomness import SecretKey, broadcast_key
+from dist_dpc.utils.atomic import PRIVATE_FILE, atomic_write, private_dir
 from dist_dpc.utils.config_loader import to_dict
 
 
@@ -57,31 +58,42 @@ class RunDir:
                     "resuming it with other settings would mix two runs. Choose another run.name, or restore "
                     "those values to resume it")
         if world.is_main:
-            path.mkdir(parents=True, exist_ok=True)
+            private_dir(path)  # 0700: it holds checkpoints, the tokenised private data, maybe a seed
         return cls(path, world)
 
-    def noise_seed(self, configured: int | None) -> int:
-        """The seed of noise and sampling: configured, or drawn once from the OS and kept with the run
-        (so a resumed run continues the same streams). All ranks read the same file."""
+    def noise_key(self, privacy) -> SecretKey:
+        """The root key of this process's noise and sampling (phases derive theirs from it).
+
+        secure (default): 256 bits of OS entropy on rank 0, sent to the other ranks in memory and
+        written nowhere; a restarted phase therefore draws fresh noise and batches.
+        insecure_reproducible: derived from privacy.noise_seed, or from a seed drawn once and kept in
+        noise_seed.json (0600) so a resumed run continues the same streams; anyone who can read that
+        file or the config can subtract the noise."""
+        if privacy.randomness == "secure":
+            return broadcast_key(SecretKey.generate() if self.world.is_main else None, self.world.world_size)
+        if privacy.noise_seed is not None:
+            return SecretKey.from_seed(privacy.noise_seed)
+        return SecretKey.from_seed(self._kept_seed())
+
+    def _kept_seed(self) -> int:
+        """insecure_reproducible without privacy.noise_seed: noise_seed.json's seed, drawn on first use."""
         import torch
 
         seed_file = self.path / "noise_seed.json"
-        if configured is not None:
-            seed = int(configured)
-        elif seed_file.exists():
-            seed = int(json.loads(seed_file.read_text())["seed"])
-        else:
-            seed = secrets.randbits(62) if self.world.is_main else 0
-            if torch.distributed.is_initialized() and self.world.world_size > 1:
-                box = [seed]
-                torch.distributed.broadcast_object_list(box, src=0)
-                seed = int(box[0])
-        if self.world.is_main and not seed_file.exists():
-            self.write_json("noise_seed.json", {"seed": seed})
+        seed, drawn = 0, False
+        if self.world.is_main:  # rank 0 alone decides, so every rank joins the same broadcast
+            drawn = not seed_file.exists()
+            seed = secrets.randbits(128) if drawn else int(json.loads(seed_file.read_text())["seed"])
+        if torch.distributed.is_initialized() and self.world.world_size > 1:
+            box = [seed]
+            torch.distributed.broadcast_object_list(box, src=0)
+            seed = int(box[0])
+        if drawn:
+            self.write_json("noise_seed.json", {"seed": seed}, mode=PRIVATE_FILE)
         return seed
 
-    def write_json(self, name: str | Path, data: dict) -> None:
+    def write_json(self, name: str | Path, data: dict, mode: int | None = None) -> None:
         # A Path names the file itself (a phase directory's); a string is relative to the run root.
         target = name if isinstance(name, Path) else self.path / name
         text = json.dumps(data, indent=2, default=str)
-        atomic_write(target, lambda tmp: tmp.write_text(text))
+        atomic_write(target, lambda tmp: tmp.write_text(text), mode=mode)

@@ -7,6 +7,9 @@ Both read the private data, so both are recorded in the ledger like any DP-SGD p
   - dp_linear_probe: Poisson sampling at rate q, per-example gradients clipped to C (flat, over weight
     and bias together), N(0, sigma^2 C^2) per coordinate on the sum: Mechanism(sigma, q, steps).
 
+Both draw their noise (and the probe its Poisson batches) from generators keyed by a SecretKey that
+the caller derives for this one release (dist_dpc.privacy.randomness): never from a small seed.
+
 Dividing by N (the mean) or by q*N (the probe's gradient) treats N as public, as the DP-SGD engine does.
 Why a probe at all: under DP noise the head of a pre-trained encoder learns slowly when its input
 features share a large common component (docs/RESULTS.md); on centred features a DP linear probe
@@ -20,7 +23,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dist_dpc.privacy.noise import derive_seed
+import numpy as np
+
+from dist_dpc.privacy.randomness import SecretKey, add_gaussian_
 
 
 def clip_rows(x: torch.Tensor, clip_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,15 +35,15 @@ def clip_rows(x: torch.Tensor, clip_norm: float) -> tuple[torch.Tensor, torch.Te
     return x * factors, (factors < 1).squeeze(1)
 
 
-def private_mean(x: torch.Tensor, *, clip_norm: float, noise_multiplier: float, seed: int) -> tuple[torch.Tensor, float]:
+def private_mean(x: torch.Tensor, *, clip_norm: float, noise_multiplier: float,
+                 key: SecretKey) -> tuple[torch.Tensor, float]:
     """(sum of rows clipped to clip_norm + N(0, (noise_multiplier*clip_norm)^2 I)) / N, and the clipped fraction."""
     if clip_norm <= 0:
         raise ValueError(f"clip_norm={clip_norm!r} must be > 0")
     if len(x) == 0:
         raise ValueError("private_mean of no rows")
     clipped, was_clipped = clip_rows(x.double(), clip_norm)
-    gen = torch.Generator().manual_seed(derive_seed(seed, 0x3EA7))
-    noise = torch.randn(x.shape[1], generator=gen, dtype=torch.double) * (noise_multiplier * clip_norm)
+    noise = torch.from_numpy(key.generator("dp-mean").standard_normal(x.shape[1])) * (noise_multiplier * clip_norm)
     return ((clipped.sum(0) + noise) / len(x)).to(x.dtype), float(was_clipped.float().mean())
 
 
@@ -66,7 +71,7 @@ class ProbeResult:
 
 def dp_linear_probe(features: torch.Tensor, labels: torch.Tensor, *, weight: torch.Tensor, bias: torch.Tensor,
                     sample_rate: float, steps: int, noise_multiplier: float, max_grad_norm: float, lr: float,
-                    seed: int, teacher_logits: torch.Tensor | None = None, alpha: float = 0.0,
+                    key: SecretKey, teacher_logits: torch.Tensor | None = None, alpha: float = 0.0,
                     temperature: float = 1.0, optimizer: str = "adam") -> ProbeResult:
     """DP-SGD (Adam, or plain SGD) on logits = features @ weight.T + bias, starting from (weight, bias).
 
@@ -83,11 +88,10 @@ def dp_linear_probe(features: torch.Tensor, labels: torch.Tensor, *, weight: tor
     if optimizer not in ("adam", "sgd"):
         raise ValueError(f"optimizer={optimizer!r} must be adam or sgd")
     opt = (torch.optim.Adam if optimizer == "adam" else torch.optim.SGD)([w, b], lr=lr)
-    gen = torch.Generator().manual_seed(derive_seed(seed, 0x9E0BE))
     expected = sample_rate * n
     clipped = seen = 0
-    for _ in range(steps):
-        idx = (torch.rand(n, generator=gen) < sample_rate).nonzero().squeeze(1)
+    for step in range(steps):
+        idx = torch.from_numpy(np.flatnonzero(key.generator("probe-sampling", step).random(n) < sample_rate))
         xb, yb = x[idx], labels[idx]
         with torch.no_grad():
             g = logit_gradients(xb @ w.T + b, yb, None if teacher_logits is None else teacher_logits[idx].float(),
@@ -100,8 +104,8 @@ def dp_linear_probe(features: torch.Tensor, labels: torch.Tensor, *, weight: tor
             grad_w, grad_b = g.T @ xb, g.sum(0)
             std = noise_multiplier * max_grad_norm
             if std:
-                grad_w += torch.randn(grad_w.shape, generator=gen) * std
-                grad_b += torch.randn(grad_b.shape, generator=gen) * std
+                add_gaussian_(grad_w, std, key.generator("probe-noise", step, 0))
+                add_gaussian_(grad_b, std, key.generator("probe-noise", step, 1))
         w.grad, b.grad = grad_w / expected, grad_b / expected
         opt.step()
     return ProbeResult(w.detach(), b.detach(), steps, clipped / seen if seen else 0.0)

@@ -1,9 +1,13 @@
 """Logical batches: Poisson sampling (what the accountant assumes) or fixed-size shuffled batches.
 
-Every rank draws the *whole* logical batch from the same seeded generator and keeps its share, so
+Every rank draws the *whole* logical batch from the same keyed generator and keeps its share, so
 all ranks know every rank's share size — and therefore the common number of micro-steps — without
-any communication. The draw for step ``s`` depends only on (seed, step), so a resumed run samples
-exactly the batches an uninterrupted run would have.
+any communication. The draw for step ``s`` depends only on (key, step): which examples are in a
+batch is as secret as the noise (it is what Poisson subsampling amplification relies on), so the
+generator is keyed by the phase's 128-bit-derived SecretKey, never by a small seed. A resumed run
+samples exactly the batches an uninterrupted run would have if it has the same key
+(privacy.randomness=insecure_reproducible); in secure mode a restarted phase holds a fresh key and
+draws fresh batches for its remaining steps, which is fine for DP (each step is a fresh Poisson draw).
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from dist_dpc.privacy.randomness import SecretKey
 
 
 @dataclass(frozen=True)
@@ -23,7 +29,8 @@ class StepPlan:
 
 
 class _Sampler:
-    def __init__(self, dataset_size: int, expected_batch_size: int, micro_batch_size: int, rank: int, world_size: int, seed: int):
+    def __init__(self, dataset_size: int, expected_batch_size: int, micro_batch_size: int, rank: int, world_size: int,
+                 key: SecretKey):
         if dataset_size < 1:
             raise ValueError("the training set is empty")
         if not 1 <= expected_batch_size <= dataset_size:
@@ -35,14 +42,14 @@ class _Sampler:
         self.dataset_size = dataset_size
         self.expected_batch_size = expected_batch_size
         self.micro_batch_size = micro_batch_size
-        self.rank, self.world_size, self.seed = rank, world_size, int(seed)
+        self.rank, self.world_size, self._key = rank, world_size, key
 
     @property
     def sample_rate(self) -> float:
         return self.expected_batch_size / self.dataset_size
 
-    def _rng(self, *keys: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed & 0xFFFFFFFF, self.seed >> 32, *keys])
+    def _rng(self, *labels: int) -> np.random.Generator:
+        return self._key.generator("sampling", *labels)
 
     def _split(self, batch: np.ndarray) -> StepPlan:
         """Round-robin over ranks, then micro-batches; all ranks get the same micro-step count."""
@@ -54,12 +61,12 @@ class _Sampler:
         return StepPlan(micro_batches=micro, logical_batch_size=int(len(batch)))
 
     def state_dict(self) -> dict:
-        return {"seed": self.seed, "kind": type(self).__name__}
+        """The sampler kind only: the key is never saved (see the module docstring)."""
+        return {"kind": type(self).__name__}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("kind") != type(self).__name__:
             raise ValueError(f"checkpoint was written with {state.get('kind')}, this run uses {type(self).__name__}")
-        self.seed = int(state["seed"])
 
 
 class PoissonSampler(_Sampler):

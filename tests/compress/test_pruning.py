@@ -136,13 +136,14 @@ def _engine(model, zero_stage, noise_multiplier=1.0):
     from dist_dpc.engine import DPEngine, build_ds_config, init_distributed
     from dist_dpc.engine.losses import sequence_classification_loss
     from dist_dpc.privacy import PrivacyConfig
+    from dist_dpc.privacy.randomness import SecretKey
 
     world = init_distributed()
     privacy = PrivacyConfig(target_epsilon=None, noise_multiplier=noise_multiplier, delta=1e-5)
     ds = build_ds_config(None, micro_batch_size=8, world_size=1, zero_stage=zero_stage, lr=1e-2, weight_decay=0.1,
                          optimizer="adamw", bf16=False, dp_enabled=True)
     return DPEngine(model, ds, privacy, dataset_size=1000, expected_batch_size=8, planned_steps=10,
-                    loss_fn=sequence_classification_loss, world=world, seed=3)
+                    loss_fn=sequence_classification_loss, world=world, key=SecretKey.from_seed(3))
 
 
 @pytest.mark.timeout(300)

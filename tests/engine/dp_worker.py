@@ -1,8 +1,9 @@
 """Worker started by torchrun from the engine tests: runs DP steps and saves what rank 0 sees.
 
 Usage: torchrun --nproc_per_node W tests/engine/dp_worker.py SPEC.json OUT.pt
-SPEC: {"cases": [{"model", "stage", "clipping", "accumulation", "noise_multiplier", "max_grad_norm",
-       "micro_batch_size", "lr", "steps"}...], "batch_size": G, "seed": s, "mode": "update"|"noise"}
+SPEC: {"cases": [{"model" (a debug model name) or "random_model" (a tests/engine/random_models spec),
+       "stage", "clipping", "accumulation", "noise_multiplier", "max_grad_norm", "micro_batch_size", "lr",
+       "steps"}...], "batch_size": G, "seed": s, "mode": "update"|"noise"}
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ def logical_batch(vocab: int, size: int, length: int, seed: int) -> dict:
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, vocab, (size, length), generator=gen)
     mask = torch.ones(size, length, dtype=torch.long)
-    for i in range(0, size, 3):  # some right-padded rows
+    for i in range(0, size if length > 2 else 0, 3):  # some right-padded rows
         cut = 2 + i % (length - 2)
         ids[i, cut:] = 0
         mask[i, cut:] = 0
@@ -53,14 +54,33 @@ def full_params(engine) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone().double() for n, p in params}
 
 
-def make_engine(case: dict, spec: dict, world):
-    from dist_dpc.engine import DPEngine, build_ds_config
+def case_model(case: dict, spec: dict):
+    """(model, per-sample loss) of a case: a debug model by name, or a random model from its spec."""
+    if "random_model" in case:
+        from tests.engine.random_models import RandomStack, random_model_loss
+
+        return RandomStack(case["random_model"]), random_model_loss
     from dist_dpc.engine.losses import sequence_classification_loss
-    from dist_dpc.engine.lr_schedule import make_lr_schedule
     from dist_dpc.models import ModelConfig, load_sequence_classifier
-    from dist_dpc.privacy import PrivacyConfig
 
     model = load_sequence_classifier(ModelConfig(name=case["model"], dropout=0.0), num_labels=2, seed=spec["seed"])
+    return model, sequence_classification_loss
+
+
+def case_batch(case: dict, spec: dict, model) -> dict:
+    random_model = case.get("random_model")
+    vocab = random_model["vocab"] if random_model else model.config.vocab_size
+    length = random_model["length"] if random_model else spec.get("length", 9)
+    return logical_batch(vocab, case.get("batch_size", spec.get("batch_size")), length, spec["seed"])
+
+
+def make_engine(case: dict, spec: dict, world):
+    from dist_dpc.engine import DPEngine, build_ds_config
+    from dist_dpc.engine.lr_schedule import make_lr_schedule
+    from dist_dpc.privacy import PrivacyConfig
+    from dist_dpc.privacy.randomness import SecretKey
+
+    model, loss_fn = case_model(case, spec)
     if spec.get("float64"):
         model = model.double()
     initial = {n: p.detach().clone().double() for n, p in model.named_parameters()}
@@ -78,16 +98,18 @@ def make_engine(case: dict, spec: dict, world):
                             noise_multiplier=case["noise_multiplier"], delta=1e-6,
                             max_grad_norm=case["max_grad_norm"], clipping=case["clipping"])
     engine = DPEngine(model, ds_config, privacy, dataset_size=10_000, expected_batch_size=spec["expected_batch_size"],
-                      planned_steps=case.get("steps", 1), loss_fn=sequence_classification_loss, world=world,
-                      seed=spec["seed"], lr_schedule=make_lr_schedule(case.get("lr_schedule", "constant"),
-                                                                     case.get("steps", 1), case.get("warmup_steps", 0)))
+                      planned_steps=case.get("steps", 1), loss_fn=loss_fn, world=world,
+                      # A seed-derived (insecure, reproducible) key: the resume test needs the same noise.
+                      key=SecretKey.from_seed(spec["seed"]),
+                      lr_schedule=make_lr_schedule(case.get("lr_schedule", "constant"), case.get("steps", 1),
+                                                   case.get("warmup_steps", 0)))
     return engine, initial
 
 
 def run_case(case: dict, spec: dict, world) -> dict:
     engine, initial = make_engine(case, spec, world)
     size = case.get("batch_size", spec.get("batch_size"))
-    batch = logical_batch(engine.module.config.vocab_size, size, spec.get("length", 9), spec["seed"])
+    batch = case_batch(case, spec, engine.module)
     comms = {}
     for step in range(case.get("steps", 1)):
         if step == case.get("resume_at"):

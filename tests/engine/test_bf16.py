@@ -10,6 +10,7 @@ from dist_dpc.engine import DPEngine, build_ds_config, init_distributed
 from dist_dpc.engine.losses import sequence_classification_loss
 from dist_dpc.models import ModelConfig, load_sequence_classifier
 from dist_dpc.privacy import PrivacyConfig
+from dist_dpc.privacy.randomness import SecretKey
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -23,7 +24,7 @@ def test_bf16_noise_in_fp32_masters(stage):
     sigma, clip, expected_batch = 1.0, 1.0, 4
     engine = DPEngine(model, ds, PrivacyConfig(target_epsilon=None, noise_multiplier=sigma, max_grad_norm=clip, delta=1e-4),
                       dataset_size=1000, expected_batch_size=expected_batch, planned_steps=2,
-                      loss_fn=sequence_classification_loss, world=world, seed=0)
+                      loss_fn=sequence_classification_loss, world=world, key=SecretKey.generate())
     params = list(engine.module.parameters())
     assert params[0].dtype == torch.bfloat16
     before = [safe_get_full_fp32_param(p).clone() for p in params]

@@ -10,6 +10,7 @@ from dist_dpc.engine import DPEngine, PrivacyBudgetError, UnsafeDeepSpeedConfig,
 from dist_dpc.engine.losses import sequence_classification_loss
 from dist_dpc.models import ModelConfig, load_sequence_classifier
 from dist_dpc.privacy import PrivacyConfig, TiedWeightsError, UnsupportedLayerError
+from dist_dpc.privacy.randomness import SecretKey
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def engine(world, model=None, privacy=None, **kw):
     model = model or load_sequence_classifier(ModelConfig(name="tiny-bert"), num_labels=2)
     privacy = privacy or PrivacyConfig(target_epsilon=None, noise_multiplier=1.0)
     args = dict(dataset_size=1000, expected_batch_size=10, planned_steps=5, loss_fn=sequence_classification_loss,
-                world=world, seed=0)
+                world=world, key=SecretKey.generate())
     args.update(kw)
     return DPEngine(model, ds(), privacy, **args)
 
@@ -38,10 +39,36 @@ def engine(world, model=None, privacy=None, **kw):
     ({"prescale_gradients": True}, "set it to false"),
     ({"gradient_predivide_factor": 2.0}, "remove it"),
     ({"amp": {"enabled": True}}, "use bf16 or fp32"),
+    ({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "ratio": 0.3}}},
+     r"zero_optimization.offload_optimizer.ratio=0.3 \(below 1, ZeRO-3 steps part of the parameters with a backup"),
+    ({"torch_autocast": {"enabled": True, "dtype": "bfloat16"}}, r"torch_autocast \(DeepSpeed's autocast path"),
+    ({"zero_optimization": {"stage": 3, "zenflow": {"topk_ratio": 0.1}}}, "zero_optimization.zenflow"),
+    # Unknown keys, at the top and nested, are refused with the list of what is allowed there.
+    ({"sparse_gradients": True},
+     r"sparse_gradients \(not a DeepSpeed setting .* Allowed: train_batch_size, .*zero_optimization"),
+    ({"zero_optimization": {"stage": 2, "round_robin_gradients": True}},
+     r"zero_optimization.round_robin_gradients .* Allowed in zero_optimization: stage, .*offload_optimizer"),
+    ({"zero_optimization": {"offload_optimizer": {"device": "nvme", "nvme_path": "/x"}}},
+     r"offload_optimizer.device='nvme' \(tested values: cpu, none\).*offload_optimizer.nvme_path"),
+    ({"optimizer": {"type": "OneBitAdam", "params": {"lr": 1e-3}}}, r"optimizer.type='OneBitAdam' \(tested values"),
+    ({"bf16": {"enabled": True, "immediate_grad_update": True}}, "bf16.immediate_grad_update"),
 ])
 def test_unsafe_deepspeed_configs_refused(user, fix):
     with pytest.raises(UnsafeDeepSpeedConfig, match=fix):
         ds(user=user)
+
+
+def test_everything_the_tests_and_templates_use_is_allowed():
+    user = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0, "overlap_comm": True,
+                                  "offload_optimizer": {"device": "cpu", "pin_memory": True, "ratio": 1.0}},
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+            "comms_logger": {"enabled": True, "prof_all": True, "verbose": False},
+            "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 5}}, "wall_clock_breakdown": False}
+    assert ds(user=user, optimizer="sgd")["zero_optimization"]["stage"] == 0  # zero_stage=0 overrides
+    assert ds(user={"optimizer": {"type": "SGD", "params": {"lr": 1.0}}})["zero_allow_untested_optimizer"] is True
+    # Without DP nothing but the batch keys is checked.
+    assert build_ds_config({"torch_autocast": {"enabled": True}}, micro_batch_size=4, world_size=1, zero_stage=0,
+                           lr=1e-3, weight_decay=0.0, optimizer="adamw", bf16=False, dp_enabled=False)
 
 
 def test_deepspeed_batch_keys_are_derived_not_read():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from dist_dpc.privacy.randomness import SecretKey
 from dist_dpc.privacy.sampling import PoissonSampler, ShuffleSampler, make_sampler
 
 N, B, MICRO = 2000, 50, 8
@@ -12,7 +13,8 @@ N, B, MICRO = 2000, 50, 8
 
 def samplers(kind, world, seed=11):
     cls = PoissonSampler if kind == "poisson" else ShuffleSampler
-    return [cls(dataset_size=N, expected_batch_size=B, micro_batch_size=MICRO, rank=r, world_size=world, seed=seed)
+    return [cls(dataset_size=N, expected_batch_size=B, micro_batch_size=MICRO, rank=r, world_size=world,
+                key=SecretKey.from_seed(seed))
             for r in range(world)]
 
 
@@ -56,7 +58,7 @@ def test_inclusion_frequency_matches_q_and_draws_are_independent():
     assert abs(pair / steps - q * q) < 4 * np.sqrt(q * q / steps) + 1e-3
 
 
-def test_plans_depend_only_on_seed_and_step():
+def test_plans_depend_only_on_key_and_step():
     a, b = samplers("poisson", 2, seed=5), samplers("poisson", 2, seed=5)
     assert [a[1].plan(s).micro_batches for s in (0, 7, 99)] == [b[1].plan(s).micro_batches for s in (99, 7, 0)][::-1]
     other = samplers("poisson", 2, seed=6)
@@ -64,7 +66,8 @@ def test_plans_depend_only_on_seed_and_step():
 
 
 def test_empty_logical_batch_still_one_micro_step():
-    s = PoissonSampler(dataset_size=10_000, expected_batch_size=1, micro_batch_size=4, rank=0, world_size=2, seed=0)
+    s = PoissonSampler(dataset_size=10_000, expected_batch_size=1, micro_batch_size=4, rank=0, world_size=2,
+                       key=SecretKey.from_seed(0))
     empties = [s.plan(step) for step in range(200) if s.plan(step).logical_batch_size == 0]
     assert empties, "expected some empty Poisson batches at q = 1e-4"
     assert all(len(p.micro_batches) == 1 and p.micro_batches[0] == [] for p in empties)
@@ -83,6 +86,8 @@ def test_shuffle_batches_are_fixed_and_cover_each_epoch_once():
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="train.batch_size"):
-        PoissonSampler(dataset_size=10, expected_batch_size=20, micro_batch_size=4, rank=0, world_size=1, seed=0)
+        PoissonSampler(dataset_size=10, expected_batch_size=20, micro_batch_size=4, rank=0, world_size=1,
+                       key=SecretKey.from_seed(0))
     with pytest.raises(ValueError, match="privacy.sampling"):
-        make_sampler("uniform", dataset_size=10, expected_batch_size=2, micro_batch_size=4, rank=0, world_size=1, seed=0)
+        make_sampler("uniform", dataset_size=10, expected_batch_size=2, micro_batch_size=4, rank=0, world_size=1,
+                     key=SecretKey.from_seed(0))

@@ -1,0 +1,123 @@
+"""The secret behind every random draw that protects the private data: noise and Poisson batches.
+
+Why not an integer seed and ``torch.Generator``: torch's CPU generator (mt19937) keeps only the low
+32 bits of a seed, so two seeds equal in their low 32 bits give the same draws, and a single noisy
+release (e.g. head_init's DP mean) could be de-noised by trying all 2^32 seeds. Here every draw comes
+from numpy's Philox keyed by 128 bits derived from a 256-bit ``SecretKey``:
+
+    SecretKey --derive(labels)--> SecretKey --generator(labels)--> np.random.Generator(Philox(128-bit key))
+
+Derivation is keyed BLAKE2b over length-prefixed labels, so distinct label tuples give unrelated keys
+and no derived key reveals its parent. The key object never prints, pickles or converts to an int:
+it cannot end up in a checkpoint, config.yaml, W&B or a log by accident. Ranks receive it in memory
+(``broadcast_key``). Only ``privacy.randomness=insecure_reproducible`` derives it from a seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+import numpy as np
+import torch
+
+KEY_BYTES = 32  # 256-bit secret
+_PERSON = b"dist-dpc-key-v1"  # BLAKE2b personalisation: these derivations mean nothing elsewhere
+CHUNK = 1 << 22  # noise is drawn this many float32 values at a time (16 MiB of host memory)
+
+
+def _encode(labels: tuple) -> bytes:
+    """Unambiguous bytes of a label tuple: each label typed and length-prefixed, so ("a", 1) != ("a1",)."""
+    out = bytearray()
+    for label in labels:
+        if isinstance(label, bool) or not isinstance(label, (int, str)):
+            raise TypeError(f"key labels are str or int, got {type(label).__name__} {label!r}")
+        kind, body = (b"s", label.encode()) if isinstance(label, str) else (b"i", str(label).encode())
+        out += kind + len(body).to_bytes(4, "little") + body
+    return bytes(out)
+
+
+class SecretKey:
+    """A 256-bit secret with derivations; never shown, pickled or turned into an int."""
+
+    __slots__ = ("_key",)
+
+    def __init__(self, key: bytes):
+        if not isinstance(key, (bytes, bytearray)) or len(key) != KEY_BYTES:
+            raise ValueError(f"a SecretKey holds exactly {KEY_BYTES} bytes")
+        self._key = bytes(key)
+
+    @classmethod
+    def generate(cls) -> "SecretKey":
+        """Fresh OS entropy: what every private run uses unless it asked to be reproducible."""
+        return cls(secrets.token_bytes(KEY_BYTES))
+
+    @classmethod
+    def from_seed(cls, seed: int) -> "SecretKey":
+        """INSECURE: a key anyone who knows ``seed`` can rebuild (reproducible runs and tests only)."""
+        return cls(hashlib.blake2b(_encode(("insecure-seed", int(seed))), digest_size=KEY_BYTES,
+                                   person=_PERSON).digest())
+
+    def _digest(self, labels: tuple, size: int) -> bytes:
+        return hashlib.blake2b(_encode(labels), key=self._key, digest_size=size, person=_PERSON).digest()
+
+    def derive(self, *labels: int | str) -> "SecretKey":
+        """An independent key for one use (a phase, a prune round, the DP mean, the probe)."""
+        return SecretKey(self._digest(labels, KEY_BYTES))
+
+    def generator(self, *labels: int | str) -> np.random.Generator:
+        """A Philox generator keyed by 128 bits derived from (key, labels)."""
+        return np.random.Generator(np.random.Philox(key=int.from_bytes(self._digest(labels, 16), "little")))
+
+    def seed64(self, *labels: int | str) -> int:
+        """A 63-bit seed for randomness that protects nothing (dropout masks); reveals nothing of the key."""
+        return int.from_bytes(self._digest(labels, 8), "little") & (2**63 - 1)
+
+    def fingerprint(self) -> str:
+        """A short one-way tag (for tests comparing keys across ranks); not the key."""
+        return self._digest(("fingerprint",), 8).hex()
+
+    def __repr__(self) -> str:
+        return "SecretKey(<hidden>)"
+
+    __str__ = __repr__
+
+    def __reduce__(self):
+        raise TypeError("a SecretKey is never serialised (it would land in a checkpoint or log); "
+                        "derive what you need to store instead")
+
+    def __copy__(self) -> "SecretKey":
+        return self
+
+    def __deepcopy__(self, memo) -> "SecretKey":
+        return self
+
+
+def broadcast_key(key: SecretKey | None, world_size: int) -> SecretKey:
+    """Rank 0's key on every rank, sent in memory (never through a file). ``key`` is ignored off rank 0."""
+    if world_size <= 1 or not torch.distributed.is_initialized():
+        assert key is not None, "rank 0 must hold the key"
+        return key
+    backend = torch.distributed.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    buf = torch.zeros(KEY_BYTES, dtype=torch.uint8, device=device)
+    if torch.distributed.get_rank() == 0:
+        buf.copy_(torch.frombuffer(bytearray(key._key), dtype=torch.uint8))
+    torch.distributed.broadcast(buf, src=0)
+    received = SecretKey(bytes(buf.cpu().tolist()))
+    buf.zero_()
+    return received
+
+
+def add_gaussian_(tensor: torch.Tensor, std: float, gen: np.random.Generator) -> None:
+    """In place: tensor += N(0, std^2) per coordinate, drawn in float32 on the host in chunks and moved
+    to the tensor's device (the draws do not depend on the device, so replicas stay identical)."""
+    flat = tensor.view(-1) if tensor.is_contiguous() else None
+    if flat is None:  # rare: draw the whole noise, add it in the tensor's shape
+        noise = torch.from_numpy(gen.standard_normal(tensor.numel(), dtype=np.float32))
+        tensor.add_(noise.view(tensor.shape).to(tensor.device).mul_(std).to(tensor.dtype))
+        return
+    for start in range(0, flat.numel(), CHUNK):
+        count = min(CHUNK, flat.numel() - start)
+        noise = torch.from_numpy(gen.standard_normal(count, dtype=np.float32)).to(flat.device)
+        flat[start:start + count].add_(noise.mul_(std).to(flat.dtype))
