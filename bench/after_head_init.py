@@ -15,7 +15,7 @@ import torch
 
 from dist_dpc.compress.distill import student_from_teacher, transformer_layers
 from dist_dpc.compress.pruning import apply_masks
-from dist_dpc.data import load_task, tokenize_split
+from dist_dpc.data import load_task, resolve_num_labels, tokenize_split
 from dist_dpc.models import load_sequence_classifier, load_tokenizer
 from dist_dpc.models.heads import pooled_head
 from dist_dpc.pipeline.config import load_config
@@ -56,7 +56,7 @@ def main(specs: list[str]) -> None:
         cfg = load_config(str(tree / "config.yaml"))
         tokenizer = load_tokenizer(cfg.model)
         task = load_task(cfg.data)
-        model, head_dir = input_model(tree, phase, cfg, cfg.model.num_labels or task.num_labels, tokenizer)
+        model, head_dir = input_model(tree, phase, cfg, resolve_num_labels(task, cfg.model.num_labels), tokenizer)
         state = torch.load(head_dir / "head_init.pt", weights_only=True)
         head = pooled_head(model, "bench/after_head_init.py")
         head.pooler.load_state_dict(state["pooler"])

@@ -70,8 +70,10 @@ def debug_config(name: str, vocab_size: int, num_labels: int, pad_token_id: int)
     raise ValueError(f"model.name={name!r} is not a debug model; allowed: {', '.join(DEBUG_MODELS)}")
 
 
-def load_sequence_classifier(cfg: ModelConfig, num_labels: int, tokenizer=None, seed: int = 0):
-    """A sequence classifier (HF ``AutoModelForSequenceClassification``) with ``num_labels`` outputs."""
+def load_sequence_classifier(cfg: ModelConfig, num_labels: int, tokenizer=None, seed: int = 0,
+                             label_names: list[str] | None = None):
+    """A sequence classifier (HF ``AutoModelForSequenceClassification``) with ``num_labels`` outputs;
+    ``label_names`` (the task's public schema) become its config's id2label / label2id."""
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
@@ -95,6 +97,9 @@ def load_sequence_classifier(cfg: ModelConfig, num_labels: int, tokenizer=None, 
         _apply_dropout(config, cfg.dropout)
         torch.manual_seed(seed)  # the new classifier head's init
         model = AutoModelForSequenceClassification.from_pretrained(name, config=config)
+    if label_names is not None and len(label_names) == model.config.num_labels:
+        model.config.id2label = dict(enumerate(label_names))
+        model.config.label2id = {name: i for i, name in enumerate(label_names)}
     if cfg.freeze_embeddings:
         for module in model.modules():
             if isinstance(module, torch.nn.Embedding):

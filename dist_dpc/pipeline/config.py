@@ -59,6 +59,10 @@ class TrainConfig:
     """Rows per evaluation batch."""
     log_every: int = 10
     """Log a line every this many steps."""
+    eval_every: int = 0
+    """Evaluate on the evaluation split(s) every this many steps and log eval/<split>/loss and
+    accuracy (0: only at the end). With DP these are how progress is watched: the training loss is
+    computed from the private data and is not released."""
     checkpoint_every: int = 0
     """Save a resumable checkpoint every this many steps (0: only when interrupted or at the end)."""
     keep_checkpoints: int = 1
@@ -69,6 +73,8 @@ class TrainConfig:
             raise ValueError(f"train.epochs={self.epochs!r} is invalid: must be > 0")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"train.max_steps={self.max_steps!r} is invalid: must be >= 1 or null")
+        if self.eval_every < 0:
+            raise ValueError(f"train.eval_every={self.eval_every!r} is invalid: must be >= 0 (0: only at the end)")
         if self.checkpoint_every < 0:
             raise ValueError(f"train.checkpoint_every={self.checkpoint_every!r} is invalid: must be >= 0")
         for key in ("batch_size", "micro_batch_size", "eval_batch_size", "log_every", "keep_checkpoints"):

@@ -20,10 +20,12 @@ import torch
 from dist_dpc.data import collate
 from dist_dpc.engine.losses import model_inputs
 from dist_dpc.models.heads import centre_pooler_, cls_hidden, pool, pooled_head, set_classifier_
-from dist_dpc.pipeline.trainer import local_device, planned_steps, sample_rate, steps_per_epoch
+from dist_dpc.pipeline.trainer import local_device, planned_steps, steps_per_epoch
+from dist_dpc.pipeline.trainer import sample_rate as phase_sample_rate
 from dist_dpc.privacy.accounting import Mechanism
 from dist_dpc.privacy.config import PrivacyConfig
 from dist_dpc.privacy.linear_probe import dp_linear_probe, private_mean
+from dist_dpc.privacy.randomness import SecretKey
 from dist_dpc.utils.atomic import atomic_write
 from dist_dpc.utils.logging import log
 
@@ -34,57 +36,37 @@ FILE = "head_init.pt"
 class HeadStart:
     """The head_init of one fine-tuning run (a phase, or one prune round): what it will spend.
 
-    The probe runs at the phase's sigma and q, so the phase's ledger entry is the DP mean (if any)
-    plus one DP-SGD mechanism of probe_steps + fine-tuning steps."""
+    The phase reserves ``fixed`` (the DP mean, a set sigma) and ``probe_steps`` more DP-SGD steps at
+    its own sigma and q; as each is released it goes into the ledger through the phase's budget."""
     probe_steps: int
-    extra: tuple[Mechanism, ...]  # the DP mean, a fixed sigma (not calibrated)
+    fixed: tuple[Mechanism, ...]  # the DP mean, a fixed sigma (not calibrated)
 
     @classmethod
     def plan(cls, ctx) -> "HeadStart":
         h = ctx.cfg.head_init
         probe = planned_steps(h.probe_epochs, None, steps_per_epoch(ctx)) if h.probe_epochs > 0 else 0
-        extra = ((Mechanism(h.mean_noise_multiplier, 1.0, 1, ctx.phase),)
-                 if h.centre_pooler and ctx.cfg.privacy.enabled else ())
-        return cls(probe, extra)
+        fixed = ((_dp_mean(ctx),) if h.centre_pooler and ctx.cfg.privacy.enabled else ())
+        return cls(probe, fixed)
 
-    def spent(self, ctx, privacy: PrivacyConfig) -> tuple[Mechanism, ...]:
-        """Prior for the fine-tuning engine's accountant once the head start has run."""
-        if not privacy.enabled or not self.probe_steps:
-            return self.extra
-        return (*self.extra, _dp_sgd(ctx, privacy, self.probe_steps))
+    def results(self, ctx, info: dict) -> dict:
+        """Extra fields of the phase's results.json: what was done (the last run's info)."""
+        return {"head_init": info} if ctx.cfg.head_init.enabled else {}
 
-    def spent_with(self, ctx, privacy: PrivacyConfig, steps: int) -> tuple[Mechanism, ...]:
-        """What one whole fine-tuning run spends: the head start, then ``steps`` DP-SGD steps (the
-        probe's steps and the fine-tuning's share sigma and q: one mechanism)."""
-        if not privacy.enabled:
-            return ()
-        return (*self.extra, _dp_sgd(ctx, privacy, self.probe_steps + steps))
-
-    def results(self, ctx, privacy: PrivacyConfig, steps: int, info: dict, rounds: int = 1) -> dict:
-        """Extra fields of the phase's results.json: what was done (the last run's info), and every
-        mechanism to record; ``steps`` are the phase's fine-tuning steps over all its ``rounds``."""
-        if not ctx.cfg.head_init.enabled:
-            return {}
-        out = {"head_init": info}
-        if privacy.enabled:
-            out["mechanisms"] = [m.to_dict() for m in self.extra] * rounds + [
-                _dp_sgd(ctx, privacy, self.probe_steps * rounds + steps).to_dict()]
-        return out
-
-    def run(self, ctx, model: torch.nn.Module, directory: Path, privacy: PrivacyConfig, seed: int, **probe) -> dict:
-        return initialise_head(ctx, model, directory=directory, noise_multiplier=privacy.noise_multiplier,
-                               sample_rate=sample_rate(ctx), steps=self.probe_steps, seed=seed, **probe)
+    def run(self, ctx, model: torch.nn.Module, directory: Path, key: SecretKey, **probe) -> dict:
+        return initialise_head(ctx, model, directory=directory, steps=self.probe_steps, key=key.derive("head_init"),
+                               **probe)
 
 
-def _dp_sgd(ctx, privacy: PrivacyConfig, steps: int) -> Mechanism:
-    """The phase's DP-SGD mechanism (its sigma and q) over ``steps`` steps, probe and fine-tuning alike."""
-    return Mechanism(privacy.noise_multiplier, sample_rate(ctx), steps, ctx.phase)
+def _dp_mean(ctx) -> Mechanism:
+    """head_init's DP mean: one Gaussian mechanism over all N examples (q = 1)."""
+    return Mechanism(ctx.cfg.head_init.mean_noise_multiplier, 1.0, 1, ctx.phase)
 
 
-def initialise_head(ctx, model: torch.nn.Module, *, directory: Path, noise_multiplier: float, sample_rate: float,
-                    steps: int, seed: int, teacher: torch.nn.Module | None = None, alpha: float = 0.0,
+def initialise_head(ctx, model: torch.nn.Module, *, directory: Path, steps: int, key: SecretKey, teacher: torch.nn.Module | None = None, alpha: float = 0.0,
                     temperature: float = 1.0) -> dict:
-    """Centre the pooler and/or probe the classifier of ``model`` in place; returns what was done."""
+    """Centre the pooler and/or probe the classifier of ``model`` in place; returns what was done.
+    Each DP release is recorded through ``ctx.budget`` the moment it is computed, before anything
+    derived from it is written (head_init.pt, the model)."""
     h = ctx.cfg.head_init
     if not h.enabled:
         return {}
@@ -97,24 +79,33 @@ def initialise_head(ctx, model: torch.nn.Module, *, directory: Path, noise_multi
         head.pooler.load_state_dict(state["pooler"])
         head.classifier.load_state_dict(state["classifier"])
         log(ctx.world, f"[{ctx.phase}] head_init: reloaded {saved} (the private data is not read again)")
-        return state["info"]
+        return released_info(state["info"], ctx.cfg.privacy)
     private = ctx.cfg.privacy.enabled
+    budget = ctx.budget if private else None
+    noise_multiplier = budget.noise_multiplier if budget is not None else 0.0
+    sample_rate = budget.sample_rate if budget is not None else phase_sample_rate(ctx)
     cls, labels, teacher_logits = _features(ctx, model, head, teacher)
     info: dict = {}
     if h.centre_pooler:
         sigma = h.mean_noise_multiplier if private else 0.0
-        mean, clipped = private_mean(cls, clip_norm=h.mean_clip_norm, noise_multiplier=sigma, seed=seed)
+        mean, clipped = private_mean(cls, clip_norm=h.mean_clip_norm, noise_multiplier=sigma,
+                                     key=key.derive("dp-mean"))
+        if budget is not None:
+            budget.release(_dp_mean(ctx))
         centre_pooler_(head, mean)
         info["pooler"] = {"noise_multiplier": sigma, "clip_norm": h.mean_clip_norm, "clipped_fraction": clipped}
     if steps > 0:
         result = dp_linear_probe(pool(head, cls).float(), labels, weight=head.classifier.weight,
                                  bias=head.classifier.bias, sample_rate=sample_rate, steps=steps,
-                                 noise_multiplier=noise_multiplier if private else 0.0,
-                                 max_grad_norm=ctx.cfg.privacy.max_grad_norm, lr=h.probe_lr, seed=seed,
+                                 noise_multiplier=noise_multiplier,
+                                 max_grad_norm=ctx.cfg.privacy.max_grad_norm, lr=h.probe_lr, key=key.derive("dp-probe"),
                                  teacher_logits=teacher_logits, alpha=alpha, temperature=temperature)
+        if budget is not None:
+            budget.release(budget.dp_sgd(steps))
         set_classifier_(head, result.weight, result.bias)
-        info["probe"] = {"steps": steps, "noise_multiplier": noise_multiplier if private else 0.0,
+        info["probe"] = {"steps": steps, "noise_multiplier": noise_multiplier,
                          "sample_rate": sample_rate, "lr": h.probe_lr, "clipped_fraction": result.clipped_fraction}
+    info = released_info(info, ctx.cfg.privacy)
     # Every rank computed the same values from the same gathered features; rank 0's are made the
     # only ones anyway, so replicas cannot drift apart by a rounding difference.
     for tensor in [*head.pooler.parameters(), *head.classifier.parameters()]:
@@ -125,6 +116,15 @@ def initialise_head(ctx, model: torch.nn.Module, *, directory: Path, noise_multi
     torch.distributed.barrier()
     log(ctx.world, f"[{ctx.phase}] head_init: {info}")
     return info
+
+
+def released_info(info: dict, privacy: PrivacyConfig) -> dict:
+    """What head_init may report (log, results.json, head_init.pt): its settings. The fractions of
+    [CLS] states and probe gradients clipped are exact statistics of the private data, kept only
+    where those may be released (privacy off, or privacy.release_exact_statistics)."""
+    if privacy.releases_training_statistics:
+        return info
+    return {step: {k: v for k, v in values.items() if k != "clipped_fraction"} for step, values in info.items()}
 
 
 def _features(ctx, model, head, teacher):

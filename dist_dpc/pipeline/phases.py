@@ -25,11 +25,12 @@ from dist_dpc.compress.pruning import (MaskEnforcer, apply_masks, compute_masks,
 from dist_dpc.models import ModelConfig, load_sequence_classifier
 from dist_dpc.pipeline.config import ALL_PHASES, SPENDING_PHASES, Config
 from dist_dpc.pipeline.head_init import HeadStart
+from dist_dpc.pipeline.lineage import import_lineage
 from dist_dpc.pipeline.trainer import (PhaseContext, evaluate, evaluate_engine, finish_phase, local_device,
                                        open_phase, open_tracker, phase_privacy, phase_results, planned_steps,
-                                       prior_mechanisms, root_of, run_train, save_model, steps_per_epoch, train_dp)
+                                       root_of, run_train, save_model, steps_per_epoch, train_dp)
 from dist_dpc.privacy.ledger import PrivacyLedger
-from dist_dpc.utils.logging import log, warn_loudly
+from dist_dpc.utils.logging import log
 
 MODEL_PHASES = SPENDING_PHASES
 
@@ -66,48 +67,6 @@ def source_model(cfg: Config, phase: str, reference: str) -> Path:
     return root_of(cfg) / reference / "model"
 
 
-def import_lineage(ctx: PhaseContext, model_dir: Path) -> None:
-    """A model trained in another run tree on the same data brings its privacy cost along: copy the
-    mechanisms of that tree's ledger into ours (as phase 'imported:<tree>') before spending more."""
-    model_dir = model_dir.resolve()
-    _refuse_non_private_source(ctx, model_dir)
-    if model_dir.parent.parent == ctx.run.path.resolve():
-        return  # same tree: its phases are in our ledger already
-    other = model_dir.parent.parent / "privacy_ledger.json"
-    if not other.is_file():
-        warn_loudly(ctx.world, f"{model_dir} has no privacy ledger next to it: it is taken to be trained on PUBLIC "
-                               "data only. If it saw the private data, this run's epsilon is not a valid bound")
-        return
-    if ctx.ledger is None:
-        return
-    data = json.loads(other.read_text())
-    theirs = PrivacyLedger(other, data.get("target_epsilon"), data["delta"], data["dataset_size"], data["accountant"])
-    if theirs.dataset_size != ctx.ledger.dataset_size:
-        raise ValueError(f"{model_dir} was trained on a data set of N={theirs.dataset_size}, this run has "
-                         f"N={ctx.ledger.dataset_size}: importing its privacy cost needs the same private data set")
-    # The model's lineage: its own phase and everything that tree recorded before it (conservative:
-    # an earlier sibling phase is counted too); phases recorded after it did not shape this model.
-    phases = theirs.phases()
-    source_phase = model_dir.parent.name
-    names = list(phases)
-    lineage = names[:names.index(source_phase) + 1] if source_phase in phases else names
-    mechanisms = [m for m in theirs.mechanisms() if m.phase in lineage]
-    name = f"imported:{model_dir.parent.parent.name}"
-    if ctx.is_main and name not in ctx.ledger.phases():
-        ctx.ledger.record(name, mechanisms, status="completed")
-    torch.distributed.barrier()
-    log(ctx.world, f"[{ctx.phase}] imported the privacy cost of {model_dir} (phases {', '.join(lineage)}: "
-                   f"{len(mechanisms)} mechanisms) into this run's ledger")
-
-
-def _refuse_non_private_source(ctx: PhaseContext, model_dir: Path) -> None:
-    results = model_dir.parent / "results.json"
-    if ctx.cfg.privacy.enabled and results.is_file() and not json.loads(results.read_text()).get("private", True):
-        raise ValueError(f"{ctx.phase}: its source model {model_dir} was trained on the private data WITHOUT "
-                         "differential privacy; nothing derived from it has a DP guarantee. Train the source "
-                         "with privacy.enabled=true")
-
-
 def load_model_dir(path: Path, cfg: Config, num_labels: int, tokenizer):
     model_cfg = ModelConfig(name=str(path), tokenizer=cfg.model.tokenizer, num_labels=cfg.model.num_labels,
                             dropout=cfg.model.dropout, freeze_embeddings=cfg.model.freeze_embeddings,
@@ -126,7 +85,7 @@ def run_distill(cfg: Config) -> dict:
     d = cfg.distill
     teacher_dir = Path(d.teacher) if d.teacher else source_model(cfg, "distill", "teacher")
     ctx = open_phase(cfg, "distill")
-    import_lineage(ctx, teacher_dir)
+    import_lineage(ctx, teacher_dir, role="distill.teacher")
     teacher = load_model_dir(teacher_dir, cfg, ctx.num_labels, ctx.tokenizer)
     if d.student == "from_teacher":
         layers, _ = transformer_layers(teacher)
@@ -136,11 +95,12 @@ def run_distill(cfg: Config) -> dict:
         init = f"teacher layers {layer_map}"
     else:
         layer_map = None
+        import_lineage(ctx, d.student, role="distill.student")
         student = load_sequence_classifier(ModelConfig(name=d.student, num_labels=cfg.model.num_labels,
                                                        dropout=cfg.model.dropout, trainable=cfg.model.trainable,
                                                        freeze_embeddings=cfg.model.freeze_embeddings),
                                            ctx.num_labels, ctx.tokenizer,
-                                           seed=cfg.run.seed)
+                                           seed=cfg.run.seed, label_names=ctx.label_names)
         if student.config.vocab_size != teacher.config.vocab_size:
             raise ValueError(f"distill.student={d.student!r} has a vocabulary of {student.config.vocab_size}, the "
                              f"teacher {teacher.config.vocab_size}: distillation on the same batch needs one tokenizer")
@@ -150,20 +110,20 @@ def run_distill(cfg: Config) -> dict:
                             layer_map=layer_map)
     steps = planned_steps(d.epochs or cfg.train.epochs, cfg.train.max_steps, steps_per_epoch(ctx))
     start = HeadStart.plan(ctx)
-    privacy = phase_privacy(ctx, steps + start.probe_steps, extra=start.extra)
+    privacy = phase_privacy(ctx, steps + start.probe_steps, fixed=start.fixed)
     tracker = open_tracker(ctx)
     log(ctx.world, f"[distill] student: {init}; loss (1-{d.alpha})*CE + {d.alpha}*T^2*KL, T={d.temperature}"
                    + (f", hidden MSE x{d.hidden_weight}" if d.hidden_weight else ""))
     # The probe fits the student's classifier to the same loss (without the hidden-state term).
-    info = start.run(ctx, student, ctx.directory, privacy, ctx.seed, teacher=teacher if d.alpha else None,
+    info = start.run(ctx, student, ctx.directory, ctx.key, teacher=teacher if d.alpha else None,
                      alpha=d.alpha, temperature=d.temperature)
-    engine = train_dp(ctx, student, directory=ctx.directory, steps=steps, privacy=privacy,
-                      prior=prior_mechanisms(ctx) + start.spent(ctx, privacy), tracker=tracker, loss_fn=loss, lr=d.lr)
+    engine = train_dp(ctx, student, directory=ctx.directory, steps=steps, privacy=privacy, tracker=tracker,
+                      loss_fn=loss, lr=d.lr)
     metrics = evaluate_engine(engine, ctx)
     results = phase_results(ctx, engine, metrics, steps, student_init=init, layer_map=layer_map, alpha=d.alpha,
                             temperature=d.temperature, source=str(teacher_dir),
-                            **start.results(ctx, privacy, steps, info))
-    save_model(engine, ctx.directory / "model", ctx.tokenizer, ctx.world)
+                            **start.results(ctx, info))
+    save_model(ctx, engine, ctx.directory / "model")
     finish_phase(ctx, tracker, results, ctx.directory / "model")
     return results
 
@@ -175,15 +135,14 @@ def run_prune(cfg: Config) -> dict:
     p = cfg.prune
     source = source_model(cfg, "prune", p.source)
     ctx = open_phase(cfg, "prune")
-    import_lineage(ctx, source)
+    import_lineage(ctx, source, role="prune.source")
     steps_per_round = planned_steps((p.epochs or cfg.train.epochs) / p.rounds, cfg.train.max_steps,
                                     steps_per_epoch(ctx))
     total_steps = steps_per_round * p.rounds
     # head_init runs in every round, on the pruned model: its steps and DP mean count once per round.
     start = HeadStart.plan(ctx)
-    privacy = phase_privacy(ctx, total_steps + start.probe_steps * p.rounds, extra=start.extra * p.rounds)
+    privacy = phase_privacy(ctx, total_steps + start.probe_steps * p.rounds, fixed=start.fixed * p.rounds)
     tracker = open_tracker(ctx)
-    prior = prior_mechanisms(ctx)
     model = load_model_dir(source, cfg, ctx.num_labels, ctx.tokenizer)
     start_depth = len(transformer_layers(model)[0])
     target_layers = p.target_layers or math.ceil(start_depth / 2)
@@ -221,14 +180,15 @@ def run_prune(cfg: Config) -> dict:
                 enforcer.check_optimizer(engine.optimizer)
                 engine.post_noise_hooks.append(enforcer)
 
-        round_prior = prior + start.spent_with(ctx, privacy, steps_per_round) * r + start.spent(ctx, privacy)
-        info = start.run(ctx, model, round_dir, privacy, _round_seed(ctx.seed, r))
-        engine = train_dp(ctx, model, directory=round_dir, steps=steps_per_round, privacy=privacy, prior=round_prior,
-                          tracker=tracker, lr=p.lr, seed=_round_seed(ctx.seed, r), step_offset=r * steps_per_round,
+        # head_init and the DP-SGD steps of each round are released into the ledger as they happen;
+        # the next round composes with them (train_dp takes its prior from the phase's budget).
+        info = start.run(ctx, model, round_dir, _round_key(ctx.key, r))
+        engine = train_dp(ctx, model, directory=round_dir, steps=steps_per_round, privacy=privacy,
+                          tracker=tracker, lr=p.lr, key=_round_key(ctx.key, r), step_offset=r * steps_per_round,
                           setup=setup, desc=f"prune {r + 1}/{p.rounds}")
         if enforcer is not None and enforcer.violations():
             raise RuntimeError(f"prune round {r + 1}: {enforcer.violations()} pruned weights moved off zero")
-        save_model(engine, done, ctx.tokenizer, ctx.world)
+        save_model(ctx, engine, done)
         if ctx.is_main:
             ctx.run.write_json(round_dir / "done.json", {"round": r + 1, "kept_layers": kept_layers,
                                                          "steps": steps_per_round})
@@ -244,18 +204,17 @@ def run_prune(cfg: Config) -> dict:
                             kept_layers=kept_layers if p.method == "structured" else None,
                             prunable_sparsity=stats["prunable_sparsity"],
                             nonzero_parameters=stats["nonzero_parameters"], source=str(source),
-                            global_steps=total_steps, **start.results(ctx, privacy, total_steps, info, p.rounds))
+                            global_steps=total_steps, **start.results(ctx, info))
     # engine.accountant covers only the last round (plus everything before it as prior): epsilon
     # and steps above are for the whole phase because the prior includes the earlier rounds.
-    save_model(engine, ctx.directory / "model", ctx.tokenizer, ctx.world)
+    save_model(ctx, engine, ctx.directory / "model")
     finish_phase(ctx, tracker, results, ctx.directory / "model")
     return results
 
 
-def _round_seed(seed: int, r: int) -> int:
-    from dist_dpc.privacy.noise import derive_seed
-
-    return derive_seed(seed, 7919, r)  # rounds draw independent noise and batches
+def _round_key(key, r: int):
+    """Rounds draw independent noise and batches (and head_init releases): one derived key each."""
+    return key.derive("prune-round", r)
 
 
 def _load_masks(round_dir: Path):
@@ -444,6 +403,7 @@ def model_card(cfg: Config, ctx: PhaseContext, source_phase: str, trained: dict)
                 lines.append(f"| {name} | {entry['status']} | {m['noise_multiplier']:.4f} | {m['sample_rate']:.5f} "
                              f"| {m['steps']} |")
         lines.append("")
+    lines += _released_without_dp(ctx, cfg)
     lines += ["## Phases", ""]
     for phase in cfg.pipeline.phases:
         f = ctx.run.path / phase / "results.json"
@@ -454,8 +414,26 @@ def model_card(cfg: Config, ctx: PhaseContext, source_phase: str, trained: dict)
                          + (f", {r['method']} pruning" if r.get("method") else "")
                          + (f", student {r['student_init']}" if r.get("student_init") else ""))
     lines += ["", f"Exported from the {source_phase} phase ({trained.get('parameters', 0):,} parameters).",
-              f"Data: {cfg.data.task}. Base model: {cfg.model.name}.", ""]
+              f"Data: {cfg.data.task}. Base model: {cfg.model.name}."
+              + (f" Labels: {', '.join(ctx.label_names)} (the task's label schema)." if ctx.label_names else ""), ""]
     return "\n".join(lines)
+
+
+def _released_without_dp(ctx: PhaseContext, cfg: Config) -> list[str]:
+    """The card's warning when a phase of the tree ran with privacy.release_exact_statistics: its
+    logs and results hold exact training statistics that the guarantee above does not cover."""
+    marked = [phase for phase in cfg.pipeline.phases if phase in MODEL_PHASES
+              and json.loads(_read_or(ctx.run.path / phase / "results.json")).get("statistics_released_without_dp")]
+    if not marked:
+        return []
+    return [f"**WARNING: statistics released without DP.** Phase(s) {', '.join(marked)} ran with "
+            "privacy.release_exact_statistics=true: their logs, metrics and results hold exact statistics of the "
+            "training data (train loss, clipped fractions, gradient norms, batch sizes), which the guarantee above "
+            "does not cover.", ""]
+
+
+def _read_or(path: Path, default: str = "{}") -> str:
+    return path.read_text() if path.is_file() else default
 
 
 # -- the chain -------------------------------------------------------------------------------------

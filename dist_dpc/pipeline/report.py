@@ -4,8 +4,9 @@ Every epsilon is recomputed from the run tree's privacy ledger (RUN_DIR/privacy_
 total is the PRV composition of all recorded mechanisms (RDP beside it for comparison), never a sum
 of per-phase epsilons. The phases' results.json and metrics.jsonl add what the ledger does not hold:
 the sampling actually used, accuracies, model sizes and the epsilon logged during training (drawn
-over the recomputed curve as a cross-check). The report only reads the run tree and writes its own
-output directory; it spends no privacy.
+over the recomputed curve as a cross-check). A phase that ran with privacy.release_exact_statistics
+(results.json: statistics_released_without_dp) is marked at the top. The report only reads the run
+tree and writes its own output directory; it spends no privacy.
 
     RUN/privacy_ledger.json  config.yaml  [results.json metrics.jsonl]     (single-phase `dpc train`)
         teacher/ distill/ prune/: results.json metrics.jsonl             (pipeline phases)
@@ -129,12 +130,14 @@ def open_ledger(run_dir: Path) -> PrivacyLedger:
         raise ReportError(f"{path} is not a readable privacy ledger ({type(err).__name__}: {err})") from err
 
 
-def _phase_directory(run_dir: Path, name: str) -> Path | None:
-    if name == "train":  # `dpc train` writes into the run root
-        return run_dir
-    if ":" in name or "/" in name:  # imported:<tree> and the like: no directory in this tree
+def _phase_directory(run_dir: Path, name: str, entry: dict, latest: dict[str, str]) -> Path | None:
+    """The directory whose results.json and metrics.jsonl describe ledger entry ``name``: its phase's
+    directory for the phase's latest attempt; none for an earlier attempt (its files were
+    overwritten by the later one) or an imported/declared entry (no directory in this tree)."""
+    phase = entry.get("phase", name)
+    if ":" in phase or "/" in phase or latest.get(phase) != name:
         return None
-    return run_dir / name
+    return run_dir if phase == "train" else run_dir / phase  # `dpc train` writes into the run root
 
 
 def _sampling(phase: Phase, config: dict) -> tuple[str, str]:
@@ -155,8 +158,10 @@ def load_run(run_dir: str | Path) -> RunTree:
     ledger = open_ledger(path)
     config = _read_config(path)
     phases = []
-    for name, entry in ledger.phases().items():
-        directory = _phase_directory(path, name)
+    entries = ledger.phases()
+    latest = {e.get("phase", n): n for n, e in entries.items()}  # later attempts come later in the ledger
+    for name, entry in entries.items():
+        directory = _phase_directory(path, name, entry, latest)
         phase = Phase(name=name, status=entry["status"],
                       mechanisms=[Mechanism.from_dict({**m, "phase": name}) for m in entry["mechanisms"]],
                       directory=directory)
@@ -425,6 +430,12 @@ def render_markdown(tree: RunTree, rows: list[dict], models: list[dict], totals:
     n, delta, target = ledger.dataset_size, ledger.delta, ledger.target_epsilon
     shuffled = [r["phase"] for r in rows if r["sampling"] == "shuffle"]
     lines = [f"# Privacy report: {tree.name}", ""]
+    released = released_without_dp(tree)
+    if released:
+        lines += [f"> **WARNING: statistics released without DP** in phase(s) {', '.join(released)} "
+                  "(privacy.release_exact_statistics=true): their logs, W&B runs, metrics.jsonl and results.json hold "
+                  "exact training-set statistics (train loss, clipped fractions, gradient-norm quantiles, batch "
+                  "sizes). The guarantee below does not cover them.", ""]
     if shuffled:
         lines += [f"> **WARNING: phase(s) {', '.join(shuffled)} used shuffled fixed-size batches "
                   "(privacy.sampling=shuffle).** The epsilon below assumes Poisson sampling and is NOT a proven "
@@ -495,6 +506,11 @@ def render_markdown(tree: RunTree, rows: list[dict], models: list[dict], totals:
     return "\n".join(lines)
 
 
+def released_without_dp(tree: RunTree) -> list[str]:
+    """Phases whose results.json says they ran with privacy.release_exact_statistics."""
+    return [p.name for p in tree.phases if (p.results or {}).get("statistics_released_without_dp")]
+
+
 def _dagger(row: dict, column: str) -> str:
     return " †" if row["prv_fell_back"][column] else ""
 
@@ -543,8 +559,9 @@ def _assumptions(tree: RunTree, rows: list[dict]) -> list[str]:
                      "(the ledger records the plan before the first private step).")
     lines.append("- Post-processing spends nothing: eval and export read only DP models, never the private data"
                  + (f" (present: {', '.join(tree.post_processing)})." if tree.post_processing else "."))
-    lines.append("- The noise seed (noise_seed.json) is as sensitive as the data: the guarantee holds only while "
-                 "it stays secret.")
+    lines.append("- The noise key is never written in privacy.randomness=secure mode; with insecure_reproducible "
+                 "the seed (noise_seed.json, privacy.noise_seed) is as sensitive as the data: the guarantee holds "
+                 "only while it stays secret.")
     return lines
 
 
@@ -579,7 +596,8 @@ def write_report(run_dir: str | Path, output: str | Path | None = None, points: 
             "total_prv_fell_back_to_rdp": totals["prv_fell_back"],
             "delta": tree.ledger.delta, "dataset_size": tree.ledger.dataset_size,
             "target_epsilon": tree.ledger.target_epsilon, "phases": rows, "models": models, "curves": curves,
-            "shuffle_phases": [r["phase"] for r in rows if r["sampling"] == "shuffle"], "notes": table_notes}
+            "shuffle_phases": [r["phase"] for r in rows if r["sampling"] == "shuffle"], "notes": table_notes,
+            "statistics_released_without_dp": released_without_dp(tree)}
 
 
 def summary_line(report: dict) -> str:
@@ -590,4 +608,6 @@ def summary_line(report: dict) -> str:
             f"delta={report['delta']:.3g}, N={report['dataset_size']}"
             + (f"; WARNING: shuffle sampling in {', '.join(report['shuffle_phases'])}"
                if report["shuffle_phases"] else "")
+            + (f"; WARNING: statistics released without DP in {', '.join(report['statistics_released_without_dp'])}"
+               if report["statistics_released_without_dp"] else "")
             + f"\nreport: {report['markdown']}")

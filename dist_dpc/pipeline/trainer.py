@@ -8,7 +8,6 @@ from the run tree's privacy ledger (``phase_privacy``), never from the phase alo
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import time
@@ -18,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from dist_dpc.data import check_labels, collate, load_task, tokenize_split
+from dist_dpc.data import check_labels, collate, load_task, resolve_num_labels, tokenize_split
 from dist_dpc.engine import DPEngine, build_ds_config, init_distributed
 from dist_dpc.engine.lr_schedule import make_lr_schedule
 from dist_dpc.engine.distributed import WorldInfo
@@ -30,8 +29,9 @@ from dist_dpc.pipeline.config import Config
 from dist_dpc.pipeline.run_dir import RunDir
 from dist_dpc.privacy.accounting import Mechanism, delta_default
 from dist_dpc.privacy.config import PrivacyConfig
-from dist_dpc.privacy.ledger import PrivacyLedger
-from dist_dpc.privacy.noise import derive_seed
+from dist_dpc.privacy.budget import PhaseBudget
+from dist_dpc.privacy.ledger import PrivacyBudgetExceeded, PrivacyLedger
+from dist_dpc.privacy.randomness import SecretKey
 from dist_dpc.privacy.sampling import make_sampler
 from dist_dpc.utils.config_loader import dump_yaml, to_dict
 from dist_dpc.utils.logging import log, warn_loudly
@@ -44,7 +44,7 @@ POST_PROCESSING = ("eval", "export")
 
 @dataclass
 class PhaseContext:
-    """What every phase of a run tree shares: config, ranks, data, tokenizer, ledger, noise seed."""
+    """What every phase of a run tree shares: config, ranks, data, tokenizer, ledger, noise key."""
     cfg: Config
     world: WorldInfo
     run: RunDir
@@ -54,9 +54,11 @@ class PhaseContext:
     train_set: object
     eval_sets: dict
     num_labels: int
-    seed: int                 # this phase's noise and sampling seed
+    label_names: list[str] | None  # the task's public schema (config or published), never the data's
+    key: SecretKey            # this phase's noise and sampling key (never written anywhere)
     sampling: str
     ledger: PrivacyLedger | None
+    budget: PhaseBudget | None = None  # this attempt's account in the ledger, once reserved
 
     @property
     def is_main(self) -> bool:
@@ -71,12 +73,10 @@ def phase_directory(cfg: Config, phase: str) -> Path:
     return root_of(cfg) if phase == "train" else root_of(cfg) / phase
 
 
-def phase_seed(run_seed: int, phase: str) -> int:
+def phase_key(root: SecretKey, phase: str) -> SecretKey:
     """Each phase draws its own noise and batches: reusing one phase's Gaussian draws in another
     would correlate mechanisms that the accountant composes as independent."""
-    if phase == "train":
-        return run_seed
-    return derive_seed(run_seed, int.from_bytes(hashlib.blake2b(phase.encode(), digest_size=4).digest(), "little"))
+    return root.derive("phase", phase)
 
 
 def open_phase(cfg: Config, phase: str, *, load_data: bool = True) -> PhaseContext:
@@ -93,7 +93,9 @@ def open_phase(cfg: Config, phase: str, *, load_data: bool = True) -> PhaseConte
     task = load_task(cfg.data)
     log(world, f"[{phase}] data: {task.source}; train {len(task.train.labels)} examples, "
                + ", ".join(f"{k} {len(v.labels)}" for k, v in task.eval.items()))
-    num_labels = cfg.model.num_labels or task.num_labels
+    num_labels = resolve_num_labels(task, cfg.model.num_labels)
+    if load_data:
+        warn_exact_statistics(cfg.privacy, world)
     for split in [task.train, *task.eval.values()]:
         check_labels(split, num_labels)
     cache = run.path / "cache"
@@ -108,7 +110,16 @@ def open_phase(cfg: Config, phase: str, *, load_data: bool = True) -> PhaseConte
         ledger = PrivacyLedger(run.path / LEDGER_FILE, privacy.target_epsilon, delta, n, privacy.accountant)
     return PhaseContext(cfg=cfg, world=world, run=run, phase=phase, directory=directory, tokenizer=tokenizer,
                         train_set=train_set, eval_sets=eval_sets, num_labels=num_labels,
-                        seed=phase_seed(run.noise_seed(privacy.noise_seed), phase), sampling=sampling, ledger=ledger)
+                        label_names=task.label_names if task.num_labels == num_labels else None,
+                        key=phase_key(run.noise_key(privacy), phase), sampling=sampling, ledger=ledger)
+
+
+def warn_exact_statistics(privacy: PrivacyConfig, world) -> None:
+    if privacy.enabled and privacy.release_exact_statistics:
+        warn_loudly(world, "privacy.release_exact_statistics=true: the exact train loss, clipped fractions, "
+                           "gradient-norm quantiles, batch sizes and token counts are logged WITHOUT differential "
+                           "privacy; the DP guarantee does not cover them. For debugging only: do not publish this "
+                           "run's logs, W&B run, metrics.jsonl or results.json")
 
 
 def local_device() -> torch.device:
@@ -130,12 +141,14 @@ def sample_rate(ctx: PhaseContext) -> float:
     return ctx.cfg.train.batch_size / len(ctx.train_set)
 
 
-def phase_privacy(ctx: PhaseContext, steps: int, extra: tuple[Mechanism, ...] = ()) -> PrivacyConfig:
-    """This phase's privacy settings: sigma fixed for all its steps, calibrated (or checked) against
-    the ledger so that everything recorded so far plus this phase (its DP-SGD steps and the fixed
-    mechanisms ``extra``, e.g. a DP mean of head_init) stays within the phase's
-    cumulative share of privacy.target_epsilon. Records the plan before any private data is read,
-    so a phase killed before its first checkpoint is still counted."""
+def phase_privacy(ctx: PhaseContext, steps: int, fixed: tuple[Mechanism, ...] = ()) -> PrivacyConfig:
+    """Reserve this phase's spend in the run tree's ledger before any private data is read: ``steps``
+    DP-SGD steps (probe and fine-tuning) at one sigma, calibrated (or checked) so that everything
+    recorded so far, plus ``fixed`` (mechanisms of a set sigma, e.g. head_init's DP mean), plus these
+    steps stays within the phase's cumulative share of privacy.target_epsilon. The reservation is
+    made by rank 0 under the ledger's lock (PhaseBudget.reserve); the other ranks join it. Sets
+    ``ctx.budget``, through which every release of the phase is then recorded, and keys the phase's
+    randomness by its attempt (a re-run never replays an earlier attempt's noise)."""
     privacy = ctx.cfg.privacy
     if ctx.ledger is None:
         return privacy
@@ -143,38 +156,74 @@ def phase_privacy(ctx: PhaseContext, steps: int, extra: tuple[Mechanism, ...] = 
     target = privacy.target_epsilon
     if target is not None:
         target *= ctx.cfg.pipeline.cumulative_share(ctx.phase)
-    if privacy.noise_multiplier is None:
-        sigma = ctx.ledger.calibrate_phase(ctx.phase, q, steps, target, extra=extra)
-    else:
-        sigma = privacy.noise_multiplier
-    planned = [*extra, Mechanism(sigma, q, steps, ctx.phase)]
-    total = ctx.ledger.check_planned(ctx.phase, planned)  # raises PrivacyBudgetExceeded
-    done = ctx.ledger.phases().get(ctx.phase, {})
-    if ctx.is_main and done.get("status") != "completed":
-        ctx.ledger.record(ctx.phase, planned, status="running")
-    log(ctx.world, f"[{ctx.phase}] privacy budget: this phase sigma={sigma:.4f}, q={q:.5f}, {steps} steps; run total "
-                   f"after it epsilon={total:.3f}" + (f" (phase target {target:.3f} of {privacy.target_epsilon:g})"
-                                                      if target is not None else ""))
-    return dataclasses.replace(privacy, noise_multiplier=sigma, target_epsilon=target)
+    outcome = None
+    if ctx.is_main:
+        try:
+            budget = PhaseBudget.reserve(ctx.ledger, ctx.phase, sample_rate=q, steps=steps, fixed=fixed,
+                                         target_epsilon=target, noise_multiplier=privacy.noise_multiplier)
+            outcome = ("ok", budget.entry)
+        except (ValueError, PrivacyBudgetExceeded) as err:
+            outcome = ("refused", type(err).__name__, str(err))
+    outcome = _from_rank0(outcome)
+    if outcome[0] != "ok":  # every rank stops with rank 0's reason
+        raise (PrivacyBudgetExceeded if outcome[1] == "PrivacyBudgetExceeded" else ValueError)(outcome[2])
+    ctx.budget = PhaseBudget.join(ctx.ledger, ctx.phase)
+    ctx.budget.writer = ctx.is_main
+    ctx.key = ctx.key.derive("attempt", ctx.budget.attempt)
+    _clear_stale_attempt(ctx)
+    total = ctx.ledger.total_epsilon()
+    log(ctx.world, f"[{ctx.phase}] privacy budget ({ctx.budget.entry}): sigma={ctx.budget.noise_multiplier:.4f}, "
+                   f"q={q:.5f}, {steps} steps; run total with this reservation epsilon={total:.3f}"
+                   + (f" (phase target {target:.3f} of {privacy.target_epsilon:g})" if target is not None else ""))
+    return dataclasses.replace(privacy, noise_multiplier=ctx.budget.noise_multiplier, target_epsilon=target)
 
 
-def prior_mechanisms(ctx: PhaseContext) -> tuple[Mechanism, ...]:
-    return tuple(ctx.ledger.mechanisms(exclude_phase=ctx.phase)) if ctx.ledger is not None else ()
+def _from_rank0(value):
+    box = [value]
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+ATTEMPT_FILE = "attempt.json"
+
+
+def _clear_stale_attempt(ctx: PhaseContext) -> None:
+    """A new attempt of a phase (after a completed one, run.overwrite=true) must not resume from the
+    old attempt's checkpoints or reuse its head_init: drop those intermediate files. A resumed
+    attempt (same ledger entry) keeps them."""
+    marker = ctx.directory / ATTEMPT_FILE
+    if ctx.is_main:
+        ctx.directory.mkdir(parents=True, exist_ok=True)
+        previous = json.loads(marker.read_text()).get("entry") if marker.is_file() else None
+        if previous is not None and previous != ctx.budget.entry:
+            import shutil
+
+            for stale in [ctx.directory / "checkpoints", ctx.directory / "head_init.pt",
+                          *ctx.directory.glob("round*")]:
+                if stale.is_dir():
+                    shutil.rmtree(stale)
+                elif stale.exists():
+                    stale.unlink()
+            log(ctx.world, f"[{ctx.phase}] new attempt {ctx.budget.entry}: {previous}'s checkpoints and head_init "
+                           "are not reused")
+        ctx.run.write_json(marker, {"entry": ctx.budget.entry})
+    torch.distributed.barrier()
 
 
 def train_dp(ctx: PhaseContext, model: torch.nn.Module, *, directory: Path, steps: int, privacy: PrivacyConfig,
-             prior: tuple[Mechanism, ...], tracker: Tracker, loss_fn=sequence_classification_loss, lr: float | None = None,
-             seed: int | None = None, step_offset: int = 0, setup: Callable[[DPEngine], None] | None = None,
+             tracker: Tracker, loss_fn=sequence_classification_loss, lr: float | None = None,
+             key: SecretKey | None = None, step_offset: int = 0, setup: Callable[[DPEngine], None] | None = None,
              desc: str | None = None) -> DPEngine:
-    """DP-SGD on the private training set for ``steps`` logical steps, resumable from ``directory``."""
+    """DP-SGD on the private training set for ``steps`` logical steps, resumable from ``directory``.
+    ``key`` (default: the phase's) keys the Poisson batches and the noise; in secure mode a resumed
+    phase has a fresh key, so its remaining steps draw fresh batches and noise (the accountant
+    continues from the checkpoint, so epsilon is unaffected)."""
     cfg, world = ctx.cfg, ctx.world
-    seed = ctx.seed if seed is None else seed
+    key = ctx.key if key is None else key
     sampler = make_sampler(ctx.sampling, dataset_size=len(ctx.train_set), expected_batch_size=cfg.train.batch_size,
                            micro_batch_size=cfg.train.micro_batch_size, rank=world.rank,
-                           world_size=world.world_size, seed=seed)
-    if privacy.enabled and ctx.sampling != "poisson":
-        warn_loudly(world, "privacy.sampling=shuffle: the accountant's epsilon assumes Poisson sampling; "
-                           "the reported epsilon is not a proven bound for fixed-size shuffled batches")
+                           world_size=world.world_size, key=key.derive("sampling"))
     ds_config = build_ds_config(cfg.train.deepspeed_config, micro_batch_size=cfg.train.micro_batch_size,
                                 world_size=world.world_size, zero_stage=cfg.train.zero_stage, lr=lr or cfg.train.lr,
                                 weight_decay=cfg.train.weight_decay, optimizer=cfg.train.optimizer,
@@ -184,9 +233,12 @@ def train_dp(ctx: PhaseContext, model: torch.nn.Module, *, directory: Path, step
         raise ValueError(f"train.deepspeed_config={cfg.train.deepspeed_config!r} has a scheduler block and "
                          f"train.lr_schedule={cfg.train.lr_schedule!r}, train.warmup_steps={cfg.train.warmup_steps} "
                          "set another: keep one (remove the block, or set lr_schedule=constant and warmup_steps=0)")
+    # Everything this run composes with: the other ledger entries, then what this attempt released
+    # so far (head_init, earlier prune rounds). The ledger adds it up; no phase does.
+    prior = ctx.budget.prior() if ctx.budget is not None else ()
     engine = DPEngine(model, ds_config, privacy, dataset_size=len(ctx.train_set),
                       expected_batch_size=cfg.train.batch_size, planned_steps=steps, loss_fn=loss_fn, world=world,
-                      seed=seed, poisson_sampling=(ctx.sampling == "poisson"), prior=prior, phase=ctx.phase,
+                      key=key.derive("dp-sgd"), poisson_sampling=(ctx.sampling == "poisson"), prior=prior, phase=ctx.phase,
                       lr_schedule=schedule)
     if setup is not None:
         setup(engine)
@@ -215,6 +267,8 @@ def train_dp(ctx: PhaseContext, model: torch.nn.Module, *, directory: Path, step
         guard.restore()
     progress.close()
     engine.train_seconds = time.perf_counter() - start
+    if ctx.budget is not None:  # recorded before the caller writes the model anywhere
+        ctx.budget.release(ctx.budget.dp_sgd(engine.steps_done))
     return engine
 
 
@@ -228,8 +282,12 @@ def _steps(ctx, engine, sampler, tracker, metrics_log, checkpoints, progress, gu
         stats = engine.train_step(micro, plan.logical_batch_size)
         seconds = time.perf_counter() - step_start
         progress.update()
+        metrics = {}
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == steps:
-            metrics = step_metrics(engine, stats, micro, seconds)
+            metrics.update(step_metrics(engine, stats, micro, seconds))
+        if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < steps:
+            metrics.update(eval_metrics(engine, ctx))  # the phase's end is evaluated after the loop
+        if metrics:
             tracker.log(metrics, step=step_offset + step + 1)
             metrics_log.write(step_offset + step + 1, metrics)
             progress.report(step + 1, metrics, time.perf_counter() - start)
@@ -262,18 +320,38 @@ class MetricsLog:
 
 
 def step_metrics(engine: DPEngine, stats, micro: list[dict], seconds: float) -> dict:
-    """What a DP run is watched by: loss next to the privacy spent, clipping and throughput."""
-    tokens = sum(int((m["attention_mask"].sum(1) * m["sample_mask"]).sum()) for m in micro)
-    out = {"train/loss": stats.loss, "train/lr": engine.ds.get_lr()[0],
-           "train/expected_batch_size": engine.expected_batch_size, "train/batch_size": stats.logical_batch_size,
-           "perf/samples_per_s": stats.logical_batch_size / seconds, "perf/tokens_per_s_rank0": tokens / seconds,
-           "perf/peak_memory_mb": peak_memory_mb()}
+    """What a DP run is watched by: the privacy spent, the schedule and throughput. Under DP only
+    public quantities; the exact statistics of the private batch only where they may be released
+    (privacy off, or privacy.release_exact_statistics)."""
+    out = {"train/lr": engine.ds.get_lr()[0], "train/expected_batch_size": engine.expected_batch_size,
+           # From the expected batch size: the realised one is private under Poisson sampling.
+           "perf/samples_per_s": engine.expected_batch_size / seconds, "perf/peak_memory_mb": peak_memory_mb()}
     if engine.clipper is not None:
         out.update({"privacy/epsilon": engine.epsilon(), "privacy/epsilon_" + other_accountant(engine): engine.epsilon(other_accountant(engine)),
-                    "privacy/noise_multiplier": engine.noise_multiplier, "privacy/sample_rate": engine.sample_rate,
-                    "privacy/clipped_fraction": stats.clipped_fraction})
+                    "privacy/noise_multiplier": engine.noise_multiplier, "privacy/sample_rate": engine.sample_rate})
+    if engine.privacy.releases_training_statistics:
+        out.update(exact_step_statistics(engine, stats, micro, seconds))
+    return out
+
+
+def exact_step_statistics(engine: DPEngine, stats, micro: list[dict], seconds: float) -> dict:
+    """Exact statistics of this step's private batch (not noised, not accounted): every one of them
+    depends on which examples were sampled, so under DP they are released only by the debug switch."""
+    tokens = sum(int((m["attention_mask"].sum(1) * m["sample_mask"]).sum()) for m in micro)
+    out = {"train/loss": stats.loss, "train/batch_size": stats.logical_batch_size,
+           "perf/realised_samples_per_s": stats.logical_batch_size / seconds,
+           "perf/tokens_per_s_rank0": tokens / seconds}
+    if engine.clipper is not None:
+        out["privacy/clipped_fraction"] = stats.clipped_fraction
         out.update({f"privacy/grad_norm_{k}": v for k, v in stats.grad_norm_quantiles.items()})
     return out
+
+
+def eval_metrics(engine: DPEngine, ctx: PhaseContext) -> dict:
+    """eval/<split>/loss and accuracy during training: the evaluation split is not the protected
+    set, so these are how learning is watched under DP. Every rank evaluates (ZeRO-3 needs all)."""
+    return {f"eval/{split}/{key}": m[key] for split, m in evaluate_engine(engine, ctx).items()
+            for key in ("loss", "accuracy")}
 
 
 def other_accountant(engine: DPEngine) -> str:
@@ -296,20 +374,22 @@ def model_parameters(module: torch.nn.Module):
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data, pad_id: int, batch_size: int, device=None) -> dict:
-    """Accuracy (and F1 of class 1 for two classes) on a split; every rank runs it (ZeRO-3 needs them all)."""
+    """Accuracy, mean cross-entropy (and F1 of class 1 for two classes) on an evaluation split;
+    every rank runs it (ZeRO-3 needs them all)."""
     was_training = model.training
     model.eval()
     device = device or next(model.parameters()).device
-    preds, labels = [], []
+    preds, labels, loss_sum = [], [], 0.0
     for i in range(0, len(data), batch_size):
         batch = collate([data[j] for j in range(i, min(i + batch_size, len(data)))], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(**model_inputs(batch)).logits
+        loss_sum += float(torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum"))
         preds.append(logits.argmax(-1).cpu())
         labels.append(batch["labels"].cpu())
     model.train(was_training)
     p, y = torch.cat(preds), torch.cat(labels)
-    out = {"accuracy": float((p == y).float().mean()), "examples": int(len(y))}
+    out = {"accuracy": float((p == y).float().mean()), "loss": loss_sum / len(y), "examples": int(len(y))}
     if int(y.max()) <= 1 and int(p.max()) <= 1:
         tp = int(((p == 1) & (y == 1)).sum())
         fp = int(((p == 1) & (y == 0)).sum())
@@ -323,13 +403,17 @@ def evaluate_engine(engine: DPEngine, ctx: PhaseContext) -> dict:
             for name, data in ctx.eval_sets.items()}
 
 
-def save_model(engine: DPEngine, directory: Path, tokenizer, world) -> None:
-    """Hugging Face directory of the trained model (gathered from ZeRO-3 partitions if needed).
+def save_model(ctx: PhaseContext, engine: DPEngine, directory: Path) -> None:
+    """Hugging Face directory of the trained model (gathered from ZeRO-3 partitions if needed), with
+    its privacy lineage (what the ledger holds now: wherever the directory goes, its cost goes too).
     Written next to the target and renamed into place: a crash never leaves half a model."""
     import shutil
 
     import deepspeed
 
+    from dist_dpc.pipeline.lineage import write_lineage
+
+    tokenizer, world = ctx.tokenizer, ctx.world
     module = engine.module
     params = list(module.parameters())
     with deepspeed.zero.GatheredParameters(params, enabled=engine.ds.zero_optimization_stage() == 3):
@@ -339,6 +423,7 @@ def save_model(engine: DPEngine, directory: Path, tokenizer, world) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
             module.save_pretrained(str(tmp), state_dict=state)
             tokenizer.save_pretrained(str(tmp))
+            write_lineage(tmp, ctx.ledger, phase=ctx.phase)
             if directory.exists():
                 shutil.rmtree(directory)
             tmp.rename(directory)
@@ -362,19 +447,30 @@ def phase_results(ctx: PhaseContext, engine: DPEngine, metrics: dict, steps: int
         "sampling": ctx.sampling,
         "dataset_size": len(ctx.train_set),
         "train_seconds": getattr(engine, "train_seconds", None),
-        "norm_methods": engine.clipper.method_summary() if engine.clipper else {},
         "parameters": sum(p.numel() for p in model_parameters(engine.module)),
+        **exact_phase_statistics(engine, privacy),
         **extra,
     }
 
 
+def exact_phase_statistics(engine: DPEngine, privacy: PrivacyConfig) -> dict:
+    """What results.json holds only where exact training statistics may be released: the ghost/
+    direct norm method counts (chosen per micro-batch from its realised padded length, so they
+    depend on which examples were sampled), and the mark of a DP run that released such numbers."""
+    if not privacy.releases_training_statistics:
+        return {}
+    out = {"norm_methods": engine.clipper.method_summary() if engine.clipper else {}}
+    if privacy.enabled:
+        out["statistics_released_without_dp"] = True
+    return out
+
+
 def finish_phase(ctx: PhaseContext, tracker: Tracker, results: dict, model_dir: Path | None) -> None:
     """Ledger (completed), W&B summary/table/artifact, results.json, and the printed summary."""
-    if ctx.ledger is not None and ctx.is_main:
-        # "mechanisms": phases with more than their DP-SGD steps (head_init) list all of them.
-        mechanisms = ([Mechanism.from_dict(m) for m in results["mechanisms"]] if "mechanisms" in results else
-                      [Mechanism(results["noise_multiplier"], results["sample_rate"], results["steps"], ctx.phase)])
-        ctx.ledger.record(ctx.phase, mechanisms, status="completed")
+    if ctx.budget is not None:
+        # The attempt now counts what it released (DP mean, probe, DP-SGD steps, per round).
+        results["ledger_entry"] = ctx.budget.entry
+        results["mechanisms"] = [m.to_dict() for m in ctx.budget.complete()]
     flat = {f"eval/{split}/{k}": v for split, m in results["metrics"].items() for k, v in m.items()}
     flat["eval/parameters"] = results.get("parameters")
     if "nonzero_parameters" in results:
@@ -384,7 +480,8 @@ def finish_phase(ctx: PhaseContext, tracker: Tracker, results: dict, model_dir: 
     if results["private"]:
         tracker.summary({"final_epsilon": results["epsilon"], "final_epsilon_rdp": results["epsilon_rdp"],
                          "delta": results["delta"], "noise_multiplier": results["noise_multiplier"],
-                         "sample_rate": results["sample_rate"]})
+                         "sample_rate": results["sample_rate"],
+                         "statistics_released_without_dp": results.get("statistics_released_without_dp", False)})
         tracker.table("privacy_ledger", ["phase", "status", "noise_multiplier", "sample_rate", "steps"],
                       [[name, entry["status"], m["noise_multiplier"], m["sample_rate"], m["steps"]]
                        for name, entry in ctx.ledger.phases().items() for m in entry["mechanisms"]])
@@ -404,27 +501,38 @@ def finish_phase(ctx: PhaseContext, tracker: Tracker, results: dict, model_dir: 
 
 def open_tracker(ctx: PhaseContext) -> Tracker:
     return make_tracker(ctx.cfg.wandb, world=ctx.world, run_dir=ctx.directory, group=ctx.cfg.run.name,
-                        phase=ctx.phase, config=to_dict(ctx.cfg))
+                        phase=ctx.phase, config=tracked_config(ctx.cfg))
+
+
+def tracked_config(cfg: Config) -> dict:
+    """The config as W&B gets it: privacy.noise_seed (seed material of the insecure reproducible
+    mode: whoever knows it can subtract the noise) is redacted; everything else is public."""
+    config = to_dict(cfg)
+    if config.get("privacy", {}).get("noise_seed") is not None:
+        config["privacy"]["noise_seed"] = "<redacted>"
+    return config
 
 
 def run_train(cfg: Config, phase: str = "train") -> dict:
     """Single-model DP fine-tuning: `dpc train` (phase train, in the run root) and the teacher phase."""
     from dist_dpc.pipeline.head_init import HeadStart
+    from dist_dpc.pipeline.lineage import import_lineage
 
     ctx = open_phase(cfg, phase)
+    import_lineage(ctx, cfg.model.name, role="model.name")
     if not cfg.privacy.enabled:
         warn_loudly(ctx.world, "privacy.enabled=false: training WITHOUT differential privacy; the model may leak its data")
-    model = load_sequence_classifier(cfg.model, ctx.num_labels, ctx.tokenizer, seed=cfg.run.seed)
+    model = load_sequence_classifier(cfg.model, ctx.num_labels, ctx.tokenizer, seed=cfg.run.seed,
+                                     label_names=ctx.label_names)
     steps = planned_steps(cfg.train.epochs, cfg.train.max_steps, steps_per_epoch(ctx))
     start = HeadStart.plan(ctx)
-    privacy = phase_privacy(ctx, steps + start.probe_steps, extra=start.extra)
+    privacy = phase_privacy(ctx, steps + start.probe_steps, fixed=start.fixed)
     tracker = open_tracker(ctx)
-    info = start.run(ctx, model, ctx.directory, privacy, ctx.seed)
-    engine = train_dp(ctx, model, directory=ctx.directory, steps=steps, privacy=privacy,
-                      prior=prior_mechanisms(ctx) + start.spent(ctx, privacy), tracker=tracker)
+    info = start.run(ctx, model, ctx.directory, ctx.key)
+    engine = train_dp(ctx, model, directory=ctx.directory, steps=steps, privacy=privacy, tracker=tracker)
     metrics = evaluate_engine(engine, ctx)
-    results = phase_results(ctx, engine, metrics, steps, **start.results(ctx, privacy, steps, info))
-    save_model(engine, ctx.directory / "model", ctx.tokenizer, ctx.world)
+    results = phase_results(ctx, engine, metrics, steps, **start.results(ctx, info))
+    save_model(ctx, engine, ctx.directory / "model")
     finish_phase(ctx, tracker, results, ctx.directory / "model")
     return results
 
@@ -439,6 +547,9 @@ def summary(world, results: dict) -> None:
                      f"far; other accountant {results['epsilon_rdp']:.3f}), delta={results['delta']:.3g}, "
                      f"sigma={results['noise_multiplier']:.4f}, q={results['sample_rate']:.5f}, "
                      f"steps={results['steps']}, N={results['dataset_size']}, sampling={results['sampling']}")
+        if results.get("statistics_released_without_dp"):
+            lines.append("WARNING: statistics released without DP (privacy.release_exact_statistics=true): the exact "
+                         "training statistics this run logged are not covered by the guarantee above")
     else:
         lines.append("privacy: NONE (privacy.enabled=false) - this model carries no DP guarantee")
     lines.append("=" * 72)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 
@@ -24,11 +24,37 @@ class PrivacyConfig:
     per_layer: thresholds C_l = C/sqrt(L) for each of the L layers, one forward and one backward."""
     sampling: Literal["poisson", "shuffle"] = "poisson"
     """poisson: each example joins a logical batch independently with probability q (what the
-    accountant assumes). shuffle: fixed-size batches; the report then says the accounting assumes Poisson."""
+    accountant assumes). shuffle: fixed-size batches from a per-epoch permutation, only without
+    privacy (privacy.enabled=false): the accountants analyse Poisson sampling, so a private run with
+    shuffled batches would report an epsilon that is not a proven bound; it is refused."""
     accountant: Literal["prv", "rdp"] = "prv"
     """Accountant for epsilon (the other one is logged beside it)."""
+    randomness: Literal["secure", "insecure_reproducible"] = "secure"
+    """secure: noise and Poisson batches come from a 256-bit key drawn from the OS on rank 0, sent to
+    the other ranks in memory and never written anywhere; a restarted phase draws fresh noise and
+    batches for its remaining steps (the accountant continues from the checkpoint, so epsilon is right).
+    insecure_reproducible: the key is derived from privacy.noise_seed, or from a seed drawn once and
+    kept in the run tree's noise_seed.json, so a resumed run is bit-identical. It WEAKENS the guarantee:
+    anyone who reads noise_seed.json or knows privacy.noise_seed can regenerate and subtract the noise."""
     noise_seed: int | None = None
-    """Seed of the noise and sampling generators. null: drawn from the OS and saved with the run."""
+    """Only with randomness=insecure_reproducible: the seed the key is derived from (null: drawn once
+    and kept in RUN/noise_seed.json). Knowing it removes all privacy."""
+    public_model_dirs: list[str] = field(default_factory=list)
+    """Local model directories without a dist-dpc privacy lineage (privacy_lineage.json) that you
+    declare were trained on public data only. Any other such directory is refused as a model, teacher,
+    student or pruning source: it might have seen the private data without DP. The declaration is
+    recorded in the ledger (public:<directory>)."""
+    release_exact_statistics: bool = False
+    """For debugging only: log the exact training-set statistics (train loss, clipped fractions,
+    per-sample gradient-norm quantiles, realised batch sizes, token counts, norm methods). This
+    BREAKS the DP guarantee for what it releases: none of them is noised or accounted. Runs that
+    use it are marked (results.json, `dpc report`, the model card)."""
+
+    @property
+    def releases_training_statistics(self) -> bool:
+        """Whether exact statistics of the training data may leave the run: without DP nothing is
+        protected anyway; with DP only under the debug switch."""
+        return not self.enabled or self.release_exact_statistics
 
     def __post_init__(self) -> None:
         if self.max_grad_norm <= 0:
@@ -39,5 +65,17 @@ class PrivacyConfig:
             raise ValueError(f"privacy.noise_multiplier={self.noise_multiplier!r} is invalid: must be >= 0")
         if self.delta is not None and not 0 < self.delta < 1:
             raise ValueError(f"privacy.delta={self.delta!r} is invalid: must be in (0, 1) and below 1/N")
+        if self.noise_seed is not None and self.randomness != "insecure_reproducible":
+            raise ValueError(f"privacy.noise_seed={self.noise_seed!r} is only accepted with "
+                             "privacy.randomness=insecure_reproducible (anyone who knows the seed can subtract the "
+                             "noise): remove privacy.noise_seed, or set privacy.randomness=insecure_reproducible")
+        if self.randomness not in ("secure", "insecure_reproducible"):
+            raise ValueError(f"privacy.randomness={self.randomness!r} is invalid: allowed values are 'secure', "
+                             "'insecure_reproducible'")
+        if self.enabled and self.sampling != "poisson":
+            raise ValueError(f"privacy.sampling={self.sampling!r} with privacy.enabled=true is refused: the "
+                             "accountant's epsilon holds for Poisson sampling only, not for fixed-size shuffled "
+                             "batches. Use privacy.sampling=poisson (the default), or privacy.enabled=false for a "
+                             "non-private comparison")
         if self.enabled and self.target_epsilon is None and self.noise_multiplier is None:
             raise ValueError("privacy: set privacy.target_epsilon (sigma is then calibrated) or privacy.noise_multiplier")

@@ -1,9 +1,21 @@
-"""One privacy ledger per run tree: every phase that reads the private data records its mechanisms.
+"""One privacy ledger per run tree: every release that reads the private data is recorded here.
 
 The total epsilon is the composition of all recorded mechanisms by opacus' PRV accountant
-(heterogeneous composition, never a sum of per-phase epsilons). A phase's entry is *replaced*, not
-appended, when it is recorded again, so re-running or resuming a phase never double-counts and
-never forgets. The ledger is bound to one data set (N) and one delta; it is never reset.
+(heterogeneous composition, never a sum of per-phase epsilons). The ledger is bound to one data set
+(N) and one delta; it is never reset.
+
+Entries. Each attempt of a spending phase is one entry: the first attempt of ``teacher`` is the
+entry ``teacher``, a re-run after it completed (``run.overwrite=true``) appends ``teacher#2``, and so
+on. A *running* entry counts its whole reservation (the plan made before the first private read);
+a *completed* entry counts what was released. A completed entry is never replaced or erased, so a
+re-run can only add spend, never reset it. A resumed attempt (killed before it completed) keeps its
+entry and its reservation.
+
+Reservation. ``reserve`` calibrates, checks and records a phase's plan while holding the ledger's
+lock, so two phases started at once cannot both calibrate against the same spend and overspend
+together. ``release`` appends a mechanism to an entry as it is released (a DP mean, a probe, a
+phase's DP-SGD steps); ``complete`` makes what was released the entry's count. Callers never add
+mechanisms up themselves: ``prior`` gives everything a new release composes with.
 
 Durability. Each record rewrites the file atomically: a temporary file in the same directory is
 written and fsynced, then ``os.replace``d over the ledger, then the directory is fsynced, so a crash
@@ -20,7 +32,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from dist_dpc.privacy.accounting import (Mechanism, _check_accountant, _check_dataset_size, _check_delta,
                                          calibrate_noise_multiplier, compute_epsilon)
@@ -31,7 +43,8 @@ except ImportError:  # pragma: no cover
     fcntl = None
 
 STATUSES = ("planned", "running", "completed")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+ATTEMPT_SEPARATOR = "#"
 RELATIVE_SLACK = 1e-6  # budget checks allow this much relative excess (float noise in the accountants)
 
 
@@ -65,9 +78,7 @@ class PrivacyLedger:
         try:
             data = json.loads(text)
             stored_delta, stored_n = float(data["delta"]), int(data["dataset_size"])
-            phases = {str(name): {"mechanisms": [Mechanism.from_dict(m).to_dict() for m in entry["mechanisms"]],
-                                  "status": str(entry["status"])}
-                      for name, entry in data["phases"].items()}
+            phases = {str(name): _entry_from_json(str(name), entry) for name, entry in data["phases"].items()}
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"the privacy ledger {self.path} is unreadable ({type(err).__name__}: {err}); it is never "
                              "reset automatically: restore it from a backup or inspect it by hand") from err
@@ -86,8 +97,7 @@ class PrivacyLedger:
     def mechanisms(self, exclude_phase: str | None = None) -> list[Mechanism]:
         """All recorded mechanisms (phase by phase, in first-recorded order), optionally without one phase's."""
         self._refresh()
-        return [Mechanism.from_dict({**m, "phase": name}) for name, entry in self._phases.items()
-                if name != exclude_phase for m in entry["mechanisms"]]
+        return [m for name, entry in self._phases.items() if name != exclude_phase for m in _as_mechanisms(name, entry)]
 
     def phases(self) -> dict[str, dict]:
         """phase -> {"mechanisms": [Mechanism.to_dict(), ...], "status": ...} (a copy)."""
@@ -106,20 +116,129 @@ class PrivacyLedger:
 
     # -- writing ---------------------------------------------------------------------------------
     def record(self, phase: str, mechanisms: Sequence[Mechanism], status: str = "running") -> None:
-        """Set ``phase``'s mechanisms (replacing any earlier entry for it) and status, durably."""
+        """Set entry ``phase``'s counted mechanisms and status, durably. A running entry may be
+        replaced (a resumed attempt re-states its plan); a completed one is permanent: re-recording
+        it is allowed only with the same mechanisms (idempotent), anything else is refused."""
         if not isinstance(phase, str) or not phase:
             raise ValueError(f"phase={phase!r} must be a non-empty string")
         if status not in STATUSES:
             raise ValueError(f"status={status!r} must be one of {', '.join(STATUSES)}")
-        entry = {"mechanisms": [Mechanism(m.noise_multiplier, m.sample_rate, m.steps, phase).to_dict()
-                                for m in mechanisms if m.steps > 0],
-                 "status": status}
+        counted = _canonical(mechanisms, phase)
         with self._lock():
-            phases = self._read()
-            phases = dict(self._phases if phases is None else phases)
-            phases[phase] = entry  # an existing phase keeps its position
-            self._write(phases)
-            self._phases = phases
+            phases = self._locked_phases()
+            old = phases.get(phase)
+            if old is not None and old["status"] == "completed":
+                if old["mechanisms"] == counted and status == "completed":
+                    return
+                raise ValueError(f"ledger entry {phase!r} is completed: what it released stays spent. A re-run of a "
+                                 "phase is a new attempt (PrivacyLedger.reserve appends one); it never replaces it")
+            entry = dict(old) if old is not None else _new_entry(phase)
+            entry.update(mechanisms=counted, status=status)
+            if status == "completed" and old is None:
+                entry["released"] = counted
+            phases[phase] = entry  # an existing entry keeps its position
+            self._commit(phases)
+
+    def reserve(self, phase: str, plan: Callable[[list[Mechanism], dict | None], Sequence[Mechanism]],
+                reservation: Callable[[], dict] | None = None) -> str:
+        """Plan, check and record ``phase``'s spend in one step under the ledger lock; returns its entry.
+
+        The entry is the phase's latest attempt while that is still running (a resumed phase keeps its
+        reservation), else a new attempt. ``plan(others)`` gets the mechanisms of every other entry
+        (what the new plan composes with) and the entry's earlier reservation (a resumed attempt; else
+        None), and returns the planned mechanisms (e.g. after calibrating sigma against ``others``); the
+        plan is refused with PrivacyBudgetExceeded if the total would exceed target_epsilon.
+        ``reservation()``, called after ``plan``, gives what is stored with the entry (e.g. sigma, q,
+        steps) so that other ranks and a resumed attempt read the same numbers."""
+        with self._lock():
+            phases = self._locked_phases()
+            entry_name = _open_attempt(phases, phase)
+            others = [m for name, e in phases.items() if name != entry_name for m in _as_mechanisms(name, e)]
+            previous = (phases.get(entry_name) or {}).get("reservation")
+            planned = list(plan(list(others), previous))
+            total = self._check_total(entry_name, others, planned)
+            entry = dict(phases.get(entry_name) or _new_entry(phase, _attempt_number(entry_name)))
+            entry.update(mechanisms=_canonical(planned, entry_name), status="running",
+                         reservation=dict(reservation() if reservation else {}), planned_total_epsilon=total)
+            phases[entry_name] = entry
+            self._commit(phases)
+        return entry_name
+
+    def release(self, entry: str, mechanisms: Sequence[Mechanism]) -> None:
+        """Append ``mechanisms`` to what entry ``entry`` has released (call it as the release happens:
+        before the result is written anywhere). A running entry keeps counting its reservation; the
+        released list is what it counts once completed, and what later releases compose with."""
+        with self._lock():
+            phases = self._locked_phases()
+            if entry not in phases:
+                raise KeyError(f"no ledger entry {entry!r}: reserve the phase before releasing anything")
+            if phases[entry]["status"] == "completed":
+                raise ValueError(f"ledger entry {entry!r} is completed; a further release needs a new attempt")
+            e = dict(phases[entry])
+            e["released"] = list(e.get("released", [])) + [m.to_dict() for m in _with_phase(mechanisms, entry)]
+            phases[entry] = e
+            self._commit(phases)
+
+    def complete(self, entry: str) -> list[Mechanism]:
+        """Entry ``entry`` is done: from now on it counts what it released (identical (sigma, q)
+        releases merged, which composition allows). Returns those mechanisms."""
+        with self._lock():
+            phases = self._locked_phases()
+            if entry not in phases:
+                raise KeyError(f"no ledger entry {entry!r}")
+            e = dict(phases[entry])
+            if e["status"] != "completed":
+                released = [Mechanism.from_dict(m) for m in e.get("released", [])]
+                e.update(mechanisms=_canonical(released, entry), status="completed")
+                phases[entry] = e
+                self._commit(phases)
+            return [Mechanism.from_dict({**m, "phase": entry}) for m in e["mechanisms"]]
+
+    def released(self, entry: str) -> list[Mechanism]:
+        """What entry ``entry`` has released so far (in release order)."""
+        self._refresh()
+        e = self._phases.get(entry) or {}
+        return [Mechanism.from_dict({**m, "phase": entry}) for m in e.get("released", [])]
+
+    def prior(self, entry: str) -> list[Mechanism]:
+        """What a new release of ``entry`` composes with: every other entry's count, then what
+        ``entry`` itself has released so far."""
+        self._refresh()
+        others = [m for name, e in self._phases.items() if name != entry for m in _as_mechanisms(name, e)]
+        return others + self.released(entry)
+
+    def entry(self, name: str) -> dict:
+        """One entry (a copy): phase, attempt, status, mechanisms, released, reservation."""
+        self._refresh()
+        if name not in self._phases:
+            raise KeyError(f"no ledger entry {name!r}")
+        return json.loads(json.dumps(self._phases[name]))
+
+    def latest_attempt(self, phase: str) -> str | None:
+        """The entry of ``phase``'s latest attempt (None if the phase never reserved)."""
+        self._refresh()
+        names = [n for n, e in self._phases.items() if e.get("phase", n) == phase]
+        return names[-1] if names else None
+
+    def _locked_phases(self) -> dict[str, dict]:
+        phases = self._read()
+        return dict(self._phases if phases is None else phases)
+
+    def _commit(self, phases: dict[str, dict]) -> None:
+        self._write(phases)
+        self._phases = phases
+
+    def _check_total(self, entry: str, others: list[Mechanism], planned: list[Mechanism]) -> float:
+        total = compute_epsilon(others + list(planned), self.delta, self.accountant)
+        if self.target_epsilon is not None and total > self.target_epsilon * (1 + RELATIVE_SLACK):
+            spent = compute_epsilon(others, self.delta, self.accountant)
+            raise PrivacyBudgetExceeded(
+                f"phase {entry!r} would bring the run's total epsilon to {total:.4g} (composition of all phases, "
+                f"delta={self.delta:.3g}, {self.accountant}) > privacy.target_epsilon={self.target_epsilon:g}; "
+                f"the other phases (and earlier attempts) already spend {spent:.4g}. Raise the noise "
+                "(privacy.noise_multiplier), train fewer steps/epochs, use a larger privacy.target_epsilon, or a "
+                "different split of the budget between phases")
+        return total
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
@@ -158,19 +277,9 @@ class PrivacyLedger:
 
     # -- budget ----------------------------------------------------------------------------------
     def check_planned(self, phase: str, planned: Sequence[Mechanism]) -> float:
-        """Epsilon of (all other phases' mechanisms + ``planned`` for ``phase``); raises
+        """Epsilon of (all other entries' mechanisms + ``planned`` for entry ``phase``); raises
         PrivacyBudgetExceeded if that exceeds target_epsilon."""
-        others = self.mechanisms(exclude_phase=phase)
-        total = compute_epsilon(others + list(planned), self.delta, self.accountant)
-        if self.target_epsilon is not None and total > self.target_epsilon * (1 + RELATIVE_SLACK):
-            spent = compute_epsilon(others, self.delta, self.accountant)
-            raise PrivacyBudgetExceeded(
-                f"phase {phase!r} would bring the run's total epsilon to {total:.4g} (composition of all phases, "
-                f"delta={self.delta:.3g}, {self.accountant}) > privacy.target_epsilon={self.target_epsilon:g}; "
-                f"the other phases already spend {spent:.4g}. Raise the noise (privacy.noise_multiplier), train "
-                "fewer steps/epochs, use a larger privacy.target_epsilon, or a different split of the budget "
-                "between phases")
-        return total
+        return self._check_total(phase, self.mechanisms(exclude_phase=phase), list(planned))
 
     def calibrate_phase(self, phase: str, sample_rate: float, steps: int, phase_epsilon_target: float,
                         extra: Sequence[Mechanism] = ()) -> float:
@@ -193,3 +302,60 @@ class PrivacyLedger:
                 "accountant": self.accountant, "phases": phases,
                 "total_epsilon_prv": self.total_epsilon("prv"), "total_epsilon_rdp": self.total_epsilon("rdp"),
                 "remaining_fraction": self.remaining_fraction()}
+
+
+# -- entries --------------------------------------------------------------------------------------------
+def _new_entry(phase: str, attempt: int = 1) -> dict:
+    name = phase.split(ATTEMPT_SEPARATOR)[0]
+    return {"phase": name, "attempt": attempt, "status": "running", "mechanisms": [], "released": []}
+
+
+def _attempt_number(entry: str) -> int:
+    _, _, number = entry.partition(ATTEMPT_SEPARATOR)
+    return int(number) if number else 1
+
+
+def _open_attempt(phases: dict[str, dict], phase: str) -> str:
+    """The entry a phase about to run spends in: its latest attempt if still running, else a new one."""
+    attempts = [name for name, e in phases.items() if e.get("phase", name) == phase]
+    if attempts and phases[attempts[-1]]["status"] != "completed":
+        return attempts[-1]
+    return phase if not attempts else f"{phase}{ATTEMPT_SEPARATOR}{len(attempts) + 1}"
+
+
+def _with_phase(mechanisms: Sequence[Mechanism], entry: str) -> list[Mechanism]:
+    for m in mechanisms:
+        if not isinstance(m, Mechanism):
+            raise TypeError(f"expected Mechanism, got {type(m).__name__}")
+    return [Mechanism(m.noise_multiplier, m.sample_rate, m.steps, entry) for m in mechanisms if m.steps > 0]
+
+
+def _canonical(mechanisms: Sequence[Mechanism], entry: str) -> list[dict]:
+    """Mechanisms with the same (sigma, q) merged into one, in order of first appearance: composition
+    is commutative, and merging makes a phase's released list (DP mean, probe, then DP-SGD, per round)
+    account exactly like its plan."""
+    merged: dict[tuple[float, float], int] = {}
+    for m in _with_phase(mechanisms, entry):
+        key = (m.noise_multiplier, m.sample_rate)
+        merged[key] = merged.get(key, 0) + m.steps
+    return [Mechanism(sigma, q, steps, entry).to_dict() for (sigma, q), steps in merged.items()]
+
+
+def _as_mechanisms(name: str, entry: dict) -> list[Mechanism]:
+    return [Mechanism.from_dict({**m, "phase": name}) for m in entry["mechanisms"]]
+
+
+def _entry_from_json(name: str, entry: dict) -> dict:
+    """An entry as stored (format 2), or a format-1 entry (mechanisms and status only) upgraded."""
+    out = {"phase": str(entry.get("phase", name.split(ATTEMPT_SEPARATOR)[0])),
+           "attempt": int(entry.get("attempt", _attempt_number(name))),
+           "status": str(entry["status"]),
+           "mechanisms": [Mechanism.from_dict(m).to_dict() for m in entry["mechanisms"]]}
+    released = entry.get("released")
+    if released is None:
+        released = out["mechanisms"] if out["status"] == "completed" else []
+    out["released"] = [Mechanism.from_dict(m).to_dict() for m in released]
+    for key in ("reservation", "planned_total_epsilon", "source"):
+        if key in entry:
+            out[key] = entry[key]
+    return out

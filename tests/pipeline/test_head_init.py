@@ -12,6 +12,7 @@ from transformers import AutoModelForSequenceClassification
 
 from dist_dpc.models import ModelConfig, load_sequence_classifier
 from dist_dpc.models.heads import centre_pooler_, pooled_head
+from dist_dpc.privacy.randomness import SecretKey
 from tests.pipeline.test_phases import CONFIG, TINY, ok, opacus_prv_epsilon
 from tests.pipeline.test_train import dpc
 
@@ -79,8 +80,7 @@ def test_pipeline_records_mean_and_probe_and_a_restart_reloads_the_head(tmp_path
     cfg = load_config(CONFIG, [*overrides, f"run.output_dir={tmp_path}", "run.name=h"])
     ctx = SimpleNamespace(cfg=cfg, world=init_distributed(), phase="teacher", train_set=None, tokenizer=None)
     model = load_sequence_classifier(ModelConfig(name="tiny-bert", dropout=0.0), 2)
-    info = initialise_head(ctx, model, directory=run / "teacher", noise_multiplier=1.0, sample_rate=0.1, steps=10,
-                           seed=0)
+    info = initialise_head(ctx, model, directory=run / "teacher", steps=10, key=SecretKey.from_seed(0))
     saved = torch.load(run / "teacher" / "head_init.pt", weights_only=True)
     assert info == saved["info"]
     torch.testing.assert_close(model.bert.pooler.state_dict(), saved["pooler"])
@@ -91,8 +91,9 @@ def test_pipeline_records_mean_and_probe_and_a_restart_reloads_the_head(tmp_path
 
 @pytest.mark.timeout(900)
 def test_prune_rounds_each_record_their_head_start_and_the_last_round_counts_them_all(tmp_path):
-    # Every round centres and probes its own pruned model: the ledger has one DP mean per round and
-    # one DP-SGD mechanism for all the rounds' probe and fine-tuning steps. The last round's engine
+    # Every round centres and probes its own pruned model: the ledger has one DP mean per round (two
+    # releases of the same Gaussian mechanism: one entry of 2 steps) and one DP-SGD mechanism for all
+    # the rounds' probe and fine-tuning steps, each released as it happened. The last round's engine
     # starts from the earlier rounds as its prior, so its epsilon must equal the ledger's total.
     base = [*TINY, "head_init.centre_pooler=true", "head_init.probe_epochs=1", "wandb.mode=disabled"]
     ok(dpc(["pipeline", CONFIG, f"run.output_dir={tmp_path}", "run.name=t", *base, "pipeline.phases=[teacher]",
@@ -104,7 +105,10 @@ def test_prune_rounds_each_record_their_head_start_and_the_last_round_counts_the
     results = json.loads((tmp_path / "p" / "prune" / "results.json").read_text())
     probe_steps = 10  # 1 epoch of 240 examples at batch 24, in each round
     assert [(m["noise_multiplier"], m["sample_rate"], m["steps"]) for m in ledger["phases"]["prune"]["mechanisms"]] == [
-        (20.0, 1.0, 1), (20.0, 1.0, 1), (results["noise_multiplier"], results["sample_rate"], 2 * probe_steps + results["steps"])]
+        (20.0, 1.0, 2), (results["noise_multiplier"], results["sample_rate"], 2 * probe_steps + results["steps"])]
+    released = [(m["noise_multiplier"], m["steps"]) for m in ledger["phases"]["prune"]["released"]]
+    round_steps = results["steps"] // 2
+    assert released == [(20.0, 1), (results["noise_multiplier"], probe_steps), (results["noise_multiplier"], round_steps)] * 2
     everything = [m for entry in ledger["phases"].values() for m in entry["mechanisms"]]
     assert results["epsilon"] == pytest.approx(opacus_prv_epsilon(everything, ledger["delta"]), rel=0.02)
     assert results["epsilon"] == pytest.approx(8.0, rel=0.01)

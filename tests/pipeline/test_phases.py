@@ -16,7 +16,8 @@ from dist_dpc.privacy.accounting import Mechanism, compute_epsilon
 from tests.pipeline.test_train import ROOT, dpc
 
 TINY = ["model.name=tiny-bert", "model.dropout=0", "data.synthetic_size=240", "data.max_length=16",
-        "train.batch_size=24", "train.micro_batch_size=12", "train.lr=5e-3", "privacy.noise_seed=11",
+        "train.batch_size=24", "train.micro_batch_size=12", "train.lr=5e-3",
+        "privacy.randomness=insecure_reproducible", "privacy.noise_seed=11",
         "train.max_steps=6", "train.log_every=2"]
 CONFIG = str(ROOT / "configs" / "debug.yaml")
 
@@ -110,8 +111,9 @@ def test_pipeline_ledger_masks_export_and_resume(tmp_path):
     ok(dpc(["distill", CONFIG, f"run.output_dir={tmp_path}", "run.name=q", *TINY, "privacy.target_epsilon=6",
             "pipeline.phases=[distill]", f"distill.teacher={run / 'teacher' / 'model'}", "distill.alpha=0"]))
     q = json.loads((tmp_path / "q" / "privacy_ledger.json").read_text())["phases"]
-    assert [m["steps"] for m in q["imported:p"]["mechanisms"]] == [6]
-    assert q["imported:p"]["mechanisms"][0]["noise_multiplier"] == ledger["phases"]["teacher"]["mechanisms"][0]["noise_multiplier"]
+    imported = q[f"imported:{(run / 'teacher' / 'model').resolve()}"]
+    assert [m["steps"] for m in imported["mechanisms"]] == [6]
+    assert imported["mechanisms"][0]["noise_multiplier"] == ledger["phases"]["teacher"]["mechanisms"][0]["noise_multiplier"]
     assert 6 * 0.99 <= json.loads((tmp_path / "q" / "distill" / "results.json").read_text())["epsilon"] <= 6 * (1 + 1e-6)
 
 
@@ -138,7 +140,8 @@ def test_budget_refusal_structured_and_2_4_pruning_with_an_imported_teacher(tmp_
                   f"prune.source={teacher_dir}"]
     ok(dpc(["pipeline", *structured]))
     ledger = json.loads((tmp_path / "structured" / "privacy_ledger.json").read_text())
-    assert ledger["phases"]["imported:fixed"]["mechanisms"] == [dict(m, phase="imported:fixed") for m in teacher_mechs]
+    name = f"imported:{teacher_dir.resolve()}"
+    assert ledger["phases"][name]["mechanisms"] == [dict(m, phase=name) for m in teacher_mechs]
     results = json.loads((tmp_path / "structured" / "prune" / "results.json").read_text())
     all_mechs = [Mechanism(m["noise_multiplier"], m["sample_rate"], m["steps"])
                  for e in ledger["phases"].values() for m in e["mechanisms"]]

@@ -222,3 +222,17 @@ def test_clear_errors(tmp_path):
     with pytest.raises(ReportError, match="not valid JSON"):
         write_report(empty)
     assert not (empty / "report").exists()  # nothing written on failure
+
+
+def test_runs_that_released_exact_statistics_are_marked(multi_phase_run):
+    from dist_dpc.pipeline.report import summary_line
+
+    assert write_report(multi_phase_run)["statistics_released_without_dp"] == []
+    results = json.loads((multi_phase_run / "distill" / "results.json").read_text())
+    _write(multi_phase_run / "distill" / "results.json", {**results, "statistics_released_without_dp": True})
+    report = write_report(multi_phase_run)
+    assert report["statistics_released_without_dp"] == ["distill"]
+    md = report["markdown"].read_text()
+    assert "**WARNING: statistics released without DP** in phase(s) distill" in md
+    assert md.index("statistics released without DP") < md.index("## Guarantee")
+    assert "statistics released without DP in distill" in summary_line(report)

@@ -31,7 +31,8 @@ def test_total_is_the_composition_and_recording_again_replaces(tmp_path):
     assert led.total_epsilon() == total
     assert list(led.phases()) == ["teacher", "student"]
     assert led.phases()["student"]["status"] == "completed"
-    assert [m.phase for m in led.mechanisms()] == ["teacher", "student", "student"]
+    # releases with the same (sigma, q) are one mechanism of their summed steps (composition commutes)
+    assert [(m.phase, m.steps) for m in led.mechanisms()] == [("teacher", 300), ("student", 500)]
     # heterogeneous composition of everything recorded, strictly less than the per-phase sum
     assert total == compute_epsilon([TEACHER, STUDENT], DELTA)
     per_phase = compute_epsilon([TEACHER], DELTA) + compute_epsilon([STUDENT], DELTA)

@@ -1,0 +1,132 @@
+"""A spending phase's account in the run tree's ledger: the one object every private release goes through.
+
+    budget = PhaseBudget.reserve(ledger, "teacher", sample_rate=q, steps=T, fixed=(dp_mean,), target_epsilon=2.0)
+    ... compute the DP mean ...;  budget.release(dp_mean)          # before the mean is written anywhere
+    ... DP-SGD with prior=budget.prior() ...; budget.release(budget.dp_sgd(T))
+    budget.complete()
+
+``reserve`` calibrates sigma (or checks a given one) against everything the ledger holds and records
+the plan under the ledger's lock (PrivacyLedger.reserve): concurrent phases cannot overspend, a
+resumed attempt keeps its sigma, a re-run after completion is a new attempt that composes with the
+old one. Nothing here adds mechanisms up by hand; the ledger composes.
+
+Several ranks: one rank writes (``writer=True``, rank 0); the others ``join`` the reservation it
+made (after a barrier) and their ``release``/``complete`` calls do nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from dist_dpc.privacy.accounting import Mechanism, calibrate_noise_multiplier, compute_epsilon
+from dist_dpc.privacy.ledger import RELATIVE_SLACK, PrivacyBudgetExceeded, PrivacyLedger
+
+
+@dataclass
+class PhaseBudget:
+    ledger: PrivacyLedger
+    entry: str                 # the ledger entry of this attempt (``phase``, ``phase#2``, ...)
+    phase: str
+    noise_multiplier: float    # sigma of the phase's DP-SGD steps
+    sample_rate: float
+    steps: int                 # planned DP-SGD steps (probe and fine-tuning together)
+    writer: bool = True
+
+    @property
+    def attempt(self) -> int:
+        return int(self.ledger.entry(self.entry).get("attempt", 1))
+
+    @classmethod
+    def reserve(cls, ledger: PrivacyLedger, phase: str, *, sample_rate: float, steps: int,
+                fixed: Sequence[Mechanism] = (), target_epsilon: float | None = None,
+                noise_multiplier: float | None = None) -> "PhaseBudget":
+        """Reserve ``fixed`` (mechanisms of a set sigma, e.g. a DP mean) plus ``steps`` DP-SGD steps at
+        ``sample_rate``, with sigma calibrated so that the run's composition stays within
+        ``target_epsilon`` (a cumulative target: the phase's share and all before it), or the given
+        ``noise_multiplier`` checked against it. A resumed attempt keeps the sigma it reserved."""
+        fixed = tuple(fixed)
+        chosen: dict = {}
+
+        def plan(others: list[Mechanism], previous: dict | None) -> list[Mechanism]:
+            same_plan = previous is not None and previous.get("sample_rate") == sample_rate \
+                and previous.get("steps") == steps and previous.get("fixed") == [m.to_dict() for m in fixed]
+            if noise_multiplier is not None:
+                sigma = float(noise_multiplier)
+            elif same_plan:
+                sigma = float(previous["noise_multiplier"])  # resumed: the checkpoint was made with this sigma
+            else:
+                sigma = _calibrate(ledger, phase, target_epsilon, sample_rate, steps, [*others, *fixed])
+            planned = [*fixed, Mechanism(sigma, sample_rate, steps, phase)]
+            if target_epsilon is not None:
+                total = compute_epsilon(others + planned, ledger.delta, ledger.accountant)
+                if total > target_epsilon * (1 + RELATIVE_SLACK):
+                    raise PrivacyBudgetExceeded(
+                        f"phase {phase!r} would bring the run's total epsilon to {total:.4g} > {target_epsilon:.4g}, "
+                        f"its cumulative target (privacy.target_epsilon={ledger.target_epsilon:g} times the shares of "
+                        f"pipeline.budget_split up to it), with noise_multiplier={sigma:.4g} for {steps} steps at "
+                        f"q={sample_rate:.4g}: raise privacy.noise_multiplier, train fewer steps, or leave "
+                        "noise_multiplier unset to calibrate it")
+            chosen["sigma"] = sigma
+            return planned
+
+        def reservation() -> dict:
+            return {"noise_multiplier": chosen["sigma"], "sample_rate": sample_rate, "steps": steps,
+                    "fixed": [m.to_dict() for m in fixed]}
+
+        entry = ledger.reserve(phase, plan, reservation)
+        return cls(ledger, entry, phase, chosen["sigma"], sample_rate, steps)
+
+    @classmethod
+    def join(cls, ledger: PrivacyLedger, phase: str) -> "PhaseBudget":
+        """The reservation the writing rank made for ``phase`` (read after a barrier); never writes."""
+        entry = ledger.latest_attempt(phase)
+        if entry is None:
+            raise RuntimeError(f"phase {phase!r} has no reservation in {ledger.path}: the writing rank reserves "
+                               "it before the others join")
+        r = ledger.entry(entry).get("reservation") or {}
+        return cls(ledger, entry, phase, float(r["noise_multiplier"]), float(r["sample_rate"]), int(r["steps"]),
+                   writer=False)
+
+    def dp_sgd(self, steps: int) -> Mechanism:
+        """``steps`` DP-SGD steps at this phase's sigma and q (a probe's or a fine-tuning's)."""
+        return Mechanism(self.noise_multiplier, self.sample_rate, steps, self.entry)
+
+    def release(self, *mechanisms: Mechanism) -> None:
+        """Record mechanisms as they are released: call it before their result is written anywhere."""
+        if self.writer:
+            self.ledger.release(self.entry, mechanisms)
+
+    def released(self) -> list[Mechanism]:
+        return self.ledger.released(self.entry)
+
+    def prior(self) -> tuple[Mechanism, ...]:
+        """What the next release of this phase composes with (other entries, then this one's releases)."""
+        return tuple(self.ledger.prior(self.entry))
+
+    def complete(self) -> list[Mechanism]:
+        """This attempt now counts what it released; returns those mechanisms."""
+        if self.writer:
+            return self.ledger.complete(self.entry)
+        return self.ledger.released(self.entry)
+
+    def epsilon(self) -> float:
+        """The run tree's total epsilon now (the ledger's composition)."""
+        return self.ledger.total_epsilon()
+
+
+def _calibrate(ledger: PrivacyLedger, phase: str, target: float | None, q: float, steps: int,
+               prior: list[Mechanism]) -> float:
+    if target is None:
+        raise ValueError(f"phase {phase!r}: set privacy.target_epsilon (sigma is then calibrated) or "
+                         "privacy.noise_multiplier")
+    if ledger.target_epsilon is not None and target > ledger.target_epsilon * (1 + RELATIVE_SLACK):
+        raise ValueError(f"phase {phase!r}: cumulative target epsilon {target:g} exceeds the run's "
+                         f"privacy.target_epsilon={ledger.target_epsilon:g}")
+    try:
+        return calibrate_noise_multiplier(target, ledger.delta, q, steps, ledger.accountant, prior=prior)
+    except ValueError as err:
+        raise ValueError(f"phase {phase!r}: {err}") from err
+
+
+__all__ = ["PhaseBudget", "PrivacyBudgetExceeded"]
