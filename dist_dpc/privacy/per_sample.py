@@ -50,15 +50,40 @@ def linear_sq_norms(a_BTI: torch.Tensor, g_BTO: torch.Tensor, weight_trainable: 
             else:
                 aa_BTT = torch.bmm(a, a.transpose(1, 2))
                 gg_BTT = torch.bmm(g, g.transpose(1, 2))
-                # The Hadamard product of two Gram matrices is PSD, so the sum is >= 0; rounding
-                # can push a ~0 norm slightly negative, and its sqrt would be NaN.
-                sq = sq + (aa_BTT * gg_BTT).sum(dim=(1, 2)).clamp(min=0)
+                sq = sq + _ghost_sum(aa_BTT, gg_BTT) + ghost_rounding_bound(a, g)
         else:
             grad_BOI = torch.bmm(g.transpose(1, 2), a)
             sq = sq + grad_BOI.pow(2).sum(dim=(1, 2))
     if bias_trainable:
         sq = sq + g.sum(dim=1).pow(2).sum(-1)
     return sq
+
+
+def _ghost_sum(x_BTT: torch.Tensor, y_BTT: torch.Tensor) -> torch.Tensor:
+    """sum_{t,t'} x y per sample, summed in float64 (the T^2 terms may cancel; no summation error
+    left to bound). The Hadamard product of two Gram matrices is PSD, so the true sum is >= 0."""
+    return (x_BTT.double() * y_BTT.double()).sum(dim=(1, 2)).clamp(min=0).to(y_BTT.dtype)
+
+
+def ghost_rounding_bound(a_BTI: torch.Tensor | None, g_BTO: torch.Tensor) -> torch.Tensor:
+    """An upper bound on how far float rounding can take a ghost norm below the true squared norm.
+
+    The ghost sum sum_{t,t'} <a_t, a_t'><g_t, g_t'> cancels when a sample's positions push its
+    gradient in opposite directions; its terms are then far larger than the result, and the
+    rounding of the Gram matrices (relative error <= (I+O) u per term, u the unit roundoff) can
+    make the computed norm too small (by 19 % in a constructed float32 case): that sample would not
+    be clipped enough. Each term is at most |a_t||a_t'||g_t||g_t'|, so the error is at most
+    s^2 (I + O + 4) u with s = sum_t |a_t||g_t| (first order; +4 covers the products, the float64
+    sum and the final cast). Adding it means the norm used for clipping is never below the true
+    one. On ordinary data it raises the norm by well under a percent. ``a_BTI`` None: an embedding
+    (a one-hot input: |a_t| = 1, no input Gram matrix)."""
+    u = torch.finfo(g_BTO.dtype).eps / 2
+    g_norms = g_BTO.norm(dim=2)
+    if a_BTI is None:
+        s, width = g_norms.sum(1), g_BTO.shape[2]
+    else:
+        s, width = (a_BTI.norm(dim=2) * g_norms).sum(1), a_BTI.shape[2] + g_BTO.shape[2]
+    return s.pow(2) * ((width + 4) * u)
 
 
 def linear_clipped_grads(a_BTI: torch.Tensor, g_BTO: torch.Tensor, factors_B: torch.Tensor, weight_trainable: bool, bias_trainable: bool):
@@ -84,7 +109,7 @@ def embedding_sq_norms(ids_BT: torch.Tensor, g_BTD: torch.Tensor, padding_idx: i
         g = g * (ids_BT != padding_idx).unsqueeze(-1).to(g.dtype)
     same_BTT = (ids_BT.unsqueeze(2) == ids_BT.unsqueeze(1)).to(g.dtype)
     gg_BTT = torch.bmm(g, g.transpose(1, 2))
-    return (same_BTT * gg_BTT).sum(dim=(1, 2))
+    return _ghost_sum(same_BTT, gg_BTT) + ghost_rounding_bound(None, g)
 
 
 def embedding_clipped_grad(ids_BT: torch.Tensor, g_BTD: torch.Tensor, factors_B: torch.Tensor, num_embeddings: int, padding_idx: int | None) -> torch.Tensor:
