@@ -8,10 +8,12 @@ phases), N, delta, and whether it was trained with DP at all. Copying the direct
 A phase that starts from a model directory (``model.name``, ``distill.teacher``, ``distill.student``,
 a prune source) calls :func:`import_lineage` before spending anything:
 
-* a model of this run tree: its cost is in our ledger already;
-* a directory with a lineage file: its mechanisms are recorded as ``imported:<directory>`` (trained
-  on the same private data, so they compose with ours; other N is refused);
-* an older run tree without lineage files: read from that tree's ledger;
+* a directory whose lineage says it was trained without DP: refused (in this tree or not);
+* a model of this run tree (its lineage names this ledger's id): its cost is in our ledger already;
+* any other directory with a lineage file: its mechanisms are recorded as ``imported:<directory>``
+  (trained on the same private data, so they compose with ours; other N is refused);
+* a phase model of an older run tree without lineage files (results.json beside it): read from
+  that tree's ledger;
 * a hub name, an alias or a debug model: public, nothing to import;
 * any other local directory: refused, unless the user lists it in ``privacy.public_model_dirs``
   (it is then recorded as a ``public:<directory>`` declaration with no mechanisms, so the report
@@ -43,33 +45,34 @@ def write_lineage(model_dir: Path, ledger: PrivacyLedger | None, *, phase: str) 
     if ledger is None:
         data = {"format": 1, "private": False, "phase": phase}
     else:
-        data = {"format": 1, "private": True, "phase": phase, "dataset_size": ledger.dataset_size,
-                "delta": ledger.delta, "accountant": ledger.accountant,
+        data = {"format": 1, "private": True, "phase": phase, "ledger_id": ledger.ledger_id,
+                "dataset_size": ledger.dataset_size, "delta": ledger.delta, "accountant": ledger.accountant,
                 "mechanisms": [m.to_dict() for m in ledger.mechanisms()]}
     text = json.dumps(data, indent=2)
     atomic_write(Path(model_dir) / LINEAGE_FILE, lambda tmp: tmp.write_text(text))
 
 
 def read_lineage(model_dir: Path) -> dict | None:
-    """The lineage stored with a model directory: its file, or (older trees) its tree's ledger."""
+    """The lineage stored with a model directory: its file, or, for a phase model of a run tree
+    written before lineage files existed (its results.json beside it), that tree's ledger."""
     model_dir = Path(model_dir)
     stored = model_dir / LINEAGE_FILE
     if stored.is_file():
         return json.loads(stored.read_text())
+    results = _read_json(model_dir.parent / "results.json")
+    if results is None:
+        return None
+    if results.get("private") is False:
+        return {"private": False}
     for tree in (model_dir.parent, model_dir.parent.parent):  # RUN/model (dpc train), RUN/PHASE/model
         ledger_file = tree / LEDGER_FILE
         if ledger_file.is_file():
-            results = _read_json(model_dir.parent / "results.json") or {}
-            if results.get("private") is False:
-                return {"private": False}
             data = json.loads(ledger_file.read_text())
             theirs = PrivacyLedger(ledger_file, data.get("target_epsilon"), data["delta"], data["dataset_size"],
                                    data.get("accountant", "prv"))
             return {"private": True, "dataset_size": theirs.dataset_size, "delta": theirs.delta,
+                    "ledger_id": theirs.ledger_id, "ledger_path": str(ledger_file.resolve()),
                     "mechanisms": [m.to_dict() for m in theirs.mechanisms()]}
-        results = _read_json(tree / "results.json")
-        if results is not None and results.get("private") is False:
-            return {"private": False}
     return None
 
 
@@ -83,8 +86,8 @@ def import_lineage(ctx, model_ref: str | Path, *, role: str) -> None:
     if name in DEBUG_MODELS or name in ALIASES or not path.exists():
         return  # built from a config, a packaged public model, or a hub name: public weights
     model_dir = path.resolve()
-    if _inside(model_dir, ctx.run.path.resolve()):
-        return  # this tree's own phase: its mechanisms are in our ledger already
+    # Always read the lineage, wherever the directory lies: a model inside this tree may have been
+    # trained without DP, or copied in from another tree.
     lineage = read_lineage(model_dir)
     if lineage is not None and lineage.get("private") is False:
         if ctx.cfg.privacy.enabled:
@@ -104,6 +107,8 @@ def import_lineage(ctx, model_ref: str | Path, *, role: str) -> None:
         _record(ctx, f"public:{model_dir}", [])
         log(ctx.world, f"[{ctx.phase}] {role}={name}: declared public (privacy.public_model_dirs), recorded as such")
         return
+    if _same_ledger(lineage, ctx.ledger):
+        return  # a model of this very tree: its mechanisms are in our ledger already
     if int(lineage["dataset_size"]) != ctx.ledger.dataset_size:
         raise ValueError(f"{role}={name!r} was trained on a data set of N={lineage['dataset_size']}, this run has "
                          f"N={ctx.ledger.dataset_size}: importing its privacy cost needs the same private data set")
@@ -127,8 +132,10 @@ def _record(ctx, entry: str, mechanisms: list[Mechanism]) -> None:
     torch.distributed.barrier()
 
 
-def _inside(path: Path, root: Path) -> bool:
-    return path == root or root in path.parents
+def _same_ledger(lineage: dict, ledger: PrivacyLedger) -> bool:
+    if lineage.get("ledger_id") and lineage["ledger_id"] == ledger.ledger_id:
+        return True
+    return lineage.get("ledger_path") == str(ledger.path.resolve())
 
 
 def _read_json(path: Path) -> dict | None:

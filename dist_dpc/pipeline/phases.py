@@ -404,6 +404,7 @@ def model_card(cfg: Config, ctx: PhaseContext, source_phase: str, trained: dict)
                              f"| {m['steps']} |")
         lines.append("")
     lines += _released_without_dp(ctx, cfg)
+    lines += _insecure_randomness(ctx, cfg)
     lines += ["## Phases", ""]
     for phase in cfg.pipeline.phases:
         f = ctx.run.path / phase / "results.json"
@@ -430,6 +431,19 @@ def _released_without_dp(ctx: PhaseContext, cfg: Config) -> list[str]:
             "privacy.release_exact_statistics=true: their logs, metrics and results hold exact statistics of the "
             "training data (train loss, clipped fractions, gradient norms, batch sizes), which the guarantee above "
             "does not cover.", ""]
+
+
+def _insecure_randomness(ctx: PhaseContext, cfg: Config) -> list[str]:
+    """The card's warning when a phase drew its noise from a seed (privacy.randomness=
+    insecure_reproducible): whoever knows or guesses the seed can subtract the noise."""
+    marked = [phase for phase in cfg.pipeline.phases if phase in MODEL_PHASES
+              and json.loads(_read_or(ctx.run.path / phase / "results.json")).get("randomness") == "insecure_reproducible"]
+    if not marked:
+        return []
+    return [f"**WARNING: noise drawn from a seed.** Phase(s) {', '.join(marked)} ran with "
+            "privacy.randomness=insecure_reproducible: their noise is derived from privacy.noise_seed or the run "
+            "tree's noise_seed.json. Anyone who knows or guesses that seed can regenerate and subtract the noise; the "
+            "guarantee above holds only while the seed stays secret and unguessable.", ""]
 
 
 def _read_or(path: Path, default: str = "{}") -> str:

@@ -436,6 +436,11 @@ def render_markdown(tree: RunTree, rows: list[dict], models: list[dict], totals:
                   "(privacy.release_exact_statistics=true): their logs, W&B runs, metrics.jsonl and results.json hold "
                   "exact training-set statistics (train loss, clipped fractions, gradient-norm quantiles, batch "
                   "sizes). The guarantee below does not cover them.", ""]
+    seeded = [p.name for p in tree.phases if (p.results or {}).get("randomness") == "insecure_reproducible"]
+    if seeded:
+        lines += [f"> **WARNING: noise drawn from a seed** in phase(s) {', '.join(seeded)} "
+                  "(privacy.randomness=insecure_reproducible): whoever knows or guesses the seed (privacy.noise_seed "
+                  "or noise_seed.json) can subtract the noise. The guarantee below holds only while it stays secret.", ""]
     if shuffled:
         lines += [f"> **WARNING: phase(s) {', '.join(shuffled)} used shuffled fixed-size batches "
                   "(privacy.sampling=shuffle).** The epsilon below assumes Poisson sampling and is NOT a proven "

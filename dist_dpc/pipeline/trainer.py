@@ -27,7 +27,7 @@ from dist_dpc.pipeline.checkpoints import Checkpoints
 from dist_dpc.pipeline.preemption import PreemptionGuard
 from dist_dpc.pipeline.config import Config
 from dist_dpc.pipeline.run_dir import RunDir
-from dist_dpc.privacy.accounting import Mechanism, delta_default
+from dist_dpc.privacy.accounting import Mechanism, check_delta, delta_default
 from dist_dpc.privacy.config import PrivacyConfig
 from dist_dpc.privacy.budget import PhaseBudget
 from dist_dpc.privacy.ledger import PrivacyBudgetExceeded, PrivacyLedger
@@ -107,6 +107,7 @@ def open_phase(cfg: Config, phase: str, *, load_data: bool = True) -> PhaseConte
     if privacy.enabled:
         n = len(task.train.labels)
         delta = privacy.delta if privacy.delta is not None else delta_default(n)
+        check_delta(delta, n)  # before head_init or anything else reads the data
         ledger = PrivacyLedger(run.path / LEDGER_FILE, privacy.target_epsilon, delta, n, privacy.accountant)
     return PhaseContext(cfg=cfg, world=world, run=run, phase=phase, directory=directory, tokenizer=tokenizer,
                         train_set=train_set, eval_sets=eval_sets, num_labels=num_labels,
@@ -159,15 +160,17 @@ def phase_privacy(ctx: PhaseContext, steps: int, fixed: tuple[Mechanism, ...] = 
     outcome = None
     if ctx.is_main:
         try:
+            _hold_phase_lock(ctx)
             budget = PhaseBudget.reserve(ctx.ledger, ctx.phase, sample_rate=q, steps=steps, fixed=fixed,
                                          target_epsilon=target, noise_multiplier=privacy.noise_multiplier)
             outcome = ("ok", budget.entry)
-        except (ValueError, PrivacyBudgetExceeded) as err:
+        except (ValueError, PrivacyBudgetExceeded, PhaseRunningError) as err:
             outcome = ("refused", type(err).__name__, str(err))
     outcome = _from_rank0(outcome)
     if outcome[0] != "ok":  # every rank stops with rank 0's reason
-        raise (PrivacyBudgetExceeded if outcome[1] == "PrivacyBudgetExceeded" else ValueError)(outcome[2])
-    ctx.budget = PhaseBudget.join(ctx.ledger, ctx.phase)
+        kinds = {"PrivacyBudgetExceeded": PrivacyBudgetExceeded, "PhaseRunningError": PhaseRunningError}
+        raise kinds.get(outcome[1], ValueError)(outcome[2])
+    ctx.budget = PhaseBudget.join(ctx.ledger, ctx.phase, entry=outcome[1])
     ctx.budget.writer = ctx.is_main
     ctx.key = ctx.key.derive("attempt", ctx.budget.attempt)
     _clear_stale_attempt(ctx)
@@ -176,6 +179,31 @@ def phase_privacy(ctx: PhaseContext, steps: int, fixed: tuple[Mechanism, ...] = 
                    f"q={q:.5f}, {steps} steps; run total with this reservation epsilon={total:.3f}"
                    + (f" (phase target {target:.3f} of {privacy.target_epsilon:g})" if target is not None else ""))
     return dataclasses.replace(privacy, noise_multiplier=ctx.budget.noise_multiplier, target_epsilon=target)
+
+
+class PhaseRunningError(RuntimeError):
+    """The same phase of this run tree is running in another process."""
+
+
+_PHASE_LOCKS: dict[str, object] = {}  # held until the process exits
+
+
+def _hold_phase_lock(ctx: PhaseContext) -> None:
+    """One process at a time per phase of a run tree: a second launch would join the running
+    attempt with its own noise key, and its releases would mix with the first one's."""
+    import fcntl
+
+    path = str(ctx.run.path / f".{ctx.phase}.lock")
+    if path in _PHASE_LOCKS:
+        return
+    handle = open(path, "a")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise PhaseRunningError(f"phase {ctx.phase!r} of {ctx.run.path} is running in another process (it holds "
+                                f"{path}); wait for it to finish, or cancel that job, before starting it again")
+    _PHASE_LOCKS[path] = handle
 
 
 def _from_rank0(value):
@@ -285,7 +313,13 @@ def _steps(ctx, engine, sampler, tracker, metrics_log, checkpoints, progress, gu
         metrics = {}
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == steps:
             metrics.update(step_metrics(engine, stats, micro, seconds))
+        saved = False
         if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < steps:
+            # Eval metrics release the parameters after this step. Checkpoint first: a resume
+            # (with a fresh key in secure mode) must never redraw a step whose result is out.
+            if ctx.budget is not None:
+                checkpoints.save(engine)
+                saved = True
             metrics.update(eval_metrics(engine, ctx))  # the phase's end is evaluated after the loop
         if metrics:
             tracker.log(metrics, step=step_offset + step + 1)
@@ -296,7 +330,8 @@ def _steps(ctx, engine, sampler, tracker, metrics_log, checkpoints, progress, gu
             progress.close()
             tracker.finish()  # flush the W&B run; the resumed job continues the same run id
             guard.stop(f"{checkpoints.directory / tag}")
-        if cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0 and step + 1 < steps:
+        if (cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0 and step + 1 < steps
+                and not saved):
             checkpoints.save(engine)
 
 
@@ -445,6 +480,7 @@ def phase_results(ctx: PhaseContext, engine: DPEngine, metrics: dict, steps: int
         "sample_rate": engine.sample_rate,
         "accountant": privacy.accountant,
         "sampling": ctx.sampling,
+        "randomness": privacy.randomness,
         "dataset_size": len(ctx.train_set),
         "train_seconds": getattr(engine, "train_seconds", None),
         "parameters": sum(p.numel() for p in model_parameters(engine.module)),
@@ -468,9 +504,12 @@ def exact_phase_statistics(engine: DPEngine, privacy: PrivacyConfig) -> dict:
 def finish_phase(ctx: PhaseContext, tracker: Tracker, results: dict, model_dir: Path | None) -> None:
     """Ledger (completed), W&B summary/table/artifact, results.json, and the printed summary."""
     if ctx.budget is not None:
-        # The attempt now counts what it released (DP mean, probe, DP-SGD steps, per round).
+        # The attempt now counts what it released (DP mean, probe, DP-SGD steps, per round); the
+        # epsilon reported is the ledger's, which also holds what was recorded since the phase began.
         results["ledger_entry"] = ctx.budget.entry
         results["mechanisms"] = [m.to_dict() for m in ctx.budget.complete()]
+        results["epsilon"] = ctx.ledger.total_epsilon()
+        results["epsilon_rdp"] = ctx.ledger.total_epsilon("rdp" if ctx.ledger.accountant == "prv" else "prv")
     flat = {f"eval/{split}/{k}": v for split, m in results["metrics"].items() for k, v in m.items()}
     flat["eval/parameters"] = results.get("parameters")
     if "nonzero_parameters" in results:
@@ -481,7 +520,8 @@ def finish_phase(ctx: PhaseContext, tracker: Tracker, results: dict, model_dir: 
         tracker.summary({"final_epsilon": results["epsilon"], "final_epsilon_rdp": results["epsilon_rdp"],
                          "delta": results["delta"], "noise_multiplier": results["noise_multiplier"],
                          "sample_rate": results["sample_rate"],
-                         "statistics_released_without_dp": results.get("statistics_released_without_dp", False)})
+                         "statistics_released_without_dp": results.get("statistics_released_without_dp", False),
+                         "randomness": results.get("randomness")})
         tracker.table("privacy_ledger", ["phase", "status", "noise_multiplier", "sample_rate", "steps"],
                       [[name, entry["status"], m["noise_multiplier"], m["sample_rate"], m["steps"]]
                        for name, entry in ctx.ledger.phases().items() for m in entry["mechanisms"]])

@@ -78,9 +78,10 @@ class PhaseBudget:
         return cls(ledger, entry, phase, chosen["sigma"], sample_rate, steps)
 
     @classmethod
-    def join(cls, ledger: PrivacyLedger, phase: str) -> "PhaseBudget":
-        """The reservation the writing rank made for ``phase`` (read after a barrier); never writes."""
-        entry = ledger.latest_attempt(phase)
+    def join(cls, ledger: PrivacyLedger, phase: str, entry: str | None = None) -> "PhaseBudget":
+        """The reservation the writing rank made for ``phase`` (read after a barrier); never writes.
+        ``entry``: the entry the writing rank reserved (sent to the other ranks), else the latest."""
+        entry = entry or ledger.latest_attempt(phase)
         if entry is None:
             raise RuntimeError(f"phase {phase!r} has no reservation in {ledger.path}: the writing rank reserves "
                                "it before the others join")

@@ -66,6 +66,7 @@ class PrivacyLedger:
         self.target_epsilon = None if target_epsilon is None else float(target_epsilon)
         self.delta, self.dataset_size, self.accountant = float(delta), _check_dataset_size(dataset_size), accountant
         self._phases: dict[str, dict] = {}
+        self._id: str | None = None
         self._refresh()
 
     # -- reading ---------------------------------------------------------------------------------
@@ -78,6 +79,7 @@ class PrivacyLedger:
         try:
             data = json.loads(text)
             stored_delta, stored_n = float(data["delta"]), int(data["dataset_size"])
+            self._id = data.get("ledger_id", self._id)
             phases = {str(name): _entry_from_json(str(name), entry) for name, entry in data["phases"].items()}
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"the privacy ledger {self.path} is unreadable ({type(err).__name__}: {err}); it is never "
@@ -176,6 +178,10 @@ class PrivacyLedger:
                 raise ValueError(f"ledger entry {entry!r} is completed; a further release needs a new attempt")
             e = dict(phases[entry])
             e["released"] = list(e.get("released", [])) + [m.to_dict() for m in _with_phase(mechanisms, entry)]
+            # A running entry counts its reservation -- or more, if it released more than it reserved
+            # (a DP mean recomputed after a crash, a prune round replayed): per (sigma, q), the larger.
+            e["mechanisms"] = _dominating(e["mechanisms"], _canonical([Mechanism.from_dict(m) for m in e["released"]],
+                                                                      entry), entry)
             phases[entry] = e
             self._commit(phases)
 
@@ -206,6 +212,13 @@ class PrivacyLedger:
         self._refresh()
         others = [m for name, e in self._phases.items() if name != entry for m in _as_mechanisms(name, e)]
         return others + self.released(entry)
+
+    @property
+    def ledger_id(self) -> str | None:
+        """A random public name of this ledger (written with its first entry): a model's lineage
+        carries it, so a model of this very tree is recognised wherever its directory lies."""
+        self._refresh()
+        return self._id
 
     def entry(self, name: str) -> dict:
         """One entry (a copy): phase, attempt, status, mechanisms, released, reservation."""
@@ -254,7 +267,11 @@ class PrivacyLedger:
                 fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
     def _write(self, phases: dict[str, dict]) -> None:
-        data = {"version": FORMAT_VERSION, "target_epsilon": self.target_epsilon, "delta": self.delta,
+        if self._id is None:
+            import secrets
+
+            self._id = secrets.token_hex(16)  # public: names this ledger, reveals nothing
+        data = {"version": FORMAT_VERSION, "ledger_id": self._id, "target_epsilon": self.target_epsilon, "delta": self.delta,
                 "dataset_size": self.dataset_size, "accountant": self.accountant, "phases": phases}
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         try:
@@ -339,6 +356,15 @@ def _canonical(mechanisms: Sequence[Mechanism], entry: str) -> list[dict]:
         key = (m.noise_multiplier, m.sample_rate)
         merged[key] = merged.get(key, 0) + m.steps
     return [Mechanism(sigma, q, steps, entry).to_dict() for (sigma, q), steps in merged.items()]
+
+
+def _dominating(first: list[dict], second: list[dict], entry: str) -> list[dict]:
+    """Per (sigma, q), the larger step count of two canonical lists (composition is monotone in steps)."""
+    steps: dict[tuple[float, float], int] = {}
+    for m in [*first, *second]:
+        key = (float(m["noise_multiplier"]), float(m["sample_rate"]))
+        steps[key] = max(steps.get(key, 0), int(m["steps"]))
+    return [Mechanism(sigma, q, n, entry).to_dict() for (sigma, q), n in steps.items()]
 
 
 def _as_mechanisms(name: str, entry: dict) -> list[Mechanism]:

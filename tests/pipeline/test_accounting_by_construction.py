@@ -81,3 +81,32 @@ def test_a_dpc_train_model_brings_its_lineage_and_unknown_directories_are_refuse
             f"privacy.public_model_dirs=[{moved}]"]))
     declared = ledger_of(tmp_path / "e")["phases"][f"public:{moved.resolve()}"]
     assert declared["mechanisms"] == [] and declared["status"] == "completed"
+
+
+@pytest.mark.timeout(600)
+def test_one_process_per_phase_early_delta_check_and_checkpoints_before_eval_releases(tmp_path):
+    import fcntl
+
+    run = tmp_path / "l"
+    run.mkdir()
+    args = ["train", CONFIG, f"run.output_dir={tmp_path}", "run.name=l", *BASE, "train.max_steps=5",
+            "wandb.mode=disabled", "privacy.randomness=secure", "privacy.noise_seed=null"]
+    # another process holds the phase: refused before anything is reserved
+    with open(run / ".train.lock", "a") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        busy = dpc(args)
+    assert busy.returncode != 0 and "running in another process" in busy.stderr + busy.stdout
+    assert not (run / "privacy_ledger.json").exists() or not ledger_of(run)["phases"]
+    # delta >= 1/N: refused before head_init (which reads the data) and before any ledger exists
+    bad = dpc([*args, "privacy.delta=0.01", "head_init.centre_pooler=true", "run.name=m"])
+    assert bad.returncode != 0 and "privacy.delta" in bad.stderr + bad.stdout
+    assert not (tmp_path / "m" / "privacy_ledger.json").exists() and not (tmp_path / "m" / "head_init.pt").exists()
+    # eval_every releases the parameters of steps 2 and 4: each is checkpointed before it is logged,
+    # so a resume (fresh key) never redraws a released step
+    ok(dpc([*args, "train.eval_every=2", "run.name=n"]))
+    run = tmp_path / "n"
+    assert (run / "checkpoints" / "latest_complete").read_text().strip() == "step00000004"
+    results = json.loads((run / "results.json").read_text())
+    assert results["randomness"] == "secure" and results["epsilon"] == pytest.approx(
+        compute_epsilon([Mechanism.from_dict(m) for e in ledger_of(run)["phases"].values() for m in e["mechanisms"]],
+                        ledger_of(run)["delta"]), rel=1e-9)

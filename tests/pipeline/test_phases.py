@@ -190,3 +190,8 @@ def test_phase_needs_its_source_and_non_private_teachers_are_refused(tmp_path):
     leaky = dpc(["distill", CONFIG, f"run.output_dir={tmp_path}", "run.name=leaky", *TINY,
                  f"distill.teacher={tmp_path / 'public' / 'teacher' / 'model'}"])
     assert leaky.returncode == 2 and "WITHOUT differential privacy" in leaky.stderr
+    # The same teacher inside the private tree itself (a non-private phase, then a private one with
+    # run.overwrite): its lineage is read wherever it lies, so it is refused there too.
+    inside = dpc(["distill", CONFIG, f"run.output_dir={tmp_path}", "run.name=public", *TINY, "run.overwrite=true"])
+    assert inside.returncode == 2 and "WITHOUT differential privacy" in inside.stderr
+    assert not (tmp_path / "public" / "distill" / "model").exists()

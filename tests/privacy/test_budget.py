@@ -133,3 +133,12 @@ def test_two_phases_started_at_once_cannot_overspend(tmp_path):
     # have given both the first's sigma and a total far above it)
     assert ledger(path).total_epsilon() <= TARGET * (1 + 1e-6)
     assert compute_epsilon([Mechanism(sigmas[0], Q, STEPS)] * 2, DELTA) > 1.2 * TARGET
+
+
+def test_a_running_entry_counts_more_than_its_reservation_if_it_released_more(tmp_path):
+    led = ledger(tmp_path / "l.json")
+    budget = PhaseBudget.reserve(led, "teacher", sample_rate=Q, steps=STEPS, fixed=(MEAN,), target_epsilon=2.0)
+    reserved = led.total_epsilon()
+    budget.release(MEAN, MEAN)  # e.g. the DP mean recomputed after a crash: two releases, one reserved
+    assert [(m.noise_multiplier, m.steps) for m in led.mechanisms()] == [(20.0, 2), (budget.noise_multiplier, STEPS)]
+    assert led.total_epsilon() > reserved
