@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -42,6 +43,10 @@ LossFn = Callable[[Callable, dict], torch.Tensor]
 
 class PrivacyBudgetError(RuntimeError):
     """The step would spend more privacy than the configured budget."""
+
+
+class NonFiniteGradientError(RuntimeError):
+    """A NaN/inf gradient reached the noise hook: a sample produced non-finite values."""
 
 
 @dataclass
@@ -101,6 +106,7 @@ class DPEngine:
         # Validated before DeepSpeed sees the model: unsupported or tied layers fail here.
         self.clipper = PerSampleClipper(model, privacy.max_grad_norm).attach() if privacy.enabled else None
         _check_flat_precision(privacy, ds_config, model)
+        _warn_bf16_sum_rounding(privacy, ds_config, model)
         trainable = [p for p in model.parameters() if p.requires_grad]
         trainable_numel = sum(p.numel() for p in trainable)  # before ZeRO-3 partitions them
         self.ds, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
@@ -206,6 +212,8 @@ class DPEngine:
         if self.clipper is not None:
             self._count_noised(params)
         grads = [p.grad for p in params if p.grad is not None]
+        if self.clipper is not None:
+            self._check_finite(grads)
         for g in grads:
             g.mul_(self.world.world_size)  # DeepSpeed averaged over ranks; DP-SGD wants the sum
         if self.clipper is not None:
@@ -216,6 +224,18 @@ class DPEngine:
             g.div_(self.expected_batch_size)
         for hook in self.post_noise_hooks:
             hook(optimizer)
+
+    def _check_finite(self, grads: list[torch.Tensor]) -> None:
+        """Before noising: every gradient is finite. One isfinite reduction per tensor and one host
+        sync per hook call. per_layer clipping drops a sample with a non-finite norm (factor 0, rows
+        zeroed), so this should not fire there; flat clipping's real pass is an ordinary backward, where
+        0 * inf = NaN cannot be kept out, so the run must stop rather than release a NaN model."""
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            raise NonFiniteGradientError(
+                f"a non-finite gradient reached the DP step at step {self.steps_done} (privacy.clipping="
+                f"{self.privacy.clipping}): a sample produced NaN/inf. With clipping=per_layer such samples are "
+                "dropped (clip factor 0); with flat the run must stop. Stopping before the update"
+                + (" (ZeRO-3 sub-groups already stepped this step keep their update)" if self._hook_calls else ""))
 
     # -- noise accounting: every coordinate the optimizer steps is noised exactly once ------------
     def _check_partitions_cover(self, trainable_numel: int) -> None:
@@ -353,6 +373,24 @@ def _check_flat_precision(privacy: PrivacyConfig, ds_config: dict, model: torch.
         raise ValueError("privacy.clipping=flat is not supported with bf16/fp16 training: its real pass computes and "
                          "sums the re-weighted gradients in low precision, so a sample's clipped contribution can "
                          "exceed max_grad_norm after rounding. Use privacy.clipping=per_layer, or train in fp32")
+
+
+_BF16_WARNED = False
+
+
+def _warn_bf16_sum_rounding(privacy: PrivacyConfig, ds_config: dict, model: torch.nn.Module) -> None:
+    """Once per process: what bf16 leaves outside the analysis (docs/privacy.md, Numerics)."""
+    global _BF16_WARNED
+    if _BF16_WARNED or not privacy.enabled:
+        return
+    half = any(p.dtype == torch.bfloat16 for p in model.parameters() if p.requires_grad)
+    if not (half or ds_config.get("bf16", {}).get("enabled")):
+        return
+    _BF16_WARNED = True
+    warnings.warn("bf16 under DP: each sample's clipped contribution is <= C_l before the sum, but the bf16 rounding of "
+                  "each micro-batch's clipped sum (relative 2^-8 of the sum per coordinate, which can exceed C_l) and its "
+                  "accumulation are outside the privacy analysis; train in fp32 for a guarantee up to float32 rounding",
+                  stacklevel=3)
 
 
 class _RngSnapshot:

@@ -14,10 +14,12 @@ from dist_dpc.privacy.layers.norm_affine import dp_affine
 
 def dp_conv1d(module, clipper: PerSampleClipper, x: torch.Tensor) -> torch.Tensor:
     # GPT-2's Conv1D is y = x W + b with W stored (in, out): a linear layer with a transposed weight.
+    clipper.check_batch_dim(module, x)
     return DPLinearFunction.apply(x, module.weight, module.bias, clipper, True, module)
 
 
 def dp_rms_norm(module, clipper: PerSampleClipper, hidden: torch.Tensor) -> torch.Tensor:
+    clipper.check_batch_dim(module, hidden)
     input_dtype = hidden.dtype
     h = hidden.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)

@@ -2,6 +2,8 @@
 
 from dist_dpc.privacy import layers  # noqa: F401  (registers the built-in DP layers)
 from dist_dpc.privacy.clipper import (
+    BatchDimError,
+    BatchMixingLayerError,
     BypassedLayerError,
     ClipMode,
     PerSampleClipper,
@@ -15,6 +17,8 @@ from dist_dpc.privacy.clipper import (
 from dist_dpc.privacy.config import PrivacyConfig
 
 __all__ = [
+    "BatchDimError",
+    "BatchMixingLayerError",
     "BypassedLayerError",
     "ClipMode",
     "PerSampleClipper",

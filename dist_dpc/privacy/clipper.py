@@ -97,6 +97,16 @@ class BypassedLayerError(ValueError):
     """A trainable parameter got a gradient outside the DP layers, so that gradient is not clipped."""
 
 
+class BatchMixingLayerError(ValueError):
+    """A module couples the samples of a micro-batch (BatchNorm): one sample changes the others'
+    gradients, so per-sample clipping no longer bounds its influence."""
+
+
+class BatchDimError(ValueError):
+    """A DP layer ran on a tensor whose first dimension is not the micro-batch: it would clip per row
+    of that tensor, not per sample."""
+
+
 class ClipMode(enum.Enum):
     OFF = "off"
     NORMS = "norms"
@@ -124,10 +134,27 @@ def _subclass_hint(module: nn.Module) -> str:
             "have its weights read by its parent (nn.MultiheadAttention.out_proj)")
 
 
+def _mixes_samples(module: nn.Module) -> bool:
+    """BatchNorm (any variant) normalises with statistics of the whole micro-batch in training and
+    keeps running statistics of the private data; InstanceNorm with track_running_stats keeps them
+    too. Whatever they own, they make one sample's gradient depend on the others."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+    from torch.nn.modules.instancenorm import _InstanceNorm
+    return isinstance(module, _BatchNorm) or (isinstance(module, _InstanceNorm) and module.track_running_stats)
+
+
 def find_dp_layers(model: nn.Module) -> list[DPLayer]:
     """Every module owning trainable parameters, each with its DP forward; refuses what can't be clipped."""
     unsupported, layers = [], []
     owners: dict[int, list[str]] = {}
+    mixing = [f"{name or '<root>'} ({type(module).__module__}.{type(module).__name__})"
+              for name, module in model.named_modules() if _mixes_samples(module)]
+    if mixing:
+        raise BatchMixingLayerError(
+            f"these modules mix the samples of a micro-batch: {'; '.join(mixing)}. BatchNorm (and InstanceNorm with "
+            "track_running_stats=True) normalise with, or record, statistics over the batch, so one sample changes "
+            "every other sample's gradient and per-sample clipping no longer bounds its influence (frozen or "
+            "affine=False changes nothing). Replace them by LayerNorm or GroupNorm, or remove them")
     for name, module in model.named_modules(remove_duplicate=False):
         own = _own_trainable(module)
         if not own:
@@ -232,19 +259,43 @@ class PerSampleClipper:
         for statistics. ``grad_dtype`` is the dtype the clipped sum is cast to (the parameter's)."""
         self.add_sq_norms(sq_B)
         norms = sq_B.sqrt()  # float32 at least: per_sample upcasts
-        clipped = norms > self.layer_threshold
+        finite = torch.isfinite(sq_B)
+        clipped = (norms > self.layer_threshold) | ~finite
         self.clipped = clipped if self.clipped is None else (self.clipped | clipped)
         threshold = self.layer_threshold * (1 - _rounding_margin(grad_dtype))
-        return (threshold / (norms + 1e-6)).clamp(max=1.0)
+        return _finite_factors((threshold / (norms + 1e-6)).clamp(max=1.0), finite)
 
     def flat_factors(self, sq_B: torch.Tensor) -> torch.Tensor:
         """Clip factors min(1, C / ||g_i||) from the whole per-sample norm (flat clipping)."""
         norms = sq_B.sqrt()
-        self.clipped = norms > self.max_grad_norm
-        return (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        finite = torch.isfinite(sq_B)
+        self.clipped = (norms > self.max_grad_norm) | ~finite
+        return _finite_factors((self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0), finite)
+
+    def check_batch_dim(self, module: nn.Module, x: torch.Tensor, what: str = "input") -> None:
+        """Refuse a DP layer applied to a tensor whose first dimension is not the micro-batch (a
+        (B*T, D) reshape, a (1, T, D) tensor shared by the batch): its rows are not samples, so it
+        would clip per row, and a sample's gradient could exceed C_l. Shapes only: no host sync."""
+        if x.dim() >= 1 and x.shape[0] == self.batch_size:
+            return
+        layer = self.layer_by_module.get(id(module))
+        name = (layer.name or "<root>") if layer is not None else type(module).__name__
+        raise BatchDimError(
+            f"the DP layer {name} ({type(module).__module__}.{type(module).__qualname__}) got an {what} of shape "
+            f"{tuple(x.shape)} whose first dimension is not the micro-batch size {self.batch_size}: a layer applied to "
+            "a tensor whose first dimension is not the batch (e.g. (B*T, D), or a (1, T, D) tensor shared by the batch) "
+            "would clip per row instead of per sample. Keep the batch dimension first (reshape to (B, T, D)), or "
+            "freeze the layer (requires_grad=False)")
 
     def method_summary(self) -> dict[str, dict]:
         return {layer.name: dict(layer.methods) for layer in self.layers}
+
+
+def _finite_factors(factors_B: torch.Tensor, finite_B: torch.Tensor) -> torch.Tensor:
+    """A sample whose squared norm is NaN or inf gets factor 0 (clamp(max=1) lets NaN through): it
+    is dropped from the clipped sum instead of poisoning it. The clipped-sum functions also zero its
+    rows, since 0 * inf is NaN. torch.where: no host sync."""
+    return torch.where(finite_B, factors_B, torch.zeros_like(factors_B))
 
 
 def _rounding_margin(grad_dtype: torch.dtype) -> float:

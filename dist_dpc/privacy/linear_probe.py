@@ -29,10 +29,12 @@ from dist_dpc.privacy.randomness import SecretKey, add_gaussian_
 
 
 def clip_rows(x: torch.Tensor, clip_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows scaled to norm <= clip_norm, and which rows were scaled."""
+    """Rows scaled to norm <= clip_norm, and which rows were scaled. A row with a NaN or inf entry
+    becomes 0 (and counts as clipped): one such row would otherwise make the whole sum NaN."""
+    finite = torch.isfinite(x).all(dim=1, keepdim=True)
     norms = x.norm(dim=1, keepdim=True)
-    factors = torch.clamp(clip_norm / norms.clamp_min(1e-12), max=1.0)
-    return x * factors, (factors < 1).squeeze(1)
+    factors = torch.where(finite, torch.clamp(clip_norm / norms.clamp_min(1e-12), max=1.0), torch.zeros_like(norms))
+    return torch.where(finite, x * factors, torch.zeros_like(x)), (factors < 1).squeeze(1)
 
 
 def private_mean(x: torch.Tensor, *, clip_norm: float, noise_multiplier: float,
@@ -97,11 +99,18 @@ def dp_linear_probe(features: torch.Tensor, labels: torch.Tensor, *, weight: tor
             g = logit_gradients(xb @ w.T + b, yb, None if teacher_logits is None else teacher_logits[idx].float(),
                                 alpha, temperature)
             norms = g.norm(dim=1) * (xb.pow(2).sum(1) + 1).sqrt()
-            factors = torch.clamp(max_grad_norm / norms.clamp_min(1e-12), max=1.0)
+            # An example with a non-finite norm (inf/NaN features or logits) gets factor 0, and its
+            # rows of g and x are zeroed before the product (0 * inf = NaN): it is dropped, not
+            # allowed to make the whole update NaN.
+            finite = torch.isfinite(norms)
+            factors = torch.where(finite, torch.clamp(max_grad_norm / norms.clamp_min(1e-12), max=1.0),
+                                  torch.zeros_like(norms))
             clipped += int((factors < 1).sum())
             seen += len(idx)
-            g = g * factors.unsqueeze(1)
-            grad_w, grad_b = g.T @ xb, g.sum(0)
+            keep = finite.unsqueeze(1)
+            g = torch.where(keep, g * factors.unsqueeze(1), torch.zeros_like(g))
+            xk = torch.where(keep, xb, torch.zeros_like(xb))
+            grad_w, grad_b = g.T @ xk, g.sum(0)
             std = noise_multiplier * max_grad_norm
             if std:
                 add_gaussian_(grad_w, std, key.generator("probe-noise", step, 0))

@@ -86,13 +86,28 @@ def ghost_rounding_bound(a_BTI: torch.Tensor | None, g_BTO: torch.Tensor) -> tor
     return s.pow(2) * ((width + 4) * u)
 
 
+def _dropped_rows_zeroed(t_BTX: torch.Tensor, factors_B: torch.Tensor) -> torch.Tensor:
+    """``t`` with the rows of samples whose factor is 0 set to 0. The clipper gives factor 0 to a
+    sample with a non-finite norm; its activations or output gradients may hold inf or NaN, and
+    0 * inf = NaN would poison the whole clipped sum. A factor-0 sample contributes nothing anyway.
+    torch.where on a per-sample mask: no host sync."""
+    keep = (factors_B != 0).view(-1, *([1] * (t_BTX.dim() - 1)))
+    return torch.where(keep, t_BTX, torch.zeros((), dtype=t_BTX.dtype, device=t_BTX.device))
+
+
+def _clipped_g(g_BTX: torch.Tensor, factors_B: torch.Tensor) -> torch.Tensor:
+    g = _acc(g_BTX)
+    return _dropped_rows_zeroed(g * factors_B.to(g.dtype).view(-1, 1, 1), factors_B)
+
+
 def linear_clipped_grads(a_BTI: torch.Tensor, g_BTO: torch.Tensor, factors_B: torch.Tensor, weight_trainable: bool, bias_trainable: bool):
-    """sum_i c_i * (per-sample weight grad (O, I), per-sample bias grad (O,)), in at least float32."""
-    g = _acc(g_BTO)
-    cg = g * factors_B.to(g.dtype).view(-1, 1, 1)
+    """sum_i c_i * (per-sample weight grad (O, I), per-sample bias grad (O,)), in at least float32.
+    Samples with factor 0 (non-finite norm) have their rows of g and a zeroed first."""
+    cg = _clipped_g(g_BTO, factors_B)
     weight_grad = bias_grad = None
     if weight_trainable:
-        weight_grad = cg.reshape(-1, cg.shape[-1]).t() @ _acc(a_BTI).reshape(-1, a_BTI.shape[-1])
+        a = _dropped_rows_zeroed(_acc(a_BTI), factors_B)
+        weight_grad = cg.reshape(-1, cg.shape[-1]).t() @ a.reshape(-1, a_BTI.shape[-1])
     if bias_trainable:
         bias_grad = cg.reshape(-1, cg.shape[-1]).sum(0)
     return weight_grad, bias_grad
@@ -113,11 +128,10 @@ def embedding_sq_norms(ids_BT: torch.Tensor, g_BTD: torch.Tensor, padding_idx: i
 
 
 def embedding_clipped_grad(ids_BT: torch.Tensor, g_BTD: torch.Tensor, factors_B: torch.Tensor, num_embeddings: int, padding_idx: int | None) -> torch.Tensor:
-    g = _acc(g_BTD)
-    cg = g * factors_B.to(g.dtype).view(-1, 1, 1)
+    cg = _clipped_g(g_BTD, factors_B)
     if padding_idx is not None:
         cg = cg * (ids_BT != padding_idx).unsqueeze(-1).to(cg.dtype)
-    grad = torch.zeros(num_embeddings, g.shape[-1], dtype=g.dtype, device=g.device)
+    grad = torch.zeros(num_embeddings, cg.shape[-1], dtype=cg.dtype, device=cg.device)
     return grad.index_add_(0, ids_BT.reshape(-1), cg.reshape(-1, cg.shape[-1]))
 
 
@@ -133,8 +147,7 @@ def affine_sq_norms(xhat_BTD: torch.Tensor, g_BTD: torch.Tensor, weight_trainabl
 
 
 def affine_clipped_grads(xhat_BTD: torch.Tensor, g_BTD: torch.Tensor, factors_B: torch.Tensor, weight_trainable: bool, bias_trainable: bool):
-    g = _acc(g_BTD)
-    cg = g * factors_B.to(g.dtype).view(-1, 1, 1)
-    weight_grad = (cg * _acc(xhat_BTD)).sum(dim=(0, 1)) if weight_trainable else None
+    cg = _clipped_g(g_BTD, factors_B)
+    weight_grad = (cg * _dropped_rows_zeroed(_acc(xhat_BTD), factors_B)).sum(dim=(0, 1)) if weight_trainable else None
     bias_grad = cg.sum(dim=(0, 1)) if bias_trainable else None
     return weight_grad, bias_grad

@@ -40,3 +40,23 @@ def test_bf16_noise_in_fp32_masters(stage):
     assert abs(float(update.std()) / (sigma * clip / expected_batch) - 1) < 0.03
     assert int((update == 0).sum()) == 0
     assert any(not torch.equal(a, b) for a, b in zip(before, middle))
+
+
+def test_bf16_warns_once_what_the_analysis_leaves_out(monkeypatch):
+    """The bf16 rounding of each micro-batch's clipped sum is outside the analysis (docs/privacy.md,
+    Numerics): said once per process at engine construction, only under DP with bf16."""
+    from torch import nn
+
+    from dist_dpc.engine import dp_engine
+
+    monkeypatch.setattr(dp_engine, "_BF16_WARNED", False)
+    model = nn.Linear(2, 2)
+    dp_engine._warn_bf16_sum_rounding(PrivacyConfig(enabled=False), {"bf16": {"enabled": True}}, model)
+    dp_engine._warn_bf16_sum_rounding(PrivacyConfig(), {"bf16": {"enabled": False}}, model)
+    assert not dp_engine._BF16_WARNED
+    with pytest.warns(UserWarning, match=r"bf16 rounding of each micro-batch's clipped sum .* outside the privacy analysis"):
+        dp_engine._warn_bf16_sum_rounding(PrivacyConfig(), {"bf16": {"enabled": True}}, model)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dp_engine._warn_bf16_sum_rounding(PrivacyConfig(), {}, model.to(torch.bfloat16))  # once only

@@ -110,11 +110,11 @@ def test_frozen_layers_skipped():
 
 
 def test_unsupported_layer_refused_with_names():
-    model = nn.Sequential(nn.Linear(4, 4), nn.Conv1d(4, 4, 1), nn.BatchNorm1d(4))
+    model = nn.Sequential(nn.Linear(4, 4), nn.Conv1d(4, 4, 1), nn.GroupNorm(2, 4))
     with pytest.raises(UnsupportedLayerError) as info:
         PerSampleClipper(model, 1.0)
     msg = str(info.value)
-    assert "1 (torch.nn.modules.conv.Conv1d)" in msg and "2 (torch.nn.modules.batchnorm.BatchNorm1d)" in msg
+    assert "1 (torch.nn.modules.conv.Conv1d)" in msg and "2 (torch.nn.modules.normalization.GroupNorm)" in msg
     assert "requires_grad=False" in msg
     model[1].requires_grad_(False)
     model[2].requires_grad_(False)

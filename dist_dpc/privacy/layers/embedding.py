@@ -37,11 +37,17 @@ class DPEmbeddingFunction(torch.autograd.Function):
 def dp_embedding(module: nn.Embedding, clipper: PerSampleClipper, ids: torch.Tensor) -> torch.Tensor:
     if module.max_norm is not None or module.sparse:
         raise ValueError(f"nn.Embedding with max_norm or sparse=True is not supported under DP-SGD ({module})")
+    if module.scale_grad_by_freq:
+        # The real (flat) pass would divide each token's gradient by its count in the whole
+        # micro-batch: one sample would change the others' gradients, beyond what clipping bounds.
+        raise ValueError(f"nn.Embedding with scale_grad_by_freq=True is not supported under DP-SGD ({module}): it scales "
+                         "each token's gradient by its frequency in the whole micro-batch, so samples interact; set it to False")
     batch = clipper.batch_size
     if ids.dim() >= 1 and ids.shape[0] == 1 and batch is not None and batch > 1:
         # Shared ids (e.g. position ids of shape (1, T)) would sum the batch's gradients before
         # we see them; giving every sample its own copy keeps per-sample gradients separable.
         ids = ids.expand(batch, *ids.shape[1:])
+    clipper.check_batch_dim(module, ids, "ids tensor")
     return DPEmbeddingFunction.apply(ids, module.weight, module.padding_idx, clipper, module)
 
 

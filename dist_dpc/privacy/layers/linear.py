@@ -47,6 +47,7 @@ class DPLinearFunction(torch.autograd.Function):
 
 
 def dp_linear(module: nn.Linear, clipper: PerSampleClipper, x: torch.Tensor) -> torch.Tensor:
+    clipper.check_batch_dim(module, x)
     return DPLinearFunction.apply(x, module.weight, module.bias, clipper, False, module)
 
 

@@ -51,6 +51,7 @@ def dp_affine(clipper: PerSampleClipper, xhat: torch.Tensor, weight: torch.Tenso
 
 
 def dp_layer_norm(module: nn.LayerNorm, clipper: PerSampleClipper, x: torch.Tensor) -> torch.Tensor:
+    clipper.check_batch_dim(module, x)
     xhat = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
     return dp_affine(clipper, xhat, module.weight, module.bias)
 
