@@ -6,7 +6,6 @@ import math
 import os
 import secrets
 import sys
-import time
 from pathlib import Path
 
 
@@ -24,9 +23,6 @@ class Tracker:
     def finish(self) -> None: ...
 
 
-RUN_ID_RETRIES, RUN_ID_WAIT_S = 30, 2.0
-
-
 class WandbTracker(Tracker):
     def __init__(self, *, project: str, entity: str | None, mode: str, run_dir: Path, group: str, phase: str,
                  config: dict):
@@ -40,19 +36,9 @@ class WandbTracker(Tracker):
         run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         id_file.write_text(run_id)
         self.mode = mode
-        init = dict(project=project, entity=entity, group=group, job_type=phase, name=f"{group}-{phase}", id=run_id,
-                    resume="allow", dir=str(run_dir), config=config, mode=mode,
-                    settings=wandb.Settings(quiet=True, console="off"))
-        # A job killed without warning (kill -9, node loss) can leave its W&B service holding the run
-        # id for a while; the requeued job waits for it rather than failing.
-        for attempt in range(RUN_ID_RETRIES + 1):
-            try:
-                self.run = wandb.init(**init)
-                break
-            except Exception as err:  # wandb raises its own ServerResponseError type
-                if "in use" not in str(err) or attempt == RUN_ID_RETRIES:
-                    raise
-                time.sleep(RUN_ID_WAIT_S)
+        self.run = wandb.init(project=project, entity=entity, group=group, job_type=phase, name=f"{group}-{phase}",
+                              id=run_id, resume="allow", dir=str(run_dir), config=config, mode=mode,
+                              settings=wandb.Settings(quiet=True, console="off"))
 
     def log(self, metrics: dict, step: int) -> None:
         self.run.log(_finite(metrics), step=step)
