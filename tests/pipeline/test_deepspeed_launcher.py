@@ -26,7 +26,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 DEEPSPEED = Path(sys.executable).with_name("deepspeed")
-DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "CUDA_VISIBLE_DEVICES")
+DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "CUDA_VISIBLE_DEVICES",
+             "WANDB_SERVICE")  # see test_train
 # Noise off and dropout off: the only difference between one and two ranks is the order of float32 sums.
 CONFIG = [str(ROOT / "configs" / "debug.yaml"), "model.name=tiny-bert", "model.dropout=0", "data.synthetic_size=200",
           "data.max_length=16", "train.batch_size=20", "train.micro_batch_size=8", "train.max_steps=4",

@@ -18,7 +18,10 @@ BASE = ["model.name=tiny-bert", "data.synthetic_size=200", "data.max_length=16",
         "privacy.randomness=insecure_reproducible", "privacy.noise_seed=7"]
 
 
-DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+# WANDB_SERVICE: an in-process test that used W&B leaves the address of its W&B service in os.environ;
+# a child inheriting it would register its run in that service, and a child killed with -9 would
+# leave its run id "in use" there for the child that resumes it.
+DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "WANDB_SERVICE")
 
 
 def env():
