@@ -113,8 +113,8 @@ def dp_linear_probe(features: torch.Tensor, labels: torch.Tensor, *, weight: tor
             grad_w, grad_b = g.T @ xk, g.sum(0)
             std = noise_multiplier * max_grad_norm
             if std:
-                add_gaussian_(grad_w, std, key.generator("probe-noise", step, 0))
-                add_gaussian_(grad_b, std, key.generator("probe-noise", step, 1))
+                add_gaussian_(grad_w, std, key, "probe-noise", step, 0)
+                add_gaussian_(grad_b, std, key, "probe-noise", step, 1)
         w.grad, b.grad = grad_w / expected, grad_b / expected
         opt.step()
     return ProbeResult(w.detach(), b.detach(), steps, clipped / seen if seen else 0.0)

@@ -1,6 +1,6 @@
 """Gaussian noise for the summed clipped gradient: N(0, sigma^2 C^2) once per coordinate.
 
-Each tensor's draws come from its own Philox generator keyed by (phase key, labels, tensor index),
+Each tensor's draws come from Philox generators keyed by (phase key, labels, tensor index, chunk),
 128-bit (dist_dpc.privacy.randomness): there is no generator state to checkpoint, and a label tuple
 names its draws exactly. The DP engine's labels are (step, stream, call): ``stream`` separates ranks
 that own disjoint partitions (ZeRO >= 1: independent noise per partition); ranks that each hold a
@@ -20,4 +20,4 @@ def add_gaussian_noise_(tensors: list[torch.Tensor], std: float, key: SecretKey,
     if std == 0:
         return
     for index, t in enumerate(tensors):
-        add_gaussian_(t, std, key.generator("gaussian-noise", *labels, index))
+        add_gaussian_(t, std, key, "gaussian-noise", *labels, index)

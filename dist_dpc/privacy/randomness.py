@@ -109,15 +109,43 @@ def broadcast_key(key: SecretKey | None, world_size: int) -> SecretKey:
     return received
 
 
-def add_gaussian_(tensor: torch.Tensor, std: float, gen: np.random.Generator) -> None:
-    """In place: tensor += N(0, std^2) per coordinate, drawn in float32 on the host in chunks and moved
-    to the tensor's device (the draws do not depend on the device, so replicas stay identical)."""
-    flat = tensor.view(-1) if tensor.is_contiguous() else None
-    if flat is None:  # rare: draw the whole noise, add it in the tensor's shape
-        noise = torch.from_numpy(gen.standard_normal(tensor.numel(), dtype=np.float32))
-        tensor.add_(noise.view(tensor.shape).to(tensor.device).mul_(std).to(tensor.dtype))
-        return
-    for start in range(0, flat.numel(), CHUNK):
-        count = min(CHUNK, flat.numel() - start)
-        noise = torch.from_numpy(gen.standard_normal(count, dtype=np.float32)).to(flat.device)
-        flat[start:start + count].add_(noise.mul_(std).to(flat.dtype))
+def add_gaussian_(tensor: torch.Tensor, std: float, key: "SecretKey", *labels: int | str) -> None:
+    """In place: tensor += N(0, std^2) per coordinate, drawn in float32 on the host and moved to the
+    tensor's device (the draws do not depend on the device, so replicas stay identical).
+
+    The tensor is cut into chunks of CHUNK values, each with its own generator keyed by (labels, chunk
+    index), and the chunks are drawn by a pool of threads (numpy releases the GIL while it fills an
+    array): drawing is the host's work, and it scales with its cores. The draws depend only on
+    (key, labels), never on the number of threads."""
+    contiguous = tensor.is_contiguous()
+    target = tensor.view(-1) if contiguous else torch.zeros(tensor.numel(), dtype=tensor.dtype, device=tensor.device)
+    numel = target.numel()
+
+    def draw(chunk: int) -> None:
+        start = chunk * CHUNK
+        count = min(CHUNK, numel - start)
+        values = key.generator(*labels, "chunk", chunk).standard_normal(count, dtype=np.float32)
+        target[start:start + count].add_(torch.from_numpy(values).to(target.device).mul_(std).to(target.dtype))
+
+    chunks = range((numel + CHUNK - 1) // CHUNK)
+    if len(chunks) <= 1:
+        for chunk in chunks:
+            draw(chunk)
+    else:
+        list(_noise_pool().map(draw, chunks))
+    if not contiguous:
+        tensor.add_(target.view(tensor.shape))
+
+
+_POOL = None
+
+
+def _noise_pool():
+    """Threads for drawing noise chunks (created on first use; one per core, at most 16)."""
+    global _POOL
+    if _POOL is None:
+        import os
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=max(1, min(16, os.cpu_count() or 1)), thread_name_prefix="dp-noise")
+    return _POOL

@@ -50,7 +50,11 @@ def test_tensors_of_one_call_get_independent_draws_and_large_ones_are_chunked():
     # float32 draws can be exactly 0 (about one in a few million): what matters is that no chunk is skipped.
     assert int((big == 0).sum()) < 5 and abs(float(big.std()) / 2 - 1) < 0.01
     assert not torch.equal(big[:1000], small)  # tensor index is part of the label
-    assert not torch.equal(big[:1000], big[CHUNK:CHUNK + 1000])  # chunks continue one stream
+    assert not torch.equal(big[:1000], big[CHUNK:CHUNK + 1000])  # each chunk has its own generator
+    # chunks are drawn by a thread pool: the draws depend on (key, labels) alone, not on the threads
+    again = torch.zeros(CHUNK + 1000)
+    add_gaussian_noise_([again], 2.0, key, "x")
+    assert torch.equal(again, big)
 
 
 def test_derivations_are_distinct_and_one_way():
