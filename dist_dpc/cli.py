@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
 
     phase_help = {
+        "tune": ("hyper-parameter selection that is itself accounted (section tune)",
+                 "private: Papernot & Steinke's random number of DP trials scored on a private holdout, only the "
+                 "best released, its cost in the ledger; public_proxy: trials on a named public data set, no cost. "
+                 "Writes RUN/tune (selected values, model); later phases of the tree apply the selected values."),
         "teacher": ("DP fine-tuning of the pre-trained model (model.name) on the private task",
                     "Writes RUN/teacher; its sigma is calibrated so that the run tree stays within its share of "
                     "privacy.target_epsilon (pipeline.budget_split)."),

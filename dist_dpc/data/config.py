@@ -38,7 +38,10 @@ class DataConfig:
     synthetic_size: int = 2000
     """task=synthetic_sentiment: training examples generated (evaluation: a quarter as many)."""
     seed: int = 0
-    """Seed of the subset and of the generated set."""
+    """Seed of the subset, of the holdout and of the generated set."""
+    holdout_fraction: float = 0.0
+    """Hold this fraction of the training set out (seeded by data.seed) as a private validation split;
+    the phases train on the rest. `dpc tune` sets it (tune.holdout_fraction) to score its trials."""
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -49,6 +52,8 @@ class DataConfig:
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ValueError(f"data.{key}={value!r} is invalid: must be >= 1 or null")
+        if not 0 <= self.holdout_fraction < 0.5:
+            raise ValueError(f"data.holdout_fraction={self.holdout_fraction!r} is invalid: must be in [0, 0.5)")
         if self.synthetic_size < 8:
             raise ValueError(f"data.synthetic_size={self.synthetic_size!r} is invalid: must be >= 8")
         if self.task == "csv" and not self.train_file:

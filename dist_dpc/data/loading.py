@@ -24,6 +24,15 @@ def load_task(cfg: DataConfig) -> TaskData:
         # A seeded subset, in dataset order: the same N examples on every rank and every resume.
         keep = sorted(random.Random(cfg.seed).sample(range(len(data.train)), cfg.max_train_samples))
         data.train = data.train.take(keep)
+    data.dataset_size = len(data.train)
+    if cfg.holdout_fraction > 0:
+        # A seeded split of the private set: the holdout is private data too (its uses are noised and
+        # accounted by `dpc tune`); N for the accountant stays the whole set.
+        n = len(data.train)
+        held = set(random.Random(f"holdout:{cfg.seed}").sample(range(n), max(1, round(n * cfg.holdout_fraction))))
+        data.holdout = data.train.take(sorted(held))
+        data.holdout.name = "holdout"
+        data.train = data.train.take([i for i in range(n) if i not in held])
     if cfg.max_eval_samples is not None:
         data.eval = {k: v.head(cfg.max_eval_samples) for k, v in data.eval.items()}
     if len(data.train) == 0:

@@ -32,6 +32,8 @@ class TaskData:
     label_names: list[str] | None  # the public schema; None: integer labels, count from model.num_labels
     is_pair: bool
     source: str
+    holdout: TextSplit | None = None  # private: held out of train (data.holdout_fraction), never reported
+    dataset_size: int | None = None   # N of the private data set (train and holdout together)
 
     @property
     def num_labels(self) -> int | None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from dist_dpc.compress.config import DistillConfig, PruneConfig
 from dist_dpc.data.config import DataConfig
@@ -136,13 +136,14 @@ class ClusterConfig:
             raise ValueError(f"cluster.gpus_per_node={self.gpus_per_node!r} is invalid: must be >= 0")
 
 
-SPENDING_PHASES = ("teacher", "distill", "prune")  # read the private data with DP-SGD
+SPENDING_PHASES = ("tune", "teacher", "distill", "prune")  # read the private data under DP
 ALL_PHASES = (*SPENDING_PHASES, "eval", "export")
+DEFAULT_PHASES = ("teacher", "distill", "prune", "eval", "export")  # tune only when asked (it needs tune.search)
 
 
 @dataclass(kw_only=True)
 class PipelineConfig:
-    phases: list[str] = field(default_factory=lambda: list(ALL_PHASES))
+    phases: list[str] = field(default_factory=lambda: list(DEFAULT_PHASES))
     """Phases run by `dpc pipeline` / `dpc submit`, in order (each writes run_dir/PHASE)."""
     budget_split: dict[str, float] = field(default_factory=dict)
     """Share of privacy.target_epsilon per spending phase, e.g. {teacher: 0.5, distill: 0.5} (empty:
@@ -219,6 +220,68 @@ class HeadInitConfig:
         return self.centre_pooler or self.probe_epochs > 0
 
 
+TUNE_MODES = ("private", "public_proxy")
+
+
+@dataclass(kw_only=True)
+class TuneConfig:
+    """`dpc tune`: hyper-parameter selection that is itself accounted (docs/tuning.md)."""
+    search: dict[str, list[Any]] = field(default_factory=dict)
+    """Config keys and their candidate values, e.g. {train.lr: [2e-4, 5e-4, 1e-3], train.epochs: [2, 4]}:
+    the candidates are the grid of all combinations."""
+    mode: str = "private"
+    """private: Papernot & Steinke (ICLR 2022): a random number K of trials (K secret), each a DP run on
+    the training set minus a private holdout scored by a DP accuracy on the holdout; only the best
+    trial is released and the selection's RDP curve goes into the ledger. public_proxy: every candidate
+    is trained and scored on the public data set named by tune.proxy_data (no private data read, no
+    privacy spent; the ledger records the declaration)."""
+    epsilon: float | None = None
+    """private: the epsilon of the whole selection (all trials together, at privacy.delta). null: half of
+    privacy.target_epsilon. The later phases of the tree compose with it within privacy.target_epsilon."""
+    expected_trials: float = 8.0
+    """private: E[K], the expected number of trials (K ~ truncated negative binomial, tune.eta)."""
+    eta: float = 1.0
+    """private: shape of K's distribution (1: geometric, 0: logarithmic). Smaller eta costs less
+    epsilon for the same E[K] but has a heavier tail (more trials sometimes)."""
+    holdout_fraction: float = 0.1
+    """private: fraction of the training set held out (data.seed) to score the trials."""
+    score_noise_multiplier: float = 4.0
+    """private: sigma of the Gaussian noise on the count of correct holdout predictions (sensitivity 1)."""
+    proxy_data: dict[str, Any] = field(default_factory=dict)
+    """public_proxy: data.* keys naming the public proxy data set, e.g. {task: sst2, data_dir: ...,
+    max_train_samples: 5000}; trials train on its training split and are scored on its evaluation split."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in TUNE_MODES:
+            raise ValueError(f"tune.mode={self.mode!r} is invalid: allowed values are {', '.join(TUNE_MODES)}")
+        for key, values in self.search.items():
+            if key.count(".") != 1 or key.split(".")[0] in ("run", "privacy", "tune", "data", "wandb", "cluster"):
+                raise ValueError(f"tune.search key {key!r} is invalid: name a tunable config key section.key of "
+                                 "train, model, head_init, distill or prune (privacy, data and run are fixed)")
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"tune.search.{key}={values!r} is invalid: give a non-empty list of candidates")
+        if self.epsilon is not None and not self.epsilon > 0:
+            raise ValueError(f"tune.epsilon={self.epsilon!r} is invalid: must be > 0 (or null: half the target)")
+        if not self.expected_trials > 1:
+            raise ValueError(f"tune.expected_trials={self.expected_trials!r} is invalid: must be > 1")
+        if not self.eta >= 0:
+            raise ValueError(f"tune.eta={self.eta!r} is invalid: must be >= 0 (1: geometric, 0: logarithmic)")
+        if not 0 < self.holdout_fraction < 0.5:
+            raise ValueError(f"tune.holdout_fraction={self.holdout_fraction!r} is invalid: must be in (0, 0.5)")
+        if not self.score_noise_multiplier > 0:
+            raise ValueError(f"tune.score_noise_multiplier={self.score_noise_multiplier!r} is invalid: must be > 0")
+        if self.mode == "public_proxy" and not self.proxy_data:
+            raise ValueError("tune.mode=public_proxy needs tune.proxy_data: the data.* keys of the public data set "
+                             "(e.g. {task: sst2, data_dir: ../shared/data/glue})")
+
+    def candidates(self) -> list[dict]:
+        """The grid: one {key: value} per combination, in a fixed order."""
+        import itertools
+
+        keys = sorted(self.search)
+        return [dict(zip(keys, combo)) for combo in itertools.product(*(self.search[k] for k in keys))]
+
+
 @dataclass(kw_only=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
@@ -232,6 +295,18 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     head_init: HeadInitConfig = field(default_factory=HeadInitConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+
+
+def derived(original: Config, new: Config) -> Config:
+    """``new`` (``original`` with values a phase set itself: tuned values, `dpc tune`'s holdout)
+    remembers the config the user gave: that one is saved in the run tree and compared on resume."""
+    new.user_config = user_config(original)
+    return new
+
+
+def user_config(cfg: Config) -> Config:
+    return getattr(cfg, "user_config", cfg)
 
 
 def load_config(path: str | None, overrides: list[str] | None = None) -> Config:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from dist_dpc.privacy.accounting import Mechanism
+from dist_dpc.privacy.accounting import Mechanism, mechanism_from_dict
 from dist_dpc.privacy.ledger import PrivacyLedger
 from dist_dpc.utils.atomic import atomic_write
 from dist_dpc.utils.logging import log
@@ -112,7 +112,7 @@ def import_lineage(ctx, model_ref: str | Path, *, role: str) -> None:
     if int(lineage["dataset_size"]) != ctx.ledger.dataset_size:
         raise ValueError(f"{role}={name!r} was trained on a data set of N={lineage['dataset_size']}, this run has "
                          f"N={ctx.ledger.dataset_size}: importing its privacy cost needs the same private data set")
-    mechanisms = [Mechanism.from_dict(m) for m in lineage["mechanisms"]]
+    mechanisms = [mechanism_from_dict(m) for m in lineage["mechanisms"]]
     _record(ctx, f"imported:{model_dir}", mechanisms)
     log(ctx.world, f"[{ctx.phase}] imported the privacy cost of {model_dir} ({len(mechanisms)} mechanisms) into "
                    "this run's ledger")

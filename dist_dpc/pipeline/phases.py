@@ -400,6 +400,9 @@ def model_card(cfg: Config, ctx: PhaseContext, source_phase: str, trained: dict)
                   "| phase | status | noise multiplier | sample rate | steps |", "|---|---|---|---|---|"]
         for name, entry in ledger["phases"].items():
             for m in entry["mechanisms"]:
+                if m.get("kind") == "rdp_curve":  # `dpc tune`'s private selection (composed by RDP)
+                    lines.append(f"| {name} | {entry['status']} | {m['label']} (RDP curve) | | |")
+                    continue
                 lines.append(f"| {name} | {entry['status']} | {m['noise_multiplier']:.4f} | {m['sample_rate']:.5f} "
                              f"| {m['steps']} |")
         lines.append("")
@@ -456,6 +459,12 @@ RUNNERS = {"teacher": run_teacher, "distill": run_distill, "prune": run_prune, "
 
 
 def run_phase(cfg: Config, phase: str) -> dict:
+    from dist_dpc.pipeline.tune import apply_selection, run_tune
+
+    if phase == "tune":
+        return run_tune(cfg)
+    if phase in ("train", *MODEL_PHASES):
+        cfg = apply_selection(cfg, phase)  # a completed `dpc tune` of this tree chose some values
     if phase == "train":
         return run_train(cfg)
     if phase not in RUNNERS:
@@ -490,6 +499,9 @@ def ledger_summary(ledger: PrivacyLedger) -> str:
     lines = ["", "privacy ledger " + str(ledger.path), f"{'phase':<24} {'status':<10} {'sigma':>8} {'q':>9} {'steps':>7}"]
     for name, entry in d["phases"].items():
         for m in entry["mechanisms"]:
+            if m.get("kind") == "rdp_curve":
+                lines.append(f"{name:<24} {entry['status']:<10} {m['label'] + ' (RDP curve)':>34}")
+                continue
             lines.append(f"{name:<24} {entry['status']:<10} {m['noise_multiplier']:>8.4f} {m['sample_rate']:>9.5f} "
                          f"{m['steps']:>7}")
     lines.append(f"total: epsilon={d['total_epsilon_prv']:.3f} (PRV composition of all phases; RDP "

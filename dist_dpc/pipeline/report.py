@@ -21,7 +21,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dist_dpc.privacy.accounting import Mechanism, compute_epsilon
+from dist_dpc.privacy.accounting import Mechanism, RdpCurve, compute_epsilon, mechanism_from_dict
 from dist_dpc.privacy.ledger import PrivacyLedger
 
 LEDGER_FILE = "privacy_ledger.json"
@@ -163,7 +163,7 @@ def load_run(run_dir: str | Path) -> RunTree:
     for name, entry in entries.items():
         directory = _phase_directory(path, name, entry, latest)
         phase = Phase(name=name, status=entry["status"],
-                      mechanisms=[Mechanism.from_dict({**m, "phase": name}) for m in entry["mechanisms"]],
+                      mechanisms=[mechanism_from_dict({**m, "phase": name}) for m in entry["mechanisms"]],
                       directory=directory)
         if directory is not None:
             phase.results = _read_json(directory / "results.json")
@@ -206,7 +206,8 @@ def truncate(mechanisms: list[Mechanism], steps: int) -> list[Mechanism]:
     for m in mechanisms:
         if left <= 0:
             break
-        out.append(Mechanism(m.noise_multiplier, m.sample_rate, min(m.steps, left), m.phase))
+        out.append(m if isinstance(m, RdpCurve) else
+                   Mechanism(m.noise_multiplier, m.sample_rate, min(m.steps, left), m.phase))
         left -= m.steps
     return out
 
@@ -222,7 +223,9 @@ def phase_rows(tree: RunTree, notes: _Notes) -> list[dict]:
         rows.append({
             "phase": phase.name, "status": phase.status, "sampling": phase.sampling,
             "sampling_source": phase.sampling_source, "steps": phase.steps,
-            "mechanisms": [{"noise_multiplier": m.noise_multiplier, "sample_rate": m.sample_rate, "steps": m.steps,
+            "mechanisms": [{"noise_multiplier": None, "sample_rate": None, "steps": 1, "expected_batch_size": None,
+                            "rdp_curve": m.label} if isinstance(m, RdpCurve) else
+                           {"noise_multiplier": m.noise_multiplier, "sample_rate": m.sample_rate, "steps": m.steps,
                             "expected_batch_size": m.sample_rate * n} for m in phase.mechanisms],
             "epsilon_phase_prv": alone, "epsilon_cumulative_prv": cumulative,
             "prv_fell_back": {"phase": alone_rdp, "cumulative": cumulative_rdp},  # RDP bound stood in for PRV
@@ -480,8 +483,9 @@ def render_markdown(tree: RunTree, rows: list[dict], models: list[dict], totals:
             first = i == 0
             lines.append(
                 f"| {r['phase'] if first else ''} | {r['status'] if first else ''} | {sampling if first else ''} "
-                f"| {_num(m['noise_multiplier'], '.4f')} | {_num(m['sample_rate'], '.5g')} | {m['steps']:,} "
-                f"| {_num(m['expected_batch_size'], '.1f')} "
+                + (f"| {m['rdp_curve']} (RDP curve) | | 1 " if m.get("rdp_curve") else
+                   f"| {_num(m['noise_multiplier'], '.4f')} | {_num(m['sample_rate'], '.5g')} | {m['steps']:,} ")
+                + f"| {_num(m['expected_batch_size'], '.1f')} "
                 + (f"| {_num(r['epsilon_phase_prv'])}{_dagger(r, 'phase')} "
                    f"| {_num(r['epsilon_cumulative_prv'])}{_dagger(r, 'cumulative')} "
                    f"| {_num(r['epsilon_cumulative_rdp'])} | {_reported(r)} |" if first else "| | | | |"))

@@ -25,7 +25,7 @@ from dist_dpc.engine.losses import model_inputs, sequence_classification_loss
 from dist_dpc.models import load_sequence_classifier, load_tokenizer
 from dist_dpc.pipeline.checkpoints import Checkpoints
 from dist_dpc.pipeline.preemption import PreemptionGuard
-from dist_dpc.pipeline.config import Config
+from dist_dpc.pipeline.config import Config, user_config
 from dist_dpc.pipeline.run_dir import RunDir
 from dist_dpc.privacy.accounting import Mechanism, check_delta, delta_default
 from dist_dpc.privacy.config import PrivacyConfig
@@ -59,6 +59,7 @@ class PhaseContext:
     sampling: str
     ledger: PrivacyLedger | None
     budget: PhaseBudget | None = None  # this attempt's account in the ledger, once reserved
+    holdout_set: object = None  # private validation split (data.holdout_fraction), for `dpc tune` only
 
     @property
     def is_main(self) -> bool:
@@ -83,9 +84,11 @@ def open_phase(cfg: Config, phase: str, *, load_data: bool = True) -> PhaseConte
     world = init_distributed()
     directory = phase_directory(cfg, phase)
     # Post-processing phases are redone freely; a finished training phase is never overwritten.
-    run = RunDir.prepare(cfg, world, directory if phase not in POST_PROCESSING else None)
+    # The config the user gave is what the tree saves and compares on resume (a phase may run with
+    # values it set itself: tuned ones, `dpc tune`'s holdout).
+    run = RunDir.prepare(user_config(cfg), world, directory if phase not in POST_PROCESSING else None)
     if world.is_main:
-        dump_yaml(cfg, run.path / "config.yaml")
+        dump_yaml(user_config(cfg), run.path / "config.yaml")
         directory.mkdir(parents=True, exist_ok=True)
     torch.distributed.barrier()
 
@@ -96,23 +99,26 @@ def open_phase(cfg: Config, phase: str, *, load_data: bool = True) -> PhaseConte
     num_labels = resolve_num_labels(task, cfg.model.num_labels)
     if load_data:
         warn_exact_statistics(cfg.privacy, world)
-    for split in [task.train, *task.eval.values()]:
+    for split in [task.train, *task.eval.values(), *([task.holdout] if task.holdout else [])]:
         check_labels(split, num_labels)
     cache = run.path / "cache"
     train_set = tokenize_split(task.train, tokenizer, cfg.data.max_length, cache_dir=cache) if load_data else None
     eval_sets = {k: tokenize_split(v, tokenizer, cfg.data.max_length, cache_dir=cache) for k, v in task.eval.items()}
+    holdout_set = (tokenize_split(task.holdout, tokenizer, cfg.data.max_length, cache_dir=cache)
+                   if load_data and task.holdout is not None else None)
     privacy = cfg.privacy
     sampling = privacy.sampling if privacy.enabled else "shuffle"
     ledger = None
     if privacy.enabled:
-        n = len(task.train.labels)
+        n = task.dataset_size or len(task.train.labels)  # the whole private set, a holdout included
         delta = privacy.delta if privacy.delta is not None else delta_default(n)
         check_delta(delta, n)  # before head_init or anything else reads the data
         ledger = PrivacyLedger(run.path / LEDGER_FILE, privacy.target_epsilon, delta, n, privacy.accountant)
     return PhaseContext(cfg=cfg, world=world, run=run, phase=phase, directory=directory, tokenizer=tokenizer,
                         train_set=train_set, eval_sets=eval_sets, num_labels=num_labels,
                         label_names=task.label_names if task.num_labels == num_labels else None,
-                        key=phase_key(run.noise_key(privacy), phase), sampling=sampling, ledger=ledger)
+                        key=phase_key(run.noise_key(privacy), phase), sampling=sampling, ledger=ledger,
+                        holdout_set=holdout_set)
 
 
 def warn_exact_statistics(privacy: PrivacyConfig, world) -> None:
@@ -523,7 +529,8 @@ def finish_phase(ctx: PhaseContext, tracker: Tracker, results: dict, model_dir: 
                          "statistics_released_without_dp": results.get("statistics_released_without_dp", False),
                          "randomness": results.get("randomness")})
         tracker.table("privacy_ledger", ["phase", "status", "noise_multiplier", "sample_rate", "steps"],
-                      [[name, entry["status"], m["noise_multiplier"], m["sample_rate"], m["steps"]]
+                      [[name, entry["status"], m.get("noise_multiplier"), m.get("sample_rate"),
+                        m.get("steps", 1)]
                        for name, entry in ctx.ledger.phases().items() for m in entry["mechanisms"]])
     if model_dir is not None:
         tracker.artifact(model_dir, name=f"{ctx.cfg.run.name}-{ctx.phase}-model", kind="model",
@@ -553,8 +560,9 @@ def tracked_config(cfg: Config) -> dict:
     return config
 
 
-def run_train(cfg: Config, phase: str = "train") -> dict:
-    """Single-model DP fine-tuning: `dpc train` (phase train, in the run root) and the teacher phase."""
+def run_train(cfg: Config, phase: str = "train", evaluate_splits: bool = True) -> dict:
+    """Single-model DP fine-tuning: `dpc train` (phase train, in the run root) and the teacher phase.
+    ``evaluate_splits=False``: no evaluation (a `dpc tune` trial, whose results are not released)."""
     from dist_dpc.pipeline.head_init import HeadStart
     from dist_dpc.pipeline.lineage import import_lineage
 
@@ -570,7 +578,7 @@ def run_train(cfg: Config, phase: str = "train") -> dict:
     tracker = open_tracker(ctx)
     info = start.run(ctx, model, ctx.directory, ctx.key)
     engine = train_dp(ctx, model, directory=ctx.directory, steps=steps, privacy=privacy, tracker=tracker)
-    metrics = evaluate_engine(engine, ctx)
+    metrics = evaluate_engine(engine, ctx) if evaluate_splits else {}
     results = phase_results(ctx, engine, metrics, steps, **start.results(ctx, info))
     save_model(ctx, engine, ctx.directory / "model")
     finish_phase(ctx, tracker, results, ctx.directory / "model")

@@ -94,6 +94,50 @@ class Mechanism:
         return cls(float(d["noise_multiplier"]), float(d["sample_rate"]), int(d["steps"]), str(d.get("phase", "")))
 
 
+@dataclass(frozen=True)
+class RdpCurve:
+    """A mechanism known by its Renyi-DP curve only: epsilon(alpha) at every order of ``rdp_orders()``.
+    Private hyper-parameter selection (dist_dpc.privacy.selection) has no PRV; a ledger that holds one
+    is composed by RDP (curves add order by order), which is a valid upper bound for everything in it."""
+
+    rdp: tuple
+    label: str
+    phase: str = ""
+    steps: int = 1  # one release (report and truncation count it as one step)
+
+    def __post_init__(self):
+        rdp = tuple(float(v) for v in self.rdp)
+        if len(rdp) != len(rdp_orders()) or any(not v >= 0 for v in rdp):
+            raise ValueError(f"RdpCurve {self.label!r}: needs {len(rdp_orders())} values >= 0 (one per order of "
+                             f"rdp_orders()), got {len(rdp)}")
+        object.__setattr__(self, "rdp", rdp)
+        object.__setattr__(self, "label", str(self.label))
+        object.__setattr__(self, "phase", str(self.phase))
+        object.__setattr__(self, "steps", 1)
+
+    def to_dict(self) -> dict:
+        return {"kind": "rdp_curve", "label": self.label, "orders": list(rdp_orders()), "rdp": list(self.rdp),
+                "phase": self.phase}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RdpCurve":
+        if [float(a) for a in d.get("orders", [])] != [float(a) for a in rdp_orders()]:
+            raise ValueError(f"RdpCurve {d.get('label')!r} was recorded at other RDP orders than this version's "
+                             "rdp_orders(): it cannot be composed exactly; use the dist-dpc version that wrote it")
+        return cls(tuple(d["rdp"]), str(d.get("label", "")), str(d.get("phase", "")))
+
+
+def mechanism_from_dict(d: dict) -> "Mechanism | RdpCurve":
+    """A ledger / lineage record -> its mechanism (a subsampled Gaussian, or an RDP curve)."""
+    return RdpCurve.from_dict(d) if d.get("kind") == "rdp_curve" else Mechanism.from_dict(d)
+
+
+def with_phase(m: "Mechanism | RdpCurve", phase: str) -> "Mechanism | RdpCurve":
+    if isinstance(m, RdpCurve):
+        return RdpCurve(m.rdp, m.label, phase)
+    return Mechanism(m.noise_multiplier, m.sample_rate, m.steps, phase)
+
+
 # -- validation -------------------------------------------------------------------------------------
 
 def _check_accountant(accountant: str) -> None:
@@ -122,6 +166,8 @@ def _key(mechanisms: Sequence[Mechanism]) -> Key | None:
     what opacus' ``step()`` does when driven step by step). None if some mechanism has no noise."""
     merged: list[list] = []
     for m in mechanisms:
+        if isinstance(m, RdpCurve):
+            continue  # composed by _epsilon, beside the history
         if not isinstance(m, Mechanism):
             raise TypeError(f"expected Mechanism, got {type(m).__name__}")
         if m.steps == 0:
@@ -141,6 +187,35 @@ def _alphas() -> list:
     from opacus.accountants import RDPAccountant
 
     return RDPAccountant.DEFAULT_ALPHAS
+
+
+def rdp_orders() -> tuple:
+    """The Renyi orders every RDP curve of dist-dpc is given at (opacus' default orders)."""
+    return tuple(float(a) for a in _alphas())
+
+
+def rdp_of(mechanisms: Sequence["Mechanism | RdpCurve"]) -> np.ndarray:
+    """The RDP curve (at ``rdp_orders()``) of the composition of ``mechanisms``: curves add."""
+    total = np.zeros(len(_alphas()))
+    for m in mechanisms:
+        if isinstance(m, RdpCurve):
+            total = total + np.asarray(m.rdp)
+        elif m.steps:
+            total = total + (_rdp_per_step(m.sample_rate, m.noise_multiplier) * m.steps
+                             if m.noise_multiplier > 0 else np.inf)
+    return total
+
+
+def epsilon_from_rdp(rdp: np.ndarray, delta: float) -> float:
+    """(epsilon, delta)-DP from an RDP curve at ``rdp_orders()`` (opacus' conversion)."""
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
+    if not np.all(np.isfinite(rdp)):
+        return math.inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # optimal order at the end of the grid: still a bound
+        eps, _ = rdp_analysis.get_privacy_spent(orders=_alphas(), rdp=np.asarray(rdp), delta=delta)
+    return float(eps)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -272,6 +347,9 @@ def _compose(history: Key, delta: float, accountant: str) -> tuple[float, str | 
 def _epsilon(mechanisms: Sequence[Mechanism], delta: float, accountant: str) -> tuple[float, str | None]:
     _check_accountant(accountant)
     _check_delta(delta)
+    if any(isinstance(m, RdpCurve) for m in mechanisms):
+        # A mechanism known only by its RDP curve: the whole composition by RDP (valid, looser than PRV).
+        return epsilon_from_rdp(rdp_of(mechanisms), float(delta)), None
     key = _key(mechanisms)
     if key is None:
         return math.inf, None

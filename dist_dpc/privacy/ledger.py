@@ -34,8 +34,9 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from dist_dpc.privacy.accounting import (Mechanism, _check_accountant, _check_dataset_size, _check_delta,
-                                         calibrate_noise_multiplier, compute_epsilon)
+from dist_dpc.privacy.accounting import (Mechanism, RdpCurve, _check_accountant, _check_dataset_size, _check_delta,
+                                         calibrate_noise_multiplier, compute_epsilon, mechanism_from_dict,
+                                         with_phase)
 
 try:  # POSIX; elsewhere writers are not serialised across processes
     import fcntl
@@ -180,7 +181,7 @@ class PrivacyLedger:
             e["released"] = list(e.get("released", [])) + [m.to_dict() for m in _with_phase(mechanisms, entry)]
             # A running entry counts its reservation -- or more, if it released more than it reserved
             # (a DP mean recomputed after a crash, a prune round replayed): per (sigma, q), the larger.
-            e["mechanisms"] = _dominating(e["mechanisms"], _canonical([Mechanism.from_dict(m) for m in e["released"]],
+            e["mechanisms"] = _dominating(e["mechanisms"], _canonical([mechanism_from_dict(m) for m in e["released"]],
                                                                       entry), entry)
             phases[entry] = e
             self._commit(phases)
@@ -194,17 +195,17 @@ class PrivacyLedger:
                 raise KeyError(f"no ledger entry {entry!r}")
             e = dict(phases[entry])
             if e["status"] != "completed":
-                released = [Mechanism.from_dict(m) for m in e.get("released", [])]
+                released = [mechanism_from_dict(m) for m in e.get("released", [])]
                 e.update(mechanisms=_canonical(released, entry), status="completed")
                 phases[entry] = e
                 self._commit(phases)
-            return [Mechanism.from_dict({**m, "phase": entry}) for m in e["mechanisms"]]
+            return [mechanism_from_dict({**m, "phase": entry}) for m in e["mechanisms"]]
 
     def released(self, entry: str) -> list[Mechanism]:
         """What entry ``entry`` has released so far (in release order)."""
         self._refresh()
         e = self._phases.get(entry) or {}
-        return [Mechanism.from_dict({**m, "phase": entry}) for m in e.get("released", [])]
+        return [mechanism_from_dict({**m, "phase": entry}) for m in e.get("released", [])]
 
     def prior(self, entry: str) -> list[Mechanism]:
         """What a new release of ``entry`` composes with: every other entry's count, then what
@@ -342,9 +343,9 @@ def _open_attempt(phases: dict[str, dict], phase: str) -> str:
 
 def _with_phase(mechanisms: Sequence[Mechanism], entry: str) -> list[Mechanism]:
     for m in mechanisms:
-        if not isinstance(m, Mechanism):
+        if not isinstance(m, (Mechanism, RdpCurve)):
             raise TypeError(f"expected Mechanism, got {type(m).__name__}")
-    return [Mechanism(m.noise_multiplier, m.sample_rate, m.steps, entry) for m in mechanisms if m.steps > 0]
+    return [with_phase(m, entry) for m in mechanisms if m.steps > 0]
 
 
 def _canonical(mechanisms: Sequence[Mechanism], entry: str) -> list[dict]:
@@ -352,23 +353,33 @@ def _canonical(mechanisms: Sequence[Mechanism], entry: str) -> list[dict]:
     is commutative, and merging makes a phase's released list (DP mean, probe, then DP-SGD, per round)
     account exactly like its plan."""
     merged: dict[tuple[float, float], int] = {}
+    curves: list[dict] = []  # RDP curves are kept one by one (each is one release)
     for m in _with_phase(mechanisms, entry):
+        if isinstance(m, RdpCurve):
+            curves.append(m.to_dict())
+            continue
         key = (m.noise_multiplier, m.sample_rate)
         merged[key] = merged.get(key, 0) + m.steps
-    return [Mechanism(sigma, q, steps, entry).to_dict() for (sigma, q), steps in merged.items()]
+    return [*curves, *(Mechanism(sigma, q, steps, entry).to_dict() for (sigma, q), steps in merged.items())]
 
 
 def _dominating(first: list[dict], second: list[dict], entry: str) -> list[dict]:
     """Per (sigma, q), the larger step count of two canonical lists (composition is monotone in steps)."""
     steps: dict[tuple[float, float], int] = {}
+    curves: dict[str, list[float]] = {}  # per label, the larger curve order by order
     for m in [*first, *second]:
+        if m.get("kind") == "rdp_curve":
+            old = curves.get(m["label"])
+            curves[m["label"]] = list(m["rdp"]) if old is None else [max(a, b) for a, b in zip(old, m["rdp"])]
+            continue
         key = (float(m["noise_multiplier"]), float(m["sample_rate"]))
         steps[key] = max(steps.get(key, 0), int(m["steps"]))
-    return [Mechanism(sigma, q, n, entry).to_dict() for (sigma, q), n in steps.items()]
+    return [*(RdpCurve(tuple(rdp), label, entry).to_dict() for label, rdp in curves.items()),
+            *(Mechanism(sigma, q, n, entry).to_dict() for (sigma, q), n in steps.items())]
 
 
 def _as_mechanisms(name: str, entry: dict) -> list[Mechanism]:
-    return [Mechanism.from_dict({**m, "phase": name}) for m in entry["mechanisms"]]
+    return [mechanism_from_dict({**m, "phase": name}) for m in entry["mechanisms"]]
 
 
 def _entry_from_json(name: str, entry: dict) -> dict:
@@ -376,11 +387,11 @@ def _entry_from_json(name: str, entry: dict) -> dict:
     out = {"phase": str(entry.get("phase", name.split(ATTEMPT_SEPARATOR)[0])),
            "attempt": int(entry.get("attempt", _attempt_number(name))),
            "status": str(entry["status"]),
-           "mechanisms": [Mechanism.from_dict(m).to_dict() for m in entry["mechanisms"]]}
+           "mechanisms": [mechanism_from_dict(m).to_dict() for m in entry["mechanisms"]]}
     released = entry.get("released")
     if released is None:
         released = out["mechanisms"] if out["status"] == "completed" else []
-    out["released"] = [Mechanism.from_dict(m).to_dict() for m in released]
+    out["released"] = [mechanism_from_dict(m).to_dict() for m in released]
     for key in ("reservation", "planned_total_epsilon", "source"):
         if key in entry:
             out[key] = entry[key]

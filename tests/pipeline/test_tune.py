@@ -1,0 +1,86 @@
+"""`dpc tune` end to end through the real CLI on a debug model: the private selection's cost in the
+ledger (checked against the theorem and the trials' own spend), only the winner released, the
+selected values applied by the next phase; the public-proxy mode; refusals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from dist_dpc.privacy.accounting import Mechanism, epsilon_from_rdp, mechanism_from_dict, rdp_of, rdp_orders
+from dist_dpc.privacy.selection import selection_rdp
+from tests.pipeline.test_phases import CONFIG, TINY, ok
+from tests.pipeline.test_train import dpc
+
+SEARCH = "tune.search={train.lr: [0.001, 0.01], train.max_steps: [3, 5]}"
+
+
+@pytest.mark.timeout(900)
+def test_private_tune_then_teacher_in_one_tree(tmp_path):
+    args = [CONFIG, f"run.output_dir={tmp_path}", "run.name=t", *TINY, "privacy.target_epsilon=8", SEARCH,
+            "tune.expected_trials=2", "pipeline.phases=[tune, teacher]",
+            "pipeline.budget_split={tune: 0.5, teacher: 0.5}"]
+    proc = ok(dpc(["pipeline", *args], timeout=800))
+    run = tmp_path / "t"
+    ledger = json.loads((run / "privacy_ledger.json").read_text())
+    assert list(ledger["phases"]) == ["tune", "teacher"]
+    (curve,) = ledger["phases"]["tune"]["mechanisms"]
+    assert curve["kind"] == "rdp_curve"
+    stored = ledger["phases"]["tune"]["reservation"]
+    trial_rdp = np.asarray(stored["trial_rdp"])
+    # Every candidate's trial (its DP-SGD at the calibrated sigma, on the training part, plus the
+    # Gaussian score) lies under the common per-trial curve the selection was accounted with.
+    selection = json.loads((run / "tune" / "results.json").read_text())
+    n_train = ledger["dataset_size"] - selection["holdout_examples"]
+    score = np.asarray(rdp_orders()) / (2 * stored["score_noise_multiplier"] ** 2)
+    for values, sigma in zip(stored["search"], stored["noise_multipliers"]):
+        own = rdp_of([Mechanism(sigma, 24 / n_train, values["train.max_steps"])]) + score
+        assert np.all(own <= trial_rdp * (1 + 1e-9))
+    # The ledger's curve is Theorem 2 applied to it; the selection alone spends the tune share (4 of 8).
+    assert np.allclose(curve["rdp"], selection_rdp(trial_rdp, stored["eta"], stored["gamma"]))
+    assert 3.9 <= epsilon_from_rdp(np.asarray(curve["rdp"]), ledger["delta"]) <= 4.0 + 1e-6
+    # The teacher composed with it (RDP, since a curve is in the ledger) up to the whole target.
+    teacher = json.loads((run / "teacher" / "results.json").read_text())
+    total = epsilon_from_rdp(sum(rdp_of([mechanism_from_dict(m)]) for e in ledger["phases"].values()
+                                 for m in e["mechanisms"]), ledger["delta"])
+    assert teacher["epsilon"] == pytest.approx(total, rel=1e-9) and 7.9 <= total <= 8.0 * (1 + 1e-6)
+    # Only the winner is released: no trial directory or log is left, and nothing printed names a trial.
+    assert not (run / "tune" / ".trials").exists()
+    assert (run / "tune" / "model" / "privacy_lineage.json").is_file()
+    out = proc.stdout + proc.stderr
+    assert "trial-" not in out and "trials.log" not in out
+    assert selection["selected"] in stored["search"]
+    shown = ", ".join(f"{k}={v}" for k, v in selection["selected"].items())
+    assert f"[teacher] tuned values from {run / 'tune'}: {shown}" in proc.stdout
+    assert teacher["steps"] == selection["selected"]["train.max_steps"]
+
+
+@pytest.mark.timeout(900)
+def test_public_proxy_tune_costs_nothing_and_refusals(tmp_path):
+    base = [CONFIG, f"run.output_dir={tmp_path}", *TINY, "privacy.target_epsilon=4",
+            "tune.search={train.lr: [0.001, 0.01]}"]
+    proxy = ["tune.mode=public_proxy", "tune.proxy_data={seed: 5, synthetic_size: 160}"]
+    ok(dpc(["tune", *base, "run.name=p", *proxy], timeout=600))
+    run = tmp_path / "p"
+    selection = json.loads((run / "tune" / "results.json").read_text())
+    assert [r["values"] for r in selection["trials"]] == [{"train.lr": 0.001}, {"train.lr": 0.01}]
+    best = max(selection["trials"], key=lambda r: r["proxy_accuracy"])
+    assert selection["selected"] == best["values"] and selection["epsilon_selection"] == 0.0
+    ledger = json.loads((run / "privacy_ledger.json").read_text())
+    (name,) = ledger["phases"]
+    assert name.startswith("public_proxy:") and ledger["phases"][name]["mechanisms"] == []
+    # The trials trained on the proxy's 160 examples, not on the 240 private ones.
+    assert json.loads((run / "tune" / "trials" / "candidate-0" / "results.json").read_text())["dataset_size"] == 160
+
+    refusals = [
+        (["tune.search={}"], "tune.search is empty"),
+        (["head_init.probe_epochs=1"], "head_init"),
+        (["tune.mode=public_proxy", "tune.proxy_data={synthetic_size: 240}"], "names the private training data"),
+        (["tune.search={train.batch_size: [500]}"], "not below"),
+        (["tune.search={privacy.target_epsilon: [1, 2]}"], "privacy, data and run are fixed"),
+    ]
+    for i, (extra, message) in enumerate(refusals):
+        proc = dpc(["tune", *base, f"run.name=r{i}", *extra], timeout=300)
+        assert proc.returncode == 2 and message in proc.stderr, (extra, proc.stderr[-2000:])
