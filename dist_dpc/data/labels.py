@@ -48,6 +48,11 @@ def to_indices(raw: list, names: list[str] | None, path: Path, column: str, priv
 def resolve_num_labels(task, configured: int | None) -> int:
     """The classifier's size: model.num_labels, else the length of the task's label schema."""
     if configured:
+        if task.label_names is not None and configured < len(task.label_names):
+            raise ValueError(f"model.num_labels={configured} is smaller than the task's {len(task.label_names)} classes "
+                             f"({task.label_names[:3]}{'...' if len(task.label_names) > 3 else ''}): the label column "
+                             f"would hold classes the head cannot predict. Set model.num_labels={len(task.label_names)} "
+                             "or leave it null (the task's label schema sizes the head)")
         return configured
     if task.label_names is None:
         raise ValueError(f"data.task={task.task!r} without data.label_names: the number of classes is part of the "

@@ -89,9 +89,15 @@ def load_sequence_classifier(cfg: ModelConfig, num_labels: int, tokenizer=None, 
     else:
         name = resolve_name(cfg.name)
         try:
-            config = AutoConfig.from_pretrained(name, num_labels=num_labels)
+            saved = AutoConfig.from_pretrained(name)
         except OSError as exc:
             raise FileNotFoundError(_not_found(cfg, name, exc)) from exc
+        trained_head = any(a.endswith("ForSequenceClassification") for a in (saved.architectures or []))
+        if trained_head and saved.num_labels != num_labels:
+            raise ValueError(f"model {cfg.name!r} has a trained classifier head of {saved.num_labels} classes, the task "
+                             f"{num_labels} (data.label_names / model.num_labels / the task's published labels): "
+                             "fine-tune a model whose head matches, or start from the pre-trained base model")
+        config = AutoConfig.from_pretrained(name, num_labels=num_labels)
         if config.pad_token_id is None:
             config.pad_token_id = pad_id
         _apply_dropout(config, cfg.dropout)

@@ -157,6 +157,11 @@ def phase_privacy(ctx: PhaseContext, steps: int, fixed: tuple[Mechanism, ...] = 
     ``ctx.budget``, through which every release of the phase is then recorded, and keys the phase's
     randomness by its attempt (a re-run never replays an earlier attempt's noise)."""
     privacy = ctx.cfg.privacy
+    batch, n = ctx.cfg.train.batch_size, len(ctx.train_set)
+    if batch >= n:
+        raise ValueError(f"train.batch_size={batch} is not below the {n} training examples: Poisson sampling needs "
+                         f"q = batch_size / N < 1 (and DP gains from q well below 1). Use train.batch_size <= {max(1, n // 4)} "
+                         "or more data")
     if ctx.ledger is None:
         return privacy
     q = sample_rate(ctx)
@@ -168,7 +173,9 @@ def phase_privacy(ctx: PhaseContext, steps: int, fixed: tuple[Mechanism, ...] = 
         try:
             _hold_phase_lock(ctx)
             budget = PhaseBudget.reserve(ctx.ledger, ctx.phase, sample_rate=q, steps=steps, fixed=fixed,
-                                         target_epsilon=target, noise_multiplier=privacy.noise_multiplier)
+                                         target_epsilon=target, noise_multiplier=privacy.noise_multiplier,
+                                         expected_batch_size=ctx.cfg.train.batch_size,
+                                         max_effective_noise=privacy.max_effective_noise)
             outcome = ("ok", budget.entry)
         except (ValueError, PrivacyBudgetExceeded, PhaseRunningError) as err:
             outcome = ("refused", type(err).__name__, str(err))

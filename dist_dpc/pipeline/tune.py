@@ -234,6 +234,14 @@ def _tune_private(cfg: Config, candidates: list[dict]) -> dict:
         else:
             curve = calibrate_trials(plans, epsilon=eps, delta=ledger.delta, eta=t.eta, gamma=gamma,
                                      score_noise_multiplier=t.score_noise_multiplier, prior_rdp=prior)
+        limit = privacy.max_effective_noise
+        for p in plans:  # the trials' own check, made before anything is reserved
+            batch = p.sample_rate * len(ctx.train_set)
+            if limit is not None and p.noise_multiplier / batch > limit:
+                raise ValueError(f"tune: candidate {p.values} would train with noise_multiplier={p.noise_multiplier:.4g} "
+                                 f"at batch {batch:g}: noise {p.noise_multiplier / batch:.3g} x max_grad_norm per "
+                                 f"coordinate, above privacy.max_effective_noise={limit:g}. Give the selection more "
+                                 "epsilon, fewer expected trials, larger batches or fewer steps")
         chosen["curve"] = curve
         return [RdpCurve(tuple(selection_rdp(curve, t.eta, gamma)), "private selection", "tune")]
 

@@ -40,7 +40,8 @@ class PhaseBudget:
     @classmethod
     def reserve(cls, ledger: PrivacyLedger, phase: str, *, sample_rate: float, steps: int,
                 fixed: Sequence[Mechanism] = (), target_epsilon: float | None = None,
-                noise_multiplier: float | None = None) -> "PhaseBudget":
+                noise_multiplier: float | None = None, expected_batch_size: float | None = None,
+                max_effective_noise: float | None = None) -> "PhaseBudget":
         """Reserve ``fixed`` (mechanisms of a set sigma, e.g. a DP mean) plus ``steps`` DP-SGD steps at
         ``sample_rate``, with sigma calibrated so that the run's composition stays within
         ``target_epsilon`` (a cumulative target: the phase's share and all before it), or the given
@@ -57,6 +58,9 @@ class PhaseBudget:
                 sigma = float(previous["noise_multiplier"])  # resumed: the checkpoint was made with this sigma
             else:
                 sigma = _calibrate(ledger, phase, target_epsilon, sample_rate, steps, [*others, *fixed])
+            if max_effective_noise is not None and expected_batch_size:
+                _check_effective_noise(ledger, phase, sigma, sample_rate, steps, expected_batch_size,
+                                       max_effective_noise, [*others, *fixed])
             planned = [*fixed, Mechanism(sigma, sample_rate, steps, phase)]
             if target_epsilon is not None:
                 total = compute_epsilon(others + planned, ledger.delta, ledger.accountant)
@@ -114,6 +118,23 @@ class PhaseBudget:
     def epsilon(self) -> float:
         """The run tree's total epsilon now (the ledger's composition)."""
         return self.ledger.total_epsilon()
+
+
+def _check_effective_noise(ledger: PrivacyLedger, phase: str, sigma: float, q: float, steps: int, batch: float,
+                           limit: float, prior: list[Mechanism]) -> None:
+    """Refused before anything is recorded: noise sigma/B per coordinate of the averaged gradient
+    above ``limit`` means the data set is too small for this epsilon at this batch."""
+    if sigma / batch <= limit:
+        return
+    floor = compute_epsilon([*prior, Mechanism(limit * batch, q, steps, phase)], ledger.delta, ledger.accountant)
+    raise ValueError(
+        f"phase {phase!r}: the training set (N={round(batch / q)}) is too small for this privacy budget at "
+        f"train.batch_size={batch:g}: it needs noise_multiplier={sigma:.4g} for {steps} steps, i.e. noise of "
+        f"{sigma / batch:.3g} x max_grad_norm on each coordinate of every averaged gradient, above "
+        f"privacy.max_effective_noise={limit:g}, where DP fine-tuning learns nothing. The smallest epsilon this data "
+        f"size allows for {steps} steps at that limit is {floor:.3g} (the whole run tree, delta={ledger.delta:.3g}). "
+        "Raise privacy.target_epsilon to at least that, use a larger train.batch_size (more examples per step), "
+        "train fewer steps, use more data, or set privacy.max_effective_noise=null to train anyway")
 
 
 def _calibrate(ledger: PrivacyLedger, phase: str, target: float | None, q: float, steps: int,

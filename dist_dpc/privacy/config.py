@@ -44,6 +44,12 @@ class PrivacyConfig:
     declare were trained on public data only. Any other such directory is refused as a model, teacher,
     student or pruning source: it might have seen the private data without DP. The declaration is
     recorded in the ledger (public:<directory>)."""
+    max_effective_noise: float | None = 0.1
+    """Refuse, before training, a phase whose noise on each coordinate of the averaged clipped gradient,
+    sigma / B (in units of max_grad_norm; B the expected batch), exceeds this: the training set is too
+    small for the requested epsilon at this batch, and DP fine-tuning would learn nothing. The refusal
+    says the smallest epsilon the data allows at this limit. Good DP fine-tuning runs sit near 0.001-0.01
+    (Li et al. 2022: sigma ~1, B ~1000). A usefulness guard, not a privacy one; null: no check."""
     release_exact_statistics: bool = False
     """For debugging only: log the exact training-set statistics (train loss, clipped fractions,
     per-sample gradient-norm quantiles, realised batch sizes, token counts, norm methods). This
@@ -65,6 +71,9 @@ class PrivacyConfig:
             raise ValueError(f"privacy.noise_multiplier={self.noise_multiplier!r} is invalid: must be >= 0")
         if self.delta is not None and not 0 < self.delta < 1:
             raise ValueError(f"privacy.delta={self.delta!r} is invalid: must be in (0, 1) and below 1/N")
+        if self.max_effective_noise is not None and not self.max_effective_noise > 0:
+            raise ValueError(f"privacy.max_effective_noise={self.max_effective_noise!r} is invalid: must be > 0, or "
+                             "null for no check")
         if self.noise_seed is not None and self.randomness != "insecure_reproducible":
             raise ValueError(f"privacy.noise_seed={self.noise_seed!r} is only accepted with "
                              "privacy.randomness=insecure_reproducible (anyone who knows the seed can subtract the "

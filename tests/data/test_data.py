@@ -105,6 +105,9 @@ def test_label_schema_comes_from_the_config_not_the_private_labels(tmp_path):
     assert data.label_names == ["neg", "pos", "neutral"] and data.num_labels == 3
     assert data.train.labels == [1, 0, 1] and data.eval["validation"].labels == [2]
     assert resolve_num_labels(data, None) == 3 and resolve_num_labels(data, 4) == 4
+    # A head smaller than the label schema would never predict some classes: refused, with the fix.
+    with pytest.raises(ValueError, match=r"model.num_labels=2 is smaller than the task's 3 classes.*num_labels=3"):
+        resolve_num_labels(data, 2)
 
     # A private label outside the schema is refused; the message names the field, never the value.
     secret = write_rows(tmp_path / "secret.csv", [{"text": "a", "label": "pos"}, {"text": "b", "label": "s3cr3t"}])

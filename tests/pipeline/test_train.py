@@ -147,3 +147,27 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_matches(tmp_path):
     assert a["epsilon"] == b["epsilon"] and a["metrics"] == b["metrics"]
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == list(range(1, a["steps"] + 1))  # metrics of the replayed steps are not duplicated
+
+
+@pytest.mark.timeout(300)
+def test_data_too_small_for_the_budget_or_batch_is_refused_before_training(tmp_path):
+    base = ["train", str(ROOT / "configs" / "debug.yaml"), f"run.output_dir={tmp_path}", *BASE]
+    # 200 examples at batch 20 over 30 steps, epsilon 0.2: sigma/B far above the 0.1 limit.
+    proc = dpc([*base, "run.name=small", "privacy.target_epsilon=0.2", "train.max_steps=30"])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "too small for this privacy budget" in proc.stderr and "smallest epsilon" in proc.stderr
+    ledger = tmp_path / "small" / "privacy_ledger.json"
+    assert not ledger.exists() or json.loads(ledger.read_text())["phases"] == {}  # nothing reserved
+    proc = dpc([*base, "run.name=batch", "train.batch_size=500"])
+    assert proc.returncode == 2 and "train.batch_size=500 is not below the 200 training examples" in proc.stderr
+
+
+def test_a_trained_head_of_another_size_is_refused(tmp_path):
+    from dist_dpc.models import ModelConfig, load_sequence_classifier, load_tokenizer
+
+    tokenizer = load_tokenizer(ModelConfig(name="tiny-bert"))
+    model = load_sequence_classifier(ModelConfig(name="tiny-bert"), 2, tokenizer)
+    model.save_pretrained(tmp_path / "two")
+    assert load_sequence_classifier(ModelConfig(name=str(tmp_path / "two")), 2, tokenizer).config.num_labels == 2
+    with pytest.raises(ValueError, match="trained classifier head of 2 classes, the task 5"):
+        load_sequence_classifier(ModelConfig(name=str(tmp_path / "two")), 5, tokenizer)

@@ -142,3 +142,20 @@ def test_a_running_entry_counts_more_than_its_reservation_if_it_released_more(tm
     budget.release(MEAN, MEAN)  # e.g. the DP mean recomputed after a crash: two releases, one reserved
     assert [(m.noise_multiplier, m.steps) for m in led.mechanisms()] == [(20.0, 2), (budget.noise_multiplier, STEPS)]
     assert led.total_epsilon() > reserved
+
+
+def test_too_small_a_data_set_is_refused_with_the_smallest_epsilon(tmp_path):
+    from dist_dpc.privacy.accounting import Mechanism, compute_epsilon
+
+    led = PrivacyLedger(tmp_path / "ledger.json", 0.5, 1e-4, 400)
+    # 400 examples, batch 8 (q = 0.02), 100 steps at epsilon 0.5 needs sigma ~ 2.5: noise 0.3 x C per
+    # coordinate of each averaged gradient, above the 0.1 limit.
+    with pytest.raises(ValueError, match="too small") as err:
+        PhaseBudget.reserve(led, "teacher", sample_rate=0.02, steps=100, target_epsilon=0.5,
+                            expected_batch_size=8, max_effective_noise=0.1)
+    floor = compute_epsilon([Mechanism(0.8, 0.02, 100)], 1e-4)  # sigma = 0.1 x 8
+    assert f"{floor:.3g}" in str(err.value) and "privacy.max_effective_noise" in str(err.value)
+    assert led.phases() == {}  # nothing reserved, nothing spent
+    # At that epsilon the same run is accepted.
+    PhaseBudget.reserve(led.__class__(tmp_path / "l2.json", floor * 1.01, 1e-4, 400), "teacher", sample_rate=0.02,
+                        steps=100, target_epsilon=floor * 1.01, expected_batch_size=8, max_effective_noise=0.1)
