@@ -462,7 +462,9 @@ def render_markdown(tree: RunTree, rows: list[dict], models: list[dict], totals:
         "",
         f"**(epsilon = {totals['prv']:.3f}, delta = {delta:.3g})-differential privacy** for everything released "
         f"from this run tree{within}: the "
-        + ("RDP bound (the PRV accountant could not be used, see the accountant notes) for the composition"
+        + ("RDP composition (the ledger holds an RDP curve: `dpc tune`'s private selection)"
+           if any(isinstance(m, RdpCurve) for m in ledger.mechanisms()) else
+           "RDP bound (the PRV accountant could not be used, see the accountant notes) for the composition"
            if totals["prv_fell_back"] else "PRV composition (opacus)")
         + f" of all {totals['mechanisms']} mechanism(s) of the "
         f"ledger over {totals['steps']:,} steps. RDP bound for comparison: epsilon = {totals['rdp']:.3f}.",
@@ -495,6 +497,7 @@ def render_markdown(tree: RunTree, rows: list[dict], models: list[dict], totals:
     if any(any(r["prv_fell_back"].values()) for r in rows):
         lines += ["", "† RDP upper bound: the PRV accountant could not be used for this value (accountant notes)."]
     lines += ["", *_assumptions(tree, rows), ""]
+    lines += tuning_section(tree.path)
     if models:
         lines += ["## Models", "",
                   "| model | split | accuracy | F1 | parameters | non-zeros | size (MB) | cumulative epsilon (PRV) |",
@@ -513,6 +516,31 @@ def render_markdown(tree: RunTree, rows: list[dict], models: list[dict], totals:
     if notes:
         lines += ["## Accountant notes", "", *[f"- {note}" for note in notes], ""]
     return "\n".join(lines)
+
+
+def tuning_section(run_dir: Path) -> list[str]:
+    """What `dpc tune` tuned in this tree, what it chose and what the choice cost."""
+    t = _read_json(run_dir / "tune" / "results.json")
+    if not t:
+        return []
+    search = "; ".join(f"{k} in {v}" for k, v in t["search"].items())
+    chosen = ", ".join(f"{k}={v}" for k, v in t["selected"].items())
+    lines = ["## Hyper-parameter selection (`dpc tune`)", "", f"- searched: {search} ({t['candidates']} candidates)",
+             f"- selected: {chosen}"]
+    if t["mode"] == "private":
+        lines += [f"- private selection (Papernot & Steinke 2022): a secret number of trials K with E[K] = "
+                  f"{t['expected_trials']:g} (eta {t['eta']:g}); each trial trained with DP-SGD on the training set "
+                  f"minus a private holdout of {t['holdout_examples']} examples and was scored by its holdout accuracy "
+                  f"with Gaussian noise (sigma {t['score_noise_multiplier']:g} counts); only the best trial is released",
+                  f"- the selected trial's noisy holdout accuracy: {t['holdout_accuracy_noisy'] * 100:.2f} %",
+                  f"- cost: epsilon {t['epsilon_selection']:.3f} for the selection alone (ledger entry "
+                  f"`{t['ledger_entry']}`, an RDP curve; the tree's total composes it by RDP)", ""]
+    else:
+        lines += [f"- on the public proxy data set {t['proxy_data']} (no private example used; cost: none, declared in "
+                  "the ledger)", "", "| candidate | proxy accuracy |", "|---|---:|"]
+        lines += [f"| {r['values']} | {r['proxy_accuracy'] * 100:.2f}% |" for r in t["trials"]]
+        lines.append("")
+    return lines
 
 
 def released_without_dp(tree: RunTree) -> list[str]:
