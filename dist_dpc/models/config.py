@@ -6,6 +6,29 @@ from dataclasses import dataclass
 
 
 @dataclass(kw_only=True)
+class LoraSettings:
+    """DP-LoRA through peft (Hu et al. 2022; under DP: Yu et al., ICLR 2022): the pre-trained weights
+    stay frozen and low-rank adapters train, so far fewer coordinates carry noise."""
+    r: int = 8
+    """Rank of the adapters."""
+    alpha: float = 16.0
+    """Scaling numerator: the adapters' output is multiplied by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input."""
+    target_modules: list[str] | None = None
+    """Module names (or suffixes) that get adapters; null: peft's default for the architecture (the
+    attention query and value projections)."""
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"model.lora.r={self.r!r} is invalid: must be >= 1")
+        if not self.alpha > 0:
+            raise ValueError(f"model.lora.alpha={self.alpha!r} is invalid: must be > 0")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"model.lora.dropout={self.dropout!r} is invalid: must be in [0, 1)")
+
+
+@dataclass(kw_only=True)
 class ModelConfig:
     name: str = "minilm"
     """An alias (minilm), a local directory, a Hugging Face hub name, or a debug model built from a
@@ -22,6 +45,10 @@ class ModelConfig:
     [bias, LayerNorm, classifier, pooler]. Unmatched parameters are frozen, never noised."""
     dropout: float | None = None
     """Override the model's dropout probabilities (null keeps the pre-trained value)."""
+    lora: LoraSettings | None = None
+    """DP-LoRA, e.g. {r: 8, alpha: 16}: adapters train, the pre-trained weights are frozen; the head
+    (parameters matching model.trainable, default classifier and pooler) trains too. Saved models
+    are merged (a plain Hugging Face directory). null: no adapters."""
 
     def __post_init__(self) -> None:
         if not self.name:

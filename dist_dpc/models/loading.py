@@ -106,6 +106,8 @@ def load_sequence_classifier(cfg: ModelConfig, num_labels: int, tokenizer=None, 
     if label_names is not None and len(label_names) == model.config.num_labels:
         model.config.id2label = dict(enumerate(label_names))
         model.config.label2id = {name: i for i, name in enumerate(label_names)}
+    if cfg.lora is not None:
+        return _with_lora(model, cfg)
     if cfg.freeze_embeddings:
         for module in model.modules():
             if isinstance(module, torch.nn.Embedding):
@@ -124,6 +126,44 @@ def load_sequence_classifier(cfg: ModelConfig, num_labels: int, tokenizer=None, 
             raise ValueError(f"model.trainable={cfg.trainable}: no parameter name matches; names look like "
                              f"{[n for n, _ in model.named_parameters()][:4]}")
     return model
+
+
+LORA_HEAD = ["classifier", "pooler", "score"]  # trained beside the adapters unless model.trainable says otherwise
+
+
+def _with_lora(model, cfg):
+    """peft adapters on a frozen model; the head (model.trainable, default LORA_HEAD) trains too. No
+    task_type: peft would wrap the head in a ModulesToSaveWrapper copy, which DP does not need."""
+    import re
+
+    from peft import LoraConfig, get_peft_model
+
+    settings = cfg.lora
+    lora = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                      target_modules=settings.target_modules, bias="none")
+    try:
+        model = get_peft_model(model, lora)
+    except ValueError as exc:  # e.g. target modules not found, or no default for the architecture
+        raise ValueError(f"model.lora: {exc} (set model.lora.target_modules to names of Linear layers of "
+                         f"{type(model).__name__}, e.g. [query, value] for BERT)") from exc
+    patterns = [re.compile(p) for p in (cfg.trainable or LORA_HEAD)]
+    for name, param in model.named_parameters():
+        if "lora_" not in name and any(p.search(name) for p in patterns):
+            if not (cfg.freeze_embeddings and "embeddings" in name):
+                param.requires_grad_(True)
+    return model
+
+
+def merged_for_saving(module):
+    """A model with adapters -> a plain Hugging Face model with them merged into the weights (a copy);
+    any other module as it is."""
+    from peft import PeftModel
+
+    if isinstance(module, PeftModel):
+        import copy
+
+        return copy.deepcopy(module).merge_and_unload()
+    return module
 
 
 def _apply_dropout(config, dropout: float | None) -> None:

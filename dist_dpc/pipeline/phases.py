@@ -133,6 +133,10 @@ def run_prune(cfg: Config) -> dict:
     """Rounds of (prune by magnitude -> DP fine-tune), one DeepSpeed engine per round; the rounds
     share one sigma, calibrated for all their steps together, and one ledger entry."""
     p = cfg.prune
+    if cfg.model.lora is not None:
+        raise ValueError("prune with model.lora: magnitude pruning masks the weights themselves, which adapters "
+                         "would change again after merging; unset model.lora for the prune phase (it fine-tunes "
+                         "the pruned model's own weights)")
     source = source_model(cfg, "prune", p.source)
     ctx = open_phase(cfg, "prune")
     import_lineage(ctx, source, role="prune.source")

@@ -23,6 +23,7 @@ from dist_dpc.engine.lr_schedule import make_lr_schedule
 from dist_dpc.engine.distributed import WorldInfo
 from dist_dpc.engine.losses import model_inputs, sequence_classification_loss
 from dist_dpc.models import load_sequence_classifier, load_tokenizer
+from dist_dpc.models.loading import merged_for_saving
 from dist_dpc.pipeline.checkpoints import Checkpoints
 from dist_dpc.pipeline.preemption import PreemptionGuard
 from dist_dpc.pipeline.config import Config, user_config
@@ -261,6 +262,9 @@ def train_dp(ctx: PhaseContext, model: torch.nn.Module, *, directory: Path, step
     phase has a fresh key, so its remaining steps draw fresh batches and noise (the accountant
     continues from the checkpoint, so epsilon is unaffected)."""
     cfg, world = ctx.cfg, ctx.world
+    if cfg.model.lora is not None and cfg.train.zero_stage == 3:
+        raise ValueError("model.lora with train.zero_stage=3 is not supported yet (saving merges the adapters, which "
+                         "needs the gathered weights): use ZeRO 0-2 with LoRA (adapters are small), or full fine-tuning")
     key = ctx.key if key is None else key
     sampler = make_sampler(ctx.sampling, dataset_size=len(ctx.train_set), expected_batch_size=cfg.train.batch_size,
                            micro_batch_size=cfg.train.micro_batch_size, rank=world.rank,
@@ -466,10 +470,11 @@ def save_model(ctx: PhaseContext, engine: DPEngine, directory: Path) -> None:
     params = list(module.parameters())
     with deepspeed.zero.GatheredParameters(params, enabled=engine.ds.zero_optimization_stage() == 3):
         if world.is_main:
-            state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+            plain = merged_for_saving(module)  # adapters (model.lora) merged: a plain HF directory
+            state = {k: v.detach().cpu().clone() for k, v in plain.state_dict().items()}
             tmp = directory.with_name(directory.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            module.save_pretrained(str(tmp), state_dict=state)
+            plain.save_pretrained(str(tmp), state_dict=state)
             tokenizer.save_pretrained(str(tmp))
             write_lineage(tmp, ctx.ledger, phase=ctx.phase)
             if directory.exists():

@@ -64,7 +64,27 @@ def case_model(case: dict, spec: dict):
     from dist_dpc.models import ModelConfig, load_sequence_classifier
 
     model = load_sequence_classifier(ModelConfig(name=case["model"], dropout=0.0), num_labels=2, seed=spec["seed"])
+    if case.get("lora"):
+        model = with_test_lora(case["model"], spec["seed"], case["lora"])
     return model, sequence_classification_loss
+
+
+def with_test_lora(name: str, seed: int, rank: int):
+    """A debug model with DP-LoRA adapters whose B matrices are random (peft starts them at zero,
+    which would make every A gradient zero and the test blind to them)."""
+    import torch
+
+    from dist_dpc.models import ModelConfig, load_sequence_classifier
+    from dist_dpc.models.config import LoraSettings
+
+    model = load_sequence_classifier(ModelConfig(name=name, dropout=0.0, lora=LoraSettings(r=rank)), num_labels=2,
+                                     seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for pname, param in model.named_parameters():
+            if "lora_B" in pname:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+    return model
 
 
 def case_batch(case: dict, spec: dict, model) -> dict:
