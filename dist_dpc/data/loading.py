@@ -11,6 +11,28 @@ from dist_dpc.data.splits import TaskData
 from dist_dpc.data.synthetic import generate
 
 
+def split_holdout(data: TaskData, fraction: float, seed: int) -> None:
+    """Hold out each example independently of all others: by a keyed hash of its own content
+    (text, pair, label) and data.seed, below ``fraction``. Adding or removing one example changes
+    only where that example goes (a split by position would move others too, which add/remove DP
+    does not cover). The parts' sizes then depend on the data, so everything released uses the
+    public stand-ins ``public_train_size`` / ``public_holdout_size`` (from N and the fraction)."""
+    import hashlib
+
+    train, n = data.train, len(data.train)
+    pairs = train.text_pairs or [None] * n
+    held = []
+    for i, (text, pair, label) in enumerate(zip(train.texts, pairs, train.labels)):
+        digest = hashlib.blake2b(f"{text}\x1f{pair}\x1f{label}".encode(), key=f"holdout:{seed}".encode()[:64],
+                                 digest_size=8).digest()
+        held.append(int.from_bytes(digest, "little") < fraction * 2**64)
+    data.holdout = train.take([i for i in range(n) if held[i]])
+    data.holdout.name = "holdout"
+    data.train = train.take([i for i in range(n) if not held[i]])
+    data.public_holdout_size = max(1, round(n * fraction))
+    data.public_train_size = n - data.public_holdout_size
+
+
 def load_task(cfg: DataConfig) -> TaskData:
     if cfg.task == "synthetic_sentiment":
         data = generate(cfg.synthetic_size, cfg.seed)
@@ -26,13 +48,7 @@ def load_task(cfg: DataConfig) -> TaskData:
         data.train = data.train.take(keep)
     data.dataset_size = len(data.train)
     if cfg.holdout_fraction > 0:
-        # A seeded split of the private set: the holdout is private data too (its uses are noised and
-        # accounted by `dpc tune`); N for the accountant stays the whole set.
-        n = len(data.train)
-        held = set(random.Random(f"holdout:{cfg.seed}").sample(range(n), max(1, round(n * cfg.holdout_fraction))))
-        data.holdout = data.train.take(sorted(held))
-        data.holdout.name = "holdout"
-        data.train = data.train.take([i for i in range(n) if i not in held])
+        split_holdout(data, cfg.holdout_fraction, cfg.seed)
     if cfg.max_eval_samples is not None:
         data.eval = {k: v.head(cfg.max_eval_samples) for k, v in data.eval.items()}
     if len(data.train) == 0:

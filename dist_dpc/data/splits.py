@@ -34,6 +34,9 @@ class TaskData:
     source: str
     holdout: TextSplit | None = None  # private: held out of train (data.holdout_fraction), never reported
     dataset_size: int | None = None   # N of the private data set (train and holdout together)
+    # With a holdout, the parts' sizes depend on the data: what is released (q, steps, scores) uses these.
+    public_train_size: int | None = None
+    public_holdout_size: int | None = None
 
     @property
     def num_labels(self) -> int | None:

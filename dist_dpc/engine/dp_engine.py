@@ -93,13 +93,14 @@ class DPEngine:
     def __init__(self, model: torch.nn.Module, ds_config: dict, privacy: PrivacyConfig, *, dataset_size: int,
                  expected_batch_size: int, planned_steps: int, loss_fn: LossFn, world: WorldInfo, key: SecretKey,
                  poisson_sampling: bool = True, prior: tuple[Mechanism, ...] = (), phase: str = "train",
-                 lr_schedule: Callable[[int], float] | None = None):
+                 lr_schedule: Callable[[int], float] | None = None, sample_rate: float | None = None):
         import deepspeed
 
         self.privacy, self.world, self.loss_fn = privacy, world, loss_fn
         self._key = key  # noise and dropout; never saved (see state_dict)
         self.dataset_size, self.expected_batch_size = dataset_size, expected_batch_size
-        self.sample_rate = expected_batch_size / dataset_size
+        # q: B / N, or given (a training part of data-dependent size samples at its public stand-in's rate)
+        self.sample_rate = sample_rate if sample_rate is not None else expected_batch_size / dataset_size
         self.poisson_sampling = poisson_sampling
         self.noise_multiplier, self.delta, self.max_steps = resolve_noise(
             privacy, dataset_size=dataset_size, sample_rate=self.sample_rate, planned_steps=planned_steps, prior=prior)

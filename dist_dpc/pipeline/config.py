@@ -255,17 +255,18 @@ class TuneConfig:
         if self.mode not in TUNE_MODES:
             raise ValueError(f"tune.mode={self.mode!r} is invalid: allowed values are {', '.join(TUNE_MODES)}")
         for key, values in self.search.items():
-            if key.count(".") != 1 or key.split(".")[0] in ("run", "privacy", "tune", "data", "wandb", "cluster"):
-                raise ValueError(f"tune.search key {key!r} is invalid: name a tunable config key section.key of "
-                                 "train, model, head_init, distill or prune (privacy, data and run are fixed)")
+            if key.count(".") != 1 or key.split(".")[0] not in ("train", "model", "head_init"):
+                raise ValueError(f"tune.search key {key!r} is invalid: name a config key section.key of train, model "
+                                 "or head_init (each trial is a `dpc train` run; privacy, data and run are fixed)")
             if not isinstance(values, list) or not values:
                 raise ValueError(f"tune.search.{key}={values!r} is invalid: give a non-empty list of candidates")
         if self.epsilon is not None and not self.epsilon > 0:
             raise ValueError(f"tune.epsilon={self.epsilon!r} is invalid: must be > 0 (or null: half the target)")
         if not self.expected_trials > 1:
             raise ValueError(f"tune.expected_trials={self.expected_trials!r} is invalid: must be > 1")
-        if not self.eta >= 0:
-            raise ValueError(f"tune.eta={self.eta!r} is invalid: must be >= 0 (1: geometric, 0: logarithmic)")
+        if not (self.eta == 0 or self.eta >= 0.01):
+            raise ValueError(f"tune.eta={self.eta!r} is invalid: must be 0 (logarithmic) or >= 0.01 (1: geometric; "
+                             "a tiny positive eta would make drawing the number of trials take very long)")
         if not 0 < self.holdout_fraction < 0.5:
             raise ValueError(f"tune.holdout_fraction={self.holdout_fraction!r} is invalid: must be in (0, 0.5)")
         if not self.score_noise_multiplier > 0:

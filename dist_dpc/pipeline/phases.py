@@ -508,7 +508,9 @@ def ledger_summary(ledger: PrivacyLedger) -> str:
                 continue
             lines.append(f"{name:<24} {entry['status']:<10} {m['noise_multiplier']:>8.4f} {m['sample_rate']:>9.5f} "
                          f"{m['steps']:>7}")
-    lines.append(f"total: epsilon={d['total_epsilon_prv']:.3f} (PRV composition of all phases; RDP "
+    curves = any(m.get("kind") == "rdp_curve" for e in d["phases"].values() for m in e["mechanisms"])
+    how = "RDP composition of all phases: the ledger holds an RDP curve" if curves else "PRV composition of all phases"
+    lines.append(f"total: epsilon={d['total_epsilon_prv']:.3f} ({how}; RDP "
                  f"{d['total_epsilon_rdp']:.3f}), delta={d['delta']:.3g}, N={d['dataset_size']}, target "
                  f"{d['target_epsilon']}")
     return "\n".join(lines)

@@ -61,6 +61,14 @@ class PhaseContext:
     ledger: PrivacyLedger | None
     budget: PhaseBudget | None = None  # this attempt's account in the ledger, once reserved
     holdout_set: object = None  # private validation split (data.holdout_fraction), for `dpc tune` only
+    public_train_size: int | None = None  # with a holdout: N(1 - fraction), the public stand-in for len(train_set)
+    public_holdout_size: int | None = None
+
+    @property
+    def train_size(self) -> int:
+        """The training-set size everything released is computed from (q, steps per epoch): the
+        part's true size, except with a holdout, whose split makes it depend on the data."""
+        return self.public_train_size or len(self.train_set)
 
     @property
     def is_main(self) -> bool:
@@ -119,7 +127,8 @@ def open_phase(cfg: Config, phase: str, *, load_data: bool = True) -> PhaseConte
                         train_set=train_set, eval_sets=eval_sets, num_labels=num_labels,
                         label_names=task.label_names if task.num_labels == num_labels else None,
                         key=phase_key(run.noise_key(privacy), phase), sampling=sampling, ledger=ledger,
-                        holdout_set=holdout_set)
+                        holdout_set=holdout_set, public_train_size=task.public_train_size,
+                        public_holdout_size=task.public_holdout_size)
 
 
 def warn_exact_statistics(privacy: PrivacyConfig, world) -> None:
@@ -142,11 +151,11 @@ def planned_steps(epochs: float, max_steps: int | None, steps_per_epoch: int) ->
 
 
 def steps_per_epoch(ctx: PhaseContext) -> int:
-    return math.ceil(len(ctx.train_set) / ctx.cfg.train.batch_size)
+    return math.ceil(ctx.train_size / ctx.cfg.train.batch_size)
 
 
 def sample_rate(ctx: PhaseContext) -> float:
-    return ctx.cfg.train.batch_size / len(ctx.train_set)
+    return ctx.cfg.train.batch_size / ctx.train_size
 
 
 def phase_privacy(ctx: PhaseContext, steps: int, fixed: tuple[Mechanism, ...] = ()) -> PrivacyConfig:
@@ -158,7 +167,7 @@ def phase_privacy(ctx: PhaseContext, steps: int, fixed: tuple[Mechanism, ...] = 
     ``ctx.budget``, through which every release of the phase is then recorded, and keys the phase's
     randomness by its attempt (a re-run never replays an earlier attempt's noise)."""
     privacy = ctx.cfg.privacy
-    batch, n = ctx.cfg.train.batch_size, len(ctx.train_set)
+    batch, n = ctx.cfg.train.batch_size, ctx.train_size
     if batch >= n:
         raise ValueError(f"train.batch_size={batch} is not below the {n} training examples: Poisson sampling needs "
                          f"q = batch_size / N < 1 (and DP gains from q well below 1). Use train.batch_size <= {max(1, n // 4)} "
@@ -267,6 +276,7 @@ def train_dp(ctx: PhaseContext, model: torch.nn.Module, *, directory: Path, step
                          "needs the gathered weights): use ZeRO 0-2 with LoRA (adapters are small), or full fine-tuning")
     key = ctx.key if key is None else key
     sampler = make_sampler(ctx.sampling, dataset_size=len(ctx.train_set), expected_batch_size=cfg.train.batch_size,
+                           sample_rate=sample_rate(ctx),
                            micro_batch_size=cfg.train.micro_batch_size, rank=world.rank,
                            world_size=world.world_size, key=key.derive("sampling"))
     ds_config = build_ds_config(cfg.train.deepspeed_config, micro_batch_size=cfg.train.micro_batch_size,
@@ -281,7 +291,7 @@ def train_dp(ctx: PhaseContext, model: torch.nn.Module, *, directory: Path, step
     # Everything this run composes with: the other ledger entries, then what this attempt released
     # so far (head_init, earlier prune rounds). The ledger adds it up; no phase does.
     prior = ctx.budget.prior() if ctx.budget is not None else ()
-    engine = DPEngine(model, ds_config, privacy, dataset_size=len(ctx.train_set),
+    engine = DPEngine(model, ds_config, privacy, dataset_size=len(ctx.train_set), sample_rate=sample_rate(ctx),
                       expected_batch_size=cfg.train.batch_size, planned_steps=steps, loss_fn=loss_fn, world=world,
                       key=key.derive("dp-sgd"), poisson_sampling=(ctx.sampling == "poisson"), prior=prior, phase=ctx.phase,
                       lr_schedule=schedule)

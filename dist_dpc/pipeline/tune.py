@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -37,7 +38,7 @@ import torch
 
 from dist_dpc.models import ModelConfig, load_sequence_classifier
 from dist_dpc.pipeline.config import Config, derived
-from dist_dpc.pipeline.trainer import (PhaseContext, _from_rank0, _hold_phase_lock, evaluate, local_device,
+from dist_dpc.pipeline.trainer import (PhaseContext, PhaseRunningError, _from_rank0, _hold_phase_lock, local_device,
                                        open_phase, planned_steps, root_of, run_train)
 from dist_dpc.privacy.accounting import (MAX_SIGMA, Mechanism, RdpCurve, calibrate_noise_multiplier,
                                          compute_epsilon, epsilon_from_rdp, rdp_of, rdp_orders)
@@ -156,20 +157,31 @@ def calibrate_trials(plans: list[TrialPlan], *, epsilon: float, delta: float, et
 def _quiet(log_file: Path):
     """Everything the process writes (Python, DeepSpeed's handlers, C code) goes to ``log_file``:
     a trial's output (its number, its candidate, its accuracy) is not released."""
-    sys.stdout.flush(), sys.stderr.flush()
+    _flush_all()
     saved = os.dup(1), os.dup(2)
     fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         os.dup2(fd, 1), os.dup2(fd, 2)
         yield
     finally:
-        sys.stdout.flush(), sys.stderr.flush()
+        _flush_all()  # C-level buffers too: a trial's buffered output must not reach the real stdout
         os.dup2(saved[0], 1), os.dup2(saved[1], 2)
         for f in (fd, *saved):
             os.close(f)
 
 
-def _trial_config(cfg: Config, values: dict, *, directory: Path, name: str, privacy: dict, data: dict) -> Config:
+def _flush_all() -> None:
+    import ctypes
+
+    sys.stdout.flush(), sys.stderr.flush()
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):  # pragma: no cover (no libc symbol table)
+        pass
+
+
+def _trial_config(cfg: Config, values: dict, *, directory: Path, name: str, privacy: dict, data: dict,
+                  noise_seed: int | None = None) -> Config:
     c = with_values(cfg, values)
     d = to_dict(c)
     d["run"].update(output_dir=str(directory), name=name, overwrite=False)
@@ -178,20 +190,16 @@ def _trial_config(cfg: Config, values: dict, *, directory: Path, name: str, priv
     d["wandb"]["mode"] = "disabled"
     d["pipeline"]["phases"] = ["teacher"]
     d["pipeline"]["budget_split"] = {}
-    if d["privacy"].get("randomness") == "insecure_reproducible" and d["privacy"].get("noise_seed") is not None:
-        import hashlib  # each trial its own stream (Python's hash() differs between processes)
+    if d["privacy"].get("randomness") == "insecure_reproducible":
+        # Each trial its own stream, and each attempt of the selection its own (``noise_seed``
+        # comes from the attempt's key): a re-run never replays an earlier attempt's noise.
+        d["privacy"]["noise_seed"] = noise_seed
+        if noise_seed is None and cfg.privacy.noise_seed is not None:
+            import hashlib  # (public proxy: Python's hash() differs between processes)
 
-        digest = hashlib.blake2b(f"{d['privacy']['noise_seed']}:{name}".encode(), digest_size=8).digest()
-        d["privacy"]["noise_seed"] = int.from_bytes(digest, "little") & (2**62 - 1)
+            digest = hashlib.blake2b(f"{cfg.privacy.noise_seed}:{name}".encode(), digest_size=8).digest()
+            d["privacy"]["noise_seed"] = int.from_bytes(digest, "little") & (2**62 - 1)
     return build(Config, d)  # a run tree of its own: its config is this one
-
-
-def _score(model_dir: Path, cfg: Config, ctx: PhaseContext, data) -> dict:
-    model = load_sequence_classifier(ModelConfig(name=str(model_dir), num_labels=ctx.num_labels,
-                                                 tokenizer=cfg.model.tokenizer),
-                                     ctx.num_labels, ctx.tokenizer, seed=cfg.run.seed, label_names=ctx.label_names)
-    model.to(local_device())
-    return evaluate(model, data, ctx.tokenizer.pad_token_id, cfg.train.eval_batch_size)
 
 
 # -- private selection ------------------------------------------------------------------------------
@@ -211,15 +219,21 @@ def _tune_private(cfg: Config, candidates: list[dict]) -> dict:
         raise ValueError("tune.mode=private selects under differential privacy: it needs privacy.enabled=true and "
                          "privacy.target_epsilon (the tree's total). Without privacy, tune on public data "
                          "(tune.mode=public_proxy)")
-    if cfg.head_init.enabled:
+    if any(with_values(cfg, v).head_init.enabled for v in candidates):
         raise ValueError("tune.mode=private does not account head_init's mechanisms per trial yet: set "
-                         "head_init.centre_pooler=false and head_init.probe_epochs=0, or use tune.mode=public_proxy")
+                         "head_init.centre_pooler=false and head_init.probe_epochs=0 (and do not search over them), "
+                         "or use tune.mode=public_proxy")
     cfg = derived(cfg, dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, holdout_fraction=t.holdout_fraction)))
     ctx = open_phase(cfg, "tune")
     ledger, world = ctx.ledger, ctx.world
+    # What the trials start from is part of the tree: its privacy cost comes in before anything runs.
+    from dist_dpc.pipeline.lineage import import_lineage
+
+    for name in dict.fromkeys(with_values(cfg, v).model.name for v in candidates):
+        import_lineage(ctx, name, role="model.name")
     target = privacy.target_epsilon * cfg.pipeline.cumulative_share("tune")
     budget = t.epsilon if t.epsilon is not None else target / 2 if "tune" not in cfg.pipeline.phases else None
-    plans = plan_trials(cfg, candidates, len(ctx.train_set))
+    plans = plan_trials(cfg, candidates, ctx.train_size)
     gamma = gamma_for_mean(t.eta, t.expected_trials)
     chosen: dict = {}
 
@@ -227,7 +241,7 @@ def _tune_private(cfg: Config, candidates: list[dict]) -> dict:
         # tune.epsilon (or half the target for `dpc tune` alone): the selection's own epsilon; as a
         # phase of pipeline.phases: its cumulative share, composed with what the tree spent before.
         eps, prior = (budget, None) if budget is not None else (target, rdp_of(others))
-        if previous is not None and previous.get("search") == candidates:
+        if previous is not None and previous == reservation_of(None):
             curve = np.asarray(previous["trial_rdp"])
             for p, sigma in zip(plans, previous["noise_multipliers"]):
                 p.noise_multiplier = sigma  # a resumed attempt keeps its calibration
@@ -236,7 +250,7 @@ def _tune_private(cfg: Config, candidates: list[dict]) -> dict:
                                      score_noise_multiplier=t.score_noise_multiplier, prior_rdp=prior)
         limit = privacy.max_effective_noise
         for p in plans:  # the trials' own check, made before anything is reserved
-            batch = p.sample_rate * len(ctx.train_set)
+            batch = p.sample_rate * ctx.train_size
             if limit is not None and p.noise_multiplier / batch > limit:
                 raise ValueError(f"tune: candidate {p.values} would train with noise_multiplier={p.noise_multiplier:.4g} "
                                  f"at batch {batch:g}: noise {p.noise_multiplier / batch:.3g} x max_grad_norm per "
@@ -245,18 +259,27 @@ def _tune_private(cfg: Config, candidates: list[dict]) -> dict:
         chosen["curve"] = curve
         return [RdpCurve(tuple(selection_rdp(curve, t.eta, gamma)), "private selection", "tune")]
 
-    def reservation():
-        return {"search": candidates, "trial_rdp": [float(v) for v in chosen["curve"]],
-                "noise_multipliers": [p.noise_multiplier for p in plans], "eta": t.eta, "gamma": gamma,
-                "score_noise_multiplier": t.score_noise_multiplier}
+    def reservation_of(curve) -> dict:
+        """Everything the stored curve was computed for: a resumed attempt reuses it only if all match."""
+        out = {"search": candidates, "plans": [[p.sample_rate, p.steps] for p in plans], "eta": t.eta,
+               "gamma": gamma, "score_noise_multiplier": t.score_noise_multiplier}
+        if curve is None:
+            return {**out, **{k: v for k, v in (previous_reservation or {}).items()
+                              if k in ("trial_rdp", "noise_multipliers")}}
+        return {**out, "trial_rdp": [float(v) for v in curve], "noise_multipliers": [p.noise_multiplier for p in plans]}
 
+    def reservation():
+        return reservation_of(chosen["curve"])
+
+    latest = ledger.latest_attempt("tune")
+    previous_reservation = ledger.entry(latest).get("reservation") if latest else None
     outcome = None
     if ctx.is_main:
         try:
             _hold_phase_lock(ctx)
             entry = ledger.reserve("tune", plan, reservation)
             outcome = ("ok", entry)
-        except (ValueError, PrivacyBudgetExceeded) as err:
+        except (ValueError, PrivacyBudgetExceeded, PhaseRunningError) as err:
             outcome = ("refused", type(err).__name__, str(err))
     outcome = _from_rank0(outcome)
     if outcome[0] != "ok":
@@ -266,34 +289,43 @@ def _tune_private(cfg: Config, candidates: list[dict]) -> dict:
     curve = np.asarray(stored["trial_rdp"])
     for p, sigma in zip(plans, stored["noise_multipliers"]):
         p.noise_multiplier = float(sigma)
+    eta, gamma, score_sigma = float(stored["eta"]), float(stored["gamma"]), float(stored["score_noise_multiplier"])
     key = ctx.key.derive("attempt", int(ledger.entry(entry).get("attempt", 1)))
     rng = key.generator("trials")
-    trials = sample_trials(t.eta, gamma, rng)  # secret: never printed or written
+    trials = sample_trials(eta, gamma, rng)  # secret: never printed or written
     log(world, f"[tune] private selection over {len(candidates)} candidates ({', '.join(sorted(cfg.tune.search))}): "
-               f"E[K]={t.expected_trials:g} trials (eta={t.eta:g}); each trial's sigma calibrated so that the selection "
-               f"costs epsilon={epsilon_from_rdp(selection_rdp(curve, t.eta, gamma), ledger.delta):.3f}. The number of "
+               f"E[K]={t.expected_trials:g} trials (eta={eta:g}); each trial's sigma calibrated so that the selection "
+               f"costs epsilon={epsilon_from_rdp(selection_rdp(curve, eta, gamma), ledger.delta):.3f}. The number of "
                "trials and the losing trials' results are secret: their output goes to RUN/tune/.trials and is deleted")
     scratch = ctx.directory / ".trials"
     if ctx.is_main:
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir(mode=0o700, parents=True)
     torch.distributed.barrier()
-    n_holdout = len(ctx.holdout_set)
+    n_holdout = ctx.public_holdout_size  # public: the true holdout size depends on the data
     best = None
     for k in range(trials):
         p = plans[int(rng.integers(len(plans)))]
         name = f"trial-{k}"
-        trial_cfg = _trial_config(cfg, p.values, directory=scratch, name=name,
-                                  privacy={"noise_multiplier": p.noise_multiplier, "target_epsilon": None,
-                                           "delta": ledger.delta},
-                                  data={"holdout_fraction": t.holdout_fraction})
-        with _quiet(scratch / "trials.log"):
-            run_train(trial_cfg, phase="train", evaluate_splits=False)
-            trial_dir = scratch / name
-            _check_trial(trial_dir, curve)
-            metrics = _score(trial_dir / "model", cfg, ctx, ctx.holdout_set)
-        correct = round(metrics["accuracy"] * metrics["examples"])
-        noisy = (correct + float(rng.normal(0.0, t.score_noise_multiplier))) / n_holdout
+        try:
+            with _quiet(scratch / "trials.log"):
+                trial_cfg = _trial_config(cfg, p.values, directory=scratch, name=name,
+                                          privacy={"noise_multiplier": p.noise_multiplier, "target_epsilon": None,
+                                                   "delta": ledger.delta},
+                                          data={"holdout_fraction": t.holdout_fraction},
+                                          noise_seed=key.seed64("trial", k))
+                run_train(trial_cfg, phase="train", evaluate_splits=False)
+                trial_dir = scratch / name
+                _check_trial(trial_dir, curve, score_rdp(score_sigma))
+                correct = _correct(trial_dir / "model", cfg, ctx, ctx.holdout_set)
+                _release_trial_lock(trial_dir)
+                gc.collect()
+        except Exception:
+            # Which trial failed, and with which candidate, would tell K's lower bound and more: the
+            # message says neither (the traceback is in RUN/tune/.trials/trials.log, which is private).
+            raise RuntimeError("a `dpc tune` trial failed; its traceback is in RUN/tune/.trials/trials.log (private: "
+                               "it names the trial). Nothing was released; the ledger keeps the reservation") from None
+        noisy = (correct + float(rng.normal(0.0, score_sigma))) / n_holdout
         if best is None or noisy > best[0]:
             if best is not None and ctx.is_main:
                 shutil.rmtree(best[2], ignore_errors=True)
@@ -304,38 +336,42 @@ def _tune_private(cfg: Config, candidates: list[dict]) -> dict:
     model_dir = ctx.directory / "model"
     results = {"phase": "tune", "mode": "private", "private": True, "search": cfg.tune.search,
                "candidates": len(candidates), "selected": p.values, "holdout_accuracy_noisy": noisy,
-               "holdout_examples": n_holdout, "score_noise_multiplier": t.score_noise_multiplier,
-               "expected_trials": t.expected_trials, "eta": t.eta, "gamma": gamma,
+               "holdout_examples": n_holdout, "score_noise_multiplier": score_sigma,
+               "expected_trials": t.expected_trials, "eta": eta, "gamma": gamma,
                "trial_noise_multipliers": {json.dumps(q.values, sort_keys=True): q.noise_multiplier for q in plans},
                "dataset_size": ledger.dataset_size, "delta": ledger.delta, "ledger_entry": entry}
     if ctx.is_main:
-        ledger.release(entry, [RdpCurve(tuple(selection_rdp(curve, t.eta, gamma)), "private selection", "tune")])
+        ledger.release(entry, [RdpCurve(tuple(selection_rdp(curve, eta, gamma)), "private selection", "tune")])
         ledger.complete(entry)
         if model_dir.exists():
             shutil.rmtree(model_dir)
         shutil.move(str(trial_dir / "model"), str(model_dir))
+        _touch_tree(model_dir)  # file times would tell when the winner was trained, hence its index
         from dist_dpc.pipeline.lineage import write_lineage
 
         write_lineage(model_dir, ledger, phase="tune")
         shutil.rmtree(scratch, ignore_errors=True)
-        results["epsilon_selection"] = epsilon_from_rdp(selection_rdp(curve, t.eta, gamma), ledger.delta)
+        results["epsilon_selection"] = epsilon_from_rdp(selection_rdp(curve, eta, gamma), ledger.delta)
         results["epsilon"] = ledger.total_epsilon()
         ctx.run.write_json(ctx.directory / SELECTION_FILE, results)
         log(world, f"[tune] selected {p.values} (noisy holdout accuracy {noisy * 100:.2f} % on {n_holdout} examples, "
-                   f"noise sigma {t.score_noise_multiplier:g} counts); selection epsilon "
+                   f"noise sigma {score_sigma:g} counts); selection epsilon "
                    f"{results['epsilon_selection']:.3f}, run tree total {results['epsilon']:.3f} "
                    f"(delta {ledger.delta:.3g}). Later phases of {ctx.run.path} apply these values")
     torch.distributed.barrier()
     return results
 
 
-def _check_trial(trial_dir: Path, curve: np.ndarray) -> None:
-    """A trial spends no more than the curve the selection was accounted with (order by order)."""
+def _check_trial(trial_dir: Path, curve: np.ndarray, score: np.ndarray) -> None:
+    """A trial's own DP-SGD (its ledger's ``train`` entry; an imported model.name is the tree's, not
+    the trial's) plus its score spend no more than the curve the selection was accounted with."""
     from dist_dpc.privacy.accounting import mechanism_from_dict
 
     ledger = json.loads((trial_dir / "privacy_ledger.json").read_text())
-    spent = rdp_of([mechanism_from_dict(m) for e in ledger["phases"].values() for m in e["mechanisms"]])
-    if np.any(spent > curve * (1 + RELATIVE_SLACK) + 1e-12):
+    own = [mechanism_from_dict(m) for name, e in ledger["phases"].items() if e.get("phase", name) == "train"
+           for m in e["mechanisms"]]
+    spent = rdp_of(own) + score
+    if not own or np.any(spent > curve * (1 + RELATIVE_SLACK) + 1e-12):
         raise RuntimeError(f"a tune trial spent more than its accounted RDP curve ({trial_dir}): this is a bug; "
                            "the selection was stopped before releasing anything")
 
@@ -380,7 +416,66 @@ def _tune_public(cfg: Config, candidates: list[dict]) -> dict:
     return results
 
 
-def _same_source(a: dict, b: dict) -> bool:
-    keys = ("task", "data_dir", "train_file")
-    return all(a.get(k) == b.get(k) for k in keys) and a.get("task") != "synthetic_sentiment" \
-        or (a.get("task") == b.get("task") == "synthetic_sentiment" and a.get("seed") == b.get("seed"))
+def _training_source(data: dict):
+    """What a data config trains on: the training file's content hash, or the generator's settings."""
+    import hashlib
+
+    task = data.get("task")
+    if task == "synthetic_sentiment":
+        return ("synthetic", data.get("seed"), data.get("synthetic_size"))
+    path = None
+    if data.get("train_file"):
+        path = Path(data["train_file"])
+    elif data.get("data_dir"):
+        base = Path(data["data_dir"])
+        if task == "yelp":
+            path = next((base / n for n in ("train.csv", "dev.csv") if (base / n).is_file()), None)
+        else:
+            from dist_dpc.data.glue import GLUE, task_dir
+
+            try:
+                path = task_dir(task, str(base)) / "train.tsv" if task in GLUE else None
+            except FileNotFoundError:
+                path = None
+    if path is None or not path.is_file():
+        return ("unresolved", task, data.get("data_dir"), data.get("train_file"))
+    return ("file", hashlib.sha256(path.read_bytes()).hexdigest())
+
+
+def _same_source(proxy: dict, private: dict) -> bool:
+    return _training_source(proxy) == _training_source(private)
+
+
+def _touch_tree(path: Path) -> None:
+    import time
+
+    now = time.time()
+    for f in [path, *path.rglob("*")]:
+        os.utime(f, (now, now))
+
+
+def _release_trial_lock(trial_dir: Path) -> None:
+    """A trial's phase lock is held by this process until it exits; many trials would pile them up."""
+    from dist_dpc.pipeline import trainer
+
+    for path in [p for p in trainer._PHASE_LOCKS if p.startswith(str(trial_dir))]:
+        trainer._PHASE_LOCKS.pop(path).close()
+
+
+def _correct(model_dir: Path, cfg: Config, ctx: PhaseContext, data) -> int:
+    """Correct holdout predictions, counted as an integer (the score's sensitivity is 1)."""
+    from dist_dpc.data import collate
+    from dist_dpc.engine.losses import model_inputs
+
+    model = load_sequence_classifier(ModelConfig(name=str(model_dir), num_labels=ctx.num_labels,
+                                                 tokenizer=cfg.model.tokenizer),
+                                     ctx.num_labels, ctx.tokenizer, seed=cfg.run.seed, label_names=ctx.label_names)
+    model.to(local_device()).eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(data), cfg.train.eval_batch_size):
+            batch = collate([data[j] for j in range(i, min(i + cfg.train.eval_batch_size, len(data)))],
+                            ctx.tokenizer.pad_token_id)
+            batch = {k: v.to(local_device()) for k, v in batch.items()}
+            correct += int((model(**model_inputs(batch)).logits.argmax(-1) == batch["labels"]).sum())
+    return correct

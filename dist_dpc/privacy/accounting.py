@@ -649,7 +649,7 @@ class PrivacyAccountant:
     def load_state_dict(self, state: dict) -> None:
         _check_accountant(state["accountant"])
         _check_delta(state["delta"])
-        prior = tuple(Mechanism.from_dict(d) for d in state["prior"])
+        prior = tuple(mechanism_from_dict(d) for d in state["prior"])  # may hold RDP curves (`dpc tune`)
         history = [Mechanism.from_dict(d) for d in state["history"]]
         self.accountant, self.delta, self.phase = state["accountant"], float(state["delta"]), str(state["phase"])
         self.prior, self._history = prior, history

@@ -366,16 +366,25 @@ def _canonical(mechanisms: Sequence[Mechanism], entry: str) -> list[dict]:
 def _dominating(first: list[dict], second: list[dict], entry: str) -> list[dict]:
     """Per (sigma, q), the larger step count of two canonical lists (composition is monotone in steps)."""
     steps: dict[tuple[float, float], int] = {}
-    curves: dict[str, list[float]] = {}  # per label, the larger curve order by order
+    # RDP curves: each is one release, so each list's curves add; the larger sum counts, order by order.
+    sums = [_curve_sum(first), _curve_sum(second)]
+    curves = {}
+    if any(s is not None for s in sums):
+        present = [s for s in sums if s is not None]
+        labels = sorted({m["label"] for m in [*first, *second] if m.get("kind") == "rdp_curve"})
+        curves[" + ".join(labels)] = [max(vals) for vals in zip(*present)]
     for m in [*first, *second]:
         if m.get("kind") == "rdp_curve":
-            old = curves.get(m["label"])
-            curves[m["label"]] = list(m["rdp"]) if old is None else [max(a, b) for a, b in zip(old, m["rdp"])]
             continue
         key = (float(m["noise_multiplier"]), float(m["sample_rate"]))
         steps[key] = max(steps.get(key, 0), int(m["steps"]))
     return [*(RdpCurve(tuple(rdp), label, entry).to_dict() for label, rdp in curves.items()),
             *(Mechanism(sigma, q, n, entry).to_dict() for (sigma, q), n in steps.items())]
+
+
+def _curve_sum(mechanisms: list[dict]) -> list[float] | None:
+    curves = [m["rdp"] for m in mechanisms if m.get("kind") == "rdp_curve"]
+    return [sum(vals) for vals in zip(*curves)] if curves else None
 
 
 def _as_mechanisms(name: str, entry: dict) -> list[Mechanism]:

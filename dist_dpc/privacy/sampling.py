@@ -30,7 +30,7 @@ class StepPlan:
 
 class _Sampler:
     def __init__(self, dataset_size: int, expected_batch_size: int, micro_batch_size: int, rank: int, world_size: int,
-                 key: SecretKey):
+                 key: SecretKey, sample_rate: float | None = None):
         if dataset_size < 1:
             raise ValueError("the training set is empty")
         if not 1 <= expected_batch_size <= dataset_size:
@@ -43,10 +43,15 @@ class _Sampler:
         self.expected_batch_size = expected_batch_size
         self.micro_batch_size = micro_batch_size
         self.rank, self.world_size, self._key = rank, world_size, key
+        # q, when it is not B / N: a training part whose size depends on the data (a content-hashed
+        # holdout) samples at the rate of its public stand-in size.
+        if sample_rate is not None and not 0 < sample_rate <= 1:
+            raise ValueError(f"sample_rate={sample_rate!r} must be in (0, 1]")
+        self._sample_rate = sample_rate
 
     @property
     def sample_rate(self) -> float:
-        return self.expected_batch_size / self.dataset_size
+        return self._sample_rate if self._sample_rate is not None else self.expected_batch_size / self.dataset_size
 
     def _rng(self, *labels: int) -> np.random.Generator:
         return self._key.generator("sampling", *labels)

@@ -75,7 +75,7 @@ def selection_rdp(trial_rdp, eta: float, gamma: float) -> np.ndarray:
 
 def _check(eta: float, gamma: float) -> None:
     # The theorem holds for eta > -1; eta in (-1, 0) would need another sampler than numpy's.
-    if not eta >= 0 or not math.isfinite(eta):
-        raise ValueError(f"tune.eta={eta!r} is invalid: must be >= 0 (1: geometric, 0: logarithmic)")
+    if not (eta == 0 or eta >= 0.01) or not math.isfinite(eta):
+        raise ValueError(f"tune.eta={eta!r} is invalid: must be 0 (logarithmic) or >= 0.01 (1: geometric)")
     if not 0 < gamma < 1:
         raise ValueError(f"gamma={gamma!r} must be in (0, 1)")

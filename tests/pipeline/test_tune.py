@@ -77,6 +77,8 @@ def test_public_proxy_tune_costs_nothing_and_refusals(tmp_path):
     refusals = [
         (["tune.search={}"], "tune.search is empty"),
         (["head_init.probe_epochs=1"], "head_init"),
+        (["tune.search={head_init.centre_pooler: [false, true]}"], "head_init"),  # switched on by a candidate
+        (["tune.search={distill.alpha: [0.1, 0.9]}"], "each trial is a `dpc train` run"),
         (["tune.mode=public_proxy", "tune.proxy_data={synthetic_size: 240}"], "names the private training data"),
         (["tune.search={train.batch_size: [500]}"], "not below"),
         (["tune.search={privacy.target_epsilon: [1, 2]}"], "privacy, data and run are fixed"),
@@ -84,3 +86,31 @@ def test_public_proxy_tune_costs_nothing_and_refusals(tmp_path):
     for i, (extra, message) in enumerate(refusals):
         proc = dpc(["tune", *base, f"run.name=r{i}", *extra], timeout=300)
         assert proc.returncode == 2 and message in proc.stderr, (extra, proc.stderr[-2000:])
+
+
+def test_trial_guard_counts_the_score_and_only_the_trials_own_training(tmp_path):
+    from dist_dpc.pipeline.tune import _check_trial, score_rdp
+
+    sgd = Mechanism(1.2, 0.05, 40, "train")
+    imported = Mechanism(0.8, 0.05, 100, "imported:model")  # model.name's cost: the tree's, not the trial's
+    (tmp_path / "privacy_ledger.json").write_text(json.dumps({"phases": {
+        "imported:/m": {"phase": "imported:/m", "status": "completed", "mechanisms": [imported.to_dict()]},
+        "train": {"phase": "train", "status": "completed", "mechanisms": [sgd.to_dict()]}}}))
+    score = score_rdp(4.0)
+    _check_trial(tmp_path, rdp_of([sgd]) + score, score)  # exactly at the curve: accepted
+    with pytest.raises(RuntimeError, match="more than its accounted"):
+        _check_trial(tmp_path, rdp_of([sgd]) + score * 0.5, score)  # the score does not fit
+
+
+def test_public_proxy_naming_the_private_file_another_way_is_refused(tmp_path):
+    from dist_dpc.pipeline.tune import _same_source
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "train.csv").write_text("text,label\nx,0\n")
+    (tmp_path / "b.csv").write_text("text,label\nx,0\n")  # a copy elsewhere: same content
+    private = {"task": "csv", "train_file": str(tmp_path / "a" / "train.csv"), "data_dir": None}
+    assert _same_source({"task": "csv", "train_file": str(tmp_path / "a" / ".." / "a" / "train.csv"),
+                         "data_dir": "/elsewhere"}, private)
+    assert _same_source({"task": "csv", "train_file": str(tmp_path / "b.csv")}, private)
+    (tmp_path / "c.csv").write_text("text,label\ny,1\n")
+    assert not _same_source({"task": "csv", "train_file": str(tmp_path / "c.csv")}, private)

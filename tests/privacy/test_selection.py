@@ -86,3 +86,33 @@ def test_rdp_curves_compose_in_the_ledger_by_rdp(tmp_path):
     with pytest.raises(PrivacyBudgetExceeded):
         small.reserve("teacher", lambda others, previous: [sgd])
     assert "teacher" not in small.phases()
+
+
+@pytest.mark.parametrize("eta", [1.0, 0.5])
+def test_trial_count_distribution_chi_square(eta):
+    from scipy import stats
+
+    gamma = 0.2
+    rng = np.random.default_rng(7)
+    draws = np.array([sample_trials(eta, gamma, rng) for _ in range(20000)])
+    ks = np.arange(1, 11)
+    # D_{eta,gamma}: the negative binomial conditioned on K >= 1.
+    pmf = stats.nbinom.pmf(ks, eta, gamma) / (1 - gamma ** eta)
+    observed = np.array([(draws == k).sum() for k in ks] + [(draws > 10).sum()])
+    expected = np.append(pmf, 1 - pmf.sum()) * len(draws)
+    chi2 = float(((observed - expected) ** 2 / expected).sum())
+    assert chi2 < stats.chi2.ppf(0.999, df=len(observed) - 1), chi2
+
+
+def test_accountant_state_with_a_curve_prior_round_trips():
+    """A phase that resumes from a checkpoint in a tree that ran `dpc tune` reloads a prior with an
+    RDP curve (its accountant state), and its epsilon composes it."""
+    from dist_dpc.privacy.accounting import PrivacyAccountant
+
+    curve = RdpCurve(tuple(selection_rdp(gaussian_curve(4.0), 1.0, 0.25)), "private selection", "tune")
+    acc = PrivacyAccountant("prv", 1e-5, prior=(curve,))
+    acc.step(1.0, 0.01, 50)
+    again = PrivacyAccountant("prv", 1e-5)
+    again.load_state_dict(acc.state_dict())
+    assert again.epsilon() == pytest.approx(acc.epsilon())
+    assert again.epsilon() > epsilon_from_rdp(np.asarray(curve.rdp), 1e-5)
