@@ -354,6 +354,7 @@ def _tune_private(cfg: Config, candidates: list[dict]) -> dict:
         results["epsilon_selection"] = epsilon_from_rdp(selection_rdp(curve, eta, gamma), ledger.delta)
         results["epsilon"] = ledger.total_epsilon()
         ctx.run.write_json(ctx.directory / SELECTION_FILE, results)
+        _track(ctx, results)
         log(world, f"[tune] selected {p.values} (noisy holdout accuracy {noisy * 100:.2f} % on {n_holdout} examples, "
                    f"noise sigma {score_sigma:g} counts); selection epsilon "
                    f"{results['epsilon_selection']:.3f}, run tree total {results['epsilon']:.3f} "
@@ -410,6 +411,7 @@ def _tune_public(cfg: Config, candidates: list[dict]) -> dict:
                "epsilon": ctx.ledger.total_epsilon() if ctx.ledger is not None else None}
     if ctx.is_main:
         ctx.run.write_json(ctx.directory / SELECTION_FILE, results)
+        _track(ctx, results)
         log(ctx.world, f"[tune] selected {best['values']} on the public proxy ({best['proxy_accuracy'] * 100:.2f} %); "
                        "no private example was used. Later phases of the tree apply these values")
     torch.distributed.barrier()
@@ -479,3 +481,17 @@ def _correct(model_dir: Path, cfg: Config, ctx: PhaseContext, data) -> int:
             batch = {k: v.to(local_device()) for k, v in batch.items()}
             correct += int((model(**model_inputs(batch)).logits.argmax(-1) == batch["labels"]).sum())
     return correct
+
+
+def _track(ctx: PhaseContext, results: dict) -> None:
+    """The selection in W&B: what was searched, chosen and what it cost (never the trials' number)."""
+    from dist_dpc.pipeline.trainer import open_tracker
+
+    tracker = open_tracker(ctx)
+    tracker.summary({"tune/mode": results["mode"], "tune/epsilon_selection": results["epsilon_selection"],
+                     "final_epsilon": results["epsilon"],
+                     **{f"tune/selected/{k}": v for k, v in results["selected"].items()}})
+    if results["mode"] == "public_proxy":
+        tracker.table("tune_trials", ["candidate", "proxy_accuracy"],
+                      [[json.dumps(r["values"], sort_keys=True), r["proxy_accuracy"]] for r in results["trials"]])
+    tracker.finish()
