@@ -117,6 +117,7 @@ def test_torchrun_two_ranks_zero2(tmp_path):
     assert "world=2" in out.stdout and "zero_stage=2" in out.stdout
 
 
+@pytest.mark.slow  # preemption + resume also run on a real cluster: tests/slurm (requeue)
 @pytest.mark.timeout(600)
 def test_sigterm_saves_a_checkpoint_and_the_resumed_run_matches(tmp_path):
     """A scheduler's warning (SIGTERM on scancel/requeue/preemption): the step in flight finishes, a
@@ -149,17 +150,19 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_matches(tmp_path):
     assert steps == list(range(1, a["steps"] + 1))  # metrics of the replayed steps are not duplicated
 
 
-@pytest.mark.timeout(300)
 def test_data_too_small_for_the_budget_or_batch_is_refused_before_training(tmp_path):
-    base = ["train", str(ROOT / "configs" / "debug.yaml"), f"run.output_dir={tmp_path}", *BASE]
+    from dist_dpc.pipeline.config import load_config
+    from dist_dpc.pipeline.trainer import run_train
+
+    base = [f"run.output_dir={tmp_path}", *BASE]
     # 200 examples at batch 20 over 30 steps, epsilon 0.2: sigma/B far above the 0.1 limit.
-    proc = dpc([*base, "run.name=small", "privacy.target_epsilon=0.2", "train.max_steps=30"])
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "too small for this privacy budget" in proc.stderr and "smallest epsilon" in proc.stderr
+    with pytest.raises(ValueError, match="too small for this privacy budget.*smallest epsilon"):
+        run_train(load_config(str(ROOT / "configs" / "debug.yaml"),
+                              [*base, "run.name=small", "privacy.target_epsilon=0.2", "train.max_steps=30"]))
     ledger = tmp_path / "small" / "privacy_ledger.json"
     assert not ledger.exists() or json.loads(ledger.read_text())["phases"] == {}  # nothing reserved
-    proc = dpc([*base, "run.name=batch", "train.batch_size=500"])
-    assert proc.returncode == 2 and "train.batch_size=500 is not below the 200 training examples" in proc.stderr
+    with pytest.raises(ValueError, match="train.batch_size=500 is not below the 200 training examples"):
+        run_train(load_config(str(ROOT / "configs" / "debug.yaml"), [*base, "run.name=batch", "train.batch_size=500"]))
 
 
 def test_a_trained_head_of_another_size_is_refused(tmp_path):

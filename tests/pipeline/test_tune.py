@@ -5,6 +5,7 @@ selected values applied by the next phase; the public-proxy mode; refusals."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -74,6 +75,11 @@ def test_public_proxy_tune_costs_nothing_and_refusals(tmp_path):
     # The trials trained on the proxy's 160 examples, not on the 240 private ones.
     assert json.loads((run / "tune" / "trials" / "candidate-0" / "results.json").read_text())["dataset_size"] == 160
 
+    # Refusals, in process (each is refused before any private example is used).
+    from dist_dpc.pipeline.config import load_config
+    from dist_dpc.pipeline.tune import run_tune
+    from dist_dpc.utils.config_loader import ConfigError
+
     refusals = [
         (["tune.search={}"], "tune.search is empty"),
         (["head_init.probe_epochs=1"], "head_init"),
@@ -84,8 +90,8 @@ def test_public_proxy_tune_costs_nothing_and_refusals(tmp_path):
         (["tune.search={privacy.target_epsilon: [1, 2]}"], "privacy, data and run are fixed"),
     ]
     for i, (extra, message) in enumerate(refusals):
-        proc = dpc(["tune", *base, f"run.name=r{i}", *extra], timeout=300)
-        assert proc.returncode == 2 and message in proc.stderr, (extra, proc.stderr[-2000:])
+        with pytest.raises((ValueError, ConfigError), match=re.escape(message)):
+            run_tune(load_config(CONFIG, [*base[1:], f"run.name=r{i}", *extra]))
 
 
 def test_trial_guard_counts_the_score_and_only_the_trials_own_training(tmp_path):
