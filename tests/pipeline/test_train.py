@@ -117,7 +117,6 @@ def test_torchrun_two_ranks_zero2(tmp_path):
     assert "world=2" in out.stdout and "zero_stage=2" in out.stdout
 
 
-@pytest.mark.slow  # preemption + resume also run on a real cluster: tests/slurm (requeue)
 @pytest.mark.timeout(600)
 def test_sigterm_saves_a_checkpoint_and_the_resumed_run_matches(tmp_path):
     """A scheduler's warning (SIGTERM on scancel/requeue/preemption): the step in flight finishes, a
