@@ -233,7 +233,7 @@ class TuneConfig:
     """private: Papernot & Steinke (ICLR 2022): a random number K of trials (K secret), each a DP run on
     the training set minus a private holdout scored by a DP accuracy on the holdout; only the best
     trial is released and the selection's RDP curve goes into the ledger. public_proxy: every candidate
-    is trained and scored on the public data set named by tune.proxy_data (no private data read, no
+    is trained and scored on the public data set named by tune.proxy_data (no private example used, no
     privacy spent; the ledger records the declaration)."""
     epsilon: float | None = None
     """private: the epsilon of the whole selection (all trials together, at privacy.delta). null: half of
