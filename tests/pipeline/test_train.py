@@ -117,6 +117,7 @@ def test_torchrun_two_ranks_zero2(tmp_path):
     assert "world=2" in out.stdout and "zero_stage=2" in out.stdout
 
 
+@pytest.mark.slow  # with the SLURM requeue test: `make test-slow` (the kill -9 resume test stays in make test)
 @pytest.mark.timeout(600)
 def test_sigterm_saves_a_checkpoint_and_the_resumed_run_matches(tmp_path):
     """A scheduler's warning (SIGTERM on scancel/requeue/preemption): the step in flight finishes, a

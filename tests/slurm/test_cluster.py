@@ -95,7 +95,7 @@ def test_afterok_chain_and_cancelled_dependency(slurm_cluster, tmp_path):
     assert not (tmp_path / "d").exists()
 
 
-@pytest.mark.slow  # ~3 min: `make test-slow`; SIGTERM checkpoint + resume run in make test (tests/pipeline/test_train.py)
+@pytest.mark.slow  # ~3 min: `make test-slow` (make test keeps the two-node job and the kill -9 resume test)
 def test_requeued_job_resumes_with_identical_ledger(slurm_cluster, tmp_path):
     extra = ["train.max_steps=40", "train.checkpoint_every=5", "privacy.target_epsilon=4"]
     straight = subprocess.run([sys.executable, "-m", "dist_dpc.cli", "train", str(ROOT / "configs" / "debug.yaml"),
