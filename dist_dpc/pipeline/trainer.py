@@ -451,7 +451,8 @@ def evaluate(model: torch.nn.Module, data, pad_id: int, batch_size: int, device=
         labels.append(batch["labels"].cpu())
     model.train(was_training)
     p, y = torch.cat(preds), torch.cat(labels)
-    out = {"accuracy": float((p == y).float().mean()), "loss": loss_sum / len(y), "examples": int(len(y))}
+    out = {"accuracy": float((p == y).float().mean()), "loss": loss_sum / len(y), "examples": int(len(y)),
+           "correct": int((p == y).sum())}
     if int(y.max()) <= 1 and int(p.max()) <= 1:
         tp = int(((p == 1) & (y == 1)).sum())
         fp = int(((p == 1) & (y == 0)).sum())

@@ -38,8 +38,8 @@ import torch
 
 from dist_dpc.models import ModelConfig, load_sequence_classifier
 from dist_dpc.pipeline.config import Config, derived
-from dist_dpc.pipeline.trainer import (PhaseContext, PhaseRunningError, _from_rank0, _hold_phase_lock, local_device,
-                                       open_phase, planned_steps, root_of, run_train)
+from dist_dpc.pipeline.trainer import (PhaseContext, PhaseRunningError, _from_rank0, _hold_phase_lock, evaluate,
+                                       local_device, open_phase, planned_steps, root_of, run_train)
 from dist_dpc.privacy.accounting import (MAX_SIGMA, Mechanism, RdpCurve, calibrate_noise_multiplier,
                                          compute_epsilon, epsilon_from_rdp, rdp_of, rdp_orders)
 from dist_dpc.privacy.ledger import RELATIVE_SLACK, PrivacyBudgetExceeded
@@ -466,21 +466,11 @@ def _release_trial_lock(trial_dir: Path) -> None:
 
 def _correct(model_dir: Path, cfg: Config, ctx: PhaseContext, data) -> int:
     """Correct holdout predictions, counted as an integer (the score's sensitivity is 1)."""
-    from dist_dpc.data import collate
-    from dist_dpc.engine.losses import model_inputs
-
     model = load_sequence_classifier(ModelConfig(name=str(model_dir), num_labels=ctx.num_labels,
                                                  tokenizer=cfg.model.tokenizer),
                                      ctx.num_labels, ctx.tokenizer, seed=cfg.run.seed, label_names=ctx.label_names)
-    model.to(local_device()).eval()
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, len(data), cfg.train.eval_batch_size):
-            batch = collate([data[j] for j in range(i, min(i + cfg.train.eval_batch_size, len(data)))],
-                            ctx.tokenizer.pad_token_id)
-            batch = {k: v.to(local_device()) for k, v in batch.items()}
-            correct += int((model(**model_inputs(batch)).logits.argmax(-1) == batch["labels"]).sum())
-    return correct
+    return evaluate(model.to(local_device()), data, ctx.tokenizer.pad_token_id, cfg.train.eval_batch_size)["correct"]
+
 
 
 def _track(ctx: PhaseContext, results: dict) -> None:
