@@ -28,7 +28,7 @@ demo: setup
 	$(VENV)/bin/dpc demo
 
 test: setup
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --durations=25
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow

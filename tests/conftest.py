@@ -19,3 +19,19 @@ def _restore_environ():
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`make test` runs on both cores through pytest-xdist: a file's tests stay on one worker (its
+    module fixtures run once) and every SLURM test shares one worker, because the local cluster is one
+    session fixture that two workers must not start and stop under each other. (A custom scope rather
+    than xdist_group marks: xdist 3.8 renames node ids in a way pytest 9 no longer sees.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileOrSlurmScope(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "slurm" if path.startswith("tests/slurm/") else path
+
+    return FileOrSlurmScope(config, log)
