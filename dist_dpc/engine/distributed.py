@@ -75,6 +75,7 @@ def init_distributed(world: WorldInfo | None = None) -> WorldInfo:
     import torch
 
     world = world or world_from_env()
+    own_port = world.world_size == 1 and "MASTER_PORT" not in os.environ
     if world.world_size == 1:
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("LOCAL_RANK", "0")
@@ -83,8 +84,19 @@ def init_distributed(world: WorldInfo | None = None) -> WorldInfo:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if torch.cuda.is_available():
         torch.cuda.set_device(world.local_rank)
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_init_required=True, verbose=False)
+    attempts = 5 if own_port else 1
+    for attempt in range(attempts):
+        if torch.distributed.is_initialized():
+            break
+        try:
+            deepspeed.init_distributed(dist_init_required=True, verbose=False)
+        except RuntimeError as exc:
+            # A port we picked can be taken by another process before the store listens on it (many
+            # single-process jobs starting on one machine): pick another. A given MASTER_PORT is the
+            # user's and fails as it is.
+            if "EADDRINUSE" not in str(exc) or attempt == attempts - 1:
+                raise
+            os.environ["MASTER_PORT"] = str(_free_port())
     return world
 
 
