@@ -24,7 +24,10 @@ class PooledHead:
 
 
 def pooled_head(model: nn.Module, field: str) -> PooledHead:
-    """The head of a BERT-style classifier; ``field`` names the setting that asked for it."""
+    """The head of a BERT-style classifier; ``field`` names the setting that asked for it. A peft model
+    (DP-LoRA) is looked through: its adapters sit inside the encoder, its head is the model's own."""
+    if callable(getattr(model, "get_base_model", None)):
+        model = model.get_base_model()
     encoder = getattr(model, "base_model", None)
     pooler = getattr(encoder, "pooler", None)
     classifier = getattr(model, "classifier", None)

@@ -30,6 +30,27 @@ def test_centred_pooler_is_tanh_of_cls_minus_mean_and_reloads_with_from_pretrain
     torch.testing.assert_close(again(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
+def test_head_of_a_dp_lora_model_is_the_wrapped_models_own():
+    from dist_dpc.models.config import LoraSettings
+
+    model = load_sequence_classifier(ModelConfig(name="tiny-bert", dropout=0.0, lora=LoraSettings(r=2)), 2).eval()
+    head = pooled_head(model, "head_init.centre_pooler")
+    inner = model.get_base_model()
+    assert head.pooler is inner.bert.pooler and head.classifier is inner.classifier
+    # The features head_init reads pass through the adapters (which sit inside the encoder).
+    ids = torch.randint(1, 100, (2, 6))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+        expected = inner.bert(input_ids=ids).last_hidden_state[:, 0]
+        torch.testing.assert_close(head.encoder(input_ids=ids).last_hidden_state[:, 0], expected)
+        adapters_off = model.get_base_model()
+        with model.disable_adapter():
+            plain = adapters_off.bert(input_ids=ids).last_hidden_state[:, 0]
+    assert not torch.allclose(plain, expected)
+
+
 def test_models_without_a_pooler_are_refused_naming_the_setting():
     model = load_sequence_classifier(ModelConfig(name="tiny-gpt2"), 2)
     with pytest.raises(ValueError, match="head_init.centre_pooler.*set head_init.centre_pooler off"):
