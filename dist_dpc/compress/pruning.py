@@ -179,7 +179,7 @@ def drop_layers(model: nn.Module, num_to_keep: int, keep_last: bool = True) -> t
     all-MiniLM-L6-v2 is such a model: on SST-2 its [CLS] state after its first four layers varies
     by 0.004 per dimension across sentences (norm 10.5), against 0.23 after all six (norm 7.6).
     Its last layer also has the smallest mean |w|, so plain magnitude ranking removes it first,
-    and the pruned model's DP head stayed at chance (docs/RESULTS.md)."""
+    and the pruned model's DP head stayed at chance (docs/results_history.md)."""
     layers, _ = transformer_layers(model)
     if not 1 <= num_to_keep <= len(layers):
         raise ValueError(f"prune.target_layers={num_to_keep} is invalid: must be in [1, {len(layers)}]")

@@ -12,7 +12,7 @@ the caller derives for this one release (dist_dpc.privacy.randomness): never fro
 
 Dividing by N (the mean) or by q*N (the probe's gradient) treats N as public, as the DP-SGD engine does.
 Why a probe at all: under DP noise the head of a pre-trained encoder learns slowly when its input
-features share a large common component (docs/RESULTS.md); on centred features a DP linear probe
+features share a large common component (docs/results_history.md); on centred features a DP linear probe
 reaches the non-private probe's accuracy at small epsilon, and DP fine-tuning then starts from it.
 """
 
