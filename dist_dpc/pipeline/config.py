@@ -197,7 +197,7 @@ class HeadInitConfig:
     """With centre_pooler: keep the pooler's identity weight fixed during DP fine-tuning (its bias
     still trains if model.trainable selects it). Its per-coordinate signal is far below the noise,
     so training it mostly adds a random matrix of lr-sized entries to the identity, which mixes the
-    [CLS] components the probed head relies on (measured: docs/RESULTS.md)."""
+    [CLS] components the probed head relies on (measured: docs/results_history.md)."""
     mean_clip_norm: float = 10.0
     """[CLS] states are clipped to this L2 norm for the DP mean (its sensitivity)."""
     mean_noise_multiplier: float = 20.0
