@@ -193,7 +193,12 @@ def main(argv: list[str] | None = None) -> int:
         from launch.submit import submit
 
         phases = tuple(x.strip() for x in args.phases.split(",")) if args.phases else None
-        for row in submit(cfg, phases):
+        try:
+            rows = submit(cfg, phases)
+        except ValueError as exc:  # a setting a phase would refuse: nothing was submitted
+            print(f"dpc submit: error: {exc}", file=sys.stderr)
+            return 2
+        for row in rows:
             if row["executor"] == "done":
                 print(f"{row['phase']}: already completed, not submitted again")
                 continue

@@ -91,9 +91,10 @@ def submit(cfg, phases: tuple[str, ...] | None = None) -> list[dict]:
     """Submit ``phases`` (default: pipeline.phases) in order, each depending (afterok) on the previous
     one; records job ids. Training phases already completed in the run tree are not submitted again,
     so re-submitting a run resumes it after its last completed phase."""
-    from dist_dpc.pipeline.phases import MODEL_PHASES
+    from dist_dpc.pipeline.phases import MODEL_PHASES, check_phases
 
     phases = tuple(cfg.pipeline.phases) if phases is None else tuple(phases)
+    check_phases(cfg, phases)
     run_dir = private_dir(Path(cfg.run.output_dir) / cfg.run.name)  # 0700: see dist_dpc.utils.atomic
     folder = run_dir / "jobs"
     records, previous = [], None

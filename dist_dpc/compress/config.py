@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
 
-def _check_phase_schedule(section: str, epochs: float | None, lr: float | None) -> None:
-    """The per-phase overrides of train.epochs and train.lr: positive, or null for the train value."""
+def _check_phase_schedule(section: str, epochs: float | None, lr: float | None,
+                          trainable: list[str] | None) -> None:
+    """The per-phase overrides of train.epochs, train.lr (positive, or null for the train value) and
+    model.trainable (regular expressions, or null)."""
     for key, value in (("epochs", epochs), ("lr", lr)):
         if value is not None and value <= 0:
             raise ValueError(f"{section}.{key}={value!r} is invalid: must be > 0 or null")
+    for pattern in trainable or []:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"{section}.trainable: {pattern!r} is not a regular expression ({exc})") from exc
+
 
 
 @dataclass(kw_only=True)
@@ -34,6 +43,10 @@ class DistillConfig:
     """Training epochs of this phase (null: train.epochs)."""
     lr: float | None = None
     """Learning rate of this phase (null: train.lr)."""
+    trainable: list[str] | None = None
+    """Regular expressions of the student's parameters that train (null: model.trainable), e.g.
+    [bias, LayerNorm, pooler, classifier] for DP-BiTFiT. Required with model.lora: the student is a
+    plain model (the teacher's layers, its adapters merged), so this phase says what it trains."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.alpha <= 1:
@@ -42,7 +55,7 @@ class DistillConfig:
             raise ValueError(f"distill.temperature={self.temperature!r} is invalid: must be > 0")
         if self.hidden_weight < 0:
             raise ValueError(f"distill.hidden_weight={self.hidden_weight!r} is invalid: must be >= 0")
-        _check_phase_schedule("distill", self.epochs, self.lr)
+        _check_phase_schedule("distill", self.epochs, self.lr, self.trainable)
 
 
 @dataclass(kw_only=True)
@@ -67,6 +80,10 @@ class PruneConfig:
     """Total DP fine-tuning epochs over all rounds (null: train.epochs)."""
     lr: float | None = None
     """Learning rate of this phase (null: train.lr)."""
+    trainable: list[str] | None = None
+    """Regular expressions of the pruned model's parameters that train between rounds (null:
+    model.trainable). Required with model.lora: pruning masks the model's own weights (the source's
+    adapters are merged into them), so this phase says what it trains."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.target_sparsity < 1:
@@ -75,4 +92,4 @@ class PruneConfig:
             raise ValueError(f"prune.target_layers={self.target_layers!r} is invalid: must be >= 1 or null")
         if self.rounds < 1:
             raise ValueError(f"prune.rounds={self.rounds!r} is invalid: must be >= 1")
-        _check_phase_schedule("prune", self.epochs, self.lr)
+        _check_phase_schedule("prune", self.epochs, self.lr, self.trainable)

@@ -67,11 +67,27 @@ def source_model(cfg: Config, phase: str, reference: str) -> Path:
     return root_of(cfg) / reference / "model"
 
 
-def load_model_dir(path: Path, cfg: Config, num_labels: int, tokenizer):
+def load_model_dir(path: Path, cfg: Config, num_labels: int, tokenizer, trainable: list[str] | None = None):
+    """A saved model of an earlier phase (plain: adapters were merged on saving); ``trainable`` is the
+    phase's choice of what trains (phase_trainable)."""
     model_cfg = ModelConfig(name=str(path), tokenizer=cfg.model.tokenizer, num_labels=cfg.model.num_labels,
                             dropout=cfg.model.dropout, freeze_embeddings=cfg.model.freeze_embeddings,
-                            trainable=cfg.model.trainable)
+                            trainable=trainable)
     return load_sequence_classifier(model_cfg, num_labels, tokenizer, seed=cfg.run.seed)
+
+
+def phase_trainable(cfg: Config, section: str) -> list[str] | None:
+    """What a compression phase trains: {distill,prune}.trainable, else model.trainable. With model.lora
+    the phase must say: the adapters belong to the teacher (merged into the model the phase starts
+    from), and training every weight of it instead would be a silent change of recipe."""
+    own = getattr(cfg, section).trainable
+    if own is not None:
+        return own
+    if cfg.model.lora is not None:
+        raise ValueError(f"{section} with model.lora: the adapters train the teacher; this phase trains a plain model "
+                         f"(adapters merged). Set {section}.trainable, e.g. {section}.trainable=[bias,LayerNorm,pooler,"
+                         f"classifier] (DP-BiTFiT) or {section}.trainable=['.*'] (every weight)")
+    return cfg.model.trainable
 
 
 # -- teacher ---------------------------------------------------------------------------------------
@@ -83,10 +99,12 @@ def run_teacher(cfg: Config) -> dict:
 # -- distill (DPKD, Alg. 1) ------------------------------------------------------------------------
 def run_distill(cfg: Config) -> dict:
     d = cfg.distill
+    trainable = phase_trainable(cfg, "distill")
     teacher_dir = Path(d.teacher) if d.teacher else source_model(cfg, "distill", "teacher")
     ctx = open_phase(cfg, "distill")
     import_lineage(ctx, teacher_dir, role="distill.teacher")
-    teacher = load_model_dir(teacher_dir, cfg, ctx.num_labels, ctx.tokenizer)
+    # The student copies the teacher's modules, what trains (requires_grad) included.
+    teacher = load_model_dir(teacher_dir, cfg, ctx.num_labels, ctx.tokenizer, trainable)
     if d.student == "from_teacher":
         layers, _ = transformer_layers(teacher)
         layer_map = d.layer_map if d.layer_map is not None else every_other_layer(len(layers))
@@ -97,7 +115,7 @@ def run_distill(cfg: Config) -> dict:
         layer_map = None
         import_lineage(ctx, d.student, role="distill.student")
         student = load_sequence_classifier(ModelConfig(name=d.student, num_labels=cfg.model.num_labels,
-                                                       dropout=cfg.model.dropout, trainable=cfg.model.trainable,
+                                                       dropout=cfg.model.dropout, trainable=trainable,
                                                        freeze_embeddings=cfg.model.freeze_embeddings),
                                            ctx.num_labels, ctx.tokenizer,
                                            seed=cfg.run.seed, label_names=ctx.label_names)
@@ -133,10 +151,7 @@ def run_prune(cfg: Config) -> dict:
     """Rounds of (prune by magnitude -> DP fine-tune), one DeepSpeed engine per round; the rounds
     share one sigma, calibrated for all their steps together, and one ledger entry."""
     p = cfg.prune
-    if cfg.model.lora is not None:
-        raise ValueError("prune with model.lora: magnitude pruning masks the weights themselves, which adapters "
-                         "would change again after merging; unset model.lora for the prune phase (it fine-tunes "
-                         "the pruned model's own weights)")
+    trainable = phase_trainable(cfg, "prune")
     source = source_model(cfg, "prune", p.source)
     ctx = open_phase(cfg, "prune")
     import_lineage(ctx, source, role="prune.source")
@@ -147,7 +162,7 @@ def run_prune(cfg: Config) -> dict:
     start = HeadStart.plan(ctx)
     privacy = phase_privacy(ctx, total_steps + start.probe_steps * p.rounds, fixed=start.fixed * p.rounds)
     tracker = open_tracker(ctx)
-    model = load_model_dir(source, cfg, ctx.num_labels, ctx.tokenizer)
+    model = load_model_dir(source, cfg, ctx.num_labels, ctx.tokenizer, trainable)
     start_depth = len(transformer_layers(model)[0])
     target_layers = p.target_layers or math.ceil(start_depth / 2)
     depths = depth_schedule(start_depth, target_layers, p.rounds)
@@ -159,7 +174,7 @@ def run_prune(cfg: Config) -> dict:
         if (round_dir / "done.json").is_file() and r + 1 < p.rounds:
             # A resumed phase skips finished rounds: their model is the next round's input. (The
             # last round is replayed from its checkpoint: its engine is needed for evaluation.)
-            model = load_model_dir(done, cfg, ctx.num_labels, ctx.tokenizer)
+            model = load_model_dir(done, cfg, ctx.num_labels, ctx.tokenizer, trainable)
             state = json.loads((round_dir / "done.json").read_text())
             kept_layers = state["kept_layers"]
             masks = _load_masks(round_dir) if p.method != "structured" else None
@@ -200,7 +215,7 @@ def run_prune(cfg: Config) -> dict:
             # The next round starts from the saved weights: a fresh module without this engine's hooks.
             del engine
             gc.collect()
-            model = load_model_dir(done, cfg, ctx.num_labels, ctx.tokenizer)
+            model = load_model_dir(done, cfg, ctx.num_labels, ctx.tokenizer, trainable)
             engine = None
     metrics = evaluate_engine(engine, ctx)
     stats = sparsity_stats(engine.module)
@@ -476,8 +491,16 @@ def run_phase(cfg: Config, phase: str) -> dict:
     return RUNNERS[phase](cfg)
 
 
+def check_phases(cfg: Config, phases) -> None:
+    """Settings a listed phase would refuse, checked before the first phase trains (or is submitted)."""
+    for phase in ("distill", "prune"):
+        if phase in phases:
+            phase_trainable(cfg, phase)
+
+
 def run_pipeline(cfg: Config) -> dict:
     """pipeline.phases in order; completed phases are skipped, so re-running resumes."""
+    check_phases(cfg, cfg.pipeline.phases)
     out = {}
     for phase in cfg.pipeline.phases:
         if phase in MODEL_PHASES and completed(cfg, phase):
