@@ -25,8 +25,9 @@ from dist_dpc.pipeline.trainer import evaluate
 
 def input_model(tree: Path, phase: str, cfg, num_labels: int, tokenizer) -> tuple[torch.nn.Module, Path]:
     """The model the phase's (last) head_init started from, and the directory of its head_init.pt."""
-    if phase == "teacher":
-        return load_sequence_classifier(cfg.model, num_labels, tokenizer, seed=cfg.run.seed), tree / "teacher"
+    if phase in ("teacher", "train"):  # `dpc train` keeps its phase files in the run directory itself
+        model = load_sequence_classifier(cfg.model, num_labels, tokenizer, seed=cfg.run.seed)
+        return model, tree / "teacher" if phase == "teacher" else tree
     if phase == "distill":
         teacher = load_model_dir(Path(cfg.distill.teacher or tree / "teacher" / "model"), cfg, num_labels, tokenizer)
         # The map the phase used (results.json; older runs only name it in student_init).
@@ -46,7 +47,7 @@ def input_model(tree: Path, phase: str, cfg, num_labels: int, tokenizer) -> tupl
         else:
             apply_masks(model, torch.load(last / "masks.pt"))
         return model, last
-    raise ValueError(f"phase {phase!r}: teacher, distill or prune")
+    raise ValueError(f"phase {phase!r}: train, teacher, distill or prune")
 
 
 def main(specs: list[str]) -> None:
@@ -64,7 +65,8 @@ def main(specs: list[str]) -> None:
         dev = tokenize_split(task.eval["validation"], tokenizer, cfg.data.max_length)
         with torch.no_grad():
             before = evaluate(model.eval(), dev, tokenizer.pad_token_id, 256)["accuracy"]
-        after = json.loads((tree / phase / "results.json").read_text())["metrics"]["validation"]["accuracy"]
+        results = tree / "results.json" if phase == "train" else tree / phase / "results.json"
+        after = json.loads(results.read_text())["metrics"]["validation"]["accuracy"]
         print(f"| {tree.name}:{phase} | {100 * before:.2f} % | {100 * after:.2f} % |", flush=True)
 
 
