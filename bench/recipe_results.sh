@@ -47,7 +47,7 @@ run() { name=$1; shift; want "$name" || return 0
 # The reference a user would run without privacy: full fine-tuning, lr 5e-5, batch 32, 2 epochs.
 run standard pipeline.phases=[teacher,eval] pipeline.budget_split={} privacy.enabled=false model.lora=null \
     model.freeze_embeddings=false train.lr=5e-5 train.batch_size=32 train.micro_batch_size=32 train.epochs=2 \
-    train.lr_schedule=constant
+    train.lr_schedule=constant train.warmup_steps=0 head_init.centre_pooler=false head_init.probe_epochs=0
 # The recipe without clipping or noise.
 run recipe pipeline.phases=[teacher,eval] pipeline.budget_split={} privacy.enabled=false
 # DP teacher (epsilon 2 of 4) and its DPKD student (the rest), one tree.
