@@ -112,20 +112,27 @@ def load_sequence_classifier(cfg: ModelConfig, num_labels: int, tokenizer=None, 
         for module in model.modules():
             if isinstance(module, torch.nn.Embedding):
                 module.weight.requires_grad_(False)
-    if cfg.trainable is not None:
-        import re
-
-        patterns = [re.compile(p) for p in cfg.trainable]
-        matched = 0
-        for name, param in model.named_parameters():
-            keep = any(p.search(name) for p in patterns)
-            matched += keep
-            if not keep:
-                param.requires_grad_(False)
-        if not matched:
-            raise ValueError(f"model.trainable={cfg.trainable}: no parameter name matches; names look like "
-                             f"{[n for n, _ in model.named_parameters()][:4]}")
+    set_trainable(model, cfg.trainable, "model.trainable")
     return model
+
+
+def set_trainable(model, trainable: list[str] | None, field: str) -> None:
+    """Freeze every parameter whose name matches none of the regular expressions ``trainable`` (null:
+    leave them as they are); ``field`` names the setting in the error when nothing matches."""
+    if trainable is None:
+        return
+    import re
+
+    patterns = [re.compile(p) for p in trainable]
+    matched = 0
+    for name, param in model.named_parameters():
+        keep = any(p.search(name) for p in patterns)
+        matched += keep
+        if not keep:
+            param.requires_grad_(False)
+    if not matched:
+        raise ValueError(f"{field}={trainable}: no parameter name matches; names look like "
+                         f"{[n for n, _ in model.named_parameters()][:4]}")
 
 
 LORA_HEAD = ["classifier", "pooler", "score"]  # trained beside the adapters unless model.trainable says otherwise

@@ -23,6 +23,7 @@ from dist_dpc.compress.distill import DistillationLoss, every_other_layer, stude
 from dist_dpc.compress.pruning import (MaskEnforcer, apply_masks, compute_masks, depth_schedule, drop_layers,
                                        sparsity_schedule, sparsity_stats)
 from dist_dpc.models import ModelConfig, load_sequence_classifier
+from dist_dpc.models.loading import set_trainable
 from dist_dpc.pipeline.config import ALL_PHASES, SPENDING_PHASES, Config
 from dist_dpc.pipeline.head_init import HeadStart
 from dist_dpc.pipeline.lineage import import_lineage
@@ -67,13 +68,19 @@ def source_model(cfg: Config, phase: str, reference: str) -> Path:
     return root_of(cfg) / reference / "model"
 
 
-def load_model_dir(path: Path, cfg: Config, num_labels: int, tokenizer, trainable: list[str] | None = None):
+def load_model_dir(path: Path, cfg: Config, num_labels: int, tokenizer, trainable: list[str] | None = None,
+                   field: str = "model.trainable"):
     """A saved model of an earlier phase (plain: adapters were merged on saving); ``trainable`` is the
-    phase's choice of what trains (phase_trainable)."""
+    phase's choice of what trains (phase_trainable), ``field`` the setting it came from."""
     model_cfg = ModelConfig(name=str(path), tokenizer=cfg.model.tokenizer, num_labels=cfg.model.num_labels,
-                            dropout=cfg.model.dropout, freeze_embeddings=cfg.model.freeze_embeddings,
-                            trainable=trainable)
-    return load_sequence_classifier(model_cfg, num_labels, tokenizer, seed=cfg.run.seed)
+                            dropout=cfg.model.dropout, freeze_embeddings=cfg.model.freeze_embeddings)
+    model = load_sequence_classifier(model_cfg, num_labels, tokenizer, seed=cfg.run.seed)
+    set_trainable(model, trainable, field)
+    return model
+
+
+def _trainable_field(cfg: Config, section: str) -> str:
+    return f"{section}.trainable" if getattr(cfg, section).trainable is not None else "model.trainable"
 
 
 def phase_trainable(cfg: Config, section: str) -> list[str] | None:
@@ -103,13 +110,14 @@ def run_distill(cfg: Config) -> dict:
     teacher_dir = Path(d.teacher) if d.teacher else source_model(cfg, "distill", "teacher")
     ctx = open_phase(cfg, "distill")
     import_lineage(ctx, teacher_dir, role="distill.teacher")
-    # The student copies the teacher's modules, what trains (requires_grad) included.
-    teacher = load_model_dir(teacher_dir, cfg, ctx.num_labels, ctx.tokenizer, trainable)
+    teacher = load_model_dir(teacher_dir, cfg, ctx.num_labels, ctx.tokenizer)  # frozen by DistillationLoss
     if d.student == "from_teacher":
         layers, _ = transformer_layers(teacher)
         layer_map = d.layer_map if d.layer_map is not None else every_other_layer(len(layers))
-        # Copying the DP teacher's layers is post-processing of a DP model: no privacy cost.
+        # Copying the DP teacher's layers is post-processing of a DP model: no privacy cost. What
+        # trains is chosen on the student's own parameter names (its layers renumbered 0, 1, ...).
         student = student_from_teacher(teacher, layer_map)
+        set_trainable(student, trainable, _trainable_field(cfg, "distill"))
         init = f"teacher layers {layer_map}"
     else:
         layer_map = None
@@ -162,7 +170,7 @@ def run_prune(cfg: Config) -> dict:
     start = HeadStart.plan(ctx)
     privacy = phase_privacy(ctx, total_steps + start.probe_steps * p.rounds, fixed=start.fixed * p.rounds)
     tracker = open_tracker(ctx)
-    model = load_model_dir(source, cfg, ctx.num_labels, ctx.tokenizer, trainable)
+    model = load_model_dir(source, cfg, ctx.num_labels, ctx.tokenizer, trainable, _trainable_field(cfg, "prune"))
     start_depth = len(transformer_layers(model)[0])
     target_layers = p.target_layers or math.ceil(start_depth / 2)
     depths = depth_schedule(start_depth, target_layers, p.rounds)
@@ -174,7 +182,7 @@ def run_prune(cfg: Config) -> dict:
         if (round_dir / "done.json").is_file() and r + 1 < p.rounds:
             # A resumed phase skips finished rounds: their model is the next round's input. (The
             # last round is replayed from its checkpoint: its engine is needed for evaluation.)
-            model = load_model_dir(done, cfg, ctx.num_labels, ctx.tokenizer, trainable)
+            model = load_model_dir(done, cfg, ctx.num_labels, ctx.tokenizer, trainable, _trainable_field(cfg, "prune"))
             state = json.loads((round_dir / "done.json").read_text())
             kept_layers = state["kept_layers"]
             masks = _load_masks(round_dir) if p.method != "structured" else None
@@ -215,7 +223,7 @@ def run_prune(cfg: Config) -> dict:
             # The next round starts from the saved weights: a fresh module without this engine's hooks.
             del engine
             gc.collect()
-            model = load_model_dir(done, cfg, ctx.num_labels, ctx.tokenizer, trainable)
+            model = load_model_dir(done, cfg, ctx.num_labels, ctx.tokenizer, trainable, _trainable_field(cfg, "prune"))
             engine = None
     metrics = evaluate_engine(engine, ctx)
     stats = sparsity_stats(engine.module)
@@ -492,10 +500,21 @@ def run_phase(cfg: Config, phase: str) -> dict:
 
 
 def check_phases(cfg: Config, phases) -> None:
-    """Settings a listed phase would refuse, checked before the first phase trains (or is submitted)."""
+    """Settings a listed phase would refuse, checked before the first phase trains (or is submitted):
+    with the config as given, every `dpc tune` candidate (tune.search may set model.lora) and a
+    selection a completed tune made. Phases already completed are not run again and not checked."""
+    from dist_dpc.pipeline.tune import SELECTION_FILE, with_values
+
+    variants = [cfg]
+    if "tune" in phases and cfg.tune.search:
+        variants += [with_values(cfg, values) for values in cfg.tune.candidates()]
+    selection = root_of(cfg) / "tune" / SELECTION_FILE
+    if selection.is_file():
+        variants.append(with_values(cfg, json.loads(selection.read_text())["selected"]))
     for phase in ("distill", "prune"):
-        if phase in phases:
-            phase_trainable(cfg, phase)
+        if phase in phases and not completed(cfg, phase):
+            for variant in variants:
+                phase_trainable(variant, phase)
 
 
 def run_pipeline(cfg: Config) -> dict:

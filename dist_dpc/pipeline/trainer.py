@@ -271,7 +271,7 @@ def train_dp(ctx: PhaseContext, model: torch.nn.Module, *, directory: Path, step
     phase has a fresh key, so its remaining steps draw fresh batches and noise (the accountant
     continues from the checkpoint, so epsilon is unaffected)."""
     cfg, world = ctx.cfg, ctx.world
-    if cfg.model.lora is not None and cfg.train.zero_stage == 3:
+    if callable(getattr(model, "get_base_model", None)) and cfg.train.zero_stage == 3:  # a peft model
         raise ValueError("model.lora with train.zero_stage=3 is not supported yet (saving merges the adapters, which "
                          "needs the gathered weights): use ZeRO 0-2 with LoRA (adapters are small), or full fine-tuning")
     key = ctx.key if key is None else key
