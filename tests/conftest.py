@@ -1,4 +1,5 @@
 import os
+import sys
 
 import pytest
 
@@ -11,17 +12,28 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+RENDEZVOUS_VARS = ("MASTER_ADDR", "MASTER_PORT")
+
+
 @pytest.fixture(autouse=True)
 def _restore_environ():
     """In-process tests initialise torch.distributed, which sets MASTER_PORT, RANK, ...: restore the
-    environment after each test so that no later child process (torchrun, sbatch) inherits them."""
+    environment after each test so that no later child process (torchrun, sbatch) inherits them.
+    A module fixture sets them before this fixture saves the environment; once the process group
+    exists the rendezvous address is no longer read, so it is hidden from the test (a child `dpc train` would
+    otherwise take the worker's MASTER_PORT, still held by its store, as the user's and fail)."""
     saved = dict(os.environ)
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        for var in RENDEZVOUS_VARS:
+            os.environ.pop(var, None)
     yield
     os.environ.clear()
     os.environ.update(saved)
 
 
 
+@pytest.hookimpl(optionalhook=True)  # `-p no:xdist` runs without the plugin
 def pytest_xdist_make_scheduler(config, log):
     """`make test` runs on both cores through pytest-xdist: a file's tests stay on one worker (its
     module fixtures run once) and every SLURM test shares one worker, because the local cluster is one
