@@ -472,8 +472,9 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate:
 
     def unreachable(eps_max: float) -> ValueError:
         return ValueError(
-            f"privacy.target_epsilon={target:g} is unreachable with {setting}: even noise_multiplier={MAX_SIGMA:g} "
-            f"gives epsilon={eps_max:.4g}" + (f" (the earlier phases alone spend {prior_eps:.4g})" if prior else "")
+            f"privacy.target_epsilon={target:g} is unreachable with {setting}: the smallest epsilon this data "
+            f"size, batch and number of steps allow is about {eps_max:.4g} (at noise_multiplier={MAX_SIGMA:g})"
+            + (f"; the earlier phases alone spend {prior_eps:.4g}" if prior else "")
             + ". Use fewer steps (epochs), a lower sample rate (smaller batch), a larger target_epsilon or a larger "
             "delta" + (" (PRV epsilons carry a 0.01 error margin)" if accountant == "prv" else ""))
 

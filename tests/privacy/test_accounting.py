@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 import warnings
 
@@ -131,6 +132,10 @@ def test_unreachable_targets_say_what_to_change():
             calibrate_noise_multiplier(1e-3, DELTA, 0.05, 5000, accountant=accountant)
         for fix in ("fewer steps", "lower sample rate", "larger target_epsilon", "larger delta"):
             assert fix in str(err.value)
+        # It says the smallest epsilon these settings allow (the epsilon at the largest noise).
+        floor = compute_epsilon((Mechanism(1000.0, 0.05, 5000),), DELTA, accountant=accountant)
+        stated = float(re.search(r"allow is about ([0-9.e+-]+)", str(err.value)).group(1))
+        assert stated == pytest.approx(floor, rel=1e-3)
     with pytest.raises(ValueError, match="target_epsilon"):
         calibrate_noise_multiplier(0.0, DELTA, Q, 100)
 
