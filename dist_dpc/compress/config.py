@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
+
+# DP-BiTFiT (Bu et al., 2022): biases, normalisation layers and the head train, the weight matrices
+# stay as the source model left them. The compression phases' default: under it DPKD and DPIMP met
+# the paper's gaps (docs/RESULTS.md), and it is what makes a DP-LoRA teacher's merged student
+# trainable without adapters. Names of BERT (LayerNorm, pooler, classifier), GPT-2 (ln_, score) and
+# Llama (norm, score) classifiers.
+BITFIT = ["bias", "LayerNorm", "norm", "ln_", "pooler", "classifier", "score"]
+COMPRESSION_LR = 1e-3
 
 
 def _check_phase_schedule(section: str, epochs: float | None, lr: float | None,
@@ -41,12 +49,12 @@ class DistillConfig:
     brings its privacy cost: its ledger's mechanisms are imported into this run's ledger."""
     epochs: float | None = None
     """Training epochs of this phase (null: train.epochs)."""
-    lr: float | None = None
+    lr: float | None = COMPRESSION_LR
     """Learning rate of this phase (null: train.lr)."""
-    trainable: list[str] | None = None
-    """Regular expressions of the student's parameters that train (null: model.trainable), e.g.
-    [bias, LayerNorm, pooler, classifier] for DP-BiTFiT. Required with model.lora: the student is a
-    plain model (the teacher's layers, its adapters merged), so this phase says what it trains."""
+    trainable: list[str] | None = field(default_factory=lambda: list(BITFIT))
+    """Regular expressions of the student's parameters that train (default DP-BiTFiT: biases, norms,
+    pooler and head; null: model.trainable). Required with model.lora: the student is a plain model
+    (the teacher's layers, its adapters merged), so this phase says what it trains."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.alpha <= 1:
@@ -78,11 +86,11 @@ class PruneConfig:
     before prune in pipeline.phases); or a model directory (its run's ledger is imported)."""
     epochs: float | None = None
     """Total DP fine-tuning epochs over all rounds (null: train.epochs)."""
-    lr: float | None = None
+    lr: float | None = COMPRESSION_LR
     """Learning rate of this phase (null: train.lr)."""
-    trainable: list[str] | None = None
-    """Regular expressions of the pruned model's parameters that train between rounds (null:
-    model.trainable). Required with model.lora: pruning masks the model's own weights (the source's
+    trainable: list[str] | None = field(default_factory=lambda: list(BITFIT))
+    """Regular expressions of the pruned model's parameters that train between rounds (default
+    DP-BiTFiT, as distill.trainable; null: model.trainable). Required with model.lora: pruning masks the model's own weights (the source's
     adapters are merged into them), so this phase says what it trains."""
 
     def __post_init__(self) -> None:

@@ -23,9 +23,8 @@ class PooledHead:
         return self.pooler.dense.in_features
 
 
-def pooled_head(model: nn.Module, field: str) -> PooledHead:
-    """The head of a BERT-style classifier; ``field`` names the setting that asked for it. A peft model
-    (DP-LoRA) is looked through: its adapters sit inside the encoder, its head is the model's own."""
+def _find_pooled_head(model: nn.Module) -> tuple[nn.Module, PooledHead | None]:
+    # A peft model (DP-LoRA) is looked through: its adapters sit inside the encoder, its head is the model's own.
     if callable(getattr(model, "get_base_model", None)):
         model = model.get_base_model()
     encoder = getattr(model, "base_model", None)
@@ -33,9 +32,22 @@ def pooled_head(model: nn.Module, field: str) -> PooledHead:
     classifier = getattr(model, "classifier", None)
     if (pooler is None or not isinstance(getattr(pooler, "dense", None), nn.Linear)
             or not isinstance(classifier, nn.Linear)):
+        return model, None
+    return model, PooledHead(encoder, pooler, classifier)
+
+
+def has_pooled_head(model: nn.Module) -> bool:
+    """Whether ``model`` is a BERT-style classifier ([CLS] -> pooler dense+tanh -> linear classifier)."""
+    return _find_pooled_head(model)[1] is not None
+
+
+def pooled_head(model: nn.Module, field: str) -> PooledHead:
+    """The head of a BERT-style classifier; ``field`` names the setting that asked for it."""
+    model, head = _find_pooled_head(model)
+    if head is None:
         raise ValueError(f"{field} needs a BERT-style classifier ([CLS] -> pooler dense+tanh -> linear classifier); "
                          f"{type(model).__name__} has none: set {field} off for this model")
-    return PooledHead(encoder, pooler, classifier)
+    return head
 
 
 @torch.no_grad()

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from dist_dpc.compress.config import DistillConfig, PruneConfig
 from dist_dpc.data.config import DataConfig
-from dist_dpc.models.config import ModelConfig
+from dist_dpc.models.config import LoraSettings, ModelConfig
 from dist_dpc.privacy.config import PrivacyConfig
 
 
@@ -28,16 +29,32 @@ class RunConfig:
 
 
 @dataclass(kw_only=True)
+class RunModelConfig(ModelConfig):
+    """The model section of a run: ModelConfig with the recipe's defaults (docs/RESULTS.md). Code that
+    loads a saved or pre-trained model builds a plain ModelConfig (no adapters, nothing frozen)."""
+    freeze_embeddings: bool = True
+    """Freeze the embedding layers (fewer trainable parameters under DP; with LoRA they are frozen anyway)."""
+    lora: LoraSettings | None = field(default_factory=LoraSettings)
+    """DP-LoRA (default r 8, alpha 16, on the attention query and value): adapters train, the
+    pre-trained weights are frozen; the head (parameters matching model.trainable, default classifier,
+    pooler and score) trains too. Saved models are merged (a plain Hugging Face directory). null: no
+    adapters; what model.trainable selects (default everything) trains."""
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
-    epochs: float = 1.0
+    """Defaults: the DP recipe of docs/RESULTS.md (Li et al., ICLR 2022: large expected batches, few
+    epochs, a learning rate scaled up for DP; with DP-LoRA and head_init), chosen on SST-2 and the
+    Yelp validation splits and frozen; the same values serve a non-private run."""
+    epochs: float = 6.0
     """Passes over the training set (in expected samples: steps = epochs * N / batch_size)."""
     max_steps: int | None = None
     """Cap on logical steps (overrides epochs when smaller)."""
-    batch_size: int = 64
+    batch_size: int = 512
     """Expected logical batch size B = q * N (Poisson sampling draws around it)."""
-    micro_batch_size: int = 16
+    micro_batch_size: int = 64
     """Rows per micro-batch per rank (a memory knob; no effect on the maths)."""
-    lr: float = 5e-4
+    lr: float = 3e-3
     """Learning rate."""
     weight_decay: float = 0.0
     """Weight decay (AdamW)."""
@@ -45,9 +62,9 @@ class TrainConfig:
     """Optimizer, when the DeepSpeed config names none."""
     momentum: float = 0.0
     """Momentum of the sgd optimizer."""
-    lr_schedule: Literal["constant", "linear"] = "constant"
+    lr_schedule: Literal["constant", "linear"] = "linear"
     """constant, or linear decay from lr (after warm-up) to lr/(T-W) at a phase's last step (per round when pruning)."""
-    warmup_steps: int = 0
+    warmup_steps: int = 3
     """Steps of linear warm-up from lr/(W+1) up to lr."""
     zero_stage: int | None = None
     """ZeRO stage 0-3 (null: the DeepSpeed config's, else 0)."""
@@ -55,7 +72,7 @@ class TrainConfig:
     """Path of a DeepSpeed JSON config (ds_configs/zero2.json ...). Batch sizes are derived, not read from it."""
     bf16: bool = False
     """bf16 mixed precision (GPU)."""
-    eval_batch_size: int = 64
+    eval_batch_size: int = 128
     """Rows per evaluation batch."""
     log_every: int = 10
     """Log a line every this many steps."""
@@ -188,8 +205,8 @@ class HeadInitConfig:
     (docs/privacy.md, "Head initialisation"). Both steps read the private data and are recorded in
     the ledger under the phase that runs them; every training phase (teacher, distill, each prune
     round) runs them on its own model."""
-    centre_pooler: bool = False
-    """Replace the pooler by tanh([CLS] - m), m a DP mean of the [CLS] states of the training set
+    centre_pooler: bool | None = None
+    """null (default): on for a BERT-style classifier, off for any other head. Replace the pooler by tanh([CLS] - m), m a DP mean of the [CLS] states of the training set
     (one Gaussian mechanism, q = 1). Pre-trained sentence encoders (e.g. minilm) have a pooler that
     was never trained and a [CLS] with a large common component: the head then learns nothing
     under DP noise."""
@@ -202,9 +219,10 @@ class HeadInitConfig:
     """[CLS] states are clipped to this L2 norm for the DP mean (its sensitivity)."""
     mean_noise_multiplier: float = 20.0
     """sigma of the DP mean: noise N(0, (sigma * mean_clip_norm)^2) on the sum of N clipped states."""
-    probe_epochs: float = 0.0
+    probe_epochs: float | None = None
     """Epochs of a DP linear probe: DP-SGD on the classifier alone, on fixed pooled features, at the
-    phase's batch size and sigma (its steps add to the phase's DP-SGD steps). 0: no probe."""
+    phase's batch size and sigma (its steps add to the phase's DP-SGD steps). 0: no probe. null
+    (default): 2 for a BERT-style classifier, 0 for any other head."""
     probe_lr: float = 0.05
     """Adam learning rate of the probe."""
 
@@ -212,12 +230,24 @@ class HeadInitConfig:
         for key in ("mean_clip_norm", "mean_noise_multiplier", "probe_lr"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"head_init.{key}={getattr(self, key)!r} is invalid: must be > 0")
-        if self.probe_epochs < 0:
+        if self.probe_epochs is not None and self.probe_epochs < 0:
             raise ValueError(f"head_init.probe_epochs={self.probe_epochs!r} is invalid: must be >= 0 (0: no probe)")
+
+    def resolved(self, bert_style: bool) -> "HeadInitConfig":
+        """The settings for a model: null (auto) means on for a BERT-style classifier (measured to
+        help: docs/RESULTS.md), off for any other head; explicit values are kept as given."""
+        return dataclasses.replace(
+            self, centre_pooler=bert_style if self.centre_pooler is None else self.centre_pooler,
+            probe_epochs=(AUTO_PROBE_EPOCHS if bert_style else 0.0) if self.probe_epochs is None else self.probe_epochs)
 
     @property
     def enabled(self) -> bool:
+        if self.centre_pooler is None or self.probe_epochs is None:
+            raise RuntimeError("head_init settings are resolved for a model first (HeadInitConfig.resolved)")
         return self.centre_pooler or self.probe_epochs > 0
+
+
+AUTO_PROBE_EPOCHS = 2.0
 
 
 TUNE_MODES = ("private", "public_proxy")
@@ -286,7 +316,7 @@ class TuneConfig:
 @dataclass(kw_only=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: RunModelConfig = field(default_factory=RunModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)

@@ -6,7 +6,8 @@
   3. probe_epochs: DP-SGD on the classifier alone over the pooled features (the probe), at the
      phase's sigma and sampling rate, so its steps simply add to the phase's DP-SGD steps.
 
-The result is saved in the phase (or round) directory before fine-tuning starts: a restarted phase
+By default (head_init settings null) both run for a BERT-style classifier and neither for any other
+head (HeadInitConfig.resolved). The result is saved in the phase (or round) directory before fine-tuning starts: a restarted phase
 reloads it instead of reading the private data again, so the ledger's single entry stays true.
 """
 
@@ -19,7 +20,8 @@ import torch
 
 from dist_dpc.data import collate
 from dist_dpc.engine.losses import model_inputs
-from dist_dpc.models.heads import centre_pooler_, cls_hidden, pool, pooled_head, set_classifier_
+from dist_dpc.models.heads import centre_pooler_, cls_hidden, has_pooled_head, pool, pooled_head, set_classifier_
+from dist_dpc.pipeline.config import HeadInitConfig
 from dist_dpc.pipeline.trainer import local_device, planned_steps, steps_per_epoch
 from dist_dpc.pipeline.trainer import sample_rate as phase_sample_rate
 from dist_dpc.privacy.accounting import Mechanism
@@ -38,36 +40,44 @@ class HeadStart:
 
     The phase reserves ``fixed`` (the DP mean, a set sigma) and ``probe_steps`` more DP-SGD steps at
     its own sigma and q; as each is released it goes into the ledger through the phase's budget."""
+    settings: HeadInitConfig  # resolved for the model
     probe_steps: int
     fixed: tuple[Mechanism, ...]  # the DP mean, a fixed sigma (not calibrated)
 
     @classmethod
-    def plan(cls, ctx) -> "HeadStart":
-        h = ctx.cfg.head_init
-        probe = planned_steps(h.probe_epochs, None, steps_per_epoch(ctx)) if h.probe_epochs > 0 else 0
-        fixed = ((_dp_mean(ctx),) if h.centre_pooler and ctx.cfg.privacy.enabled else ())
-        return cls(probe, fixed)
+    def plan(cls, ctx, model: torch.nn.Module) -> "HeadStart":
+        h = ctx.cfg.head_init.resolved(has_pooled_head(model))
+        probe, fixed = head_init_cost(h, steps_per_epoch(ctx), private=ctx.cfg.privacy.enabled, phase=ctx.phase)
+        return cls(h, probe, fixed)
 
     def results(self, ctx, info: dict) -> dict:
         """Extra fields of the phase's results.json: what was done (the last run's info)."""
-        return {"head_init": info} if ctx.cfg.head_init.enabled else {}
+        return {"head_init": info} if self.settings.enabled else {}
 
     def run(self, ctx, model: torch.nn.Module, directory: Path, key: SecretKey, **probe) -> dict:
-        return initialise_head(ctx, model, directory=directory, steps=self.probe_steps, key=key.derive("head_init"),
-                               **probe)
+        return initialise_head(ctx, model, self.settings, directory=directory, steps=self.probe_steps,
+                               key=key.derive("head_init"), **probe)
 
 
-def _dp_mean(ctx) -> Mechanism:
+def head_init_cost(settings: HeadInitConfig, steps_per_epoch: int, *, private: bool,
+                   phase: str = "") -> tuple[int, tuple[Mechanism, ...]]:
+    """What resolved head_init settings add to a run: probe steps (at the run's own sigma and q) and
+    the DP mean (a fixed sigma). `dpc tune` plans its trials with the same function."""
+    probe = planned_steps(settings.probe_epochs, None, steps_per_epoch) if settings.probe_epochs > 0 else 0
+    fixed = (_dp_mean(settings, phase),) if settings.centre_pooler and private else ()
+    return probe, fixed
+
+
+def _dp_mean(settings: HeadInitConfig, phase: str) -> Mechanism:
     """head_init's DP mean: one Gaussian mechanism over all N examples (q = 1)."""
-    return Mechanism(ctx.cfg.head_init.mean_noise_multiplier, 1.0, 1, ctx.phase)
+    return Mechanism(settings.mean_noise_multiplier, 1.0, 1, phase)
 
 
-def initialise_head(ctx, model: torch.nn.Module, *, directory: Path, steps: int, key: SecretKey, teacher: torch.nn.Module | None = None, alpha: float = 0.0,
-                    temperature: float = 1.0) -> dict:
+def initialise_head(ctx, model: torch.nn.Module, h: HeadInitConfig, *, directory: Path, steps: int, key: SecretKey,
+                    teacher: torch.nn.Module | None = None, alpha: float = 0.0, temperature: float = 1.0) -> dict:
     """Centre the pooler and/or probe the classifier of ``model`` in place; returns what was done.
     Each DP release is recorded through ``ctx.budget`` the moment it is computed, before anything
-    derived from it is written (head_init.pt, the model)."""
-    h = ctx.cfg.head_init
+    derived from it is written (head_init.pt, the model). ``h``: the settings resolved for ``model``."""
     if not h.enabled:
         return {}
     head = pooled_head(model, "head_init.centre_pooler / head_init.probe_epochs")
@@ -91,7 +101,7 @@ def initialise_head(ctx, model: torch.nn.Module, *, directory: Path, steps: int,
         mean, clipped = private_mean(cls, clip_norm=h.mean_clip_norm, noise_multiplier=sigma,
                                      key=key.derive("dp-mean"))
         if budget is not None:
-            budget.release(_dp_mean(ctx))
+            budget.release(_dp_mean(h, ctx.phase))
         centre_pooler_(head, mean)
         info["pooler"] = {"noise_multiplier": sigma, "clip_norm": h.mean_clip_norm, "clipped_fraction": clipped}
     if steps > 0:

@@ -135,7 +135,7 @@ def run_distill(cfg: Config) -> dict:
     loss = DistillationLoss(teacher, alpha=d.alpha, temperature=d.temperature, hidden_weight=d.hidden_weight,
                             layer_map=layer_map)
     steps = planned_steps(d.epochs or cfg.train.epochs, cfg.train.max_steps, steps_per_epoch(ctx))
-    start = HeadStart.plan(ctx)
+    start = HeadStart.plan(ctx, student)
     privacy = phase_privacy(ctx, steps + start.probe_steps, fixed=start.fixed)
     tracker = open_tracker(ctx)
     log(ctx.world, f"[distill] student: {init}; loss (1-{d.alpha})*CE + {d.alpha}*T^2*KL, T={d.temperature}"
@@ -167,10 +167,10 @@ def run_prune(cfg: Config) -> dict:
                                     steps_per_epoch(ctx))
     total_steps = steps_per_round * p.rounds
     # head_init runs in every round, on the pruned model: its steps and DP mean count once per round.
-    start = HeadStart.plan(ctx)
+    model = load_model_dir(source, cfg, ctx.num_labels, ctx.tokenizer, trainable, _trainable_field(cfg, "prune"))
+    start = HeadStart.plan(ctx, model)  # pruning keeps the head: the same settings every round
     privacy = phase_privacy(ctx, total_steps + start.probe_steps * p.rounds, fixed=start.fixed * p.rounds)
     tracker = open_tracker(ctx)
-    model = load_model_dir(source, cfg, ctx.num_labels, ctx.tokenizer, trainable, _trainable_field(cfg, "prune"))
     start_depth = len(transformer_layers(model)[0])
     target_layers = p.target_layers or math.ceil(start_depth / 2)
     depths = depth_schedule(start_depth, target_layers, p.rounds)

@@ -262,6 +262,22 @@ def _clear_stale_attempt(ctx: PhaseContext) -> None:
     torch.distributed.barrier()
 
 
+def refuse_lora_under_zero3(cfg: Config, model: torch.nn.Module) -> None:
+    """A peft model under ZeRO-3 (train.zero_stage, or the stage of train.deepspeed_config) is refused
+    right after loading, before head_init or anything else reads the private data."""
+    from dist_dpc.engine.ds_config import read_ds_config
+
+    if not callable(getattr(model, "get_base_model", None)):
+        return
+    stage = cfg.train.zero_stage
+    if stage is None:
+        stage = read_ds_config(cfg.train.deepspeed_config).get("zero_optimization", {}).get("stage", 0)
+    if stage == 3:
+        raise ValueError("model.lora (DP-LoRA, the default) with ZeRO stage 3 is not supported yet (saving merges "
+                         "the adapters, which needs the gathered weights): set model.lora=null for full fine-tuning "
+                         "under ZeRO-3, or use ZeRO 0-2 with LoRA (its adapters are small)")
+
+
 def train_dp(ctx: PhaseContext, model: torch.nn.Module, *, directory: Path, steps: int, privacy: PrivacyConfig,
              tracker: Tracker, loss_fn=sequence_classification_loss, lr: float | None = None,
              key: SecretKey | None = None, step_offset: int = 0, setup: Callable[[DPEngine], None] | None = None,
@@ -271,9 +287,7 @@ def train_dp(ctx: PhaseContext, model: torch.nn.Module, *, directory: Path, step
     phase has a fresh key, so its remaining steps draw fresh batches and noise (the accountant
     continues from the checkpoint, so epsilon is unaffected)."""
     cfg, world = ctx.cfg, ctx.world
-    if callable(getattr(model, "get_base_model", None)) and cfg.train.zero_stage == 3:  # a peft model
-        raise ValueError("model.lora with train.zero_stage=3 is not supported yet (saving merges the adapters, which "
-                         "needs the gathered weights): use ZeRO 0-2 with LoRA (adapters are small), or full fine-tuning")
+    refuse_lora_under_zero3(cfg, model)
     key = ctx.key if key is None else key
     sampler = make_sampler(ctx.sampling, dataset_size=len(ctx.train_set), expected_batch_size=cfg.train.batch_size,
                            sample_rate=sample_rate(ctx),
@@ -595,8 +609,9 @@ def run_train(cfg: Config, phase: str = "train", evaluate_splits: bool = True) -
         warn_loudly(ctx.world, "privacy.enabled=false: training WITHOUT differential privacy; the model may leak its data")
     model = load_sequence_classifier(cfg.model, ctx.num_labels, ctx.tokenizer, seed=cfg.run.seed,
                                      label_names=ctx.label_names)
+    refuse_lora_under_zero3(cfg, model)
     steps = planned_steps(cfg.train.epochs, cfg.train.max_steps, steps_per_epoch(ctx))
-    start = HeadStart.plan(ctx)
+    start = HeadStart.plan(ctx, model)
     privacy = phase_privacy(ctx, steps + start.probe_steps, fixed=start.fixed)
     tracker = open_tracker(ctx)
     info = start.run(ctx, model, ctx.directory, ctx.key)

@@ -31,6 +31,7 @@ import math
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -84,19 +85,33 @@ def _check_candidates(cfg: Config, candidates: list[dict]) -> None:
 class TrialPlan:
     values: dict
     sample_rate: float
-    steps: int
+    steps: int  # DP-SGD steps at the trial's sigma: head_init's probe steps included
+    fixed: tuple[Mechanism, ...] = ()  # head_init's DP mean (a fixed sigma), when the trial runs it
     noise_multiplier: float = math.nan
 
+    def mechanisms(self, noise_multiplier: float) -> list[Mechanism]:
+        return [*self.fixed, Mechanism(noise_multiplier, self.sample_rate, self.steps)]
 
-def plan_trials(cfg: Config, candidates: list[dict], train_size: int) -> list[TrialPlan]:
+
+def plan_trials(cfg: Config, candidates: list[dict], train_size: int,
+                bert_style: Callable[[Config], bool]) -> list[TrialPlan]:
+    """Each candidate's trial as run_train will run it: its DP-SGD steps, and head_init's probe steps
+    and DP mean where its settings (resolved for the candidate's model: ``bert_style``) run them."""
+    from dist_dpc.pipeline.head_init import head_init_cost
+
     plans = []
     for values in candidates:
         c = with_values(cfg, values)
         if c.train.batch_size >= train_size:
             raise ValueError(f"tune.search candidate {values}: train.batch_size={c.train.batch_size} is not below the "
                              f"{train_size} training examples left after the holdout")
-        steps = planned_steps(c.train.epochs, c.train.max_steps, math.ceil(train_size / c.train.batch_size))
-        plans.append(TrialPlan(values, c.train.batch_size / train_size, steps))
+        per_epoch = math.ceil(train_size / c.train.batch_size)
+        steps = planned_steps(c.train.epochs, c.train.max_steps, per_epoch)
+        h = c.head_init
+        if h.centre_pooler is None or h.probe_epochs is None:
+            h = h.resolved(bert_style(c))
+        probe, fixed = head_init_cost(h, per_epoch, private=True, phase="train")
+        plans.append(TrialPlan(values, c.train.batch_size / train_size, steps + probe, fixed))
     return plans
 
 
@@ -120,8 +135,9 @@ def calibrate_trials(plans: list[TrialPlan], *, epsilon: float, delta: float, et
     def curve_at(e: float) -> np.ndarray:
         curves = []
         for p in plans:
-            p.noise_multiplier = calibrate_noise_multiplier(e, delta, p.sample_rate, p.steps, accountant="rdp")
-            curves.append(rdp_of([Mechanism(p.noise_multiplier, p.sample_rate, p.steps)]))
+            p.noise_multiplier = calibrate_noise_multiplier(e, delta, p.sample_rate, p.steps, accountant="rdp",
+                                                            prior=p.fixed)
+            curves.append(rdp_of(p.mechanisms(p.noise_multiplier)))
         return np.max(curves, axis=0) + score
 
     def cost(e: float) -> float:
@@ -135,7 +151,7 @@ def calibrate_trials(plans: list[TrialPlan], *, epsilon: float, delta: float, et
                          f"trials already cost {floor:.3g}. Raise tune.epsilon, tune.score_noise_multiplier, or lower "
                          "tune.expected_trials")
     # The smallest per-trial epsilon calibration can reach (sigma <= MAX_SIGMA) for every candidate.
-    lo = max(1e-3, *(1.01 * compute_epsilon([Mechanism(MAX_SIGMA, p.sample_rate, p.steps)], delta, "rdp")
+    lo = max(1e-3, *(1.01 * compute_epsilon(p.mechanisms(MAX_SIGMA), delta, "rdp")
                      for p in plans))
     hi = max(epsilon, 2 * lo)
     if cost(lo) > epsilon:
@@ -219,10 +235,6 @@ def _tune_private(cfg: Config, candidates: list[dict]) -> dict:
         raise ValueError("tune.mode=private selects under differential privacy: it needs privacy.enabled=true and "
                          "privacy.target_epsilon (the tree's total). Without privacy, tune on public data "
                          "(tune.mode=public_proxy)")
-    if any(with_values(cfg, v).head_init.enabled for v in candidates):
-        raise ValueError("tune.mode=private does not account head_init's mechanisms per trial yet: set "
-                         "head_init.centre_pooler=false and head_init.probe_epochs=0 (and do not search over them), "
-                         "or use tune.mode=public_proxy")
     cfg = derived(cfg, dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, holdout_fraction=t.holdout_fraction)))
     ctx = open_phase(cfg, "tune")
     ledger, world = ctx.ledger, ctx.world
@@ -233,7 +245,7 @@ def _tune_private(cfg: Config, candidates: list[dict]) -> dict:
         import_lineage(ctx, name, role="model.name")
     target = privacy.target_epsilon * cfg.pipeline.cumulative_share("tune")
     budget = t.epsilon if t.epsilon is not None else target / 2 if "tune" not in cfg.pipeline.phases else None
-    plans = plan_trials(cfg, candidates, ctx.train_size)
+    plans = plan_trials(cfg, candidates, ctx.train_size, _bert_style_probe(ctx))
     gamma = gamma_for_mean(t.eta, t.expected_trials)
     chosen: dict = {}
 
@@ -261,7 +273,8 @@ def _tune_private(cfg: Config, candidates: list[dict]) -> dict:
 
     def reservation_of(curve) -> dict:
         """Everything the stored curve was computed for: a resumed attempt reuses it only if all match."""
-        out = {"search": candidates, "plans": [[p.sample_rate, p.steps] for p in plans], "eta": t.eta,
+        out = {"search": candidates, "eta": t.eta,
+               "plans": [[p.sample_rate, p.steps, [[m.noise_multiplier, m.sample_rate, m.steps] for m in p.fixed]] for p in plans],
                "gamma": gamma, "score_noise_multiplier": t.score_noise_multiplier}
         if curve is None:
             return {**out, **{k: v for k, v in (previous_reservation or {}).items()
@@ -361,6 +374,23 @@ def _tune_private(cfg: Config, candidates: list[dict]) -> dict:
                    f"(delta {ledger.delta:.3g}). Later phases of {ctx.run.path} apply these values")
     torch.distributed.barrier()
     return results
+
+
+def _bert_style_probe(ctx: PhaseContext) -> Callable[[Config], bool]:
+    """Whether a candidate's model is a BERT-style classifier (head_init's default runs for those):
+    each model.name is instantiated once, untrained (the architecture is public)."""
+    from dist_dpc.models.heads import has_pooled_head
+
+    seen: dict[str, bool] = {}
+
+    def bert_style(c: Config) -> bool:
+        if c.model.name not in seen:
+            model = load_sequence_classifier(c.model, ctx.num_labels, ctx.tokenizer, seed=c.run.seed)
+            seen[c.model.name] = has_pooled_head(model)
+            del model
+        return seen[c.model.name]
+
+    return bert_style
 
 
 def _check_trial(trial_dir: Path, curve: np.ndarray, score: np.ndarray) -> None:

@@ -57,6 +57,7 @@ class PhaseBudget:
             elif same_plan:
                 sigma = float(previous["noise_multiplier"])  # resumed: the checkpoint was made with this sigma
             else:
+                _check_fixed_fits(ledger, phase, target_epsilon, others, fixed)
                 sigma = _calibrate(ledger, phase, target_epsilon, sample_rate, steps, [*others, *fixed])
             if max_effective_noise is not None and expected_batch_size:
                 _check_effective_noise(ledger, phase, sigma, sample_rate, steps, expected_batch_size,
@@ -118,6 +119,24 @@ class PhaseBudget:
     def epsilon(self) -> float:
         """The run tree's total epsilon now (the ledger's composition)."""
         return self.ledger.total_epsilon()
+
+
+def _check_fixed_fits(ledger: PrivacyLedger, phase: str, target: float | None, others: list[Mechanism],
+                      fixed: tuple[Mechanism, ...]) -> None:
+    """A target the phase's set-noise mechanisms (head_init's DP mean) already exceed, alone or with
+    what the tree spent before, is refused with what each part costs (not as "earlier phases")."""
+    if target is None or not fixed:
+        return
+    before = compute_epsilon(others, ledger.delta, ledger.accountant)
+    with_fixed = compute_epsilon([*others, *fixed], ledger.delta, ledger.accountant)
+    if with_fixed < target or before >= target:
+        return  # fits; or the earlier phases alone are over it, which calibration says as such
+    raise ValueError(
+        f"privacy.target_epsilon={target:g} is unreachable for phase {phase!r}: the smallest epsilon this run "
+        f"allows is above {with_fixed:.4g} (at delta={ledger.delta:.3g}): the mechanisms of a set noise that the "
+        f"phase runs first (head_init's DP mean, sigma {', '.join(f'{m.noise_multiplier:g}' for m in fixed)}) "
+        f"spend that much" + (f" with what the tree spent before ({before:.4g})" if others else "")
+        + ". Use a larger target_epsilon, raise head_init.mean_noise_multiplier, or set head_init.centre_pooler=false")
 
 
 def _check_effective_noise(ledger: PrivacyLedger, phase: str, sigma: float, q: float, steps: int, batch: float,

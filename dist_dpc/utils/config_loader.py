@@ -225,16 +225,20 @@ def dump_yaml(cfg: Any, path: str | Path) -> None:
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """Field docstrings (a string literal right under a field) for ``--help`` output."""
+    """Field docstrings (a string literal right under a field) for ``--help`` output; a subclass's
+    own docstring of a field wins over its base's."""
     import ast
     import inspect
     import textwrap
 
+    docs: dict[str, str] = {}
+    for base in reversed(cls.__mro__[1:]):
+        if dataclasses.is_dataclass(base):
+            docs.update(field_docs(base))
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError):
-        return {}
-    docs: dict[str, str] = {}
+        return docs
     body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
     for node, nxt in zip(body, body[1:] + [None]):
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):

@@ -101,7 +101,7 @@ def test_pipeline_records_mean_and_probe_and_a_restart_reloads_the_head(tmp_path
     cfg = load_config(CONFIG, [*overrides, f"run.output_dir={tmp_path}", "run.name=h"])
     ctx = SimpleNamespace(cfg=cfg, world=init_distributed(), phase="teacher", train_set=None, tokenizer=None)
     model = load_sequence_classifier(ModelConfig(name="tiny-bert", dropout=0.0), 2)
-    info = initialise_head(ctx, model, directory=run / "teacher", steps=10, key=SecretKey.from_seed(0))
+    info = initialise_head(ctx, model, cfg.head_init, directory=run / "teacher", steps=10, key=SecretKey.from_seed(0))
     saved = torch.load(run / "teacher" / "head_init.pt", weights_only=True)
     assert info == saved["info"]
     torch.testing.assert_close(model.bert.pooler.state_dict(), saved["pooler"])
