@@ -128,6 +128,14 @@ class DPEngine:
         self._norm_sink = trainable
         self.post_noise_hooks: list[Callable[[torch.optim.Optimizer], None]] = []  # e.g. pruning masks
 
+    @staticmethod
+    def check_settings(model: torch.nn.Module, ds_config: dict, privacy: PrivacyConfig) -> None:
+        """The refusals of __init__ that need only the model and the configs (no data, no DeepSpeed):
+        a caller runs them before anything reads the private data."""
+        if privacy.enabled:
+            PerSampleClipper(model, privacy.max_grad_norm)  # unsupported, reused or tied layers; not attached
+        _check_flat_precision(privacy, ds_config, model)
+
     # -- the DP step ----------------------------------------------------------------------------
     def train_step(self, micro_batches: list[dict], logical_batch_size: int) -> StepStats:
         if self.steps_done >= self.max_steps:

@@ -32,6 +32,7 @@ from dist_dpc.utils.atomic import atomic_write
 from dist_dpc.utils.logging import log
 
 FILE = "head_init.pt"
+FIELD = "head_init.centre_pooler / head_init.probe_epochs"
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,11 @@ class HeadStart:
 
     @classmethod
     def plan(cls, ctx, model: torch.nn.Module) -> "HeadStart":
-        h = ctx.cfg.head_init.resolved(has_pooled_head(model))
+        """Refuses head_init asked for on a head it cannot serve before the phase reserves anything."""
+        bert_style = has_pooled_head(model)
+        h = ctx.cfg.head_init.resolved(bert_style)
+        if h.enabled and not bert_style:
+            pooled_head(model, FIELD)  # raises, naming the settings
         probe, fixed = head_init_cost(h, steps_per_epoch(ctx), private=ctx.cfg.privacy.enabled, phase=ctx.phase)
         return cls(h, probe, fixed)
 
@@ -80,7 +85,7 @@ def initialise_head(ctx, model: torch.nn.Module, h: HeadInitConfig, *, directory
     derived from it is written (head_init.pt, the model). ``h``: the settings resolved for ``model``."""
     if not h.enabled:
         return {}
-    head = pooled_head(model, "head_init.centre_pooler / head_init.probe_epochs")
+    head = pooled_head(model, FIELD)
     if h.centre_pooler and h.freeze_pooler_weight:
         head.pooler.dense.weight.requires_grad_(False)
     saved = Path(directory) / FILE
@@ -99,7 +104,7 @@ def initialise_head(ctx, model: torch.nn.Module, h: HeadInitConfig, *, directory
     if h.centre_pooler:
         sigma = h.mean_noise_multiplier if private else 0.0
         mean, clipped = private_mean(cls, clip_norm=h.mean_clip_norm, noise_multiplier=sigma,
-                                     key=key.derive("dp-mean"))
+                                     key=key.derive("dp-mean"), public_size=ctx.train_size)
         if budget is not None:
             budget.release(_dp_mean(h, ctx.phase))
         centre_pooler_(head, mean)
@@ -109,7 +114,8 @@ def initialise_head(ctx, model: torch.nn.Module, h: HeadInitConfig, *, directory
                                  bias=head.classifier.bias, sample_rate=sample_rate, steps=steps,
                                  noise_multiplier=noise_multiplier,
                                  max_grad_norm=ctx.cfg.privacy.max_grad_norm, lr=h.probe_lr, key=key.derive("dp-probe"),
-                                 teacher_logits=teacher_logits, alpha=alpha, temperature=temperature)
+                                 teacher_logits=teacher_logits, alpha=alpha, temperature=temperature,
+                                 public_size=ctx.train_size)
         if budget is not None:
             budget.release(budget.dp_sgd(steps))
         set_classifier_(head, result.weight, result.bias)

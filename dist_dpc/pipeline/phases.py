@@ -28,7 +28,8 @@ from dist_dpc.pipeline.config import ALL_PHASES, SPENDING_PHASES, Config
 from dist_dpc.pipeline.head_init import HeadStart
 from dist_dpc.pipeline.lineage import import_lineage
 from dist_dpc.pipeline.trainer import (PhaseContext, evaluate, evaluate_engine, finish_phase, local_device,
-                                       open_phase, open_tracker, phase_privacy, phase_results, planned_steps,
+                                       check_before_spending, open_phase, open_tracker, phase_privacy, phase_results,
+                                       planned_steps,
                                        root_of, run_train, save_model, steps_per_epoch, train_dp)
 from dist_dpc.privacy.ledger import PrivacyLedger
 from dist_dpc.utils.logging import log
@@ -135,6 +136,7 @@ def run_distill(cfg: Config) -> dict:
     loss = DistillationLoss(teacher, alpha=d.alpha, temperature=d.temperature, hidden_weight=d.hidden_weight,
                             layer_map=layer_map)
     steps = planned_steps(d.epochs or cfg.train.epochs, cfg.train.max_steps, steps_per_epoch(ctx))
+    check_before_spending(ctx, student, steps=steps, lr=d.lr)
     start = HeadStart.plan(ctx, student)
     privacy = phase_privacy(ctx, steps + start.probe_steps, fixed=start.fixed)
     tracker = open_tracker(ctx)
@@ -168,6 +170,7 @@ def run_prune(cfg: Config) -> dict:
     total_steps = steps_per_round * p.rounds
     # head_init runs in every round, on the pruned model: its steps and DP mean count once per round.
     model = load_model_dir(source, cfg, ctx.num_labels, ctx.tokenizer, trainable, _trainable_field(cfg, "prune"))
+    check_before_spending(ctx, model, steps=steps_per_round, lr=p.lr)
     start = HeadStart.plan(ctx, model)  # pruning keeps the head: the same settings every round
     privacy = phase_privacy(ctx, total_steps + start.probe_steps * p.rounds, fixed=start.fixed * p.rounds)
     tracker = open_tracker(ctx)

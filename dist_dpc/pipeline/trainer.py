@@ -262,12 +262,42 @@ def _clear_stale_attempt(ctx: PhaseContext) -> None:
     torch.distributed.barrier()
 
 
-def refuse_lora_under_zero3(cfg: Config, model: torch.nn.Module) -> None:
+def check_before_spending(ctx: PhaseContext, model: torch.nn.Module, *, steps: int, lr: float | None = None) -> None:
+    """What train_dp refuses on the settings and the model alone (LoRA under ZeRO-3, the DeepSpeed
+    config, a clashing scheduler, layers the DP engine cannot clip, flat clipping in low precision),
+    checked before the phase reserves budget and before head_init reads the private data: a refusal
+    then spends nothing."""
+    cfg = ctx.cfg
+    refuse_lora_under_zero3(cfg, model)
+    ds_config = _phase_ds_config(cfg, ctx.world, lr, cfg.privacy.enabled)
+    _lr_schedule(cfg, ds_config, steps)
+    DPEngine.check_settings(model, ds_config, cfg.privacy)
+
+
+def _phase_ds_config(cfg: Config, world: WorldInfo, lr: float | None, dp_enabled: bool) -> dict:
+    return build_ds_config(cfg.train.deepspeed_config, micro_batch_size=cfg.train.micro_batch_size,
+                           world_size=world.world_size, zero_stage=cfg.train.zero_stage, lr=lr or cfg.train.lr,
+                           weight_decay=cfg.train.weight_decay, optimizer=cfg.train.optimizer,
+                           bf16=cfg.train.bf16, dp_enabled=dp_enabled, momentum=cfg.train.momentum)
+
+
+def _lr_schedule(cfg: Config, ds_config: dict, steps: int):
+    schedule = make_lr_schedule(cfg.train.lr_schedule, steps, cfg.train.warmup_steps)
+    if schedule is not None and "scheduler" in ds_config:
+        raise ValueError(f"train.deepspeed_config={cfg.train.deepspeed_config!r} has a scheduler block and "
+                         f"train.lr_schedule={cfg.train.lr_schedule!r}, train.warmup_steps={cfg.train.warmup_steps} "
+                         "set another: keep one (remove the block, or set lr_schedule=constant and warmup_steps=0)")
+    return schedule
+
+
+def refuse_lora_under_zero3(cfg: Config, model: torch.nn.Module | None = None) -> None:
     """A peft model under ZeRO-3 (train.zero_stage, or the stage of train.deepspeed_config) is refused
-    right after loading, before head_init or anything else reads the private data."""
+    right after loading, before head_init or anything else reads the private data. Without a model:
+    whether cfg.model would load as one (`dpc tune` checks its candidates before reserving)."""
     from dist_dpc.engine.ds_config import read_ds_config
 
-    if not callable(getattr(model, "get_base_model", None)):
+    peft = callable(getattr(model, "get_base_model", None)) if model is not None else cfg.model.lora is not None
+    if not peft:
         return
     stage = cfg.train.zero_stage
     if stage is None:
@@ -293,15 +323,8 @@ def train_dp(ctx: PhaseContext, model: torch.nn.Module, *, directory: Path, step
                            sample_rate=sample_rate(ctx),
                            micro_batch_size=cfg.train.micro_batch_size, rank=world.rank,
                            world_size=world.world_size, key=key.derive("sampling"))
-    ds_config = build_ds_config(cfg.train.deepspeed_config, micro_batch_size=cfg.train.micro_batch_size,
-                                world_size=world.world_size, zero_stage=cfg.train.zero_stage, lr=lr or cfg.train.lr,
-                                weight_decay=cfg.train.weight_decay, optimizer=cfg.train.optimizer,
-                                bf16=cfg.train.bf16, dp_enabled=privacy.enabled, momentum=cfg.train.momentum)
-    schedule = make_lr_schedule(cfg.train.lr_schedule, steps, cfg.train.warmup_steps)
-    if schedule is not None and "scheduler" in ds_config:
-        raise ValueError(f"train.deepspeed_config={cfg.train.deepspeed_config!r} has a scheduler block and "
-                         f"train.lr_schedule={cfg.train.lr_schedule!r}, train.warmup_steps={cfg.train.warmup_steps} "
-                         "set another: keep one (remove the block, or set lr_schedule=constant and warmup_steps=0)")
+    ds_config = _phase_ds_config(cfg, world, lr, privacy.enabled)
+    schedule = _lr_schedule(cfg, ds_config, steps)
     # Everything this run composes with: the other ledger entries, then what this attempt released
     # so far (head_init, earlier prune rounds). The ledger adds it up; no phase does.
     prior = ctx.budget.prior() if ctx.budget is not None else ()
@@ -609,8 +632,8 @@ def run_train(cfg: Config, phase: str = "train", evaluate_splits: bool = True) -
         warn_loudly(ctx.world, "privacy.enabled=false: training WITHOUT differential privacy; the model may leak its data")
     model = load_sequence_classifier(cfg.model, ctx.num_labels, ctx.tokenizer, seed=cfg.run.seed,
                                      label_names=ctx.label_names)
-    refuse_lora_under_zero3(cfg, model)
     steps = planned_steps(cfg.train.epochs, cfg.train.max_steps, steps_per_epoch(ctx))
+    check_before_spending(ctx, model, steps=steps)
     start = HeadStart.plan(ctx, model)
     privacy = phase_privacy(ctx, steps + start.probe_steps, fixed=start.fixed)
     tracker = open_tracker(ctx)

@@ -97,7 +97,8 @@ def plan_trials(cfg: Config, candidates: list[dict], train_size: int,
                 bert_style: Callable[[Config], bool]) -> list[TrialPlan]:
     """Each candidate's trial as run_train will run it: its DP-SGD steps, and head_init's probe steps
     and DP mean where its settings (resolved for the candidate's model: ``bert_style``) run them."""
-    from dist_dpc.pipeline.head_init import head_init_cost
+    from dist_dpc.pipeline.head_init import FIELD, head_init_cost
+    from dist_dpc.pipeline.trainer import refuse_lora_under_zero3
 
     plans = []
     for values in candidates:
@@ -107,9 +108,15 @@ def plan_trials(cfg: Config, candidates: list[dict], train_size: int,
                              f"{train_size} training examples left after the holdout")
         per_epoch = math.ceil(train_size / c.train.batch_size)
         steps = planned_steps(c.train.epochs, c.train.max_steps, per_epoch)
+        refuse_lora_under_zero3(c)  # as each trial would, but before the selection reserves anything
         h = c.head_init
-        if h.centre_pooler is None or h.probe_epochs is None:
-            h = h.resolved(bert_style(c))
+        if h.centre_pooler is not False or h.probe_epochs != 0:
+            bert = bert_style(c)
+            h = h.resolved(bert)
+            if h.enabled and not bert:
+                raise ValueError(f"tune.search candidate {values}: {FIELD} needs a BERT-style classifier ([CLS] -> "
+                                 f"pooler dense+tanh -> linear classifier); {c.model.name} has none: set {FIELD} "
+                                 "off (or null) for this model")
         probe, fixed = head_init_cost(h, per_epoch, private=True, phase="train")
         plans.append(TrialPlan(values, c.train.batch_size / train_size, steps + probe, fixed))
     return plans
@@ -178,7 +185,13 @@ def _quiet(log_file: Path):
     fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         os.dup2(fd, 1), os.dup2(fd, 2)
-        yield
+        try:
+            yield
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()  # into the private log: what the refusal message points the user to
+            raise
     finally:
         _flush_all()  # C-level buffers too: a trial's buffered output must not reach the real stdout
         os.dup2(saved[0], 1), os.dup2(saved[1], 2)

@@ -38,15 +38,17 @@ def clip_rows(x: torch.Tensor, clip_norm: float) -> tuple[torch.Tensor, torch.Te
 
 
 def private_mean(x: torch.Tensor, *, clip_norm: float, noise_multiplier: float,
-                 key: SecretKey) -> tuple[torch.Tensor, float]:
-    """(sum of rows clipped to clip_norm + N(0, (noise_multiplier*clip_norm)^2 I)) / N, and the clipped fraction."""
+                 key: SecretKey, public_size: int | None = None) -> tuple[torch.Tensor, float]:
+    """(sum of rows clipped to clip_norm + N(0, (noise_multiplier*clip_norm)^2 I)) / N, and the clipped
+    fraction. N: ``public_size`` where the row count itself depends on the data (a training part
+    split off by a data-dependent holdout), so that the division is post-processing of the sum."""
     if clip_norm <= 0:
         raise ValueError(f"clip_norm={clip_norm!r} must be > 0")
     if len(x) == 0:
         raise ValueError("private_mean of no rows")
     clipped, was_clipped = clip_rows(x.double(), clip_norm)
     noise = torch.from_numpy(key.generator("dp-mean").standard_normal(x.shape[1])) * (noise_multiplier * clip_norm)
-    return ((clipped.sum(0) + noise) / len(x)).to(x.dtype), float(was_clipped.float().mean())
+    return ((clipped.sum(0) + noise) / (public_size or len(x))).to(x.dtype), float(was_clipped.float().mean())
 
 
 def logit_gradients(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None = None,
@@ -74,11 +76,12 @@ class ProbeResult:
 def dp_linear_probe(features: torch.Tensor, labels: torch.Tensor, *, weight: torch.Tensor, bias: torch.Tensor,
                     sample_rate: float, steps: int, noise_multiplier: float, max_grad_norm: float, lr: float,
                     key: SecretKey, teacher_logits: torch.Tensor | None = None, alpha: float = 0.0,
-                    temperature: float = 1.0, optimizer: str = "adam") -> ProbeResult:
+                    temperature: float = 1.0, optimizer: str = "adam", public_size: int | None = None) -> ProbeResult:
     """DP-SGD (Adam, or plain SGD) on logits = features @ weight.T + bias, starting from (weight, bias).
 
     The per-example gradient of a linear layer is g_i x_i^T (weight) and g_i (bias), g_i the gradient
-    wrt the logits, so its norm is ||g_i|| * sqrt(||x_i||^2 + 1): exact, no autograd per example."""
+    wrt the logits, so its norm is ||g_i|| * sqrt(||x_i||^2 + 1): exact, no autograd per example.
+    The noisy sum is divided by the expected batch q * N, N = ``public_size`` (default: the row count)."""
     n = len(features)
     if not 0 < sample_rate <= 1:
         raise ValueError(f"sample_rate={sample_rate!r} must be in (0, 1]")
@@ -90,7 +93,7 @@ def dp_linear_probe(features: torch.Tensor, labels: torch.Tensor, *, weight: tor
     if optimizer not in ("adam", "sgd"):
         raise ValueError(f"optimizer={optimizer!r} must be adam or sgd")
     opt = (torch.optim.Adam if optimizer == "adam" else torch.optim.SGD)([w, b], lr=lr)
-    expected = sample_rate * n
+    expected = sample_rate * (public_size or n)
     clipped = seen = 0
     for step in range(steps):
         idx = torch.from_numpy(np.flatnonzero(key.generator("probe-sampling", step).random(n) < sample_rate))

@@ -75,20 +75,30 @@ def test_head_init_defaults_to_off_for_a_head_without_a_pooler(tmp_path):
     results = json.loads((tmp_path / "g" / "results.json").read_text())
     assert "head_init" not in results
     assert mechanisms(tmp_path / "g", "train") == [(results["noise_multiplier"], results["sample_rate"], 4)]
-    # Asked for explicitly, it is refused for this head, naming the setting.
+    # Asked for explicitly, it is refused for this head, naming the setting, before anything is reserved.
     refused = dpc(["train", config(tmp_path, "tiny-gpt2"), f"run.output_dir={tmp_path}", "run.name=h", *SMALL,
                    "head_init.probe_epochs=1"])
     assert refused.returncode != 0 and "head_init" in refused.stderr and "BERT-style" in refused.stderr
+    ledger = tmp_path / "h" / "privacy_ledger.json"
+    assert not ledger.exists() or not json.loads(ledger.read_text())["phases"]
 
 
 @pytest.mark.timeout(600)
-def test_default_lora_under_zero3_is_refused_before_anything_is_spent(tmp_path):
-    for setting in ("train.zero_stage=3", "train.deepspeed_config=ds_configs/zero3.json"):
-        refused = dpc(["train", config(tmp_path, "tiny-bert"), f"run.output_dir={tmp_path}", "run.name=z",
-                       "run.overwrite=true", *SMALL, setting])
-        assert refused.returncode != 0 and "model.lora=null" in refused.stderr, refused.stderr[-2000:]
-        ledger = tmp_path / "z" / "privacy_ledger.json"
+def test_settings_the_engine_refuses_are_refused_before_head_init_reads_data(tmp_path):
+    # LoRA (default) under ZeRO-3; a DeepSpeed JSON that clips gradients itself; one whose scheduler
+    # clashes with the default linear schedule: each refused with head_init (default) not yet run.
+    (tmp_path / "clip.json").write_text(json.dumps({"gradient_clipping": 1.0}))
+    (tmp_path / "sched.json").write_text(json.dumps({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 2}}}))
+    cases = [("train.zero_stage=3", "model.lora=null"), ("train.deepspeed_config=ds_configs/zero3.json", "model.lora=null"),
+             (f"train.deepspeed_config={tmp_path / 'clip.json'}", "gradient_clipping"),
+             (f"train.deepspeed_config={tmp_path / 'sched.json'}", "scheduler block")]
+    for i, (setting, message) in enumerate(cases):
+        refused = dpc(["train", config(tmp_path, "tiny-bert"), f"run.output_dir={tmp_path}", f"run.name=z{i}", *SMALL,
+                       setting])
+        assert refused.returncode != 0 and message in refused.stderr, (setting, refused.stderr[-2000:])
+        ledger = tmp_path / f"z{i}" / "privacy_ledger.json"
         assert not ledger.exists() or not any(e["mechanisms"] for e in json.loads(ledger.read_text())["phases"].values())
+        assert not (tmp_path / f"z{i}" / "head_init.pt").exists()
 
 
 @pytest.mark.timeout(600)

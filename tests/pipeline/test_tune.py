@@ -94,10 +94,15 @@ def test_public_proxy_tune_costs_nothing_and_refusals(tmp_path):
         (["tune.mode=public_proxy", "tune.proxy_data={synthetic_size: 240}"], "names the private training data"),
         (["tune.search={train.batch_size: [500]}"], "not below"),
         (["tune.search={privacy.target_epsilon: [1, 2]}"], "privacy, data and run are fixed"),
+        # what a trial would refuse is refused before the selection reserves anything
+        (["model.name=tiny-gpt2", "tune.search={head_init.probe_epochs: [0, 1]}"], "needs a BERT-style classifier"),
+        (["model.lora={r: 2}", "train.zero_stage=3"], "model.lora=null"),
     ]
     for i, (extra, message) in enumerate(refusals):
         with pytest.raises((ValueError, ConfigError), match=re.escape(message)):
             run_tune(load_config(CONFIG, [*base[1:], f"run.name=r{i}", *extra]))
+        ledger = tmp_path / f"r{i}" / "privacy_ledger.json"
+        assert not ledger.exists() or not json.loads(ledger.read_text())["phases"], extra
 
 
 def test_trial_guard_counts_the_score_and_only_the_trials_own_training(tmp_path):

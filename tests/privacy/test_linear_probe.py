@@ -100,6 +100,9 @@ def test_private_mean_clips_rows_and_adds_noise_of_the_calibrated_scale():
     zeros = torch.zeros(10, 2000, dtype=torch.double)
     noisy, _ = private_mean(zeros, clip_norm=2.0, noise_multiplier=3.0, key=SecretKey.from_seed(1))
     assert abs(float((noisy * 10).std()) / 6.0 - 1) < 0.1
+    # A data-dependent row count (a training part after a holdout) is not the divisor: the public size is.
+    public, _ = private_mean(x, clip_norm=2.0, noise_multiplier=0.0, key=SecretKey.from_seed(0), public_size=280)
+    torch.testing.assert_close(public, reference * 300 / 280)
     with pytest.raises(ValueError, match="clip_norm"):
         private_mean(x, clip_norm=0.0, noise_multiplier=1.0, key=SecretKey.from_seed(0))
 
@@ -120,3 +123,8 @@ def test_probe_samples_poisson_batches_and_divides_by_the_expected_size():
         sizes.append(round(size))
     assert len(set(sizes)) > 1
     assert all(abs(s - q * n) < 5 * math.sqrt(n * q * (1 - q)) for s in sizes)
+    # With a public size the expected batch is q * public_size, whatever the row count.
+    out = dp_linear_probe(x, y, weight=torch.zeros(2, 1), bias=torch.zeros(2), sample_rate=q, steps=1,
+                          noise_multiplier=0.0, max_grad_norm=10.0, lr=1.0, key=SecretKey.from_seed(0),
+                          optimizer="sgd", public_size=900)
+    assert float(out.bias[0]) * q * 900 / 0.5 == pytest.approx(sizes[0], abs=1e-3)
