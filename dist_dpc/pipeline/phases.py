@@ -80,22 +80,19 @@ def load_model_dir(path: Path, cfg: Config, num_labels: int, tokenizer, trainabl
     return model
 
 
-def _trainable_field(cfg: Config, section: str) -> str:
-    return f"{section}.trainable" if getattr(cfg, section).trainable is not None else "model.trainable"
-
-
-def phase_trainable(cfg: Config, section: str) -> list[str] | None:
-    """What a compression phase trains: {distill,prune}.trainable, else model.trainable. With model.lora
-    the phase must say: the adapters belong to the teacher (merged into the model the phase starts
-    from), and training every weight of it instead would be a silent change of recipe."""
+def phase_trainable(cfg: Config, section: str) -> tuple[list[str] | None, str]:
+    """What a compression phase trains, and the setting that said so (for errors):
+    {distill,prune}.trainable, else model.trainable. With model.lora the phase must say: the adapters
+    belong to the teacher (merged into the model the phase starts from), and training every weight of
+    it instead would be a silent change of recipe."""
     own = getattr(cfg, section).trainable
     if own is not None:
-        return own
+        return own, f"{section}.trainable"
     if cfg.model.lora is not None:
         raise ValueError(f"{section} with model.lora: the adapters train the teacher; this phase trains a plain model "
                          f"(adapters merged). Set {section}.trainable, e.g. {section}.trainable=[bias,LayerNorm,pooler,"
-                         f"classifier] (DP-BiTFiT) or {section}.trainable=['.*'] (every weight)")
-    return cfg.model.trainable
+                         f"classifier] (DP-BiTFiT, the default) or {section}.trainable=['.*'] (every weight)")
+    return cfg.model.trainable, "model.trainable"
 
 
 # -- teacher ---------------------------------------------------------------------------------------
@@ -107,7 +104,7 @@ def run_teacher(cfg: Config) -> dict:
 # -- distill (DPKD, Alg. 1) ------------------------------------------------------------------------
 def run_distill(cfg: Config) -> dict:
     d = cfg.distill
-    trainable = phase_trainable(cfg, "distill")
+    trainable, trainable_field = phase_trainable(cfg, "distill")
     teacher_dir = Path(d.teacher) if d.teacher else source_model(cfg, "distill", "teacher")
     ctx = open_phase(cfg, "distill")
     import_lineage(ctx, teacher_dir, role="distill.teacher")
@@ -118,7 +115,7 @@ def run_distill(cfg: Config) -> dict:
         # Copying the DP teacher's layers is post-processing of a DP model: no privacy cost. What
         # trains is chosen on the student's own parameter names (its layers renumbered 0, 1, ...).
         student = student_from_teacher(teacher, layer_map)
-        set_trainable(student, trainable, _trainable_field(cfg, "distill"))
+        set_trainable(student, trainable, trainable_field)
         init = f"teacher layers {layer_map}"
     else:
         layer_map = None
@@ -161,7 +158,7 @@ def run_prune(cfg: Config) -> dict:
     """Rounds of (prune by magnitude -> DP fine-tune), one DeepSpeed engine per round; the rounds
     share one sigma, calibrated for all their steps together, and one ledger entry."""
     p = cfg.prune
-    trainable = phase_trainable(cfg, "prune")
+    trainable, trainable_field = phase_trainable(cfg, "prune")
     source = source_model(cfg, "prune", p.source)
     ctx = open_phase(cfg, "prune")
     import_lineage(ctx, source, role="prune.source")
@@ -169,7 +166,7 @@ def run_prune(cfg: Config) -> dict:
                                     steps_per_epoch(ctx))
     total_steps = steps_per_round * p.rounds
     # head_init runs in every round, on the pruned model: its steps and DP mean count once per round.
-    model = load_model_dir(source, cfg, ctx.num_labels, ctx.tokenizer, trainable, _trainable_field(cfg, "prune"))
+    model = load_model_dir(source, cfg, ctx.num_labels, ctx.tokenizer, trainable, trainable_field)
     check_before_spending(ctx, model, steps=steps_per_round, lr=p.lr)
     start = HeadStart.plan(ctx, model)  # pruning keeps the head: the same settings every round
     privacy = phase_privacy(ctx, total_steps + start.probe_steps * p.rounds, fixed=start.fixed * p.rounds)
@@ -185,7 +182,7 @@ def run_prune(cfg: Config) -> dict:
         if (round_dir / "done.json").is_file() and r + 1 < p.rounds:
             # A resumed phase skips finished rounds: their model is the next round's input. (The
             # last round is replayed from its checkpoint: its engine is needed for evaluation.)
-            model = load_model_dir(done, cfg, ctx.num_labels, ctx.tokenizer, trainable, _trainable_field(cfg, "prune"))
+            model = load_model_dir(done, cfg, ctx.num_labels, ctx.tokenizer, trainable, trainable_field)
             state = json.loads((round_dir / "done.json").read_text())
             kept_layers = state["kept_layers"]
             masks = _load_masks(round_dir) if p.method != "structured" else None
@@ -226,7 +223,7 @@ def run_prune(cfg: Config) -> dict:
             # The next round starts from the saved weights: a fresh module without this engine's hooks.
             del engine
             gc.collect()
-            model = load_model_dir(done, cfg, ctx.num_labels, ctx.tokenizer, trainable, _trainable_field(cfg, "prune"))
+            model = load_model_dir(done, cfg, ctx.num_labels, ctx.tokenizer, trainable, trainable_field)
             engine = None
     metrics = evaluate_engine(engine, ctx)
     stats = sparsity_stats(engine.module)
