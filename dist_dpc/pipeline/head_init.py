@@ -7,8 +7,9 @@
      phase's sigma and sampling rate, so its steps simply add to the phase's DP-SGD steps.
 
 By default (head_init settings null) both run for a BERT-style classifier and neither for any other
-head (HeadInitConfig.resolved). The result is saved in the phase (or round) directory before fine-tuning starts: a restarted phase
-reloads it instead of reading the private data again, so the ledger's single entry stays true.
+head (HeadInitConfig.resolved). The result is saved in the phase (or round) directory before
+fine-tuning starts: a restarted phase reloads it instead of reading the private data again, so the
+ledger's single entry stays true.
 """
 
 from __future__ import annotations
