@@ -233,12 +233,18 @@ class HeadInitConfig:
         if self.probe_epochs is not None and self.probe_epochs < 0:
             raise ValueError(f"head_init.probe_epochs={self.probe_epochs!r} is invalid: must be >= 0 (0: no probe)")
 
-    def resolved(self, bert_style: bool) -> "HeadInitConfig":
+    def resolved(self, bert_style: bool, model: str) -> "HeadInitConfig":
         """The settings for a model: null (auto) means on for a BERT-style classifier (measured to
-        help: docs/RESULTS.md), off for any other head; explicit values are kept as given."""
-        return dataclasses.replace(
+        help: docs/RESULTS.md), off for any other head; explicit values are kept as given, and
+        refused (naming ``model``) when they ask for head_init on a head it cannot serve."""
+        out = dataclasses.replace(
             self, centre_pooler=bert_style if self.centre_pooler is None else self.centre_pooler,
             probe_epochs=(AUTO_PROBE_EPOCHS if bert_style else 0.0) if self.probe_epochs is None else self.probe_epochs)
+        if out.enabled and not bert_style:
+            raise ValueError("head_init.centre_pooler / head_init.probe_epochs needs a BERT-style classifier ([CLS] -> "
+                             f"pooler dense+tanh -> linear classifier); {model} has none: set them off (or null) "
+                             "for this model")
+        return out
 
     @property
     def enabled(self) -> bool:

@@ -49,10 +49,7 @@ class HeadStart:
     @classmethod
     def plan(cls, ctx, model: torch.nn.Module) -> "HeadStart":
         """Refuses head_init asked for on a head it cannot serve before the phase reserves anything."""
-        bert_style = has_pooled_head(model)
-        h = ctx.cfg.head_init.resolved(bert_style)
-        if h.enabled and not bert_style:
-            pooled_head(model, FIELD)  # raises, naming the settings
+        h = ctx.cfg.head_init.resolved(has_pooled_head(model), type(model).__name__)
         probe, fixed = head_init_cost(h, steps_per_epoch(ctx), private=ctx.cfg.privacy.enabled, phase=ctx.phase)
         return cls(h, probe, fixed)
 

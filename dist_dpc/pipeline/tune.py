@@ -97,7 +97,7 @@ def plan_trials(cfg: Config, candidates: list[dict], train_size: int,
                 bert_style: Callable[[Config], bool]) -> list[TrialPlan]:
     """Each candidate's trial as run_train will run it: its DP-SGD steps, and head_init's probe steps
     and DP mean where its settings (resolved for the candidate's model: ``bert_style``) run them."""
-    from dist_dpc.pipeline.head_init import FIELD, head_init_cost
+    from dist_dpc.pipeline.head_init import head_init_cost
     from dist_dpc.pipeline.trainer import refuse_lora_under_zero3
 
     plans = []
@@ -110,13 +110,11 @@ def plan_trials(cfg: Config, candidates: list[dict], train_size: int,
         steps = planned_steps(c.train.epochs, c.train.max_steps, per_epoch)
         refuse_lora_under_zero3(c)  # as each trial would, but before the selection reserves anything
         h = c.head_init
-        if h.centre_pooler is not False or h.probe_epochs != 0:
-            bert = bert_style(c)
-            h = h.resolved(bert)
-            if h.enabled and not bert:
-                raise ValueError(f"tune.search candidate {values}: {FIELD} needs a BERT-style classifier ([CLS] -> "
-                                 f"pooler dense+tanh -> linear classifier); {c.model.name} has none: set {FIELD} "
-                                 "off (or null) for this model")
+        if h.centre_pooler is not False or h.probe_epochs != 0:  # (else nothing to resolve: no model load)
+            try:
+                h = h.resolved(bert_style(c), c.model.name)
+            except ValueError as err:
+                raise ValueError(f"tune.search candidate {values}: {err}") from None
         probe, fixed = head_init_cost(h, per_epoch, private=True, phase="train")
         plans.append(TrialPlan(values, c.train.batch_size / train_size, steps + probe, fixed))
     return plans
