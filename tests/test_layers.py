@@ -16,11 +16,13 @@ ALLOWED = {
     "data": {"data", "utils"},
     "models": {"privacy", "engine", "models"},
     "compress": {"privacy", "engine", "compress"},
-    "pipeline": {"privacy", "engine", "models", "data", "compress", "pipeline", "utils"},
+    "tasks": {"privacy", "engine", "models", "data", "tasks", "utils"},
+    "pipeline": {"privacy", "engine", "models", "data", "tasks", "compress", "pipeline", "utils"},
 }
 THIRD_PARTY_ONLY = {"privacy": {"torch", "opacus", "numpy", "scipy"}}  # nothing else outside the stdlib
 NEVER = {"engine": {"transformers", "datasets", "wandb", "submitit"},
          "compress": {"deepspeed", "wandb", "submitit"},
+         "tasks": {"deepspeed", "wandb", "submitit"},
          "pipeline": {"submitit"}}
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-TASKS = ("synthetic_sentiment", "sst2", "qnli", "mnli", "qqp", "yelp", "csv")
+TASKS = ("synthetic_sentiment", "sst2", "qnli", "mnli", "qqp", "yelp", "csv", "text")
 
 
 @dataclass(kw_only=True)
 class DataConfig:
     task: str = "synthetic_sentiment"
-    """synthetic_sentiment (generated, no files), sst2, qnli, mnli, qqp (GLUE), yelp (control-code CSV), csv."""
+    """synthetic_sentiment (generated, no files), sst2, qnli, mnli, qqp (GLUE), yelp (control-code CSV),
+    csv (.csv/.tsv/.jsonl by column), text (plain text, one example per non-empty line; causal_lm only)."""
     data_dir: str | None = None
     """GLUE: the directory holding SST-2/, QNLI/, MNLI/, QQP/ (or the task's own directory); yelp: the
     directory holding train.csv/dev.csv/test.csv. null for GLUE: the hub's glue configs (needs network)."""
@@ -29,8 +30,17 @@ class DataConfig:
     is one of these names or its index. They size the classifier and become config.json's id2label.
     null: yelp uses its published categories/stars, csv needs integer labels and model.num_labels.
     GLUE and the generated set always use their published labels. Never read from the private data."""
+    control_code_columns: list[str] | None = None
+    """model.task=causal_lm: columns whose values, tab-separated, are the control-code prefix of each
+    example ("label1\tlabel2\n\n" + text + EOS); the prefix conditions the text and carries no loss.
+    null: yelp uses [label1, label2], other sources have no prefix. [] : no prefix."""
     max_length: int = 128
-    """Tokens per example after truncation."""
+    """Tokens per example after truncation (causal_lm: the training context; evaluation scores
+    longer texts in windows of this many tokens)."""
+    eval_stride: int | None = None
+    """model.task=causal_lm evaluation: a text longer than max_length is scored in windows of
+    max_length tokens that advance by this many (each token scored once, with up to max_length -
+    stride tokens of context carried over). null: max_length // 2."""
     max_train_samples: int | None = None
     """Use only this many training examples (a seeded subset; N for the accountant is this number)."""
     max_eval_samples: int | None = None
@@ -58,10 +68,14 @@ class DataConfig:
             raise ValueError(f"data.synthetic_size={self.synthetic_size!r} is invalid: must be >= 8")
         if self.task == "csv" and not self.train_file:
             raise ValueError("data.train_file=None is invalid for data.task='csv': give the path of a .csv, .tsv or .jsonl file")
+        if self.task == "text" and not self.train_file:
+            raise ValueError("data.train_file=None is invalid for data.task='text': give the path of a plain text file "
+                             "(one example per non-empty line)")
+        if self.eval_stride is not None and not 1 <= self.eval_stride < self.max_length:
+            raise ValueError(f"data.eval_stride={self.eval_stride!r} is invalid: must be in [1, data.max_length - 1 = "
+                             f"{self.max_length - 1}] or null (windows must overlap for every token to have context)")
         if self.label_names is not None:
             self._check_label_names()
-        if self.task == "yelp" and self.label_column not in ("label1", "label2"):
-            raise ValueError(f"data.label_column={self.label_column!r} is invalid for yelp: allowed values are 'label1' (category), 'label2' (stars)")
 
     def _check_label_names(self) -> None:
         names = [str(n).strip() for n in self.label_names]

@@ -43,6 +43,9 @@ def load_csv_task(cfg) -> TaskData:
 
 def load_yelp(cfg) -> TaskData:
     """Yelp: train.csv if present, else dev.csv, as training data; test.csv for evaluation."""
+    if cfg.label_column not in ("label1", "label2"):  # checked here: a causal LM reads no label column
+        raise ValueError(f"data.label_column={cfg.label_column!r} is invalid for yelp: allowed values are 'label1' "
+                         "(category), 'label2' (stars)")
     base = Path(cfg.data_dir) if cfg.data_dir else None
     if cfg.train_file:
         train = require_file(cfg.train_file, "data.train_file")

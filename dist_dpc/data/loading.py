@@ -21,8 +21,9 @@ def split_holdout(data: TaskData, fraction: float, seed: int) -> None:
 
     train, n = data.train, len(data.train)
     pairs = train.text_pairs or [None] * n
+    labels = train.labels if train.labels is not None else train.prefixes or [None] * n
     held = []
-    for i, (text, pair, label) in enumerate(zip(train.texts, pairs, train.labels)):
+    for i, (text, pair, label) in enumerate(zip(train.texts, pairs, labels)):
         digest = hashlib.blake2b(f"{text}\x1f{pair}\x1f{label}".encode(), key=f"holdout:{seed}".encode()[:64],
                                  digest_size=8).digest()
         held.append(int.from_bytes(digest, "little") < fraction * 2**64)
@@ -34,6 +35,10 @@ def split_holdout(data: TaskData, fraction: float, seed: int) -> None:
 
 
 def load_task(cfg: DataConfig) -> TaskData:
+    """The labelled splits of a classification task."""
+    if cfg.task == "text":
+        raise ValueError("data.task='text' (plain text, no labels) is for model.task=causal_lm; a classifier needs "
+                         "labels: use data.task=csv with data.label_column")
     if cfg.task == "synthetic_sentiment":
         data = generate(cfg.synthetic_size, cfg.seed)
     elif cfg.task in GLUE:
@@ -42,6 +47,18 @@ def load_task(cfg: DataConfig) -> TaskData:
         data = load_yelp(cfg)
     else:
         data = load_csv_task(cfg)
+    return subset(data, cfg)
+
+
+def load_lm_task(cfg: DataConfig) -> TaskData:
+    """The texts (and control-code prefixes) of a causal-LM task."""
+    from dist_dpc.data.lm import read_lm_task
+
+    return subset(read_lm_task(cfg), cfg)
+
+
+def subset(data: TaskData, cfg: DataConfig) -> TaskData:
+    """data.max_train_samples, the holdout and data.max_eval_samples, the same for every task."""
     if cfg.max_train_samples is not None and cfg.max_train_samples < len(data.train):
         # A seeded subset, in dataset order: the same N examples on every rank and every resume.
         keep = sorted(random.Random(cfg.seed).sample(range(len(data.train)), cfg.max_train_samples))

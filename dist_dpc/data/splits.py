@@ -7,21 +7,24 @@ from dataclasses import dataclass
 
 @dataclass
 class TextSplit:
+    """One split: texts (and second texts of pairs) with class labels (classification), or texts
+    with optional control-code prefixes (causal LM: ``labels`` is None)."""
     name: str
     texts: list[str]
     text_pairs: list[str] | None
-    labels: list[int]
+    labels: list[int] | None
+    prefixes: list[str] | None = None  # causal LM: control codes that condition the text, no loss on them
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.texts)
 
     def head(self, count: int) -> "TextSplit":
-        pairs = self.text_pairs[:count] if self.text_pairs is not None else None
-        return TextSplit(self.name, self.texts[:count], pairs, self.labels[:count])
+        return self.take(range(min(count, len(self))))
 
     def take(self, indices) -> "TextSplit":
-        pairs = [self.text_pairs[i] for i in indices] if self.text_pairs is not None else None
-        return TextSplit(self.name, [self.texts[i] for i in indices], pairs, [self.labels[i] for i in indices])
+        indices = list(indices)
+        pick = lambda xs: [xs[i] for i in indices] if xs is not None else None  # noqa: E731
+        return TextSplit(self.name, pick(self.texts), pick(self.text_pairs), pick(self.labels), pick(self.prefixes))
 
 
 @dataclass

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+TASK_KINDS = ("sequence_classification", "causal_lm")
+
 
 @dataclass(kw_only=True)
 class LoraSettings:
@@ -31,10 +33,15 @@ class LoraSettings:
 @dataclass(kw_only=True)
 class ModelConfig:
     name: str = "minilm"
-    """An alias (minilm), a local directory, a Hugging Face hub name, or a debug model built from a
-    config (tiny-bert, tiny-gpt2, tiny-llama)."""
+    """An alias (minilm, smollm2), a local directory, a Hugging Face hub name, a .gguf file (converted
+    once to a safetensors checkpoint in a cache), or a debug model built from a config (tiny-bert,
+    tiny-gpt2, tiny-llama)."""
+    task: str = "sequence_classification"
+    """What the model learns: sequence_classification (a classifier head on the text, data labels) or
+    causal_lm (next-token prediction on the text; control codes, if any, condition but carry no loss)."""
     tokenizer: str | None = None
-    """Tokenizer to load, if not the model's own. Debug models default to the minilm tokenizer."""
+    """Tokenizer to load, if not the model's own. Debug models default to the minilm tokenizer
+    (classification) or a byte-level tokenizer of 257 tokens (causal_lm)."""
     num_labels: int | None = None
     """Classifier outputs. null: the number of labels of the task."""
     freeze_embeddings: bool = False
@@ -46,13 +53,16 @@ class ModelConfig:
     dropout: float | None = None
     """Override the model's dropout probabilities (null keeps the pre-trained value)."""
     lora: LoraSettings | None = None
-    """DP-LoRA, e.g. {r: 8, alpha: 16}: adapters train, the pre-trained weights are frozen; the head
-    (parameters matching model.trainable, default classifier and pooler) trains too. Saved models
-    are merged (a plain Hugging Face directory). null: no adapters."""
+    """DP-LoRA, e.g. {r: 8, alpha: 16}: adapters train, the pre-trained weights are frozen; a
+    classifier's head (parameters matching model.trainable, default classifier and pooler) trains
+    too (a causal LM's head does not, unless model.trainable names it). Saved models are merged (a
+    plain Hugging Face directory). null: no adapters."""
 
     def __post_init__(self) -> None:
         if not self.name:
             raise ValueError("model.name='' is invalid: give an alias (minilm, tiny-bert, tiny-gpt2, tiny-llama), a directory or a hub name")
+        if self.task not in TASK_KINDS:
+            raise ValueError(f"model.task={self.task!r} is invalid: allowed values are {', '.join(TASK_KINDS)}")
         if self.num_labels is not None and self.num_labels < 1:
             raise ValueError(f"model.num_labels={self.num_labels!r} is invalid: must be >= 1")
         if self.trainable is not None:

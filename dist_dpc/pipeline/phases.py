@@ -22,16 +22,17 @@ import torch
 from dist_dpc.compress.distill import DistillationLoss, every_other_layer, student_from_teacher, transformer_layers
 from dist_dpc.compress.pruning import (MaskEnforcer, apply_masks, compute_masks, depth_schedule, drop_layers,
                                        sparsity_schedule, sparsity_stats)
-from dist_dpc.models import ModelConfig, load_sequence_classifier
+from dist_dpc.models import ModelConfig
 from dist_dpc.models.loading import set_trainable
 from dist_dpc.pipeline.config import ALL_PHASES, SPENDING_PHASES, Config
 from dist_dpc.pipeline.head_init import HeadStart
 from dist_dpc.pipeline.lineage import import_lineage
-from dist_dpc.pipeline.trainer import (PhaseContext, evaluate, evaluate_engine, finish_phase, local_device,
+from dist_dpc.pipeline.trainer import (PhaseContext, evaluate_engine, finish_phase, local_device,
                                        check_before_spending, open_phase, open_tracker, phase_privacy, phase_results,
                                        planned_steps,
                                        root_of, run_train, save_model, steps_per_epoch, train_dp)
 from dist_dpc.privacy.ledger import PrivacyLedger
+from dist_dpc.tasks import TASKS, make_task
 from dist_dpc.utils.logging import log
 
 MODEL_PHASES = SPENDING_PHASES
@@ -69,13 +70,15 @@ def source_model(cfg: Config, phase: str, reference: str) -> Path:
     return root_of(cfg) / reference / "model"
 
 
-def load_model_dir(path: Path, cfg: Config, num_labels: int, tokenizer, trainable: list[str] | None = None,
+def load_model_dir(path: Path, ctx: PhaseContext, trainable: list[str] | None = None,
                    field: str = "model.trainable"):
     """A saved model of an earlier phase (plain: adapters were merged on saving); ``trainable`` is the
     phase's choice of what trains (phase_trainable), ``field`` the setting it came from."""
-    model_cfg = ModelConfig(name=str(path), tokenizer=cfg.model.tokenizer, num_labels=cfg.model.num_labels,
-                            dropout=cfg.model.dropout, freeze_embeddings=cfg.model.freeze_embeddings)
-    model = load_sequence_classifier(model_cfg, num_labels, tokenizer, seed=cfg.run.seed)
+    cfg = ctx.cfg
+    model_cfg = ModelConfig(name=str(path), task=cfg.model.task, tokenizer=cfg.model.tokenizer,
+                            num_labels=cfg.model.num_labels, dropout=cfg.model.dropout,
+                            freeze_embeddings=cfg.model.freeze_embeddings)
+    model = ctx.task.load_model(model_cfg, ctx.tokenizer, num_labels=ctx.num_labels, label_names=None, seed=cfg.run.seed)
     set_trainable(model, trainable, field)
     return model
 
@@ -104,11 +107,12 @@ def run_teacher(cfg: Config) -> dict:
 # -- distill (DPKD, Alg. 1) ------------------------------------------------------------------------
 def run_distill(cfg: Config) -> dict:
     d = cfg.distill
+    make_task(cfg.model, cfg.data).refuse_unsupported("distill")
     trainable, trainable_field = phase_trainable(cfg, "distill")
     teacher_dir = Path(d.teacher) if d.teacher else source_model(cfg, "distill", "teacher")
     ctx = open_phase(cfg, "distill")
     import_lineage(ctx, teacher_dir, role="distill.teacher")
-    teacher = load_model_dir(teacher_dir, cfg, ctx.num_labels, ctx.tokenizer)  # frozen by DistillationLoss
+    teacher = load_model_dir(teacher_dir, ctx)  # frozen by DistillationLoss
     if d.student == "from_teacher":
         layers, _ = transformer_layers(teacher)
         layer_map = d.layer_map if d.layer_map is not None else every_other_layer(len(layers))
@@ -120,11 +124,11 @@ def run_distill(cfg: Config) -> dict:
     else:
         layer_map = None
         import_lineage(ctx, d.student, role="distill.student")
-        student = load_sequence_classifier(ModelConfig(name=d.student, num_labels=cfg.model.num_labels,
-                                                       dropout=cfg.model.dropout, trainable=trainable,
-                                                       freeze_embeddings=cfg.model.freeze_embeddings),
-                                           ctx.num_labels, ctx.tokenizer,
-                                           seed=cfg.run.seed, label_names=ctx.label_names)
+        student = ctx.task.load_model(ModelConfig(name=d.student, task=cfg.model.task, num_labels=cfg.model.num_labels,
+                                                  dropout=cfg.model.dropout, trainable=trainable,
+                                                  freeze_embeddings=cfg.model.freeze_embeddings),
+                                      ctx.tokenizer, num_labels=ctx.num_labels, label_names=ctx.label_names,
+                                      seed=cfg.run.seed)
         if student.config.vocab_size != teacher.config.vocab_size:
             raise ValueError(f"distill.student={d.student!r} has a vocabulary of {student.config.vocab_size}, the "
                              f"teacher {teacher.config.vocab_size}: distillation on the same batch needs one tokenizer")
@@ -158,6 +162,7 @@ def run_prune(cfg: Config) -> dict:
     """Rounds of (prune by magnitude -> DP fine-tune), one DeepSpeed engine per round; the rounds
     share one sigma, calibrated for all their steps together, and one ledger entry."""
     p = cfg.prune
+    make_task(cfg.model, cfg.data).refuse_unsupported("prune")
     trainable, trainable_field = phase_trainable(cfg, "prune")
     source = source_model(cfg, "prune", p.source)
     ctx = open_phase(cfg, "prune")
@@ -166,7 +171,7 @@ def run_prune(cfg: Config) -> dict:
                                     steps_per_epoch(ctx))
     total_steps = steps_per_round * p.rounds
     # head_init runs in every round, on the pruned model: its steps and DP mean count once per round.
-    model = load_model_dir(source, cfg, ctx.num_labels, ctx.tokenizer, trainable, trainable_field)
+    model = load_model_dir(source, ctx, trainable, trainable_field)
     check_before_spending(ctx, model, steps=steps_per_round, lr=p.lr)
     start = HeadStart.plan(ctx, model)  # pruning keeps the head: the same settings every round
     privacy = phase_privacy(ctx, total_steps + start.probe_steps * p.rounds, fixed=start.fixed * p.rounds)
@@ -182,7 +187,7 @@ def run_prune(cfg: Config) -> dict:
         if (round_dir / "done.json").is_file() and r + 1 < p.rounds:
             # A resumed phase skips finished rounds: their model is the next round's input. (The
             # last round is replayed from its checkpoint: its engine is needed for evaluation.)
-            model = load_model_dir(done, cfg, ctx.num_labels, ctx.tokenizer, trainable, trainable_field)
+            model = load_model_dir(done, ctx, trainable, trainable_field)
             state = json.loads((round_dir / "done.json").read_text())
             kept_layers = state["kept_layers"]
             masks = _load_masks(round_dir) if p.method != "structured" else None
@@ -223,7 +228,7 @@ def run_prune(cfg: Config) -> dict:
             # The next round starts from the saved weights: a fresh module without this engine's hooks.
             del engine
             gc.collect()
-            model = load_model_dir(done, cfg, ctx.num_labels, ctx.tokenizer, trainable, trainable_field)
+            model = load_model_dir(done, ctx, trainable, trainable_field)
             engine = None
     metrics = evaluate_engine(engine, ctx)
     stats = sparsity_stats(engine.module)
@@ -261,16 +266,16 @@ def run_eval(cfg: Config) -> dict:
         if not results_file.is_file():
             continue
         trained = json.loads(results_file.read_text())
-        model = load_model_dir(model_dir, cfg, ctx.num_labels, ctx.tokenizer).to(local_device())
-        metrics = {name: evaluate(model, data, ctx.tokenizer.pad_token_id, cfg.train.eval_batch_size)
+        model = load_model_dir(model_dir, ctx).to(local_device())
+        metrics = {name: ctx.task.evaluate(model, data, ctx.tokenizer.pad_token_id, cfg.train.eval_batch_size)
                    for name, data in ctx.eval_sets.items()}
         first = next(iter(ctx.eval_sets.values()))
-        row = {"phase": phase, "metrics": metrics, **_size(model, model_dir),
-               "examples_per_s": _throughput(model, first, ctx.tokenizer.pad_token_id, cfg.train.eval_batch_size),
+        row = {"phase": phase, "task": ctx.task.name, "metrics": metrics, **_size(model, model_dir),
+               "examples_per_s": _throughput(ctx, model, first, cfg.train.eval_batch_size),
                "epsilon": trained.get("epsilon"), "private": trained.get("private"),
                "method": trained.get("method"), "layers": len(transformer_layers(model)[0])}
         if trained.get("method") == "2:4":
-            row["sparse_2_4_speedup"] = _semi_structured_speedup(model, first, ctx.tokenizer.pad_token_id)
+            row["sparse_2_4_speedup"] = _semi_structured_speedup(ctx, model, first)
         rows.append(row)
         del model
         gc.collect()
@@ -294,24 +299,24 @@ def _size(model: torch.nn.Module, model_dir: Path) -> dict:
 
 
 @torch.no_grad()
-def _throughput(model, data, pad_id: int, batch_size: int, max_examples: int = 512) -> float:
-    from dist_dpc.data import collate
-    from dist_dpc.engine.losses import model_inputs
-
+def _throughput(ctx: PhaseContext, model, data, batch_size: int, max_examples: int = 512) -> float:
+    """Examples per second of the forward pass (the task's own batches, at most max_examples)."""
     model.eval()
     n = min(len(data), max_examples)
     device = next(model.parameters()).device
-    batches = [collate([data[j] for j in range(i, min(i + batch_size, n))], pad_id) for i in range(0, n, batch_size)]
+    pad_id = ctx.tokenizer.pad_token_id
+    batches = [ctx.task.collate([data[j] for j in range(i, min(i + batch_size, n))], pad_id)
+               for i in range(0, n, batch_size)]
     start = time.perf_counter()
     for batch in batches:
-        model(**model_inputs({k: v.to(device) for k, v in batch.items()}))
+        model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return n / (time.perf_counter() - start)
 
 
 @torch.no_grad()
-def _semi_structured_speedup(model, data, pad_id: int) -> float | None:
+def _semi_structured_speedup(ctx: PhaseContext, model, data) -> float | None:
     """Dense vs torch's 2:4 sparse kernels on the pruned Linear layers (CUDA, fp16); None elsewhere."""
     if not torch.cuda.is_available():
         return None
@@ -328,27 +333,31 @@ def _semi_structured_speedup(model, data, pad_id: int) -> float | None:
         module = modules[name.rsplit(".", 1)[0]]
         if isinstance(module, torch.nn.Linear):
             module.weight = torch.nn.Parameter(to_sparse_semi_structured(module.weight))
-    dense_rate = _throughput(dense, data, pad_id, 64)
-    sparse_rate = _throughput(sparse, data, pad_id, 64)
+    dense_rate = _throughput(ctx, dense, data, 64)
+    sparse_rate = _throughput(ctx, sparse, data, 64)
     return sparse_rate / dense_rate
 
 
 def accuracy_table(rows: list[dict]) -> str:
+    """The eval phase's table: one row per model, the task's metric (accuracy, or perplexity)."""
+    metric = TASKS[rows[0].get("task", "sequence_classification")].primary_metric if rows else "accuracy"
     lines = ["", f"{'model':<10} {'layers':>6} {'params':>11} {'non-zero':>11} {'MB':>7} {'ex/s':>8} "
-                 f"{'accuracy':>9} {'epsilon':>8}"]
+                 f"{metric:>10} {'epsilon':>8}"]
     for row in rows:
-        acc = next(iter(row["metrics"].values()))["accuracy"]
+        value = next(iter(row["metrics"].values()))[metric]
+        shown = f"{value * 100:>9.2f}%" if metric == "accuracy" else f"{value:>10.3f}"
         eps = f"{row['epsilon']:.3f}" if row.get("epsilon") is not None else "inf"
         lines.append(f"{row['phase']:<10} {row['layers']:>6} {row['parameters']:>11,} {row['nonzero_parameters']:>11,} "
-                     f"{row['size_mb']:>7.1f} {row['examples_per_s']:>8.1f} {acc * 100:>8.2f}% {eps:>8}")
+                     f"{row['size_mb']:>7.1f} {row['examples_per_s']:>8.1f} {shown} {eps:>8}")
     return "\n".join(lines)
 
 
 # -- export ----------------------------------------------------------------------------------------
 def run_export(cfg: Config) -> dict:
-    """A Hugging Face directory (AutoModelForSequenceClassification.from_pretrained) with a model card
-    stating epsilon, delta, the mechanisms and the phases; reloaded and checked before it is kept."""
-    from transformers import AutoModelForSequenceClassification
+    """A Hugging Face directory (the task's Auto class .from_pretrained: AutoModelForSequenceClassification
+    or AutoModelForCausalLM) with a model card stating epsilon, delta, the mechanisms and the phases;
+    reloaded and checked before it is kept."""
+    import transformers
 
     reference = cfg.pipeline.export_source
     if reference == "auto":
@@ -366,18 +375,20 @@ def run_export(cfg: Config) -> dict:
         shutil.copytree(source, tmp)
         (tmp / "README.md").write_text(model_card(cfg, ctx, reference, trained))
         # Reload exactly as a user would and compare predictions with the source before publishing.
-        reloaded = AutoModelForSequenceClassification.from_pretrained(str(tmp)).eval()
-        original = load_model_dir(source, cfg, ctx.num_labels, ctx.tokenizer).eval()
+        auto = getattr(transformers, ctx.task.model_class)
+        reloaded = auto.from_pretrained(str(tmp)).eval()
+        original = load_model_dir(source, ctx).eval()
         data = next(iter(ctx.eval_sets.values()))
-        a = evaluate_predictions(reloaded, data, ctx.tokenizer.pad_token_id)
-        b = evaluate_predictions(original, data, ctx.tokenizer.pad_token_id)
+        a = ctx.task.predictions(reloaded, data, ctx.tokenizer.pad_token_id)
+        b = ctx.task.predictions(original, data, ctx.tokenizer.pad_token_id)
         if not torch.equal(a, b):
             raise RuntimeError("export: the reloaded model predicts differently from the trained one")
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
         results = {"source_phase": reference, "directory": str(target), "epsilon": _ledger_total(ctx),
-                   "delta": ctx.ledger.delta if ctx.ledger is not None else None, "checked_examples": int(a.numel())}
+                   "delta": ctx.ledger.delta if ctx.ledger is not None else None, "checked_examples": int(a.shape[0]),
+                   "model_class": ctx.task.model_class}
         ctx.run.write_json(ctx.directory / "results.json", results)
         tracker = open_tracker(ctx)
         tracker.summary({"final_epsilon": results["epsilon"], "delta": results["delta"], "source_phase": reference})
@@ -386,19 +397,10 @@ def run_export(cfg: Config) -> dict:
                                    "accountant": cfg.privacy.accountant, "sampling": ctx.sampling,
                                    "private": ctx.ledger is not None})
         tracker.finish()
-        log(ctx.world, f"[export] {target}: from the {reference} phase; AutoModelForSequenceClassification"
-                       f".from_pretrained({str(target)!r}) reloads it (checked on {a.numel()} examples)")
+        log(ctx.world, f"[export] {target}: from the {reference} phase; {ctx.task.model_class}"
+                       f".from_pretrained({str(target)!r}) reloads it (checked on {a.shape[0]} examples)")
     torch.distributed.barrier()
     return json.loads((ctx.directory / "results.json").read_text())
-
-
-@torch.no_grad()
-def evaluate_predictions(model, data, pad_id: int, limit: int = 256) -> torch.Tensor:
-    from dist_dpc.data import collate
-    from dist_dpc.engine.losses import model_inputs
-
-    batch = collate([data[j] for j in range(min(limit, len(data)))], pad_id)
-    return model(**model_inputs(batch)).logits.argmax(-1)
 
 
 def _ledger_total(ctx: PhaseContext) -> float | None:
@@ -408,7 +410,8 @@ def _ledger_total(ctx: PhaseContext) -> float | None:
 def model_card(cfg: Config, ctx: PhaseContext, source_phase: str, trained: dict) -> str:
     ledger = ctx.ledger.to_dict() if ctx.ledger is not None else None
     lines = [f"# {cfg.run.name}: {source_phase} model", "",
-             "Sequence classifier trained with dist-dpc (DP-SGD under DeepSpeed).", "",
+             f"{'Causal language model' if ctx.task.name == 'causal_lm' else 'Sequence classifier'} trained with "
+             f"dist-dpc (DP-SGD under DeepSpeed); load it with transformers.{ctx.task.model_class}.from_pretrained.", "",
              "## Privacy", ""]
     if ledger is None:
         lines += ["**No differential privacy**: trained with privacy.enabled=false; this model may reveal its "
@@ -440,8 +443,8 @@ def model_card(cfg: Config, ctx: PhaseContext, source_phase: str, trained: dict)
         f = ctx.run.path / phase / "results.json"
         if f.is_file() and phase in MODEL_PHASES:
             r = json.loads(f.read_text())
-            acc = next(iter(r["metrics"].values()))["accuracy"] if r.get("metrics") else float("nan")
-            lines.append(f"- {phase}: {r.get('steps')} DP-SGD steps, dev accuracy {acc * 100:.2f}%"
+            shown = ctx.task.describe(next(iter(r["metrics"].values()))) if r.get("metrics") else "not evaluated"
+            lines.append(f"- {phase}: {r.get('steps')} DP-SGD steps, evaluation split: {shown}"
                          + (f", {r['method']} pruning" if r.get("method") else "")
                          + (f", student {r['student_init']}" if r.get("student_init") else ""))
     lines += ["", f"Exported from the {source_phase} phase ({trained.get('parameters', 0):,} parameters).",
@@ -513,6 +516,7 @@ def check_phases(cfg: Config, phases) -> None:
         variants.append(with_values(cfg, json.loads(selection.read_text())["selected"]))
     for phase in ("distill", "prune"):
         if phase in phases and not completed(cfg, phase):
+            make_task(cfg.model, cfg.data).refuse_unsupported(phase)
             for variant in variants:
                 phase_trainable(variant, phase)
 

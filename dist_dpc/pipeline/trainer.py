@@ -17,12 +17,10 @@ from typing import Callable
 
 import torch
 
-from dist_dpc.data import check_labels, collate, load_task, resolve_num_labels, tokenize_split
 from dist_dpc.engine import DPEngine, build_ds_config, init_distributed
 from dist_dpc.engine.lr_schedule import make_lr_schedule
 from dist_dpc.engine.distributed import WorldInfo
-from dist_dpc.engine.losses import model_inputs, sequence_classification_loss
-from dist_dpc.models import load_sequence_classifier, load_tokenizer
+from dist_dpc.models import load_tokenizer
 from dist_dpc.models.loading import merged_for_saving
 from dist_dpc.pipeline.checkpoints import Checkpoints
 from dist_dpc.pipeline.preemption import PreemptionGuard
@@ -34,6 +32,7 @@ from dist_dpc.privacy.budget import PhaseBudget
 from dist_dpc.privacy.ledger import PrivacyBudgetExceeded, PrivacyLedger
 from dist_dpc.privacy.randomness import SecretKey
 from dist_dpc.privacy.sampling import make_sampler
+from dist_dpc.tasks import Task, make_task
 from dist_dpc.utils.config_loader import dump_yaml, to_dict
 from dist_dpc.utils.logging import log, warn_loudly
 from dist_dpc.utils.progress import Progress
@@ -45,8 +44,9 @@ POST_PROCESSING = ("eval", "export")
 
 @dataclass
 class PhaseContext:
-    """What every phase of a run tree shares: config, ranks, data, tokenizer, ledger, noise key."""
+    """What every phase of a run tree shares: config, task, ranks, data, tokenizer, ledger, noise key."""
     cfg: Config
+    task: Task                # model.task: data, model, loss and metric (dist_dpc.tasks)
     world: WorldInfo
     run: RunDir
     phase: str
@@ -54,7 +54,7 @@ class PhaseContext:
     tokenizer: object
     train_set: object
     eval_sets: dict
-    num_labels: int
+    num_labels: int | None    # classifier outputs (None: no classifier, e.g. causal_lm)
     label_names: list[str] | None  # the task's public schema (config or published), never the data's
     key: SecretKey            # this phase's noise and sampling key (never written anywhere)
     sampling: str
@@ -101,31 +101,32 @@ def open_phase(cfg: Config, phase: str, *, load_data: bool = True) -> PhaseConte
         directory.mkdir(parents=True, exist_ok=True)
     torch.distributed.barrier()
 
-    tokenizer = load_tokenizer(cfg.model)
-    task = load_task(cfg.data)
-    log(world, f"[{phase}] data: {task.source}; train {len(task.train.labels)} examples, "
-               + ", ".join(f"{k} {len(v.labels)}" for k, v in task.eval.items()))
-    num_labels = resolve_num_labels(task, cfg.model.num_labels)
+    objective = make_task(cfg.model, cfg.data)
+    tokenizer = load_tokenizer(cfg.model, log=lambda message: log(world, message))
+    task = objective.load_data()
+    log(world, f"[{phase}] {objective.name} data: {task.source}; train {len(task.train)} examples, "
+               + ", ".join(f"{k} {len(v)}" for k, v in task.eval.items()))
+    num_labels = objective.num_labels(task, cfg.model.num_labels)
     if load_data:
         warn_exact_statistics(cfg.privacy, world)
     for split in [task.train, *task.eval.values(), *([task.holdout] if task.holdout else [])]:
-        check_labels(split, num_labels)
+        objective.check_split(split, num_labels)
     cache = run.path / "cache"
-    train_set = tokenize_split(task.train, tokenizer, cfg.data.max_length, cache_dir=cache) if load_data else None
-    eval_sets = {k: tokenize_split(v, tokenizer, cfg.data.max_length, cache_dir=cache) for k, v in task.eval.items()}
-    holdout_set = (tokenize_split(task.holdout, tokenizer, cfg.data.max_length, cache_dir=cache)
+    train_set = objective.tokenize(task.train, tokenizer, cache, train=True) if load_data else None
+    eval_sets = {k: objective.tokenize(v, tokenizer, cache, train=False) for k, v in task.eval.items()}
+    holdout_set = (objective.tokenize(task.holdout, tokenizer, cache, train=False)
                    if load_data and task.holdout is not None else None)
     privacy = cfg.privacy
     sampling = privacy.sampling if privacy.enabled else "shuffle"
     ledger = None
     if privacy.enabled:
-        n = task.dataset_size or len(task.train.labels)  # the whole private set, a holdout included
+        n = task.dataset_size or len(task.train)  # the whole private set, a holdout included
         delta = privacy.delta if privacy.delta is not None else delta_default(n)
         check_delta(delta, n)  # before head_init or anything else reads the data
         ledger = PrivacyLedger(run.path / LEDGER_FILE, privacy.target_epsilon, delta, n, privacy.accountant)
-    return PhaseContext(cfg=cfg, world=world, run=run, phase=phase, directory=directory, tokenizer=tokenizer,
+    return PhaseContext(cfg=cfg, task=objective, world=world, run=run, phase=phase, directory=directory, tokenizer=tokenizer,
                         train_set=train_set, eval_sets=eval_sets, num_labels=num_labels,
-                        label_names=task.label_names if task.num_labels == num_labels else None,
+                        label_names=task.label_names if num_labels and task.num_labels == num_labels else None,
                         key=phase_key(run.noise_key(privacy), phase), sampling=sampling, ledger=ledger,
                         holdout_set=holdout_set, public_train_size=task.public_train_size,
                         public_holdout_size=task.public_holdout_size)
@@ -309,7 +310,7 @@ def refuse_lora_under_zero3(cfg: Config, model: torch.nn.Module | None = None) -
 
 
 def train_dp(ctx: PhaseContext, model: torch.nn.Module, *, directory: Path, steps: int, privacy: PrivacyConfig,
-             tracker: Tracker, loss_fn=sequence_classification_loss, lr: float | None = None,
+             tracker: Tracker, loss_fn=None, lr: float | None = None,
              key: SecretKey | None = None, step_offset: int = 0, setup: Callable[[DPEngine], None] | None = None,
              desc: str | None = None) -> DPEngine:
     """DP-SGD on the private training set for ``steps`` logical steps, resumable from ``directory``.
@@ -318,6 +319,7 @@ def train_dp(ctx: PhaseContext, model: torch.nn.Module, *, directory: Path, step
     continues from the checkpoint, so epsilon is unaffected)."""
     cfg, world = ctx.cfg, ctx.world
     refuse_lora_under_zero3(cfg, model)
+    loss_fn = loss_fn or ctx.task.loss
     key = ctx.key if key is None else key
     sampler = make_sampler(ctx.sampling, dataset_size=len(ctx.train_set), expected_batch_size=cfg.train.batch_size,
                            sample_rate=sample_rate(ctx),
@@ -368,7 +370,7 @@ def _steps(ctx, engine, sampler, tracker, metrics_log, checkpoints, progress, gu
     cfg, pad_id = ctx.cfg, ctx.tokenizer.pad_token_id
     for step in range(engine.steps_done, steps):
         plan = sampler.plan(step)
-        micro = [collate([ctx.train_set[i] for i in idx], pad_id, num_rows=cfg.train.micro_batch_size)
+        micro = [ctx.task.collate([ctx.train_set[i] for i in idx], pad_id, num_rows=cfg.train.micro_batch_size)
                  for idx in plan.micro_batches]
         step_start = time.perf_counter()
         stats = engine.train_step(micro, plan.logical_batch_size)
@@ -447,10 +449,10 @@ def exact_step_statistics(engine: DPEngine, stats, micro: list[dict], seconds: f
 
 
 def eval_metrics(engine: DPEngine, ctx: PhaseContext) -> dict:
-    """eval/<split>/loss and accuracy during training: the evaluation split is not the protected
-    set, so these are how learning is watched under DP. Every rank evaluates (ZeRO-3 needs all)."""
+    """eval/<split>/loss and the task's metric during training: the evaluation split is not the
+    protected set, so these are how learning is watched under DP. Every rank evaluates (ZeRO-3 needs all)."""
     return {f"eval/{split}/{key}": m[key] for split, m in evaluate_engine(engine, ctx).items()
-            for key in ("loss", "accuracy")}
+            for key in ctx.task.watched}
 
 
 def other_accountant(engine: DPEngine) -> str:
@@ -471,35 +473,9 @@ def model_parameters(module: torch.nn.Module):
         yield torch.empty(getattr(p, "ds_numel", p.numel()), device="meta")
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, data, pad_id: int, batch_size: int, device=None) -> dict:
-    """Accuracy, mean cross-entropy (and F1 of class 1 for two classes) on an evaluation split;
-    every rank runs it (ZeRO-3 needs them all)."""
-    was_training = model.training
-    model.eval()
-    device = device or next(model.parameters()).device
-    preds, labels, loss_sum = [], [], 0.0
-    for i in range(0, len(data), batch_size):
-        batch = collate([data[j] for j in range(i, min(i + batch_size, len(data)))], pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(**model_inputs(batch)).logits
-        loss_sum += float(torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum"))
-        preds.append(logits.argmax(-1).cpu())
-        labels.append(batch["labels"].cpu())
-    model.train(was_training)
-    p, y = torch.cat(preds), torch.cat(labels)
-    out = {"accuracy": float((p == y).float().mean()), "loss": loss_sum / len(y), "examples": int(len(y)),
-           "correct": int((p == y).sum())}
-    if int(y.max()) <= 1 and int(p.max()) <= 1:
-        tp = int(((p == 1) & (y == 1)).sum())
-        fp = int(((p == 1) & (y == 0)).sum())
-        fn = int(((p == 0) & (y == 1)).sum())
-        out["f1"] = 2 * tp / max(1, 2 * tp + fp + fn)
-    return out
-
-
 def evaluate_engine(engine: DPEngine, ctx: PhaseContext) -> dict:
-    return {name: evaluate(engine.ds, data, ctx.tokenizer.pad_token_id, ctx.cfg.train.eval_batch_size, engine.ds.device)
+    return {name: ctx.task.evaluate(engine.ds, data, ctx.tokenizer.pad_token_id, ctx.cfg.train.eval_batch_size,
+                                    engine.ds.device)
             for name, data in ctx.eval_sets.items()}
 
 
@@ -536,6 +512,7 @@ def phase_results(ctx: PhaseContext, engine: DPEngine, metrics: dict, steps: int
     private = privacy.enabled
     return {
         "phase": ctx.phase,
+        "task": ctx.task.name,
         "metrics": metrics,
         "steps": steps,
         "private": private,
@@ -630,8 +607,8 @@ def run_train(cfg: Config, phase: str = "train", evaluate_splits: bool = True) -
     import_lineage(ctx, cfg.model.name, role="model.name")
     if not cfg.privacy.enabled:
         warn_loudly(ctx.world, "privacy.enabled=false: training WITHOUT differential privacy; the model may leak its data")
-    model = load_sequence_classifier(cfg.model, ctx.num_labels, ctx.tokenizer, seed=cfg.run.seed,
-                                     label_names=ctx.label_names)
+    model = ctx.task.load_model(cfg.model, ctx.tokenizer, num_labels=ctx.num_labels, label_names=ctx.label_names,
+                                seed=cfg.run.seed)
     steps = planned_steps(cfg.train.epochs, cfg.train.max_steps, steps_per_epoch(ctx))
     check_before_spending(ctx, model, steps=steps)
     start = HeadStart.plan(ctx, model)
@@ -647,10 +624,12 @@ def run_train(cfg: Config, phase: str = "train", evaluate_splits: bool = True) -
 
 
 def summary(world, results: dict) -> None:
+    from dist_dpc.tasks import TASKS
+
+    task = TASKS[results.get("task", "sequence_classification")]
     lines = ["", "=" * 72, f"phase {results.get('phase', 'train')}"]
     for name, m in results["metrics"].items():
-        lines.append(f"{name}: accuracy {m['accuracy'] * 100:.2f}% on {m['examples']} examples"
-                     + (f", F1 {m['f1'] * 100:.2f}" if "f1" in m else ""))
+        lines.append(f"{name}: {task.describe(m)}")
     if results["private"]:
         lines.append(f"privacy: epsilon={results['epsilon']:.3f} ({results['accountant'].upper()}, whole run tree so "
                      f"far; other accountant {results['epsilon_rdp']:.3f}), delta={results['delta']:.3g}, "

@@ -37,10 +37,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dist_dpc.models import ModelConfig, load_sequence_classifier
+from dist_dpc.models import ModelConfig
 from dist_dpc.pipeline.config import Config, derived
-from dist_dpc.pipeline.trainer import (PhaseContext, PhaseRunningError, _from_rank0, _hold_phase_lock, evaluate,
+from dist_dpc.pipeline.trainer import (PhaseContext, PhaseRunningError, _from_rank0, _hold_phase_lock,
                                        local_device, open_phase, planned_steps, root_of, run_train)
+from dist_dpc.tasks import make_task
 from dist_dpc.privacy.accounting import (MAX_SIGMA, Mechanism, RdpCurve, calibrate_noise_multiplier,
                                          compute_epsilon, epsilon_from_rdp, rdp_of, rdp_orders)
 from dist_dpc.privacy.ledger import RELATIVE_SLACK, PrivacyBudgetExceeded
@@ -235,6 +236,7 @@ def run_tune(cfg: Config) -> dict:
     if not t.search:
         raise ValueError("tune.search is empty: name the config keys to tune and their candidates, e.g. "
                          "tune.search='{train.lr: [2.0e-4, 5.0e-4, 1.0e-3]}'")
+    make_task(cfg.model, cfg.data).refuse_unsupported("tune")
     candidates = t.candidates()
     _check_candidates(cfg, candidates)
     return _tune_public(cfg, candidates) if t.mode == "public_proxy" else _tune_private(cfg, candidates)
@@ -396,7 +398,8 @@ def _bert_style_probe(ctx: PhaseContext) -> Callable[[Config], bool]:
 
     def bert_style(c: Config) -> bool:
         if c.model.name not in seen:
-            model = load_sequence_classifier(c.model, ctx.num_labels, ctx.tokenizer, seed=c.run.seed)
+            model = ctx.task.load_model(c.model, ctx.tokenizer, num_labels=ctx.num_labels, label_names=None,
+                                        seed=c.run.seed)
             seen[c.model.name] = has_pooled_head(model)
             del model
         return seen[c.model.name]
@@ -507,10 +510,11 @@ def _release_trial_lock(trial_dir: Path) -> None:
 
 def _correct(model_dir: Path, cfg: Config, ctx: PhaseContext, data) -> int:
     """Correct holdout predictions, counted as an integer (the score's sensitivity is 1)."""
-    model = load_sequence_classifier(ModelConfig(name=str(model_dir), num_labels=ctx.num_labels,
-                                                 tokenizer=cfg.model.tokenizer),
-                                     ctx.num_labels, ctx.tokenizer, seed=cfg.run.seed, label_names=ctx.label_names)
-    return evaluate(model.to(local_device()), data, ctx.tokenizer.pad_token_id, cfg.train.eval_batch_size)["correct"]
+    model = ctx.task.load_model(ModelConfig(name=str(model_dir), task=cfg.model.task, num_labels=ctx.num_labels,
+                                            tokenizer=cfg.model.tokenizer),
+                                ctx.tokenizer, num_labels=ctx.num_labels, label_names=ctx.label_names, seed=cfg.run.seed)
+    return ctx.task.evaluate(model.to(local_device()), data, ctx.tokenizer.pad_token_id,
+                             cfg.train.eval_batch_size)["correct"]
 
 
 

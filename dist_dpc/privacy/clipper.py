@@ -177,8 +177,9 @@ def find_dp_layers(model: nn.Module) -> list[DPLayer]:
         users = "; ".join(" + ".join(v) for v in shared.values())
         raise TiedWeightsError(
             f"tied trainable weights are shared by several modules ({users}); per-sample norms of a shared "
-            "weight need the cross terms between its uses, which are not computed. Untie them (e.g. "
-            "tie_word_embeddings=False in the model config) or freeze the shared weight.")
+            "weight need the cross terms between its uses, which are not computed. Freeze the shared weight (for a "
+            "causal LM's tied input embedding / LM head: model.freeze_embeddings=true, or DP-LoRA with model.lora), "
+            "or untie them (tie_word_embeddings=False in the model config, which changes the model).")
     # A module reached twice (same object under two names) keeps one entry.
     unique, seen = [], set()
     for layer in layers:
