@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
         "export": ("a Hugging Face directory with a model card stating epsilon, delta and the phases",
                    "Post-processing: spends no privacy. Writes RUN/export/model, reloadable with "
                    "AutoModelForSequenceClassification.from_pretrained, checked against the trained model."),
+        "generate": ("sample text from a trained causal LM (section generate), sharded and resumable",
+                     "Post-processing: spends no privacy. Prompts are control codes with counts (generate.prompts "
+                     "or generate.prompts_file); top-k/top-p/temperature/no-repeat n-gram sampling; batch b belongs "
+                     "to shard b %% generate.shards (a SLURM array task under `dpc submit`) and is written atomically, "
+                     "so a rerun finishes only what is missing. Writes RUN/generate/samples.jsonl "
+                     "(datasets.load_dataset('json', data_files=...))."),
         "pipeline": ("all of pipeline.phases in order (teacher -> distill -> prune -> eval -> export by default)",
                      "Completed training phases are skipped, so re-running resumes. Prints the privacy ledger "
                      "and the accuracy table at the end."),

@@ -18,8 +18,8 @@ from dist_dpc.utils.config_loader import build, to_dict
 class PhaseJob:
     """Picklable job body; submitit calls ``checkpoint`` on preemption/timeout and requeues it."""
 
-    def __init__(self, config: dict, phase: str):
-        self.config, self.phase = config, phase
+    def __init__(self, config: dict, phase: str, shard: int | None = None):
+        self.config, self.phase, self.shard = config, phase, shard
 
     def __call__(self) -> dict:
         import submitit
@@ -47,6 +47,8 @@ class PhaseJob:
         os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
         os.environ.setdefault("WANDB_MODE", "offline")
         from dist_dpc.pipeline.phases import run_phase
+        if self.shard is not None:  # one task of a `dpc generate` array
+            os.environ["DPC_GENERATE_SHARD"] = str(self.shard)
 
         cfg = build(Config, self.config)
         # A local/debug job runs several phases in order (no scheduler to chain them).
@@ -57,7 +59,7 @@ class PhaseJob:
 
         # Resuming needs nothing from memory: the phase restarts from its last complete checkpoint
         # in the run directory (accountant, sampler position and noise streams included).
-        return submitit.helpers.DelayedSubmission(PhaseJob(self.config, self.phase))
+        return submitit.helpers.DelayedSubmission(PhaseJob(self.config, self.phase, self.shard))
 
 
 def executor_for(cfg, folder: Path, phase: str, after: str | None = None):
@@ -110,10 +112,19 @@ def submit(cfg, phases: tuple[str, ...] | None = None) -> list[dict]:
         # Without a scheduler there are no afterok dependencies: one job runs the phases in order.
         todo = ["+".join(todo)]
     for phase in todo:
-        executor = executor_for(cfg, folder, phase, after=previous.job_id if previous is not None else None)
-        job = executor.submit(PhaseJob(to_dict(cfg), phase))
-        records.append({"phase": phase, "job_id": str(job.job_id), "executor": cfg.cluster.executor,
-                        "logs": str(folder)})
+        after = previous.job_id.split("_")[0] if previous is not None else None  # an array: all its tasks
+        executor = executor_for(cfg, folder, phase, after=after)
+        if phase == "generate" and cfg.cluster.executor == "slurm" and cfg.generate.shards > 1:
+            # One array task per shard; each finishes its batches, the last one merges them.
+            with executor.batch():
+                jobs = [executor.submit(PhaseJob(to_dict(cfg), phase, shard)) for shard in range(cfg.generate.shards)]
+            job = jobs[0]
+            records += [{"phase": f"{phase}[{j}]", "job_id": str(t.job_id), "executor": cfg.cluster.executor,
+                         "logs": str(folder)} for j, t in enumerate(jobs)]
+        else:
+            job = executor.submit(PhaseJob(to_dict(cfg), phase))
+            records.append({"phase": phase, "job_id": str(job.job_id), "executor": cfg.cluster.executor,
+                            "logs": str(folder)})
         previous = job
         if cfg.cluster.executor == "debug":
             job.result()  # submitit's debug jobs run in this process, and only when asked for

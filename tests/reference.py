@@ -15,6 +15,18 @@ def classifier_loss(model, batch: dict) -> torch.Tensor:
     return F.cross_entropy(logits, batch["labels"], reduction="none")
 
 
+def lm_loss(model, batch: dict) -> torch.Tensor:
+    """Per-sample causal-LM loss written out position by position: the mean over t >= 1 with
+    labels[t] != -100 of -log p(labels[t] | tokens < t); 0 for a sample with no such position."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    losses = []
+    for i in range(logits.shape[0]):
+        terms = [-torch.log_softmax(logits[i, t - 1], -1)[batch["labels"][i, t]]
+                 for t in range(1, logits.shape[1]) if int(batch["labels"][i, t]) != -100]
+        losses.append(torch.stack(terms).mean() if terms else logits[i].sum() * 0)
+    return torch.stack(losses)
+
+
 def per_example_grads(model, batch: dict, loss_fn=classifier_loss) -> list[dict[str, torch.Tensor]]:
     """One backward per example: the gradient of each example's loss, by parameter name."""
     size = batch["labels"].shape[0]

@@ -130,14 +130,7 @@ def load_sequence_classifier(cfg: ModelConfig, num_labels: int, tokenizer=None, 
     if label_names is not None and len(label_names) == model.config.num_labels:
         model.config.id2label = dict(enumerate(label_names))
         model.config.label2id = {name: i for i, name in enumerate(label_names)}
-    if cfg.lora is not None:
-        return _with_lora(model, cfg)
-    if cfg.freeze_embeddings:
-        for module in model.modules():
-            if isinstance(module, torch.nn.Embedding):
-                module.weight.requires_grad_(False)
-    set_trainable(model, cfg.trainable, "model.trainable")
-    return model
+    return _select_trainable(model, cfg, head=LORA_HEAD)
 
 
 def load_causal_lm(cfg: ModelConfig, tokenizer=None, seed: int = 0):

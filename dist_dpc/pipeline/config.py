@@ -154,7 +154,7 @@ class ClusterConfig:
 
 
 SPENDING_PHASES = ("tune", "teacher", "distill", "prune")  # read the private data under DP
-ALL_PHASES = (*SPENDING_PHASES, "eval", "export")
+ALL_PHASES = (*SPENDING_PHASES, "eval", "export", "generate")
 DEFAULT_PHASES = ("teacher", "distill", "prune", "eval", "export")  # tune only when asked (it needs tune.search)
 
 
@@ -260,6 +260,50 @@ TUNE_MODES = ("private", "public_proxy")
 
 
 @dataclass(kw_only=True)
+class GenerateConfig:
+    """`dpc generate`: sampling from a trained causal LM (post-processing of a DP model: spends nothing)."""
+    source: str = "auto"
+    """Model to sample from: a phase of this run tree (teacher, train), a model directory, or auto
+    (the teacher's model, else `dpc train`'s)."""
+    prompts: dict[str, int] = field(default_factory=dict)
+    """Control codes (tab-separated, as in the training data) -> number of samples, e.g.
+    {"Business Category: Bars\tReview Stars: 5.0": 100}; "" samples without control codes."""
+    prompts_file: str | None = None
+    """A .json / .jsonl file of {"codes": [...], "count": n} records (e.g. a DP histogram's allocation),
+    added to generate.prompts."""
+    max_new_tokens: int = 64
+    """Tokens generated per sample at most (a sample ends earlier at EOS)."""
+    temperature: float = 1.0
+    """Softmax temperature of the sampling."""
+    top_k: int = 50
+    """Sample among the k most likely tokens (0: all)."""
+    top_p: float = 0.9
+    """Nucleus sampling: the smallest set of tokens whose probability reaches top_p (1.0: off)."""
+    no_repeat_ngram_size: int = 0
+    """Forbid repeating any n-gram of this size within a sample (0: off)."""
+    batch_size: int = 16
+    """Samples generated together (all of one prompt). A batch is the unit of sharding and resuming."""
+    shards: int = 1
+    """Shards of the samples (`dpc submit` runs them as a SLURM array; ranks under torchrun split each
+    shard). Batch b belongs to shard b % shards, so the output does not depend on shards or ranks."""
+    seed: int = 0
+    """Seed of the sampling: batch b draws from seed (seed, b), so a rerun reproduces every sample."""
+
+    def __post_init__(self) -> None:
+        for key in ("max_new_tokens", "batch_size", "shards"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"generate.{key}={getattr(self, key)!r} is invalid: must be >= 1")
+        if self.temperature <= 0:
+            raise ValueError(f"generate.temperature={self.temperature!r} is invalid: must be > 0")
+        if self.top_k < 0 or not 0 < self.top_p <= 1 or self.no_repeat_ngram_size < 0:
+            raise ValueError(f"generate: top_k={self.top_k} (>= 0), top_p={self.top_p} (in (0, 1]) and "
+                             f"no_repeat_ngram_size={self.no_repeat_ngram_size} (>= 0) out of range")
+        bad = {k: v for k, v in self.prompts.items() if not isinstance(v, int) or v < 0}
+        if bad:
+            raise ValueError(f"generate.prompts: counts must be integers >= 0, got {bad}")
+
+
+@dataclass(kw_only=True)
 class TuneConfig:
     """`dpc tune`: hyper-parameter selection that is itself accounted (docs/tuning.md)."""
     search: dict[str, list[Any]] = field(default_factory=dict)
@@ -333,6 +377,7 @@ class Config:
     prune: PruneConfig = field(default_factory=PruneConfig)
     head_init: HeadInitConfig = field(default_factory=HeadInitConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
 
 
 def derived(original: Config, new: Config) -> Config:

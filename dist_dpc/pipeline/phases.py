@@ -484,8 +484,14 @@ def _read_or(path: Path, default: str = "{}") -> str:
 
 
 # -- the chain -------------------------------------------------------------------------------------
+def run_generate(cfg: Config) -> dict:
+    from dist_dpc.pipeline.generate import run_generate as generate
+
+    return generate(cfg)
+
+
 RUNNERS = {"teacher": run_teacher, "distill": run_distill, "prune": run_prune, "eval": run_eval,
-           "export": run_export}
+           "export": run_export, "generate": run_generate}
 
 
 def run_phase(cfg: Config, phase: str) -> dict:

@@ -18,11 +18,12 @@ class RunDirectoryError(ValueError):
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ (run.overwrite and wandb.* may change between attempts)."""
+    """Dotted keys whose values differ (run.overwrite, wandb.*, cluster.* and generate.* may change
+    between attempts: generation samples from the trained models and keeps its own plan)."""
     out = []
     for key in sorted(set(old) | set(new)):
         name = f"{prefix}{key}"
-        if name in ("run.overwrite",) or name.startswith(("wandb", "cluster")):
+        if name in ("run.overwrite",) or name.startswith(("wandb", "cluster", "generate")):
             continue
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):

@@ -21,7 +21,6 @@ from dist_dpc.engine import DPEngine, build_ds_config, init_distributed
 from dist_dpc.engine.lr_schedule import make_lr_schedule
 from dist_dpc.engine.distributed import WorldInfo
 from dist_dpc.models import load_tokenizer
-from dist_dpc.models.loading import merged_for_saving
 from dist_dpc.pipeline.checkpoints import Checkpoints
 from dist_dpc.pipeline.preemption import PreemptionGuard
 from dist_dpc.pipeline.config import Config, user_config
@@ -39,7 +38,7 @@ from dist_dpc.utils.progress import Progress
 from dist_dpc.utils.tracking import Tracker, make_tracker
 
 LEDGER_FILE = "privacy_ledger.json"
-POST_PROCESSING = ("eval", "export")
+POST_PROCESSING = ("eval", "export", "generate")
 
 
 @dataclass
@@ -264,12 +263,10 @@ def _clear_stale_attempt(ctx: PhaseContext) -> None:
 
 
 def check_before_spending(ctx: PhaseContext, model: torch.nn.Module, *, steps: int, lr: float | None = None) -> None:
-    """What train_dp refuses on the settings and the model alone (LoRA under ZeRO-3, the DeepSpeed
-    config, a clashing scheduler, layers the DP engine cannot clip, flat clipping in low precision),
+    """What train_dp refuses on the settings and the model alone (the DeepSpeed config, a clashing scheduler, layers the DP engine cannot clip, flat clipping in low precision),
     checked before the phase reserves budget and before head_init reads the private data: a refusal
     then spends nothing."""
     cfg = ctx.cfg
-    refuse_lora_under_zero3(cfg, model)
     ds_config = _phase_ds_config(cfg, ctx.world, lr, cfg.privacy.enabled)
     _lr_schedule(cfg, ds_config, steps)
     DPEngine.check_settings(model, ds_config, cfg.privacy)
@@ -291,24 +288,6 @@ def _lr_schedule(cfg: Config, ds_config: dict, steps: int):
     return schedule
 
 
-def refuse_lora_under_zero3(cfg: Config, model: torch.nn.Module | None = None) -> None:
-    """A peft model under ZeRO-3 (train.zero_stage, or the stage of train.deepspeed_config) is refused
-    right after loading, before head_init or anything else reads the private data. Without a model:
-    whether cfg.model would load as one (`dpc tune` checks its candidates before reserving)."""
-    from dist_dpc.engine.ds_config import read_ds_config
-
-    peft = callable(getattr(model, "get_base_model", None)) if model is not None else cfg.model.lora is not None
-    if not peft:
-        return
-    stage = cfg.train.zero_stage
-    if stage is None:
-        stage = read_ds_config(cfg.train.deepspeed_config).get("zero_optimization", {}).get("stage", 0)
-    if stage == 3:
-        raise ValueError("model.lora (DP-LoRA, the default) with ZeRO stage 3 is not supported yet (saving merges "
-                         "the adapters, which needs the gathered weights): set model.lora=null for full fine-tuning "
-                         "under ZeRO-3, or use ZeRO 0-2 with LoRA (its adapters are small)")
-
-
 def train_dp(ctx: PhaseContext, model: torch.nn.Module, *, directory: Path, steps: int, privacy: PrivacyConfig,
              tracker: Tracker, loss_fn=None, lr: float | None = None,
              key: SecretKey | None = None, step_offset: int = 0, setup: Callable[[DPEngine], None] | None = None,
@@ -318,7 +297,6 @@ def train_dp(ctx: PhaseContext, model: torch.nn.Module, *, directory: Path, step
     phase has a fresh key, so its remaining steps draw fresh batches and noise (the accountant
     continues from the checkpoint, so epsilon is unaffected)."""
     cfg, world = ctx.cfg, ctx.world
-    refuse_lora_under_zero3(cfg, model)
     loss_fn = loss_fn or ctx.task.loss
     key = ctx.key if key is None else key
     sampler = make_sampler(ctx.sampling, dataset_size=len(ctx.train_set), expected_batch_size=cfg.train.batch_size,
@@ -482,29 +460,43 @@ def evaluate_engine(engine: DPEngine, ctx: PhaseContext) -> dict:
 def save_model(ctx: PhaseContext, engine: DPEngine, directory: Path) -> None:
     """Hugging Face directory of the trained model (gathered from ZeRO-3 partitions if needed), with
     its privacy lineage (what the ledger holds now: wherever the directory goes, its cost goes too).
-    Written next to the target and renamed into place: a crash never leaves half a model."""
+    DP-LoRA: the adapters merged into the weights (a plain directory), and the adapter alone in
+    ``adapter/`` (peft's format: PeftModel.from_pretrained(base, directory / "adapter")). Written
+    next to the target and renamed into place: a crash never leaves half a model."""
     import shutil
 
     import deepspeed
 
     from dist_dpc.pipeline.lineage import write_lineage
 
-    tokenizer, world = ctx.tokenizer, ctx.world
-    module = engine.module
+    tokenizer, world, module = ctx.tokenizer, ctx.world, engine.module
     params = list(module.parameters())
     with deepspeed.zero.GatheredParameters(params, enabled=engine.ds.zero_optimization_stage() == 3):
         if world.is_main:
-            plain = merged_for_saving(module)  # adapters (model.lora) merged: a plain HF directory
-            state = {k: v.detach().cpu().clone() for k, v in plain.state_dict().items()}
+            state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
             tmp = directory.with_name(directory.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            plain.save_pretrained(str(tmp), state_dict=state)
+            if is_peft(module):
+                # A CPU copy of the same architecture holds the gathered weights; merging it leaves the
+                # engine's (possibly partitioned) module untouched.
+                copy = ctx.task.load_model(ctx.cfg.model, tokenizer, num_labels=ctx.num_labels,
+                                           label_names=ctx.label_names, seed=ctx.cfg.run.seed)
+                copy.load_state_dict(state)
+                copy.save_pretrained(str(tmp / "adapter"))
+                plain = copy.merge_and_unload()
+                plain.save_pretrained(str(tmp), state_dict={k: v.detach().clone() for k, v in plain.state_dict().items()})
+            else:
+                module.save_pretrained(str(tmp), state_dict=state)
             tokenizer.save_pretrained(str(tmp))
             write_lineage(tmp, ctx.ledger, phase=ctx.phase)
             if directory.exists():
                 shutil.rmtree(directory)
             tmp.rename(directory)
     torch.distributed.barrier()
+
+
+def is_peft(module: torch.nn.Module) -> bool:
+    return callable(getattr(module, "get_base_model", None)) and hasattr(module, "merge_and_unload")
 
 
 def phase_results(ctx: PhaseContext, engine: DPEngine, metrics: dict, steps: int, **extra) -> dict:

@@ -99,7 +99,6 @@ def plan_trials(cfg: Config, candidates: list[dict], train_size: int,
     """Each candidate's trial as run_train will run it: its DP-SGD steps, and head_init's probe steps
     and DP mean where its settings (resolved for the candidate's model: ``bert_style``) run them."""
     from dist_dpc.pipeline.head_init import head_init_cost
-    from dist_dpc.pipeline.trainer import refuse_lora_under_zero3
 
     plans = []
     for values in candidates:
@@ -109,7 +108,6 @@ def plan_trials(cfg: Config, candidates: list[dict], train_size: int,
                              f"{train_size} training examples left after the holdout")
         per_epoch = math.ceil(train_size / c.train.batch_size)
         steps = planned_steps(c.train.epochs, c.train.max_steps, per_epoch)
-        refuse_lora_under_zero3(c)  # as each trial would, but before the selection reserves anything
         h = c.head_init
         if h.centre_pooler is not False or h.probe_epochs != 0:  # (else nothing to resolve: no model load)
             try:

@@ -18,6 +18,7 @@ class Task:
     watched: tuple[str, ...] = ()    # eval metrics logged during training (train.eval_every)
     lora_head: tuple[str, ...] = ()  # parameter-name patterns that train beside LoRA adapters by default
     unsupported_phases: tuple[str, ...] = ()  # phases refused for this task (before anything runs)
+    generates: bool = False          # `dpc generate` samples text from its models
 
     def __init__(self, data_cfg: DataConfig):
         self.data_cfg = data_cfg

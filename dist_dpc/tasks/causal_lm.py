@@ -21,6 +21,7 @@ class CausalLM(Task):
     primary_metric = "perplexity"
     higher_is_better = False
     watched = ("loss", "perplexity")
+    generates = True
     lora_head = ()  # the LM head (vocab x hidden, often tied to the embeddings) stays frozen under LoRA
     # DPKD / DPIMP of causal LMs: not yet; tune's private score counts correct predictions (sensitivity 1),
     # which a perplexity has no bounded counterpart of.

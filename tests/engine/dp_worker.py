@@ -25,6 +25,20 @@ def logical_batch(vocab: int, size: int, length: int, seed: int) -> dict:
     return {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 2, (size,), generator=gen)}
 
 
+def lm_batch(vocab: int, size: int, length: int, seed: int) -> dict:
+    """A causal-LM batch: random ids, right padding on some rows, and labels that are -100 on a
+    control-code prefix of 0-3 tokens and on the padding (what dist_dpc.data.lm.collate_lm builds)."""
+    batch = logical_batch(vocab, size, length, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    labels = batch["input_ids"].clone()
+    prefix = torch.randint(0, 4, (size,), generator=gen)
+    for i in range(size):
+        labels[i, :int(prefix[i])] = -100
+    labels[batch["attention_mask"] == 0] = -100
+    batch["labels"] = labels
+    return batch
+
+
 def rank_micro_batches(batch: dict, rank: int, world: int, micro: int, accumulation: int) -> list[dict]:
     """Round-robin share of the logical batch, cut into ``accumulation`` fixed-size micro-batches
     whose spare rows are padding (sample_mask 0)."""
@@ -39,7 +53,8 @@ def rank_micro_batches(batch: dict, rank: int, world: int, micro: int, accumulat
         rows = {
             "input_ids": torch.cat([rows["input_ids"], torch.zeros(pad, length, dtype=torch.long)]),
             "attention_mask": torch.cat([rows["attention_mask"], torch.nn.functional.one_hot(torch.zeros(pad, dtype=torch.long), length)]),
-            "labels": torch.cat([rows["labels"], torch.zeros(pad, dtype=torch.long)]),
+            "labels": torch.cat([rows["labels"], torch.full((pad, *rows["labels"].shape[1:]),
+                                                              -100 if rows["labels"].dim() == 2 else 0, dtype=torch.long)]),
             "sample_mask": torch.cat([torch.ones(len(idx)), torch.zeros(pad)]),
         }
         out.append(rows)
@@ -60,6 +75,8 @@ def case_model(case: dict, spec: dict):
         from tests.engine.random_models import RandomStack, random_model_loss
 
         return RandomStack(case["random_model"]), random_model_loss
+    if case.get("task") == "causal_lm":
+        return causal_lm_case(case, spec["seed"])
     from dist_dpc.engine.losses import sequence_classification_loss
     from dist_dpc.models import ModelConfig, load_sequence_classifier
 
@@ -87,7 +104,28 @@ def with_test_lora(name: str, seed: int, rank: int):
     return model
 
 
+def causal_lm_case(case: dict, seed: int):
+    """A debug causal LM (vocabulary of the byte-level tokenizer: 257) and the LM loss; with "lora",
+    adapters whose B matrices are random (as with_test_lora)."""
+    from dist_dpc.engine.losses import causal_lm_loss
+    from dist_dpc.models import ModelConfig, load_causal_lm
+    from dist_dpc.models.config import LoraSettings
+
+    lora = LoraSettings(r=case["lora"], target_modules=case.get("lora_targets")) if case.get("lora") else None
+    model = load_causal_lm(ModelConfig(name=case["model"], task="causal_lm", dropout=0.0, lora=lora), None, seed=seed)
+    if lora is not None:
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for pname, param in model.named_parameters():
+                if "lora_B" in pname:
+                    param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+    return model, causal_lm_loss
+
+
 def case_batch(case: dict, spec: dict, model) -> dict:
+    if case.get("task") == "causal_lm":
+        return lm_batch(model.config.vocab_size, case.get("batch_size", spec.get("batch_size")), spec.get("length", 9),
+                        spec["seed"])
     random_model = case.get("random_model")
     vocab = random_model["vocab"] if random_model else model.config.vocab_size
     length = random_model["length"] if random_model else spec.get("length", 9)

@@ -96,7 +96,7 @@ def test_public_proxy_tune_costs_nothing_and_refusals(tmp_path):
         (["tune.search={privacy.target_epsilon: [1, 2]}"], "privacy, data and run are fixed"),
         # what a trial would refuse is refused before the selection reserves anything
         (["model.name=tiny-gpt2", "tune.search={head_init.probe_epochs: [0, 1]}"], "needs a BERT-style classifier"),
-        (["model.lora={r: 2}", "train.zero_stage=3"], "model.lora=null"),
+        (["model.task=causal_lm", "model.name=tiny-llama"], "tune is not supported for model.task='causal_lm'"),
     ]
     for i, (extra, message) in enumerate(refusals):
         with pytest.raises((ValueError, ConfigError), match=re.escape(message)):

@@ -1,0 +1,216 @@
+"""`dpc generate`: batched sampling from a trained causal LM, sharded and resumable.
+
+Post-processing of a DP model: it reads no private data and spends nothing (the model directory's
+lineage carries its cost). The samples are planned before anything runs: prompts (control codes and
+counts) expand into sample ids 0..N-1, cut into batches of one prompt each; batch b belongs to shard
+b % generate.shards (a SLURM array task) and, within it, to rank (b // shards) % world. Batch b samples
+with seed (generate.seed, b), so its text does not depend on how the work was split, and it is written
+atomically as one file: a killed job reruns only the batches without a file. When every batch is
+there, the merge writes RUN/generate/samples.jsonl (datasets.load_dataset("json", data_files=...)).
+
+    RUN/generate/plan.json  batches/batch-000000.jsonl ...  samples.jsonl  results.json
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dist_dpc.data.lm import control_prefix, prompt_ids
+from dist_dpc.pipeline.config import Config, GenerateConfig
+from dist_dpc.pipeline.trainer import local_device, open_phase, root_of
+from dist_dpc.utils.atomic import atomic_write
+from dist_dpc.utils.logging import log
+
+SHARD_ENV = ("DPC_GENERATE_SHARD", "SLURM_ARRAY_TASK_ID")
+
+
+@dataclass(frozen=True)
+class Batch:
+    index: int
+    codes: tuple[str, ...]
+    first_id: int
+    size: int
+
+
+def read_prompts(g: GenerateConfig) -> list[tuple[tuple[str, ...], int]]:
+    """(control codes, count) in a fixed order: generate.prompts, then generate.prompts_file."""
+    prompts = [(tuple(k.split("\t")) if k else (), int(v)) for k, v in g.prompts.items()]
+    if g.prompts_file:
+        path = Path(g.prompts_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"generate.prompts_file={g.prompts_file!r}: no such file")
+        text = path.read_text()
+        records = json.loads(text) if path.suffix == ".json" else [json.loads(x) for x in text.splitlines() if x.strip()]
+        for r in records:
+            if not isinstance(r, dict) or "count" not in r or not isinstance(r.get("codes", []), list):
+                raise ValueError(f"generate.prompts_file={g.prompts_file!r}: each record is {{\"codes\": [...], "
+                                 f"\"count\": n}}, got {r!r}")
+            prompts.append((tuple(str(c) for c in r.get("codes", [])), int(r["count"])))
+    if not prompts or sum(n for _, n in prompts) == 0:
+        raise ValueError("generate: no samples requested: set generate.prompts (control codes -> count, e.g. "
+                         "'generate.prompts={\"\": 100}' without control codes) or generate.prompts_file")
+    if any(n < 0 for _, n in prompts):
+        raise ValueError("generate: prompt counts must be >= 0")
+    return prompts
+
+
+def plan_batches(prompts, batch_size: int) -> list[Batch]:
+    batches, next_id = [], 0
+    for codes, count in prompts:
+        for start in range(0, count, batch_size):
+            size = min(batch_size, count - start)
+            batches.append(Batch(len(batches), codes, next_id + start, size))
+        next_id += count
+    return batches
+
+
+def mine(batches: list[Batch], shard: int, shards: int, rank: int, world: int) -> list[Batch]:
+    in_shard = [b for b in batches if b.index % shards == shard]
+    return [b for j, b in enumerate(in_shard) if j % world == rank]
+
+
+def current_shard(g: GenerateConfig) -> int | None:
+    """The shard this process runs (None: all of them): DPC_GENERATE_SHARD, or a SLURM array task id."""
+    for key in SHARD_ENV:
+        if os.environ.get(key) not in (None, ""):
+            shard = int(os.environ[key])
+            if not 0 <= shard < g.shards:
+                raise ValueError(f"{key}={shard} is outside generate.shards={g.shards}")
+            return shard
+    return None
+
+
+def source_dir(cfg: Config) -> Path:
+    root, ref = root_of(cfg), cfg.generate.source
+    if ref == "auto":
+        for candidate in (root / "teacher", root):
+            if (candidate / "results.json").is_file() and (candidate / "model" / "config.json").is_file():
+                return candidate / "model"
+        raise FileNotFoundError(f"generate: {root} holds no trained model (teacher or `dpc train`): train one first, "
+                                "or set generate.source to a model directory")
+    if ref == "train":
+        return root / "model"
+    path = root / ref / "model" if (root / ref / "results.json").is_file() else Path(ref)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"generate.source={ref!r} is neither a completed phase of {root} nor a model directory")
+    return path
+
+
+def batch_file(directory: Path, index: int) -> Path:
+    return directory / "batches" / f"batch-{index:06d}.jsonl"
+
+
+def run_generate(cfg: Config) -> dict:
+    g = cfg.generate
+    prompts = read_prompts(g)
+    ctx = open_phase(cfg, "generate", load_data=False)
+    if not ctx.task.generates:
+        raise ValueError(f"generate samples text from a causal LM, but model.task={ctx.task.name!r} trains a "
+                         "classifier: set model.task=causal_lm (and a causal LM as model.name)")
+    source = source_dir(cfg)
+    from dist_dpc.models import ModelConfig
+
+    model = ctx.task.load_model(ModelConfig(name=str(source), task=cfg.model.task, tokenizer=cfg.model.tokenizer),
+                                ctx.tokenizer, num_labels=None, label_names=None, seed=cfg.run.seed)
+    model.to(local_device()).eval()
+    batches = plan_batches(prompts, g.batch_size)
+    directory = ctx.directory
+    plan = {"source": str(source), "samples": sum(b.size for b in batches), "batches": len(batches),
+            "settings": {k: getattr(g, k) for k in ("max_new_tokens", "temperature", "top_k", "top_p",
+                                                    "no_repeat_ngram_size", "batch_size", "seed")},
+            "prompts": [{"codes": list(c), "count": n} for c, n in prompts]}
+    if ctx.is_main:
+        (directory / "batches").mkdir(parents=True, exist_ok=True)
+        _check_plan(directory / "plan.json", plan)
+    torch.distributed.barrier()
+    shard = current_shard(g)
+    shards = [shard] if shard is not None else list(range(g.shards))
+    todo = [b for s in shards for b in mine(batches, s, g.shards, ctx.world.rank, ctx.world.world_size)
+            if not batch_file(directory, b.index).is_file()]
+    log(ctx.world, f"[generate] {plan['samples']} samples in {len(batches)} batches from {source}; shard(s) {shards} "
+                   f"of {g.shards}, {len(todo)} batches left on rank {ctx.world.rank}")
+    _generate(ctx, model, todo, directory)
+    torch.distributed.barrier()
+    results = merge(directory, batches, ctx.is_main)
+    torch.distributed.barrier()
+    return results
+
+
+def _check_plan(path: Path, plan: dict) -> None:
+    """A resumed generation must be the same plan: batches written under other settings would mix."""
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old != plan:
+            raise ValueError(f"generate: {path.parent} holds samples of another plan (source, prompts or sampling "
+                             "settings differ): use another run.name, or delete that directory to start over")
+        return
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(plan, indent=2)))
+
+
+@torch.no_grad()
+def _generate(ctx, model, todo: list[Batch], directory: Path) -> None:
+    from tqdm import tqdm
+
+    g, tok = ctx.cfg.generate, ctx.tokenizer
+    device = next(model.parameters()).device
+    bar = tqdm(total=sum(b.size for b in todo), desc=f"generate rank {ctx.world.rank}", unit="sample",
+               disable=not todo, mininterval=5)
+    for b in todo:
+        prefix = control_prefix(b.codes) if b.codes else ""
+        prompt = prompt_ids(tok, prefix)
+        if not prompt:  # a model without BOS and no control codes: start from EOS (GPT-2's convention)
+            prompt = [tok.eos_token_id]
+        ids = torch.tensor([prompt] * b.size, device=device)
+        torch.manual_seed(_batch_seed(g.seed, b.index))
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                             max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
+                             no_repeat_ngram_size=g.no_repeat_ngram_size, pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.eos_token_id)
+        rows = []
+        for j in range(b.size):
+            new = out[j, len(prompt):].tolist()
+            if tok.eos_token_id in new:
+                new = new[:new.index(tok.eos_token_id)]
+            rows.append({"id": b.first_id + j, "codes": list(b.codes), "prompt": prefix,
+                         "text": tok.decode(new, skip_special_tokens=True)})
+        atomic_write(batch_file(directory, b.index),
+                     lambda tmp, rows=rows: tmp.write_text("".join(json.dumps(r) + "\n" for r in rows)))
+        bar.update(b.size)
+    bar.close()
+
+
+def _batch_seed(seed: int, index: int) -> int:
+    return int.from_bytes(hashlib.blake2b(f"generate:{seed}:{index}".encode(), digest_size=8).digest(), "little") >> 1
+
+
+def merge(directory: Path, batches: list[Batch], writer: bool) -> dict:
+    """samples.jsonl once every batch file is there (any process may call it; a lock makes one write
+    it): ids 0..N-1 each exactly once, in order."""
+    missing = [b.index for b in batches if not batch_file(directory, b.index).is_file()]
+    total = sum(b.size for b in batches)
+    if missing:
+        return {"complete": False, "missing_batches": len(missing), "samples": total}
+    if writer:
+        with open(directory / ".merge.lock", "a") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            rows = []
+            for b in batches:
+                got = [json.loads(x) for x in batch_file(directory, b.index).read_text().splitlines() if x]
+                if [r["id"] for r in got] != list(range(b.first_id, b.first_id + b.size)):
+                    raise RuntimeError(f"generate: {batch_file(directory, b.index)} does not hold samples "
+                                       f"{b.first_id}..{b.first_id + b.size - 1}")
+                rows += got
+            atomic_write(directory / "samples.jsonl", lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in rows)))
+            results = {"complete": True, "samples": len(rows), "file": str(directory / "samples.jsonl"),
+                       "spent_epsilon": 0.0, "time": time.time()}
+            atomic_write(directory / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
+            return results
+    return {"complete": True, "samples": total, "file": str(directory / "samples.jsonl")}
