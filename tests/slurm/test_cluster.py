@@ -120,3 +120,21 @@ def test_requeued_job_resumes_with_identical_ledger(slurm_cluster, tmp_path):
     attempts = list((run / "wandb").glob("offline-run-*"))
     run_id = (run / "wandb_run_id").read_text().strip()
     assert len(attempts) == 2 and all(p.name.endswith(run_id) for p in attempts)
+
+
+def test_generate_runs_as_an_array_after_the_teacher(slurm_cluster, tmp_path):
+    """`dpc submit` of [teacher, generate] with generate.shards=2: the teacher, then an array of two
+    tasks (afterok on the teacher); each writes its shard's batches, the last merges them."""
+    cfg = load_config(str(ROOT / "configs" / "debug_lm.yaml"),
+                      [f"run.output_dir={tmp_path}", "run.name=gen", "train.max_steps=2", "data.synthetic_size=120",
+                       "cluster.executor=slurm", "cluster.cpus_per_task=1", "cluster.time_min=10",
+                       "pipeline.phases=[teacher, generate]", "generate.shards=2", "generate.batch_size=2",
+                       "generate.max_new_tokens=6", "generate.prompts={'': 7}"])
+    records = submit(cfg)
+    assert [r["phase"] for r in records] == ["teacher", "generate[0]", "generate[1]"]
+    rows = wait_done(tmp_path / "gen")
+    assert all(r["state"] == "COMPLETED" for r in rows), rows
+    samples = [json.loads(x) for x in (tmp_path / "gen" / "generate" / "samples.jsonl").read_text().splitlines()]
+    assert [s["id"] for s in samples] == list(range(7))
+    logs = "".join(p.read_text() for p in (tmp_path / "gen" / "jobs").glob("*_log.out"))
+    assert "shard(s) [0] of 2" in logs and "shard(s) [1] of 2" in logs
