@@ -229,10 +229,13 @@ def _with_lora(model, cfg, head):
     except ValueError as exc:  # e.g. target modules not found, or no default for the architecture
         raise ValueError(f"model.lora.target_modules={settings.target_modules}: {exc} (set model.lora.target_modules "
                          f"to names of Linear layers of {type(model).__name__}: {', '.join(linear)})") from exc
+    import torch
+
     patterns = [re.compile(p) for p in (cfg.trainable or head)]
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}  # by type, not name
     for name, param in model.named_parameters():
         if "lora_" not in name and any(p.search(name) for p in patterns):
-            if not (cfg.freeze_embeddings and "embeddings" in name):
+            if not (cfg.freeze_embeddings and id(param) in embeddings):
                 param.requires_grad_(True)
     return model
 

@@ -269,8 +269,10 @@ class GenerateConfig:
     """Control codes (tab-separated, as in the training data) -> number of samples, e.g.
     {"Business Category: Bars\tReview Stars: 5.0": 100}; "" samples without control codes."""
     prompts_file: str | None = None
-    """A .json / .jsonl file of {"codes": [...], "count": n} records (e.g. a DP histogram's allocation),
-    added to generate.prompts."""
+    """A .json / .jsonl file of {"codes": [...], "count": n} records, added to generate.prompts. The
+    prompts and counts are released with the samples as given: counts taken from the private data
+    (e.g. its label histogram) are a release of that data unless they come from a DP mechanism in the
+    ledger."""
     max_new_tokens: int = 64
     """Tokens generated per sample at most (a sample ends earlier at EOS)."""
     temperature: float = 1.0

@@ -8,7 +8,7 @@ with seed (generate.seed, b), so its text does not depend on how the work was sp
 atomically as one file: a killed job reruns only the batches without a file. When every batch is
 there, the merge writes RUN/generate/samples.jsonl (datasets.load_dataset("json", data_files=...)).
 
-    RUN/generate/plan.json  batches/batch-000000.jsonl ...  samples.jsonl  results.json
+    RUN/generate/plan.json  batches/batch-000000.jsonl ...  samples.jsonl  summary.json
 """
 
 from __future__ import annotations
@@ -26,10 +26,12 @@ import torch
 from dist_dpc.data.lm import control_prefix, prompt_ids
 from dist_dpc.pipeline.config import Config, GenerateConfig
 from dist_dpc.pipeline.trainer import local_device, open_phase, root_of
+from dist_dpc.tasks import make_task
 from dist_dpc.utils.atomic import atomic_write
 from dist_dpc.utils.logging import log
 
 SHARD_ENV = ("DPC_GENERATE_SHARD", "SLURM_ARRAY_TASK_ID")
+SUMMARY = "summary.json"  # not results.json: a finished generation may be rerun (it resumes, never redoes)
 
 
 @dataclass(frozen=True)
@@ -88,19 +90,28 @@ def current_shard(g: GenerateConfig) -> int | None:
     return None
 
 
+SOURCE_PHASES = ("teacher", "train")  # phases of a tree whose model generate may sample from
+
+
 def source_dir(cfg: Config) -> Path:
+    """The model to sample from: a completed phase of this tree (by name, resolved only inside the
+    tree), or a model directory (its privacy lineage is imported by run_generate)."""
     root, ref = root_of(cfg), cfg.generate.source
+    phase_dirs = {"teacher": root / "teacher", "train": root}
     if ref == "auto":
-        for candidate in (root / "teacher", root):
-            if (candidate / "results.json").is_file() and (candidate / "model" / "config.json").is_file():
-                return candidate / "model"
+        for name in SOURCE_PHASES:
+            if (phase_dirs[name] / "results.json").is_file() and (phase_dirs[name] / "model" / "config.json").is_file():
+                return phase_dirs[name] / "model"
         raise FileNotFoundError(f"generate: {root} holds no trained model (teacher or `dpc train`): train one first, "
                                 "or set generate.source to a model directory")
-    if ref == "train":
-        return root / "model"
-    path = root / ref / "model" if (root / ref / "results.json").is_file() else Path(ref)
+    if ref in SOURCE_PHASES:
+        if not (phase_dirs[ref] / "results.json").is_file():
+            raise FileNotFoundError(f"generate.source={ref!r}: {root} holds no completed {ref} phase; run it first")
+        return phase_dirs[ref] / "model"
+    path = Path(ref)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"generate.source={ref!r} is neither a completed phase of {root} nor a model directory")
+        raise FileNotFoundError(f"generate.source={ref!r} is neither a phase of this tree ({', '.join(SOURCE_PHASES)}) "
+                                "nor a model directory with config.json")
     return path
 
 
@@ -110,13 +121,16 @@ def batch_file(directory: Path, index: int) -> Path:
 
 def run_generate(cfg: Config) -> dict:
     g = cfg.generate
+    make_task(cfg.model, cfg.data).refuse_unsupported("generate")
     prompts = read_prompts(g)
     ctx = open_phase(cfg, "generate", load_data=False)
-    if not ctx.task.generates:
-        raise ValueError(f"generate samples text from a causal LM, but model.task={ctx.task.name!r} trains a "
-                         "classifier: set model.task=causal_lm (and a causal LM as model.name)")
     source = source_dir(cfg)
     from dist_dpc.models import ModelConfig
+    from dist_dpc.pipeline.lineage import import_lineage
+
+    # The samples are released with the source model's guarantee: a model trained without DP, or of
+    # unknown origin, is refused; one of another tree brings its cost into this tree's ledger.
+    import_lineage(ctx, source, role="generate.source")
 
     model = ctx.task.load_model(ModelConfig(name=str(source), task=cfg.model.task, tokenizer=cfg.model.tokenizer),
                                 ctx.tokenizer, num_labels=None, label_names=None, seed=cfg.run.seed)
@@ -139,7 +153,9 @@ def run_generate(cfg: Config) -> dict:
                    f"of {g.shards}, {len(todo)} batches left on rank {ctx.world.rank}")
     _generate(ctx, model, todo, directory)
     torch.distributed.barrier()
-    results = merge(directory, batches, ctx.is_main)
+    guarantee = {"epsilon": ctx.ledger.total_epsilon() if ctx.ledger is not None else None,
+                 "delta": ctx.ledger.delta if ctx.ledger is not None else None, "private": ctx.ledger is not None}
+    results = merge(directory, batches, ctx.is_main, guarantee)
     torch.distributed.barrier()
     return results
 
@@ -191,7 +207,7 @@ def _batch_seed(seed: int, index: int) -> int:
     return int.from_bytes(hashlib.blake2b(f"generate:{seed}:{index}".encode(), digest_size=8).digest(), "little") >> 1
 
 
-def merge(directory: Path, batches: list[Batch], writer: bool) -> dict:
+def merge(directory: Path, batches: list[Batch], writer: bool, guarantee: dict | None = None) -> dict:
     """samples.jsonl once every batch file is there (any process may call it; a lock makes one write
     it): ids 0..N-1 each exactly once, in order."""
     missing = [b.index for b in batches if not batch_file(directory, b.index).is_file()]
@@ -209,8 +225,10 @@ def merge(directory: Path, batches: list[Batch], writer: bool) -> dict:
                                        f"{b.first_id}..{b.first_id + b.size - 1}")
                 rows += got
             atomic_write(directory / "samples.jsonl", lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in rows)))
+            # The samples carry the guarantee of the run tree (the source model's cost included);
+            # generating added nothing to it.
             results = {"complete": True, "samples": len(rows), "file": str(directory / "samples.jsonl"),
-                       "spent_epsilon": 0.0, "time": time.time()}
-            atomic_write(directory / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
+                       **(guarantee or {}), "generation_spent": 0.0, "time": time.time()}
+            atomic_write(directory / SUMMARY, lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
             return results
     return {"complete": True, "samples": total, "file": str(directory / "samples.jsonl")}

@@ -520,9 +520,11 @@ def check_phases(cfg: Config, phases) -> None:
     selection = root_of(cfg) / "tune" / SELECTION_FILE
     if selection.is_file():
         variants.append(with_values(cfg, json.loads(selection.read_text())["selected"]))
+    task = make_task(cfg.model, cfg.data)
+    for phase in phases:
+        task.refuse_unsupported(phase)  # before the first phase spends anything
     for phase in ("distill", "prune"):
         if phase in phases and not completed(cfg, phase):
-            make_task(cfg.model, cfg.data).refuse_unsupported(phase)
             for variant in variants:
                 phase_trainable(variant, phase)
 

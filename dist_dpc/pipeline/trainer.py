@@ -94,7 +94,9 @@ def open_phase(cfg: Config, phase: str, *, load_data: bool = True) -> PhaseConte
     # Post-processing phases are redone freely; a finished training phase is never overwritten.
     # The config the user gave is what the tree saves and compares on resume (a phase may run with
     # values it set itself: tuned ones, `dpc tune`'s holdout).
-    run = RunDir.prepare(user_config(cfg), world, directory if phase not in POST_PROCESSING else None)
+    # generate checks its own directory (it never writes results.json), so it runs in a `dpc train` tree.
+    run = RunDir.prepare(user_config(cfg), world,
+                         directory if phase not in POST_PROCESSING or phase == "generate" else None)
     if world.is_main:
         dump_yaml(user_config(cfg), run.path / "config.yaml")
         directory.mkdir(parents=True, exist_ok=True)
@@ -103,7 +105,8 @@ def open_phase(cfg: Config, phase: str, *, load_data: bool = True) -> PhaseConte
     objective = make_task(cfg.model, cfg.data)
     tokenizer = load_tokenizer(cfg.model, log=lambda message: log(world, message))
     task = objective.load_data()
-    log(world, f"[{phase}] {objective.name} data: {task.source}; train {len(task.train)} examples, "
+    # With a holdout the training part's size depends on the data: its public stand-in is logged.
+    log(world, f"[{phase}] {objective.name} data: {task.source}; train {task.public_train_size or len(task.train)} examples, "
                + ", ".join(f"{k} {len(v)}" for k, v in task.eval.items()))
     num_labels = objective.num_labels(task, cfg.model.num_labels)
     if load_data:
@@ -516,7 +519,7 @@ def phase_results(ctx: PhaseContext, engine: DPEngine, metrics: dict, steps: int
         "accountant": privacy.accountant,
         "sampling": ctx.sampling,
         "randomness": privacy.randomness,
-        "dataset_size": len(ctx.train_set),
+        "dataset_size": ctx.train_size,  # public: with a holdout, its stand-in
         "train_seconds": getattr(engine, "train_seconds", None),
         "parameters": sum(p.numel() for p in model_parameters(engine.module)),
         **exact_phase_statistics(engine, privacy),

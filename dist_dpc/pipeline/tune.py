@@ -75,6 +75,9 @@ def apply_selection(cfg: Config, phase: str) -> Config:
 
 def _check_candidates(cfg: Config, candidates: list[dict]) -> None:
     for values in candidates:
+        if "model.task" in values:
+            raise ValueError("tune.search: model.task is fixed (it changes the data, the loss and the score); tune "
+                             "within one task")
         try:
             with_values(cfg, values)
         except (ValueError, TypeError) as err:

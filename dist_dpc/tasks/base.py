@@ -63,6 +63,9 @@ class Task:
         return ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
 
     def refuse_unsupported(self, phase: str) -> None:
+        if phase == "generate" and not self.generates:
+            raise ValueError(f"generate samples text from a causal LM, but model.task={self.name!r} trains a "
+                             "classifier: set model.task=causal_lm (and a causal LM as model.name)")
         if phase in self.unsupported_phases:
             raise ValueError(f"{phase} is not supported for model.task={self.name!r} yet: run teacher, eval, export "
                              "(pipeline.phases=[teacher, eval, export]), `dpc train` or `dpc generate`")

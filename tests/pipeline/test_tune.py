@@ -97,6 +97,7 @@ def test_public_proxy_tune_costs_nothing_and_refusals(tmp_path):
         # what a trial would refuse is refused before the selection reserves anything
         (["model.name=tiny-gpt2", "tune.search={head_init.probe_epochs: [0, 1]}"], "needs a BERT-style classifier"),
         (["model.task=causal_lm", "model.name=tiny-llama"], "tune is not supported for model.task='causal_lm'"),
+        (["tune.search={model.task: [sequence_classification, causal_lm]}"], "model.task is fixed"),
     ]
     for i, (extra, message) in enumerate(refusals):
         with pytest.raises((ValueError, ConfigError), match=re.escape(message)):

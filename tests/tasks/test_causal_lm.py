@@ -161,3 +161,7 @@ def test_distill_and_prune_of_a_causal_lm_are_refused_before_anything_runs(tmp_p
                 "pipeline.phases=[teacher, distill, eval]"])
     assert proc.returncode == 2 and "distill is not supported for model.task='causal_lm'" in proc.stderr
     assert not (tmp_path / "debug-lm" / "teacher").exists()
+    tune = dpc(["pipeline", str(ROOT / "configs" / "debug_lm.yaml"), f"run.output_dir={tmp_path}", "run.name=t",
+                "pipeline.phases=[teacher, tune]", "tune.search={train.lr: [0.01, 0.001]}"])
+    assert tune.returncode == 2 and "tune is not supported" in tune.stderr
+    assert not (tmp_path / "t" / "teacher").exists()

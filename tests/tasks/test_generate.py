@@ -115,6 +115,26 @@ def test_killed_generation_resumes_to_exactly_the_requested_samples(trained):
     assert straight.returncode == 0 and samples(root, "straight") == out
 
 
+def test_source_without_dp_lineage_is_refused_and_the_guarantee_is_stated(trained, tmp_path):
+    root, args = trained
+    # A model trained on the private data without DP: its samples would carry no guarantee.
+    plain = dpc(["train", *args, "run.name=nodp", "privacy.enabled=false"])
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    refused = dpc([a if not a.startswith("generate.source=") else f"generate.source={root / 'nodp' / 'model'}"
+                   for a in generate_args(args, "from-nodp")])
+    assert refused.returncode == 2 and "WITHOUT differential privacy" in refused.stderr
+    assert not (root / "from-nodp" / "generate" / "samples.jsonl").exists()
+    # In the training tree itself (`dpc train` wrote results.json at its root): runs, and says epsilon.
+    here = dpc(["generate", *args, "run.name=lm", "generate.prompts={'': 2}", "generate.max_new_tokens=4"])
+    assert here.returncode == 0, here.stderr[-3000:]
+    summary = json.loads((root / "lm" / "generate" / "summary.json").read_text())
+    trained_eps = json.loads((root / "lm" / "results.json").read_text())["epsilon"]
+    assert summary["private"] and summary["generation_spent"] == 0.0
+    assert abs(summary["epsilon"] - trained_eps) < 1e-9  # the samples' guarantee is the model's
+    again = dpc(["generate", *args, "run.name=lm", "generate.prompts={'': 2}", "generate.max_new_tokens=4"])
+    assert again.returncode == 0  # a finished generation reruns as a no-op (nothing left to do)
+
+
 def test_generation_of_a_classifier_is_refused(tmp_path):
     proc = dpc(["generate", str(ROOT / "configs" / "debug.yaml"), f"run.output_dir={tmp_path}",
                 "generate.prompts={'': 2}"])
