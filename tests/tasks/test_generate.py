@@ -82,6 +82,11 @@ def test_reproducible_independent_of_shards_and_respects_prompts(trained):
     second = dpc_shard(generate_args(args, "two", shards=2), 1)
     assert second.returncode == 0, second.stderr[-3000:]
     assert samples(root, "two") == a
+    # Two torchrun ranks splitting one shard: the same samples again.
+    from tests.engine.launch import torchrun
+
+    torchrun("dist_dpc/cli.py", generate_args(args, "ranks"), world_size=2, timeout=300)
+    assert samples(root, "ranks") == a
     from datasets import load_dataset
 
     ds = load_dataset("json", data_files=str(root / "two" / "generate" / "samples.jsonl"), split="train")
