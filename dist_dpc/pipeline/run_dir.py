@@ -17,17 +17,22 @@ class RunDirectoryError(ValueError):
     """The run directory exists and holds something this run must not overwrite."""
 
 
-def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+def _differences(old: dict, new: dict, prefix: str = "", defaults: dict | None = None) -> list[str]:
     """Dotted keys whose values differ (run.overwrite, wandb.*, cluster.* and generate.* may change
-    between attempts: generation samples from the trained models and keeps its own plan)."""
-    out = []
+    between attempts: generation samples from the trained models and keeps its own plan). A key the
+    saved config lacks (a field added since the tree was written) counts as unchanged when its new
+    value is the field's default: a new field's default is the behaviour before it existed."""
+    out, defaults = [], defaults or {}
     for key in sorted(set(old) | set(new)):
         name = f"{prefix}{key}"
         if name in ("run.overwrite",) or name.startswith(("wandb", "cluster", "generate")):
             continue
+        if key not in old and key in defaults and new.get(key) == defaults[key]:
+            continue
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            out.extend(_differences(a, b, name + "."))
+            sub = defaults.get(key) if isinstance(defaults.get(key), dict) else {}
+            out.extend(_differences(a, b, name + ".", sub))
         elif a != b:
             out.append(f"{name}: {a!r} -> {b!r}")
     return out
@@ -52,7 +57,7 @@ class RunDir:
             raise RunDirectoryError(f"run directory {path} exists and is not a directory; choose another run.name")
         saved = path / "config.yaml"
         if saved.is_file() and not cfg.run.overwrite:
-            differing = _differences(yaml.safe_load(saved.read_text()) or {}, to_dict(cfg))
+            differing = _differences(yaml.safe_load(saved.read_text()) or {}, to_dict(cfg), defaults=to_dict(type(cfg)()))
             if differing:
                 raise RunDirectoryError(
                     f"run directory {path} holds a run with a different config ({', '.join(differing[:6])}); "

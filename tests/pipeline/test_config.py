@@ -97,3 +97,19 @@ def test_model_trainable_freezes_everything_else_and_the_engine_skips_it():
         load_sequence_classifier(ModelConfig(name="tiny-bert", trainable=["nothing_like_this"]), 2)
     with pytest.raises(ValueError, match="model.trainable"):
         ModelConfig(name="tiny-bert", trainable=["("])
+
+
+def test_a_tree_saved_before_a_field_existed_resumes_unless_the_field_is_changed():
+    """Adding a config field (with the old behaviour as its default) must not orphan existing trees."""
+    from dist_dpc.pipeline.config import Config
+    from dist_dpc.pipeline.run_dir import _differences
+    from dist_dpc.utils.config_loader import to_dict
+
+    new, defaults = to_dict(Config()), to_dict(Config())
+    old = {section: dict(values) if isinstance(values, dict) else values for section, values in new.items()}
+    del old["model"]["task"], old["data"]["eval_stride"]
+    assert _differences(old, new, defaults=defaults) == []
+    changed = dict(new, model=dict(new["model"], task="causal_lm"))
+    assert _differences(old, changed, defaults=defaults) == ["model.task: None -> 'causal_lm'"]
+    assert _differences(old, dict(new, data=dict(new["data"], max_length=7)), defaults=defaults) == \
+        ["data.max_length: 128 -> 7"]
