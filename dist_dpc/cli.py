@@ -42,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     p = sub.add_parser("train", formatter_class=fmt, epilog=_config_help(),
-                       help="DP fine-tuning of a sequence classifier (single process, or under torchrun / deepspeed / srun)",
-                       description="DP-SGD fine-tuning of a sequence classifier with DeepSpeed; prints dev accuracy "
+                       help="DP fine-tuning of a sequence classifier or causal LM (single process, or under torchrun / deepspeed / srun)",
+                       description="DP-SGD fine-tuning of a sequence classifier or causal LM (model.task) with DeepSpeed; prints dev accuracy or perplexity "
                                    "and the privacy spent (epsilon, delta, sigma, q). For several processes launch "
                                    "`torchrun --nproc_per_node N -m dist_dpc.train CONFIG ...` or "
                                    "`deepspeed --module dist_dpc.train CONFIG ...`.")
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         "generate": ("sample text from a trained causal LM (section generate), sharded and resumable",
                      "Post-processing: spends no privacy. Prompts are control codes with counts (generate.prompts "
                      "or generate.prompts_file); top-k/top-p/temperature/no-repeat n-gram sampling; batch b belongs "
-                     "to shard b %% generate.shards (a SLURM array task under `dpc submit`) and is written atomically, "
+                     "to shard (b mod generate.shards) (a SLURM array task under `dpc submit`) and is written atomically, "
                      "so a rerun finishes only what is missing. Writes RUN/generate/samples.jsonl "
                      "(datasets.load_dataset('json', data_files=...))."),
         "pipeline": ("all of pipeline.phases in order (teacher -> distill -> prune -> eval -> export by default)",
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the whole pipeline on the embedded default (minilm, generated sentiment data, CPU, offline W&B)",
                        description="Runs `dpc pipeline` on the embedded default config: all-MiniLM-L6-v2 fine-tuned "
                                    "with DP-SGD on a small generated sentiment set (teacher), distilled into a 3-layer "
-                                   "student (DPKD), pruned to 50%% sparsity (DPIMP), evaluated and exported, within "
+                                   "student (DPKD), pruned to 50 percent sparsity (DPIMP), evaluated and exported, within "
                                    "one privacy budget; no data directory needed.")
     _add_config_args(p, config_required=False)
 
