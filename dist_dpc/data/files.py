@@ -41,11 +41,9 @@ def load_csv_task(cfg) -> TaskData:
     return load_columns("csv", train, evals, cfg.text_column, cfg.text_pair_column, cfg.label_column, cfg.label_names)
 
 
-def load_yelp(cfg) -> TaskData:
-    """Yelp: train.csv if present, else dev.csv, as training data; test.csv for evaluation."""
-    if cfg.label_column not in ("label1", "label2"):  # checked here: a causal LM reads no label column
-        raise ValueError(f"data.label_column={cfg.label_column!r} is invalid for yelp: allowed values are 'label1' "
-                         "(category), 'label2' (stars)")
+def yelp_files(cfg) -> tuple[Path, Path | None]:
+    """Yelp's (training, evaluation) files: train.csv if present, else dev.csv; test.csv (or the
+    data.train_file / data.eval_file overrides)."""
     base = Path(cfg.data_dir) if cfg.data_dir else None
     if cfg.train_file:
         train = require_file(cfg.train_file, "data.train_file")
@@ -57,8 +55,15 @@ def load_yelp(cfg) -> TaskData:
         if train is None:
             raise FileNotFoundError(f"data.data_dir={cfg.data_dir!r}: neither train.csv nor dev.csv exists there")
     if cfg.eval_file:
-        evals = require_file(cfg.eval_file, "data.eval_file")
-    else:
-        evals = base / "test.csv" if base is not None and (base / "test.csv").is_file() else None
+        return train, require_file(cfg.eval_file, "data.eval_file")
+    return train, base / "test.csv" if base is not None and (base / "test.csv").is_file() else None
+
+
+def load_yelp(cfg) -> TaskData:
+    """Yelp as a classification task: label1 (category) or label2 (stars)."""
+    if cfg.label_column not in ("label1", "label2"):  # checked here: a causal LM reads no label column
+        raise ValueError(f"data.label_column={cfg.label_column!r} is invalid for yelp: allowed values are 'label1' "
+                         "(category), 'label2' (stars)")
+    train, evals = yelp_files(cfg)
     names = cfg.label_names or YELP_LABELS[cfg.label_column]
     return load_columns("yelp", train, evals, "text", None, cfg.label_column, names)

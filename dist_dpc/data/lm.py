@@ -14,11 +14,13 @@ from pathlib import Path
 import torch
 
 from dist_dpc.data.config import DataConfig
+from dist_dpc.data.files import yelp_files
 from dist_dpc.data.glue import GLUE, load_glue_dir, load_glue_hub
 from dist_dpc.data.overlap import refuse_overlap
 from dist_dpc.data.splits import TaskData, TextSplit
 from dist_dpc.data.synthetic import generate
-from dist_dpc.data.tables import read_rows, require_columns, require_file
+from dist_dpc.data.tables import read_rows, require_file
+from dist_dpc.data.tokenize import padded_ids
 from dist_dpc.utils.atomic import PRIVATE_FILE, atomic_write, private_dir
 
 IGNORE = -100  # label of a position that carries no loss (torch's cross_entropy ignore_index)
@@ -81,23 +83,10 @@ def read_lm_task(cfg: DataConfig) -> TaskData:
 
 
 def _lm_files(cfg: DataConfig) -> tuple[Path, Path | None]:
-    if cfg.task != "yelp":
-        return (require_file(cfg.train_file, "data.train_file"),
-                require_file(cfg.eval_file, "data.eval_file") if cfg.eval_file else None)
-    base = Path(cfg.data_dir) if cfg.data_dir else None
-    if cfg.train_file:
-        train = require_file(cfg.train_file, "data.train_file")
-    elif base is None:
-        raise FileNotFoundError("data.task='yelp' needs data.data_dir (the directory holding dev.csv/test.csv) "
-                                "or data.train_file")
-    else:
-        train = next((base / n for n in ("train.csv", "dev.csv") if (base / n).is_file()), None)
-        if train is None:
-            raise FileNotFoundError(f"data.data_dir={cfg.data_dir!r}: neither train.csv nor dev.csv exists there")
-    if cfg.eval_file:
-        return train, require_file(cfg.eval_file, "data.eval_file")
-    test = base / "test.csv" if base is not None else None
-    return train, test if test is not None and test.is_file() else None
+    if cfg.task == "yelp":
+        return yelp_files(cfg)
+    return (require_file(cfg.train_file, "data.train_file"),
+            require_file(cfg.eval_file, "data.eval_file") if cfg.eval_file else None)
 
 
 # -- tokenisation ------------------------------------------------------------------------------------
@@ -161,21 +150,11 @@ def collate_lm(examples: list[dict], pad_token_id: int, pad_to_multiple_of: int 
                num_rows: int | None = None) -> dict[str, torch.Tensor]:
     """Right-padded ids, attention mask, and labels (-100 where no loss: BOS, prefix, padding); with
     ``num_rows``, padding rows (sample_mask 0) fill the micro-batch."""
-    rows = num_rows if num_rows is not None else len(examples)
-    if rows < len(examples):
-        raise ValueError(f"{len(examples)} examples do not fit in {rows} rows")
-    longest = max([len(e["input_ids"]) for e in examples] + [1])
-    length = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
-    input_ids = torch.full((rows, length), pad_token_id, dtype=torch.long)
-    attention = torch.zeros(rows, length, dtype=torch.long)
-    attention[len(examples):, 0] = 1  # padding rows attend to one position so softmax stays finite
-    labels = torch.full((rows, length), IGNORE, dtype=torch.long)
+    input_ids, attention = padded_ids(examples, pad_token_id, pad_to_multiple_of, num_rows)
+    labels = torch.full_like(input_ids, IGNORE)
     for i, e in enumerate(examples):
         n = len(e["input_ids"])
-        ids = torch.tensor(e["input_ids"], dtype=torch.long)
-        input_ids[i, :n] = ids
-        attention[i, :n] = 1
         start = min(int(e["loss_start"]), n)
-        labels[i, start:n] = ids[start:]
+        labels[i, start:n] = input_ids[i, start:n]
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels,
-            "sample_mask": torch.cat([torch.ones(len(examples)), torch.zeros(rows - len(examples))])}
+            "sample_mask": torch.cat([torch.ones(len(examples)), torch.zeros(input_ids.shape[0] - len(examples))])}

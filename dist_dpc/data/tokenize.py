@@ -56,9 +56,10 @@ def tokenize_split(split: TextSplit, tokenizer, max_length: int, cache_dir: str 
     return data
 
 
-def collate(examples: list[dict], pad_token_id: int, pad_to_multiple_of: int = 8, num_rows: int | None = None) -> dict[str, torch.Tensor]:
-    """Pad to the longest example (rounded up); with ``num_rows``, append padding rows (sample_mask 0)
-    so that every micro-batch has the same number of rows on every rank."""
+def padded_ids(examples: list[dict], pad_token_id: int, pad_to_multiple_of: int = 8,
+               num_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) right-padded to the longest example rounded up; with ``num_rows``,
+    padding rows fill the micro-batch (attending to one position, so softmax stays finite)."""
     rows = num_rows if num_rows is not None else len(examples)
     if rows < len(examples):
         raise ValueError(f"{len(examples)} examples do not fit in {rows} rows")
@@ -66,14 +67,24 @@ def collate(examples: list[dict], pad_token_id: int, pad_to_multiple_of: int = 8
     length = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
     input_ids = torch.full((rows, length), pad_token_id, dtype=torch.long)
     attention = torch.zeros(rows, length, dtype=torch.long)
-    attention[len(examples):, 0] = 1  # padding rows attend to one position so softmax stays finite
+    attention[len(examples):, 0] = 1
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        input_ids[i, :n] = torch.as_tensor(e["input_ids"], dtype=torch.long)
+        attention[i, :n] = 1
+    return input_ids, attention
+
+
+def collate(examples: list[dict], pad_token_id: int, pad_to_multiple_of: int = 8, num_rows: int | None = None) -> dict[str, torch.Tensor]:
+    """Pad to the longest example (rounded up); with ``num_rows``, append padding rows (sample_mask 0)
+    so that every micro-batch has the same number of rows on every rank."""
+    input_ids, attention = padded_ids(examples, pad_token_id, pad_to_multiple_of, num_rows)
+    rows, length = input_ids.shape
     has_types = bool(examples) and "token_type_ids" in examples[0]
     types = torch.zeros(rows, length, dtype=torch.long) if has_types else None
     labels = torch.zeros(rows, dtype=torch.long)
     for i, e in enumerate(examples):
         n = len(e["input_ids"])
-        input_ids[i, :n] = torch.tensor(e["input_ids"])
-        attention[i, :n] = 1
         labels[i] = int(e["labels"])
         if has_types:
             types[i, :n] = torch.tensor(e["token_type_ids"])
