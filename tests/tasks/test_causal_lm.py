@@ -165,3 +165,33 @@ def test_distill_and_prune_of_a_causal_lm_are_refused_before_anything_runs(tmp_p
                 "pipeline.phases=[teacher, tune]", "tune.search={train.lr: [0.01, 0.001]}"])
     assert tune.returncode == 2 and "tune is not supported" in tune.stderr
     assert not (tmp_path / "t" / "teacher").exists()
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_mistral_and_qwen2_clip_per_sample_like_the_reference(family):
+    """The other Llama-style families (their own RMSNorm classes): per-layer clipping in one backward
+    (float64) equals explicit per-example gradients with the LM loss, clipped and summed."""
+    import transformers
+
+    from dist_dpc.engine.losses import causal_lm_loss
+    from dist_dpc.privacy import ClipMode, PerSampleClipper
+    from tests.engine.dp_worker import lm_batch
+    from tests.reference import clipped_sum, lm_loss, per_example_grads
+
+    config_cls, model_cls = {"mistral": ("MistralConfig", "MistralForCausalLM"),
+                             "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}[family]
+    config = getattr(transformers, config_cls)(vocab_size=257, hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                               tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(config).double().eval()
+    batch = lm_batch(257, 5, 9, 0)
+    total = clipped_sum(model, per_example_grads(model, batch, lm_loss), 0.05, "per_layer")
+    clipper = PerSampleClipper(model, 0.05).attach()
+    model.zero_grad(set_to_none=True)
+    with clipper.pass_mode(ClipMode.PER_LAYER, 5):
+        causal_lm_loss(model, batch).sum().backward()
+    clipper.detach()
+    for name, expected in total.items():
+        got = dict(model.named_parameters())[name].grad
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9)
