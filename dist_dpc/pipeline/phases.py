@@ -523,6 +523,10 @@ def check_phases(cfg: Config, phases) -> None:
     task = make_task(cfg.model, cfg.data)
     for phase in phases:
         task.refuse_unsupported(phase)  # before the first phase spends anything
+    if "tune" in phases and cfg.tune.search:
+        from dist_dpc.pipeline.tune import _check_candidates
+
+        _check_candidates(cfg, cfg.tune.candidates())
     for phase in ("distill", "prune"):
         if phase in phases and not completed(cfg, phase):
             for variant in variants:

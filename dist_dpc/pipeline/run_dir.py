@@ -17,19 +17,25 @@ class RunDirectoryError(ValueError):
     """The run directory exists and holds something this run must not overwrite."""
 
 
+_MISSING = "<absent>"
+# Fields added after trees were written whose default reproduces the behaviour before them.
+ADDED_FIELDS = {"model.task", "data.control_code_columns", "data.eval_stride"}
+
+
 def _differences(old: dict, new: dict, prefix: str = "", defaults: dict | None = None) -> list[str]:
     """Dotted keys whose values differ (run.overwrite, wandb.*, cluster.* and generate.* may change
     between attempts: generation samples from the trained models and keeps its own plan). A key the
     saved config lacks (a field added since the tree was written) counts as unchanged when its new
-    value is the field's default: a new field's default is the behaviour before it existed."""
+    value is the field's default, for the fields in ADDED_FIELDS (whose default is the behaviour before
+    they existed); any other missing key, or a missing key now set (to anything, None included), differs."""
     out, defaults = [], defaults or {}
     for key in sorted(set(old) | set(new)):
         name = f"{prefix}{key}"
         if name in ("run.overwrite",) or name.startswith(("wandb", "cluster", "generate")):
             continue
-        if key not in old and key in defaults and new.get(key) == defaults[key]:
+        if key not in old and name in ADDED_FIELDS and key in defaults and new.get(key) == defaults[key]:
             continue
-        a, b = old.get(key), new.get(key)
+        a, b = old.get(key, _MISSING), new.get(key, _MISSING)
         if isinstance(a, dict) and isinstance(b, dict):
             sub = defaults.get(key) if isinstance(defaults.get(key), dict) else {}
             out.extend(_differences(a, b, name + ".", sub))

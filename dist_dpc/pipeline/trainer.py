@@ -204,7 +204,9 @@ def phase_privacy(ctx: PhaseContext, steps: int, fixed: tuple[Mechanism, ...] = 
     log(ctx.world, f"[{ctx.phase}] privacy budget ({ctx.budget.entry}): sigma={ctx.budget.noise_multiplier:.4f}, "
                    f"q={q:.5f}, {steps} steps; run total with this reservation epsilon={total:.3f}"
                    + (f" (phase target {target:.3f} of {privacy.target_epsilon:g})" if target is not None else ""))
-    return dataclasses.replace(privacy, noise_multiplier=ctx.budget.noise_multiplier, target_epsilon=target)
+    # delta is the ledger's (from the whole private set's N): never recomputed from a part's realised size.
+    return dataclasses.replace(privacy, noise_multiplier=ctx.budget.noise_multiplier, target_epsilon=target,
+                               delta=ctx.ledger.delta)
 
 
 class PhaseRunningError(RuntimeError):
@@ -311,7 +313,8 @@ def train_dp(ctx: PhaseContext, model: torch.nn.Module, *, directory: Path, step
     # Everything this run composes with: the other ledger entries, then what this attempt released
     # so far (head_init, earlier prune rounds). The ledger adds it up; no phase does.
     prior = ctx.budget.prior() if ctx.budget is not None else ()
-    engine = DPEngine(model, ds_config, privacy, dataset_size=len(ctx.train_set), sample_rate=sample_rate(ctx),
+    # The engine sees only public sizes (with a holdout, the part's realised size depends on the data).
+    engine = DPEngine(model, ds_config, privacy, dataset_size=ctx.train_size, sample_rate=sample_rate(ctx),
                       expected_batch_size=cfg.train.batch_size, planned_steps=steps, loss_fn=loss_fn, world=world,
                       key=key.derive("dp-sgd"), poisson_sampling=(ctx.sampling == "poisson"), prior=prior, phase=ctx.phase,
                       lr_schedule=schedule)
@@ -548,6 +551,7 @@ def finish_phase(ctx: PhaseContext, tracker: Tracker, results: dict, model_dir: 
         results["mechanisms"] = [m.to_dict() for m in ctx.budget.complete()]
         results["epsilon"] = ctx.ledger.total_epsilon()
         results["epsilon_rdp"] = ctx.ledger.total_epsilon("rdp" if ctx.ledger.accountant == "prv" else "prv")
+        results["delta"] = ctx.ledger.delta
     flat = {f"eval/{split}/{k}": v for split, m in results["metrics"].items() for k, v in m.items()}
     flat["eval/parameters"] = results.get("parameters")
     if "nonzero_parameters" in results:

@@ -110,6 +110,9 @@ def test_a_tree_saved_before_a_field_existed_resumes_unless_the_field_is_changed
     del old["model"]["task"], old["data"]["eval_stride"]
     assert _differences(old, new, defaults=defaults) == []
     changed = dict(new, model=dict(new["model"], task="causal_lm"))
-    assert _differences(old, changed, defaults=defaults) == ["model.task: None -> 'causal_lm'"]
+    assert _differences(old, changed, defaults=defaults) == ["model.task: '<absent>' -> 'causal_lm'"]
+    # Only the listed new fields get this treatment, and a missing key set to None is a change too.
+    older = dict(old, privacy={k: v for k, v in old["privacy"].items() if k != "max_effective_noise"})
+    assert _differences(older, dict(new, privacy=dict(new["privacy"], max_effective_noise=None)), defaults=defaults)
     assert _differences(old, dict(new, data=dict(new["data"], max_length=7)), defaults=defaults) == \
         ["data.max_length: 128 -> 7"]

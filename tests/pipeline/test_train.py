@@ -174,3 +174,20 @@ def test_a_trained_head_of_another_size_is_refused(tmp_path):
     assert load_sequence_classifier(ModelConfig(name=str(tmp_path / "two")), 2, tokenizer).config.num_labels == 2
     with pytest.raises(ValueError, match="trained classifier head of 2 classes, the task 5"):
         load_sequence_classifier(ModelConfig(name=str(tmp_path / "two")), 5, tokenizer)
+
+
+@pytest.mark.timeout(600)
+def test_with_a_holdout_only_public_sizes_are_released(tmp_path):
+    """data.holdout_fraction splits by a keyed hash: the training part's realised size depends on the
+    data. Released numbers (dataset_size, delta, per-step epsilon) use N and the public stand-in."""
+    args = ["train", str(ROOT / "configs" / "debug.yaml"), f"run.output_dir={tmp_path}", "run.name=h", *BASE,
+            "train.max_steps=2", "data.holdout_fraction=0.2", "train.log_every=1"]
+    proc = dpc(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "h" / "results.json").read_text())
+    ledger = json.loads((tmp_path / "h" / "privacy_ledger.json").read_text())
+    n = ledger["dataset_size"]
+    assert results["dataset_size"] == n - round(0.2 * n)  # the public stand-in
+    assert results["delta"] == ledger["delta"] == pytest.approx(1 / n ** 1.1)
+    logged = [json.loads(x) for x in (tmp_path / "h" / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["privacy/epsilon"] == pytest.approx(results["epsilon"], rel=1e-6)

@@ -195,3 +195,15 @@ def test_mistral_and_qwen2_clip_per_sample_like_the_reference(family):
     for name, expected in total.items():
         got = dict(model.named_parameters())[name].grad
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9)
+
+
+def test_freeze_embeddings_under_lora_finds_embeddings_by_type():
+    from dist_dpc.models.config import LoraSettings
+
+    for name, embeddings in (("tiny-llama", ("embed_tokens",)), ("tiny-gpt2", ("wte", "wpe"))):
+        for freeze in (True, False):
+            model = load_causal_lm(ModelConfig(name=name, task="causal_lm", lora=LoraSettings(r=2), trainable=[".*"],
+                                               freeze_embeddings=freeze))
+            trained = {n for n, p in model.named_parameters() if p.requires_grad}
+            hit = [n for n in trained if any(e in n for e in embeddings)]
+            assert (not hit) if freeze else len(hit) == len(embeddings), (name, freeze, hit)
