@@ -129,6 +129,9 @@ def _record(ctx, entry: str, mechanisms: list[Mechanism]) -> None:
                 break
             except ValueError:  # that entry is completed with other mechanisms: never replace it
                 continue
+        else:  # never proceed with a cost left out of the ledger
+            raise RuntimeError(f"{ctx.ledger.path}: 999 different lineages were imported as {entry!r}; the privacy "
+                               "cost of this one could not be recorded")
     torch.distributed.barrier()
 
 
