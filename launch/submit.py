@@ -144,7 +144,8 @@ def status(run_dir: str | Path) -> list[dict]:
     for record in json.loads(path.read_text()):
         state = "UNKNOWN"
         last = record["phase"].split("+")[-1].split("[")[0]  # "generate[3]": a task of the generate array
-        done = run_dir / last / "results.json" if last != "train" else run_dir / "results.json"
+        done = {"train": run_dir / "results.json", "generate": run_dir / "generate" / "summary.json"}.get(
+            last, run_dir / last / "results.json")
         if record["executor"] == "done":
             state = "COMPLETED"
         elif record["executor"] == "slurm":
