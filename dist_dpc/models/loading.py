@@ -106,10 +106,8 @@ def load_sequence_classifier(cfg: ModelConfig, num_labels: int, tokenizer=None, 
     pad_id = tokenizer.pad_token_id if tokenizer is not None else 0
     if cfg.name in DEBUG_MODELS:
         vocab = len(tokenizer) if tokenizer is not None else 1000
-        config = debug_config(cfg.name, vocab, num_labels, pad_id)
-        _apply_dropout(config, cfg.dropout)
-        torch.manual_seed(seed)
-        model = AutoModelForSequenceClassification.from_config(config)
+        model = _debug_model(AutoModelForSequenceClassification, debug_config(cfg.name, vocab, num_labels, pad_id),
+                             cfg, seed)
     else:
         name = resolve_name(cfg.name)
         try:
@@ -145,14 +143,14 @@ def load_causal_lm(cfg: ModelConfig, tokenizer=None, seed: int = 0):
         if cfg.name == "tiny-bert":
             raise ValueError("model.name='tiny-bert' is an encoder without an LM head: model.task=causal_lm needs "
                              "tiny-gpt2, tiny-llama or a causal LM")
-        config = debug_config(cfg.name, len(tokenizer) if tokenizer is not None else 257, 2, pad_id, tokenizer)
-        _apply_dropout(config, cfg.dropout)
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config)
+        vocab = len(tokenizer) if tokenizer is not None else 257
+        model = _debug_model(AutoModelForCausalLM, debug_config(cfg.name, vocab, 2, pad_id, tokenizer), cfg, seed)
     else:
+        from transformers import AutoConfig
+
         name = resolve_name(cfg.name)
         try:
-            config = _auto_config(name)
+            config = AutoConfig.from_pretrained(name)
         except OSError as exc:
             raise FileNotFoundError(_not_found(cfg, name, exc)) from exc
         _apply_dropout(config, cfg.dropout)
@@ -169,10 +167,13 @@ def load_causal_lm(cfg: ModelConfig, tokenizer=None, seed: int = 0):
     return _select_trainable(model, cfg, head=())
 
 
-def _auto_config(name: str):
-    from transformers import AutoConfig
+def _debug_model(auto_class, config, cfg: ModelConfig, seed: int):
+    """A debug model of ``auto_class`` built from ``config`` (model.dropout applied), seeded."""
+    import torch
 
-    return AutoConfig.from_pretrained(name)
+    _apply_dropout(config, cfg.dropout)
+    torch.manual_seed(seed)
+    return auto_class.from_config(config)
 
 
 def _select_trainable(model, cfg: ModelConfig, head):
