@@ -74,6 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
                      "to shard (b mod generate.shards) (a SLURM array task under `dpc submit`) and is written atomically, "
                      "so a rerun finishes only what is missing. Writes RUN/generate/samples.jsonl "
                      "(datasets.load_dataset('json', data_files=...))."),
+        "histogram": ("a DP histogram of the private data's control codes: generate's prompt allocation (section histogram)",
+                      "Gaussian noise on every category's count of the public schema (histogram.code_values), "
+                      "recorded in the ledger; clamped at 0 and rounded into histogram.samples prompts (default N). "
+                      "Writes RUN/histogram/allocation.jsonl, which generate uses when it is given no prompts."),
+        "distill_synthetic": ("a smaller causal LM trained on the DP teacher's synthetic text with KD (section distill_synthetic)",
+                              "Flemings & Annavaram 2024: no DP-SGD and no privacy spent (its inputs are DP outputs; "
+                              "private data is refused). Loss (1-lambda)*CE + lambda*T^2*KL per text token (+ beta*MSE "
+                              "of last hidden states, projected when widths differ); 1 % of the synthetic set held out "
+                              "for early stopping. Writes RUN/distill_synthetic/model."),
         "pipeline": ("all of pipeline.phases in order (teacher -> distill -> prune -> eval -> export by default)",
                      "Completed training phases are skipped, so re-running resumes. Prints the privacy ledger "
                      "and the accuracy table at the end."),

@@ -93,7 +93,7 @@ def submit(cfg, phases: tuple[str, ...] | None = None) -> list[dict]:
     """Submit ``phases`` (default: pipeline.phases) in order, each depending (afterok) on the previous
     one; records job ids. Training phases already completed in the run tree are not submitted again,
     so re-submitting a run resumes it after its last completed phase."""
-    from dist_dpc.pipeline.phases import MODEL_PHASES, check_phases
+    from dist_dpc.pipeline.phases import COMPLETED_BY_RESULTS, check_phases
 
     phases = tuple(cfg.pipeline.phases) if phases is None else tuple(phases)
     check_phases(cfg, phases)
@@ -102,7 +102,7 @@ def submit(cfg, phases: tuple[str, ...] | None = None) -> list[dict]:
     records, previous = [], None
     def done(p: str) -> bool:
         return (run_dir / "results.json").is_file() if p == "train" else \
-            p in MODEL_PHASES and (run_dir / p / "results.json").is_file()
+            p in COMPLETED_BY_RESULTS and (run_dir / p / "results.json").is_file()
 
     todo = [p for p in phases if not done(p)]
     for phase in phases:

@@ -101,3 +101,56 @@ class PruneConfig:
         if self.rounds < 1:
             raise ValueError(f"prune.rounds={self.rounds!r} is invalid: must be >= 1")
         _check_phase_schedule("prune", self.epochs, self.lr, self.trainable)
+
+
+@dataclass(kw_only=True)
+class DistillSyntheticConfig:
+    """Phase distill_synthetic (Flemings & Annavaram 2024): a causal-LM student trained WITHOUT DP-SGD on
+    the DP teacher's synthetic text only, with the teacher's token distributions. Reads no private
+    data: post-processing of the DP teacher and of DP-generated text, so it spends nothing."""
+    samples: str = "auto"
+    """The synthetic set: auto (this tree's generate/samples.jsonl) or the samples.jsonl of a generate
+    run (its summary.json must show a DP source; private data is refused)."""
+    student: str = "from_teacher"
+    """from_teacher: the teacher with only the layers of layer_map (default every other one); or a
+    smaller causal LM (directory or hub name) with the teacher's tokenizer."""
+    layer_map: list[int] | None = None
+    """Teacher layers a from_teacher student keeps (null: 0, 2, 4, ...)."""
+    kd_weight: float = 0.4
+    """lambda: loss = (1 - lambda) * CE(synthetic tokens) + lambda * T^2 * KL(teacher_T || student_T) per
+    text token (+ hidden_weight * MSE); 0 trains on the synthetic text alone (the no-KD baseline)."""
+    temperature: float = 1.0
+    """Softmax temperature T of the KL term."""
+    hidden_weight: float = 0.0
+    """beta: weight of the MSE between the student's and the teacher's last hidden states (text tokens),
+    through a learned linear projection when their widths differ (0: off, as in the paper's runs)."""
+    epochs: float = 14.0
+    """Passes over the synthetic training part (early stopping may end sooner)."""
+    lr: float = 8e-5
+    """AdamW learning rate (constant)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    batch_size: int = 16
+    """Synthetic samples per step (no privacy: plain mini-batches)."""
+    holdout_fraction: float = 0.01
+    """Part of the synthetic set held out for early stopping (it reads no private data)."""
+    eval_every: int = 50
+    """Steps between held-out evaluations (and the end of each epoch)."""
+    patience: int = 3
+    """Evaluations without a better held-out loss before training stops; the best model is kept."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.kd_weight <= 1:
+            raise ValueError(f"distill_synthetic.kd_weight={self.kd_weight!r} is invalid: must be in [0, 1]")
+        for key in ("temperature", "epochs", "lr"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"distill_synthetic.{key}={getattr(self, key)!r} is invalid: must be > 0")
+        if self.hidden_weight < 0 or self.weight_decay < 0:
+            raise ValueError("distill_synthetic.hidden_weight and distill_synthetic.weight_decay must be >= 0")
+        for key in ("batch_size", "eval_every", "patience"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"distill_synthetic.{key}={getattr(self, key)!r} is invalid: must be >= 1")
+        if not 0 < self.holdout_fraction < 0.5:
+            raise ValueError(f"distill_synthetic.holdout_fraction={self.holdout_fraction!r} is invalid: must be in "
+                             "(0, 0.5)")
+

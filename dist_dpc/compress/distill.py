@@ -28,6 +28,31 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
     return (1 - alpha) * ce + alpha * temperature ** 2 * kl
 
 
+def token_kd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, alpha: float,
+                   temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token KD of a causal LM: position t predicts labels[t + 1]. Returns the per-token loss
+    (1 - alpha) * CE + alpha * T^2 * KL(teacher_T || student_T), shape (B, L - 1), and the mask of
+    the positions that count (labels not -100: the text and its EOS; never padding or control codes)."""
+    s = student_logits[:, :-1].float()
+    t = teacher_logits[:, :-1].float()
+    targets = labels[:, 1:]
+    mask = targets != -100
+    ce = F.cross_entropy(s.transpose(1, 2), targets.masked_fill(~mask, 0), reduction="none")
+    log_p_teacher = F.log_softmax(t / temperature, dim=-1)
+    log_p_student = F.log_softmax(s / temperature, dim=-1)
+    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)
+    per_token = (1 - alpha) * ce + alpha * temperature ** 2 * kl
+    return per_token * mask, mask
+
+
+def token_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, alpha: float,
+                  temperature: float) -> torch.Tensor:
+    """Per-sample token KD, shape (B,): each sample's mean over its counted positions (the DP unit
+    is the sample, as in causal_lm_loss; a sample with none has loss 0)."""
+    per_token, mask = token_kd_terms(student_logits, teacher_logits, labels, alpha, temperature)
+    return per_token.sum(1) / mask.sum(1).clamp(min=1)
+
+
 def every_other_layer(num_layers: int) -> list[int]:
     """The default layer map: teacher layers 0, 2, 4, ... (half depth, rounded up)."""
     return list(range(0, num_layers, 2))
@@ -95,7 +120,8 @@ class DistillationLoss:
     """
 
     def __init__(self, teacher: nn.Module, *, alpha: float, temperature: float, hidden_weight: float = 0.0,
-                 layer_map: list[int] | None = None, input_keys=("input_ids", "attention_mask", "token_type_ids")):
+                 layer_map: list[int] | None = None, input_keys=("input_ids", "attention_mask", "token_type_ids"),
+                 token_level: bool = False):
         if hidden_weight < 0:
             raise ValueError(f"distill.hidden_weight={hidden_weight!r} is invalid: must be >= 0")
         if hidden_weight > 0 and layer_map is None:
@@ -105,6 +131,7 @@ class DistillationLoss:
         self.alpha, self.temperature, self.hidden_weight = alpha, temperature, hidden_weight
         self.layer_map = layer_map
         self.input_keys = input_keys
+        self.token_level = token_level
         self._cache: tuple[torch.Tensor, object] | None = None
 
     @torch.no_grad()
@@ -120,12 +147,56 @@ class DistillationLoss:
         inputs = {k: batch[k] for k in self.input_keys if k in batch}
         teacher = self._teacher_outputs(inputs)
         student = forward(**inputs, output_hidden_states=self.hidden_weight > 0)
-        loss = kd_loss(student.logits, teacher.logits, batch["labels"], self.alpha, self.temperature)
+        kd = token_kd_loss if self.token_level else kd_loss
+        loss = kd(student.logits, teacher.logits, batch["labels"], self.alpha, self.temperature)
         if self.hidden_weight > 0:
-            mask = batch["attention_mask"].unsqueeze(-1).float()
+            if self.token_level:  # the positions that predict a text token
+                mask = F.pad(batch["labels"][:, 1:] != -100, (0, 1)).unsqueeze(-1).float()
+            else:
+                mask = batch["attention_mask"].unsqueeze(-1).float()
             tokens = mask.sum((1, 2)).clamp_min(1)
             # hidden_states[0] is the embedding output; layer i's output is hidden_states[i + 1].
             for i, j in enumerate(self.layer_map):
                 diff = (student.hidden_states[i + 1].float() - teacher.hidden_states[j + 1].float()) ** 2
                 loss = loss + self.hidden_weight * (diff * mask).sum((1, 2)) / (tokens * diff.shape[-1]) / len(self.layer_map)
         return loss
+
+
+class SyntheticKDObjective(nn.Module):
+    """The student's objective on DP synthetic text (Flemings & Annavaram 2024), trained without DP-SGD:
+    per text token (1 - alpha) * CE + alpha * T^2 * KL(teacher_T || student_T), plus hidden_weight *
+    MSE(projection(student's last hidden state), teacher's last hidden state) on the same positions.
+    The projection is a learned Linear when the widths differ (identity otherwise); it trains with
+    the student and is not part of the saved student. The frozen teacher is held outside the module's
+    parameters (never trained, never saved with it)."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, *, alpha: float, temperature: float,
+                 hidden_weight: float = 0.0):
+        super().__init__()
+        if not 0 <= alpha <= 1 or temperature <= 0 or hidden_weight < 0:
+            raise ValueError(f"kd_weight={alpha!r} (in [0, 1]), temperature={temperature!r} (> 0) and "
+                             f"hidden_weight={hidden_weight!r} (>= 0) out of range")
+        self.student = student
+        self._teacher = (teacher.eval().requires_grad_(False),)  # a tuple: not a registered submodule
+        self.alpha, self.temperature, self.hidden_weight = alpha, temperature, hidden_weight
+        width_s, width_t = student.config.hidden_size, teacher.config.hidden_size
+        self.projection = nn.Linear(width_s, width_t) if hidden_weight > 0 and width_s != width_t else nn.Identity()
+
+    @property
+    def teacher(self) -> nn.Module:
+        return self._teacher[0]
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of the loss over the batch's counted tokens, number of those tokens)."""
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        hidden = self.hidden_weight > 0
+        with torch.no_grad():
+            teacher = self.teacher(**inputs, output_hidden_states=hidden)
+        student = self.student(**inputs, output_hidden_states=hidden)
+        per_token, mask = token_kd_terms(student.logits, teacher.logits, batch["labels"], self.alpha, self.temperature)
+        total = per_token.sum()
+        if hidden:
+            projected = self.projection(student.hidden_states[-1][:, :-1].float())
+            diff = ((projected - teacher.hidden_states[-1][:, :-1].float()) ** 2).mean(-1)
+            total = total + self.hidden_weight * (diff * mask).sum()
+        return total, mask.sum()

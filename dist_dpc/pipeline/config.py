@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from dist_dpc.compress.config import DistillConfig, PruneConfig
+from dist_dpc.compress.config import DistillConfig, DistillSyntheticConfig, PruneConfig
 from dist_dpc.data.config import DataConfig
 from dist_dpc.models.config import LoraSettings, ModelConfig
 from dist_dpc.privacy.config import PrivacyConfig
@@ -153,8 +153,10 @@ class ClusterConfig:
             raise ValueError(f"cluster.gpus_per_node={self.gpus_per_node!r} is invalid: must be >= 0")
 
 
-SPENDING_PHASES = ("tune", "teacher", "distill", "prune")  # read the private data under DP
-ALL_PHASES = (*SPENDING_PHASES, "eval", "export", "generate")
+SPENDING_PHASES = ("tune", "teacher", "histogram", "distill", "prune")  # read the private data under DP
+MODEL_PHASES = ("tune", "teacher", "distill", "prune", "distill_synthetic")  # write RUN/PHASE/model
+# distill_synthetic trains on DP output only (post-processing): it writes a model and spends nothing.
+ALL_PHASES = (*SPENDING_PHASES, "distill_synthetic", "eval", "export", "generate")
 DEFAULT_PHASES = ("teacher", "distill", "prune", "eval", "export")  # tune only when asked (it needs tune.search)
 
 
@@ -184,9 +186,9 @@ class PipelineConfig:
         if self.budget_split and set(self.budget_split) != set(spending):
             raise ValueError(f"pipeline.budget_split must give a share to every spending phase ({', '.join(spending)}), "
                              f"got {sorted(self.budget_split)}")
-        if self.export_source not in ("auto", *SPENDING_PHASES):
+        if self.export_source not in ("auto", *MODEL_PHASES):
             raise ValueError(f"pipeline.export_source={self.export_source!r} is invalid: allowed values are auto, "
-                             f"{', '.join(SPENDING_PHASES)}")
+                             f"{', '.join(MODEL_PHASES)}")
 
     def cumulative_share(self, phase: str) -> float:
         """Fraction of the target the composition may reach once ``phase`` is done."""
@@ -306,6 +308,32 @@ class GenerateConfig:
 
 
 @dataclass(kw_only=True)
+class HistogramConfig:
+    """Phase histogram: a DP histogram of the private training set's control codes (Gaussian mechanism
+    on every category's count, in the ledger), post-processed into the prompt allocation that
+    `generate` samples by when it is given no prompts."""
+    code_values: list[list[str]] | None = None
+    """The public schema: the possible values of each control-code column, in the order of
+    data.control_code_columns; the categories are all their combinations (null: the published Yelp
+    codes for data.task=yelp). Never read from the private data: which categories exist is itself
+    information about it. A record whose codes are not in the schema is counted nowhere."""
+    noise_multiplier: float | None = None
+    """sigma of the Gaussian noise on each count (sensitivity 1). null: calibrated to the phase's share
+    of privacy.target_epsilon (pipeline.budget_split)."""
+    samples: int | None = None
+    """Synthetic samples to allocate (null: N, the private training set's public size)."""
+
+    def __post_init__(self) -> None:
+        if self.noise_multiplier is not None and not self.noise_multiplier > 0:
+            raise ValueError(f"histogram.noise_multiplier={self.noise_multiplier!r} is invalid: must be > 0 (a "
+                             "histogram without noise is not DP), or null to calibrate it")
+        if self.samples is not None and self.samples < 1:
+            raise ValueError(f"histogram.samples={self.samples!r} is invalid: must be >= 1 or null (N)")
+        if self.code_values is not None and (not self.code_values or any(not v for v in self.code_values)):
+            raise ValueError("histogram.code_values: give a non-empty list of values per control-code column")
+
+
+@dataclass(kw_only=True)
 class TuneConfig:
     """`dpc tune`: hyper-parameter selection that is itself accounted (docs/tuning.md)."""
     search: dict[str, list[Any]] = field(default_factory=dict)
@@ -380,6 +408,8 @@ class Config:
     head_init: HeadInitConfig = field(default_factory=HeadInitConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    histogram: HistogramConfig = field(default_factory=HistogramConfig)
+    distill_synthetic: DistillSyntheticConfig = field(default_factory=DistillSyntheticConfig)
 
 
 def derived(original: Config, new: Config) -> Config:

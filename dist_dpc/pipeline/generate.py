@@ -42,8 +42,15 @@ class Batch:
     size: int
 
 
-def read_prompts(g: GenerateConfig) -> list[tuple[tuple[str, ...], int]]:
-    """(control codes, count) in a fixed order: generate.prompts, then generate.prompts_file."""
+def read_prompts(g: GenerateConfig, root: Path | None = None) -> list[tuple[tuple[str, ...], int]]:
+    """(control codes, count) in a fixed order: generate.prompts, then generate.prompts_file; with
+    neither, the allocation of the tree's completed histogram phase (a DP release in its ledger)."""
+    if not g.prompts and not g.prompts_file and root is not None:
+        from dist_dpc.pipeline.histogram_phase import allocation_prompts
+
+        allocated = allocation_prompts(root)
+        if allocated is not None:
+            return allocated
     prompts = [(tuple(k.split("\t")) if k else (), int(v)) for k, v in g.prompts.items()]
     if g.prompts_file:
         path = Path(g.prompts_file)
@@ -58,7 +65,8 @@ def read_prompts(g: GenerateConfig) -> list[tuple[tuple[str, ...], int]]:
             prompts.append((tuple(str(c) for c in r.get("codes", [])), int(r["count"])))
     if not prompts or sum(n for _, n in prompts) == 0:
         raise ValueError("generate: no samples requested: set generate.prompts (control codes -> count, e.g. "
-                         "'generate.prompts={\"\": 100}' without control codes) or generate.prompts_file")
+                         "'generate.prompts={\"\": 100}' without control codes) or generate.prompts_file, or run "
+                         "the histogram phase first (its DP allocation is used when neither is set)")
     if any(n < 0 for _, n in prompts):
         raise ValueError("generate: prompt counts must be >= 0")
     return prompts
@@ -122,7 +130,7 @@ def batch_file(directory: Path, index: int) -> Path:
 def run_generate(cfg: Config) -> dict:
     g = cfg.generate
     make_task(cfg.model, cfg.data).refuse_unsupported("generate")
-    prompts = read_prompts(g)
+    prompts = read_prompts(g, root_of(cfg))
     ctx = open_phase(cfg, "generate", load_data=False)
     source = source_dir(cfg)
     from dist_dpc.models import ModelConfig
@@ -155,7 +163,13 @@ def run_generate(cfg: Config) -> dict:
     torch.distributed.barrier()
     guarantee = {"epsilon": ctx.ledger.total_epsilon() if ctx.ledger is not None else None,
                  "delta": ctx.ledger.delta if ctx.ledger is not None else None, "private": ctx.ledger is not None}
-    results = merge(directory, batches, ctx.is_main, guarantee)
+    if ctx.is_main:
+        # The samples carry the tree's whole spend (the source's cost, a histogram's allocation): a
+        # student trained on them in another tree imports it from here (distill_synthetic).
+        from dist_dpc.pipeline.lineage import write_lineage
+
+        write_lineage(directory, ctx.ledger, phase="generate")
+    results = merge(directory, batches, ctx.is_main, guarantee, g.shards)
     torch.distributed.barrier()
     return results
 
@@ -207,13 +221,15 @@ def _batch_seed(seed: int, index: int) -> int:
     return int.from_bytes(hashlib.blake2b(f"generate:{seed}:{index}".encode(), digest_size=8).digest(), "little") >> 1
 
 
-def merge(directory: Path, batches: list[Batch], writer: bool, guarantee: dict | None = None) -> dict:
+def merge(directory: Path, batches: list[Batch], writer: bool, guarantee: dict | None = None,
+          shards: int | None = None) -> dict:
     """samples.jsonl once every batch file is there (any process may call it; a lock makes one write
     it): ids 0..N-1 each exactly once, in order."""
     missing = [b.index for b in batches if not batch_file(directory, b.index).is_file()]
     total = sum(b.size for b in batches)
     if missing:
-        return {"complete": False, "missing_batches": len(missing), "samples": total}
+        return {"complete": False, "missing_batches": len(missing), "samples": total,
+                "missing_shards": sorted({b % shards for b in missing}) if shards else None}
     if writer:
         with open(directory / ".merge.lock", "a") as lock:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)

@@ -24,7 +24,7 @@ from dist_dpc.compress.pruning import (MaskEnforcer, apply_masks, compute_masks,
                                        sparsity_schedule, sparsity_stats)
 from dist_dpc.models import ModelConfig
 from dist_dpc.models.loading import set_trainable
-from dist_dpc.pipeline.config import ALL_PHASES, SPENDING_PHASES, Config
+from dist_dpc.pipeline.config import ALL_PHASES, MODEL_PHASES, Config
 from dist_dpc.pipeline.head_init import HeadStart
 from dist_dpc.pipeline.lineage import import_lineage
 from dist_dpc.pipeline.trainer import (PhaseContext, evaluate_engine, finish_phase, local_device,
@@ -35,7 +35,6 @@ from dist_dpc.privacy.ledger import PrivacyLedger
 from dist_dpc.tasks import TASKS, make_task
 from dist_dpc.utils.logging import log
 
-MODEL_PHASES = SPENDING_PHASES
 
 
 class PhaseOrderError(ValueError):
@@ -135,7 +134,7 @@ def run_distill(cfg: Config) -> dict:
         init = f"pre-trained {d.student}"
     teacher.to(local_device())
     loss = DistillationLoss(teacher, alpha=d.alpha, temperature=d.temperature, hidden_weight=d.hidden_weight,
-                            layer_map=layer_map)
+                            layer_map=layer_map, token_level=ctx.task.token_level)
     steps = planned_steps(d.epochs or cfg.train.epochs, cfg.train.max_steps, steps_per_epoch(ctx))
     check_before_spending(ctx, student, steps=steps, lr=d.lr)
     start = HeadStart.plan(ctx, student)
@@ -341,13 +340,13 @@ def _semi_structured_speedup(ctx: PhaseContext, model, data) -> float | None:
 def accuracy_table(rows: list[dict]) -> str:
     """The eval phase's table: one row per model, the task's metric (accuracy, or perplexity)."""
     metric = TASKS[rows[0].get("task", "sequence_classification")].primary_metric if rows else "accuracy"
-    lines = ["", f"{'model':<10} {'layers':>6} {'params':>11} {'non-zero':>11} {'MB':>7} {'ex/s':>8} "
+    lines = ["", f"{'model':<17} {'layers':>6} {'params':>11} {'non-zero':>11} {'MB':>7} {'ex/s':>8} "
                  f"{metric:>10} {'epsilon':>8}"]
     for row in rows:
         value = next(iter(row["metrics"].values()))[metric]
         shown = f"{value * 100:>9.2f}%" if metric == "accuracy" else f"{value:>10.3f}"
         eps = f"{row['epsilon']:.3f}" if row.get("epsilon") is not None else "inf"
-        lines.append(f"{row['phase']:<10} {row['layers']:>6} {row['parameters']:>11,} {row['nonzero_parameters']:>11,} "
+        lines.append(f"{row['phase']:<17} {row['layers']:>6} {row['parameters']:>11,} {row['nonzero_parameters']:>11,} "
                      f"{row['size_mb']:>7.1f} {row['examples_per_s']:>8.1f} {shown} {eps:>8}")
     return "\n".join(lines)
 
@@ -490,8 +489,22 @@ def run_generate(cfg: Config) -> dict:
     return generate(cfg)
 
 
+def run_histogram(cfg: Config) -> dict:
+    from dist_dpc.pipeline.histogram_phase import run_histogram as histogram
+
+    return histogram(cfg)
+
+
+def run_distill_synthetic(cfg: Config) -> dict:
+    from dist_dpc.pipeline.distill_synthetic import run_distill_synthetic as distill_synthetic
+
+    return distill_synthetic(cfg)
+
+
 RUNNERS = {"teacher": run_teacher, "distill": run_distill, "prune": run_prune, "eval": run_eval,
-           "export": run_export, "generate": run_generate}
+           "export": run_export, "generate": run_generate, "histogram": run_histogram,
+           "distill_synthetic": run_distill_synthetic}
+COMPLETED_BY_RESULTS = (*MODEL_PHASES, "histogram")  # a rerun of the pipeline skips them once results.json exists
 
 
 def run_phase(cfg: Config, phase: str) -> dict:
@@ -538,7 +551,7 @@ def run_pipeline(cfg: Config) -> dict:
     check_phases(cfg, cfg.pipeline.phases)
     out = {}
     for phase in cfg.pipeline.phases:
-        if phase in MODEL_PHASES and completed(cfg, phase):
+        if phase in COMPLETED_BY_RESULTS and completed(cfg, phase):
             print(f"[pipeline] {phase}: already completed in {root_of(cfg) / phase}, skipped", flush=True)
             out[phase] = json.loads((root_of(cfg) / phase / "results.json").read_text())
             continue

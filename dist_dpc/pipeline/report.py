@@ -30,7 +30,7 @@ EPSILON_PLOT = "epsilon_vs_step.png"
 MODELS_PLOT = "accuracy_vs_size.png"
 # The names of dist_dpc.pipeline.config / trainer, repeated here: importing them pulls in torch,
 # and a report must be quick to make on a login node.
-MODEL_PHASES = ("train", "teacher", "distill", "prune")
+MODEL_PHASES = ("train", "teacher", "distill", "prune", "distill_synthetic")
 POST_PROCESSING = ("eval", "export")
 DEFAULT_POINTS = 20
 

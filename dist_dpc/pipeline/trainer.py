@@ -178,16 +178,34 @@ def phase_privacy(ctx: PhaseContext, steps: int, fixed: tuple[Mechanism, ...] = 
     if ctx.ledger is None:
         return privacy
     q = sample_rate(ctx)
-    target = privacy.target_epsilon
-    if target is not None:
-        target *= ctx.cfg.pipeline.cumulative_share(ctx.phase)
+    reserve_budget(ctx, sample_rate=q, steps=steps, fixed=fixed, noise_multiplier=privacy.noise_multiplier,
+                   expected_batch_size=ctx.cfg.train.batch_size)
+    # delta is the ledger's (from the whole private set's N): never recomputed from a part's realised size.
+    return dataclasses.replace(privacy, noise_multiplier=ctx.budget.noise_multiplier,
+                               target_epsilon=phase_target(ctx), delta=ctx.ledger.delta)
+
+
+def phase_target(ctx: PhaseContext) -> float | None:
+    """The cumulative epsilon the tree may reach once this phase is done (its budget_split share and
+    every share before it)."""
+    target = ctx.cfg.privacy.target_epsilon
+    return None if target is None else target * ctx.cfg.pipeline.cumulative_share(ctx.phase)
+
+
+def reserve_budget(ctx: PhaseContext, *, sample_rate: float, steps: int, fixed: tuple[Mechanism, ...] = (),
+                   noise_multiplier: float | None = None, expected_batch_size: float | None = None) -> PhaseBudget:
+    """The reservation itself (phase_privacy for DP-SGD phases; the histogram phase: q 1, one step):
+    rank 0 reserves under the ledger's lock, the other ranks join; sets ``ctx.budget`` and keys the
+    phase's randomness by its attempt."""
+    privacy = ctx.cfg.privacy
+    target = phase_target(ctx)
     outcome = None
     if ctx.is_main:
         try:
             _hold_phase_lock(ctx)
-            budget = PhaseBudget.reserve(ctx.ledger, ctx.phase, sample_rate=q, steps=steps, fixed=fixed,
-                                         target_epsilon=target, noise_multiplier=privacy.noise_multiplier,
-                                         expected_batch_size=ctx.cfg.train.batch_size,
+            budget = PhaseBudget.reserve(ctx.ledger, ctx.phase, sample_rate=sample_rate, steps=steps, fixed=fixed,
+                                         target_epsilon=target, noise_multiplier=noise_multiplier,
+                                         expected_batch_size=expected_batch_size,
                                          max_effective_noise=privacy.max_effective_noise)
             outcome = ("ok", budget.entry)
         except (ValueError, PrivacyBudgetExceeded, PhaseRunningError) as err:
@@ -202,11 +220,9 @@ def phase_privacy(ctx: PhaseContext, steps: int, fixed: tuple[Mechanism, ...] = 
     _clear_stale_attempt(ctx)
     total = ctx.ledger.total_epsilon()
     log(ctx.world, f"[{ctx.phase}] privacy budget ({ctx.budget.entry}): sigma={ctx.budget.noise_multiplier:.4f}, "
-                   f"q={q:.5f}, {steps} steps; run total with this reservation epsilon={total:.3f}"
+                   f"q={sample_rate:.5f}, {steps} steps; run total with this reservation epsilon={total:.3f}"
                    + (f" (phase target {target:.3f} of {privacy.target_epsilon:g})" if target is not None else ""))
-    # delta is the ledger's (from the whole private set's N): never recomputed from a part's realised size.
-    return dataclasses.replace(privacy, noise_multiplier=ctx.budget.noise_multiplier, target_epsilon=target,
-                               delta=ctx.ledger.delta)
+    return ctx.budget
 
 
 class PhaseRunningError(RuntimeError):
@@ -629,7 +645,11 @@ def summary(world, results: dict) -> None:
     lines = ["", "=" * 72, f"phase {results.get('phase', 'train')}"]
     for name, m in results["metrics"].items():
         lines.append(f"{name}: {task.describe(m)}")
-    if results["private"]:
+    if results["private"] and results.get("noise_multiplier") is None:  # trained on DP outputs only
+        lines.append(f"privacy: epsilon={results['epsilon']:.3f} ({results['accountant'].upper()}, the whole run tree; "
+                     f"other accountant {results['epsilon_rdp']:.3f}), delta={results['delta']:.3g}; this phase read "
+                     "no private data and spent nothing")
+    elif results["private"]:
         lines.append(f"privacy: epsilon={results['epsilon']:.3f} ({results['accountant'].upper()}, whole run tree so "
                      f"far; other accountant {results['epsilon_rdp']:.3f}), delta={results['delta']:.3g}, "
                      f"sigma={results['noise_multiplier']:.4f}, q={results['sample_rate']:.5f}, "

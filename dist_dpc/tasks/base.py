@@ -10,6 +10,9 @@ from dist_dpc.data import DataConfig
 from dist_dpc.data.splits import TaskData, TextSplit
 
 
+GENERATIVE_PHASES = ("histogram", "generate", "distill_synthetic")  # need a task that generates text
+
+
 class Task:
     name: str = ""
     model_class: str = ""            # the transformers Auto class that reloads a saved model
@@ -19,6 +22,7 @@ class Task:
     lora_head: tuple[str, ...] = ()  # parameter-name patterns that train beside LoRA adapters by default
     unsupported_phases: tuple[str, ...] = ()  # phases refused for this task (before anything runs)
     generates: bool = False          # `dpc generate` samples text from its models
+    token_level: bool = False        # the objective is per token (distillation compares every text token)
 
     def __init__(self, data_cfg: DataConfig):
         self.data_cfg = data_cfg
@@ -63,9 +67,10 @@ class Task:
         return ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
 
     def refuse_unsupported(self, phase: str) -> None:
-        if phase == "generate" and not self.generates:
-            raise ValueError(f"generate samples text from a causal LM, but model.task={self.name!r} trains a "
-                             "classifier: set model.task=causal_lm (and a causal LM as model.name)")
+        if phase in GENERATIVE_PHASES and not self.generates:
+            raise ValueError(f"{phase} belongs to the synthetic-text path of a causal LM (histogram of control codes, "
+                             f"generate, distill_synthetic), but model.task={self.name!r} trains a classifier: set "
+                             "model.task=causal_lm (and a causal LM as model.name)")
         if phase in self.unsupported_phases:
             raise ValueError(f"{phase} is not supported for model.task={self.name!r} yet: run teacher, eval, export "
                              "(pipeline.phases=[teacher, eval, export]), `dpc train` or `dpc generate`")

@@ -22,10 +22,11 @@ class CausalLM(Task):
     higher_is_better = False
     watched = ("loss", "perplexity")
     generates = True
+    token_level = True
     lora_head = ()  # the LM head (vocab x hidden, often tied to the embeddings) stays frozen under LoRA
-    # DPKD / DPIMP of causal LMs: not yet; tune's private score counts correct predictions (sensitivity 1),
+    # DPIMP of causal LMs: not yet; tune's private score counts correct predictions (sensitivity 1),
     # which a perplexity has no bounded counterpart of.
-    unsupported_phases = ("distill", "prune", "tune")
+    unsupported_phases = ("prune", "tune")
 
     def load_data(self):
         return load_lm_task(self.data_cfg)

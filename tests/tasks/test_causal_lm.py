@@ -156,10 +156,10 @@ def test_bad_input_is_refused_with_the_field_and_the_fix(tmp_path):
     assert load_lm_task(DataConfig(task="text", train_file=str(tmp_path / "t.txt"))).train.texts == ["one", "two"]
 
 
-def test_distill_and_prune_of_a_causal_lm_are_refused_before_anything_runs(tmp_path):
+def test_prune_and_tune_of_a_causal_lm_are_refused_before_anything_runs(tmp_path):
     proc = dpc(["pipeline", str(ROOT / "configs" / "debug_lm.yaml"), f"run.output_dir={tmp_path}",
-                "pipeline.phases=[teacher, distill, eval]"])
-    assert proc.returncode == 2 and "distill is not supported for model.task='causal_lm'" in proc.stderr
+                "pipeline.phases=[teacher, prune, eval]"])
+    assert proc.returncode == 2 and "prune is not supported for model.task='causal_lm'" in proc.stderr
     assert not (tmp_path / "debug-lm" / "teacher").exists()
     tune = dpc(["pipeline", str(ROOT / "configs" / "debug_lm.yaml"), f"run.output_dir={tmp_path}", "run.name=t",
                 "pipeline.phases=[teacher, tune]", "tune.search={train.lr: [0.01, 0.001]}"])

@@ -143,4 +143,4 @@ def test_source_without_dp_lineage_is_refused_and_the_guarantee_is_stated(traine
 def test_generation_of_a_classifier_is_refused(tmp_path):
     proc = dpc(["generate", str(ROOT / "configs" / "debug.yaml"), f"run.output_dir={tmp_path}",
                 "generate.prompts={'': 2}"])
-    assert proc.returncode == 2 and "generate samples text from a causal LM" in proc.stderr
+    assert proc.returncode == 2 and "generate belongs to the synthetic-text path of a causal LM" in proc.stderr

@@ -1,0 +1,242 @@
+"""DP distillation through synthetic text (Flemings & Annavaram 2024): the token KD loss against a
+hand computation with masking, the hidden-state projection when widths differ, the histogram phase's
+refusals and allocation, the refusals of a student phase whose inputs are (or may be) private data,
+and the chain teacher -> histogram -> generate -> distill_synthetic -> eval -> export through `dpc
+pipeline`, whose ledger is opacus' PRV over the teacher's DP-SGD and the histogram and nothing else."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from dist_dpc.compress.distill import SyntheticKDObjective, token_kd_loss, token_kd_terms
+from tests.pipeline.test_phases import opacus_prv_epsilon
+from tests.pipeline.test_train import ROOT, dpc
+from tests.tasks.test_causal_lm import write_yelp
+
+
+def _softmax(xs, t):
+    m = max(x / t for x in xs)
+    e = [math.exp(x / t - m) for x in xs]
+    return [v / sum(e) for v in e]
+
+
+def test_token_kd_loss_matches_a_hand_computation_with_masking():
+    g = torch.Generator().manual_seed(0)
+    B, L, V, alpha, T = 2, 5, 4, 0.4, 2.0
+    s, t = torch.randn(B, L, V, generator=g), torch.randn(B, L, V, generator=g)
+    labels = torch.tensor([[-100, -100, 1, 3, -100],    # prefix, two text tokens, padding
+                           [-100, 2, 0, 1, 2]])
+    per_token, mask = token_kd_terms(s, t, labels, alpha, T)
+    expected_rows = []
+    for b in range(B):
+        row = []
+        for pos in range(L - 1):  # position pos predicts labels[pos + 1]
+            target = int(labels[b, pos + 1])
+            if target == -100:
+                continue
+            p_s1, p_s, p_t = _softmax(s[b, pos].tolist(), 1.0), _softmax(s[b, pos].tolist(), T), _softmax(t[b, pos].tolist(), T)
+            ce = -math.log(p_s1[target])
+            kl = sum(pt * (math.log(pt) - math.log(ps)) for pt, ps in zip(p_t, p_s))
+            row.append((1 - alpha) * ce + alpha * T * T * kl)
+        expected_rows.append(row)
+    assert mask.tolist() == [[False, True, True, False], [True, True, True, True]]
+    assert float(per_token.sum()) == pytest.approx(sum(map(sum, expected_rows)), rel=1e-5)
+    assert float(per_token[0, 3]) == 0.0 and float(per_token[0, 0]) == 0.0  # masked positions contribute nothing
+    per_sample = token_kd_loss(s, t, labels, alpha, T)
+    assert per_sample.tolist() == pytest.approx([sum(r) / len(r) for r in expected_rows], rel=1e-5)
+    # alpha 0 is plain next-token cross-entropy
+    ce_only = token_kd_loss(s, t, labels, 0.0, T)
+    reference = torch.nn.functional.cross_entropy(s[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100,
+                                                  reduction="none").sum(1) / (labels[:, 1:] != -100).sum(1)
+    assert torch.allclose(ce_only, reference, atol=1e-6)
+
+
+def _tiny_llama(hidden: int, layers: int = 2, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=2 * hidden,
+                                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                        max_position_embeddings=64))
+
+
+def test_hidden_state_term_goes_through_a_learned_projection_when_widths_differ():
+    teacher, student = _tiny_llama(32, seed=0).eval(), _tiny_llama(16, layers=1, seed=1).eval()
+    ids = torch.randint(0, 64, (3, 10), generator=torch.Generator().manual_seed(2))
+    labels = ids.clone()
+    labels[:, :3] = -100  # control codes
+    labels[2, 7:] = -100  # padding
+    attention = torch.ones_like(ids)
+    attention[2, 7:] = 0
+    batch = {"input_ids": ids, "attention_mask": attention, "labels": labels}
+    beta = 0.5
+    with_hidden = SyntheticKDObjective(student, teacher, alpha=0.4, temperature=1.0, hidden_weight=beta)
+    assert isinstance(with_hidden.projection, torch.nn.Linear) and with_hidden.projection.weight.shape == (32, 16)
+    assert not any(p is q for p in with_hidden.parameters() for q in teacher.parameters())  # the teacher is not trained
+    total, tokens = with_hidden(batch)
+    without, tokens0 = SyntheticKDObjective(student, teacher, alpha=0.4, temperature=1.0)(batch)
+    # The difference is beta * sum over counted positions of mean_d (P h_s - h_t)^2, computed here by hand.
+    with torch.no_grad():
+        h_s = student(input_ids=ids, attention_mask=attention, output_hidden_states=True).hidden_states[-1]
+        h_t = teacher(input_ids=ids, attention_mask=attention, output_hidden_states=True).hidden_states[-1]
+        projected = h_s @ with_hidden.projection.weight.T + with_hidden.projection.bias
+        expected = 0.0
+        for b in range(3):
+            for pos in range(9):
+                if labels[b, pos + 1] != -100:
+                    expected += float(((projected[b, pos] - h_t[b, pos]) ** 2).mean())
+    assert int(tokens) == int(tokens0) == 7 + 7 + 4
+    assert float((total - without).detach()) == pytest.approx(beta * expected, rel=1e-4)
+    total.backward()
+    assert with_hidden.projection.weight.grad is not None and with_hidden.projection.weight.grad.abs().sum() > 0
+    same = SyntheticKDObjective(_tiny_llama(32, layers=1), teacher, alpha=0.4, temperature=1.0, hidden_weight=beta)
+    assert isinstance(same.projection, torch.nn.Identity)
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """One tree through the whole synthetic-text chain on tiny-llama (seconds)."""
+    root = tmp_path_factory.mktemp("skd")
+    write_yelp(root / "train.csv", 200, 0, "train")
+    write_yelp(root / "test.csv", 20, 1, "test")
+    args = [str(ROOT / "configs" / "debug_lm.yaml"), f"run.output_dir={root}", "data.task=yelp",
+            f"data.train_file={root / 'train.csv'}", f"data.eval_file={root / 'test.csv'}", "data.max_length=96",
+            "train.max_steps=2"]
+    chain_args = [*args, "run.name=skd", "pipeline.phases=[teacher, histogram, generate, distill_synthetic, eval, export]",
+                  "pipeline.budget_split={teacher: 0.9, histogram: 0.1}", "histogram.samples=30",
+                  "generate.batch_size=4", "generate.max_new_tokens=12", "distill_synthetic.epochs=2",
+                  "distill_synthetic.batch_size=4", "distill_synthetic.eval_every=3", "distill_synthetic.holdout_fraction=0.1"]
+    proc = dpc(["pipeline", *chain_args], timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return root, args, chain_args
+
+
+@pytest.mark.timeout(900)
+def test_the_chain_spends_only_on_the_teacher_and_the_histogram(chain):
+    root, _, _ = chain
+    run = root / "skd"
+    ledger = json.loads((run / "eval" / "results.json").read_text())["ledger"]  # the ledger with its totals
+    assert list(ledger["phases"]) == ["teacher", "histogram"]  # nothing for generate or the student
+    mechanisms = [m for entry in ledger["phases"].values() for m in entry["mechanisms"]]
+    histogram = ledger["phases"]["histogram"]["mechanisms"]
+    assert len(histogram) == 1 and histogram[0]["sample_rate"] == 1.0 and histogram[0]["steps"] == 1
+    assert ledger["total_epsilon_prv"] == pytest.approx(opacus_prv_epsilon(mechanisms, ledger["delta"]), rel=0.02)
+    assert ledger["total_epsilon_prv"] <= 8.0 * 1.001
+    # The allocation: every public category (10 x 5), non-negative counts summing to histogram.samples.
+    hist = json.loads((run / "histogram" / "results.json").read_text())
+    assert len(hist["allocation"]) == 50 and sum(hist["allocation"]) == 30 and min(hist["allocation"]) >= 0
+    assert "counts" not in hist and all(c >= 0 for c in hist["noisy_counts"])
+    plan = json.loads((run / "generate" / "plan.json").read_text())
+    assert plan["samples"] == 30  # generate sampled by the allocation
+    student = json.loads((run / "distill_synthetic" / "results.json").read_text())
+    assert student["epsilon"] == pytest.approx(ledger["total_epsilon_prv"]) and student["spent"] == 0.0
+    assert student["layer_parameters"] * 2 <= student["teacher_layer_parameters"]
+    assert student["synthetic_train"] + student["synthetic_holdout"] == 30 and student["synthetic_holdout"] == 3
+    rows = {r["phase"]: r for r in json.loads((run / "eval" / "results.json").read_text())["models"]}
+    assert set(rows) == {"teacher", "distill_synthetic"}
+    assert rows["distill_synthetic"]["metrics"]["validation"]["perplexity"] > 1  # on the real test split
+    card = (run / "export" / "model" / "README.md").read_text()
+    assert "distill_synthetic" in card and f"{ledger['total_epsilon_prv']:.3f}" in card
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(str(run / "export" / "model"))
+    assert exported.config.num_hidden_layers == 1
+
+
+@pytest.mark.timeout(600)
+def test_student_phase_refuses_private_or_unfinished_inputs(chain, tmp_path):
+    root, args, _ = chain
+    # the private training file itself
+    proc = dpc(["distill_synthetic", *args, "run.name=other0", f"distill_synthetic.samples={root / 'train.csv'}"])
+    assert proc.returncode == 2 and "is the private data" in proc.stderr, proc.stderr[-2000:]
+    # samples from a model without DP: the same files with the summary saying so
+    fake = tmp_path / "gen"
+    shutil.copytree(root / "skd" / "generate", fake)
+    summary = json.loads((fake / "summary.json").read_text())
+    (fake / "summary.json").write_text(json.dumps({**summary, "private": False}))
+    proc = dpc(["distill_synthetic", *args, "run.name=other", f"distill_synthetic.samples={fake}"])
+    assert proc.returncode == 2 and "without a DP guarantee" in proc.stderr, proc.stderr[-2000:]
+    # a generation with a failed shard: the error names it
+    broken = tmp_path / "broken"
+    shutil.copytree(root / "skd" / "generate", broken)
+    (broken / "samples.jsonl").unlink()
+    (broken / "batches" / "batch-000003.jsonl").unlink()
+    proc = dpc(["distill_synthetic", *args, "run.name=other2", f"distill_synthetic.samples={broken}",
+                "generate.shards=2"])
+    assert proc.returncode == 2 and "shard(s) [1]" in proc.stderr, proc.stderr[-2000:]
+    # a student with another tokenizer
+    proc = dpc(["distill_synthetic", *args, "run.name=other3", f"distill_synthetic.samples={root / 'skd' / 'generate'}",
+                "distill_synthetic.student=minilm"])
+    assert proc.returncode == 2 and "another tokenizer" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_histogram_refusals_name_the_field(tmp_path):
+    write_yelp(tmp_path / "train.csv", 40, 0, "train")
+    common = [str(ROOT / "configs" / "debug_lm.yaml"), f"run.output_dir={tmp_path}", "data.task=yelp",
+              f"data.train_file={tmp_path / 'train.csv'}", "pipeline.phases=[histogram]", "pipeline.budget_split={}"]
+    proc = dpc(["histogram", *common, "data.control_code_columns=[]"])
+    assert proc.returncode == 2 and "no control codes" in proc.stderr
+    proc = dpc(["histogram", *common, "data.task=csv", "data.control_code_columns=[label1]"])
+    assert proc.returncode == 2 and "histogram.code_values is required" in proc.stderr
+    proc = dpc(["histogram", *common, "histogram.code_values=[[a, b]]"])
+    assert proc.returncode == 2 and "1 lists for 2 control-code columns" in proc.stderr
+    proc = dpc(["histogram", str(ROOT / "configs" / "debug.yaml"), f"run.output_dir={tmp_path}"])
+    assert proc.returncode == 2 and "synthetic-text path of a causal LM" in proc.stderr
+    assert not any((tmp_path / "debug-lm").glob("privacy_ledger.json"))
+
+
+def test_dpkd_loss_of_a_causal_lm_is_per_sample():
+    """DPKD for causal LMs (the paper's baseline) clips DistillationLoss per sample: each sample's loss
+    must depend on that sample alone (the teacher on the same micro-batch, padding masked)."""
+    from dist_dpc.compress.distill import DistillationLoss
+
+    teacher, student = _tiny_llama(32, seed=0).eval(), _tiny_llama(32, layers=1, seed=1).eval()
+    loss = DistillationLoss(teacher, alpha=0.5, temperature=2.0, hidden_weight=0.3, layer_map=[1], token_level=True)
+    ids = torch.randint(0, 64, (3, 8), generator=torch.Generator().manual_seed(3))
+    labels, attention = ids.clone(), torch.ones_like(ids)
+    labels[:, :2] = -100
+    labels[1, 5:], attention[1, 5:] = -100, 0
+    batch = {"input_ids": ids, "attention_mask": attention, "labels": labels}
+    together = loss(student, batch)
+    alone = torch.cat([loss(student, {k: v[i:i + 1] for k, v in batch.items()}) for i in range(3)])
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # alpha 0 and no hidden term: the engine's plain LM loss
+        plain = DistillationLoss(teacher, alpha=0.0, temperature=2.0, token_level=True)(student, batch)
+        from dist_dpc.engine.losses import causal_lm_loss
+
+        torch.testing.assert_close(plain, causal_lm_loss(student, batch))
+
+
+@pytest.mark.timeout(600)
+def test_dpkd_baseline_of_a_causal_lm_runs_in_one_tree(chain):
+    root, args, _ = chain
+    proc = dpc(["pipeline", *args, "run.name=dpkd", "pipeline.phases=[teacher, distill, eval]",
+                "pipeline.budget_split={teacher: 0.5, distill: 0.5}", "distill.alpha=0.4", "distill.temperature=1.0"],
+               timeout=500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((root / "dpkd" / "eval" / "results.json").read_text())
+    assert list(results["ledger"]["phases"]) == ["teacher", "distill"]
+    assert results["ledger"]["total_epsilon_prv"] == pytest.approx(8.0, rel=0.01)
+    rows = {r["phase"]: r for r in results["models"]}
+    assert rows["distill"]["layers"] == 1 and rows["distill"]["metrics"]["validation"]["perplexity"] > 1
+
+
+@pytest.mark.timeout(600)
+def test_a_student_in_another_tree_imports_the_samples_whole_cost(chain):
+    """The no-KD baseline reads the chain's samples from its own tree: their lineage (the generating
+    tree's teacher and histogram) comes into its ledger once; the teacher is not counted twice."""
+    root, args, _ = chain
+    proc = dpc(["pipeline", *args, "run.name=nokd", "pipeline.phases=[distill_synthetic, eval]",
+                "pipeline.budget_split={}", f"distill_synthetic.samples={root / 'skd' / 'generate'}",
+                "distill_synthetic.kd_weight=0", "distill_synthetic.epochs=1", "distill_synthetic.batch_size=4",
+                "distill_synthetic.holdout_fraction=0.1"], timeout=500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ours = json.loads((root / "nokd" / "eval" / "results.json").read_text())["ledger"]
+    theirs = json.loads((root / "skd" / "eval" / "results.json").read_text())["ledger"]
+    assert list(ours["phases"]) == [f"imported:{(root / 'skd' / 'generate').resolve()}"]
+    assert ours["total_epsilon_prv"] == pytest.approx(theirs["total_epsilon_prv"], rel=1e-9)
