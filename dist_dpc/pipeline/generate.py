@@ -123,6 +123,20 @@ def source_dir(cfg: Config) -> Path:
     return path
 
 
+def model_fingerprint(model_dir: Path) -> str:
+    """A hash of a model directory's weights, config and privacy lineage: what the samples were drawn
+    from. A student distilled later from the same directory checks it (a retrained teacher differs)."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in Path(model_dir).iterdir() if p.is_file() and (
+        p.suffix in (".safetensors", ".bin") or p.name in ("config.json", "privacy_lineage.json")))
+    for path in files:
+        digest.update(path.name.encode())
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 def batch_file(directory: Path, index: int) -> Path:
     return directory / "batches" / f"batch-{index:06d}.jsonl"
 
@@ -145,7 +159,8 @@ def run_generate(cfg: Config) -> dict:
     model.to(local_device()).eval()
     batches = plan_batches(prompts, g.batch_size)
     directory = ctx.directory
-    plan = {"source": str(source), "samples": sum(b.size for b in batches), "batches": len(batches),
+    plan = {"source": str(Path(source).resolve()), "source_fingerprint": model_fingerprint(source),
+            "samples": sum(b.size for b in batches), "batches": len(batches),
             "settings": {k: getattr(g, k) for k in ("max_new_tokens", "temperature", "top_k", "top_p",
                                                     "no_repeat_ngram_size", "batch_size", "seed")},
             "prompts": [{"codes": list(c), "count": n} for c, n in prompts]}

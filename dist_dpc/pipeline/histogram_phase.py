@@ -57,17 +57,32 @@ def schema(cfg: Config) -> list[tuple[str, ...]]:
     return [tuple(str(v).strip() for v in combo) for combo in itertools.product(*values)]
 
 
-def run_histogram(cfg: Config) -> dict:
-    categories = schema(cfg)
-    ctx = open_phase(cfg, "histogram", load_data=False)
-    if ctx.ledger is None:
+def check_histogram(cfg: Config, phases) -> None:
+    """What the histogram phase would refuse, checked before a pipeline's first phase spends: the
+    schema, a histogram that could not be calibrated, and prompts that would leave its allocation unused."""
+    schema(cfg)
+    if not cfg.privacy.enabled:
         raise ValueError("histogram with privacy.enabled=false would release the exact counts: it runs only in a "
                          "private run tree")
+    if cfg.privacy.target_epsilon is None and cfg.histogram.noise_multiplier is None:
+        raise ValueError("histogram: set privacy.target_epsilon (its sigma is then calibrated to the phase's share) or "
+                         "histogram.noise_multiplier")
+    if "generate" in phases and (cfg.generate.prompts or cfg.generate.prompts_file):
+        raise ValueError("histogram is listed but generate.prompts / generate.prompts_file are set: generate would "
+                         "ignore the DP allocation the histogram pays for. Drop the histogram phase, or the prompts")
+
+
+def run_histogram(cfg: Config) -> dict:
+    categories = schema(cfg)
+    check_histogram(cfg, ())
+    ctx = open_phase(cfg, "histogram", load_data=False)
+    _refuse_out_of_order(cfg, ctx.ledger)
     n = ctx.ledger.dataset_size
     samples = cfg.histogram.samples or n
     budget = reserve_budget(ctx, sample_rate=1.0, steps=1, noise_multiplier=cfg.histogram.noise_multiplier)
     sigma = budget.noise_multiplier
-    # Reading the private data starts here, after the reservation.
+    # The counts are computed only now, after the reservation (open_phase parsed the files for N and
+    # the evaluation splits, and derived nothing from the training records).
     data = ctx.task.load_data()
     index = {control_prefix(codes): i for i, codes in enumerate(categories)}
     counts = [0] * len(categories)
@@ -93,6 +108,21 @@ def run_histogram(cfg: Config) -> dict:
                    f"allocated ({sum(1 for k in allocation if k)} categories get prompts)")
     finish_phase(ctx, tracker, results, None)
     return results
+
+
+def _refuse_out_of_order(cfg: Config, ledger) -> None:
+    """Spending phases listed before the histogram must have spent first: its share is cumulative
+    (pipeline.budget_split), so run ahead of them it would calibrate to their shares as well."""
+    from dist_dpc.pipeline.config import SPENDING_PHASES
+
+    listed = cfg.pipeline.phases
+    if "histogram" not in listed:
+        return
+    earlier = [p for p in listed[:listed.index("histogram")] if p in SPENDING_PHASES]
+    missing = [p for p in earlier if ledger.latest_attempt(p) is None]
+    if missing:
+        raise ValueError(f"histogram: pipeline.phases lists {missing} before it, and they have not run in this tree: "
+                         "run them first (`dpc pipeline` runs the phases in order), or list histogram before them")
 
 
 def allocation_prompts(root: Path) -> list[tuple[tuple[str, ...], int]] | None:

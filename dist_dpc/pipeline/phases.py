@@ -425,7 +425,9 @@ def model_card(cfg: Config, ctx: PhaseContext, source_phase: str, trained: dict)
                   f"- Mechanism: per-sample gradient clipping to {cfg.privacy.max_grad_norm} "
                   f"({cfg.privacy.clipping}), Gaussian noise, {ctx.sampling} sampling"
                   + ("" if ctx.sampling == "poisson" else " (the accounting assumes Poisson sampling: NOT a proven "
-                                                          "bound for these fixed-size batches)") + ".", "",
+                                                          "bound for these fixed-size batches)") + "."
+                  + (" The histogram phase: Gaussian noise on every control-code count (sensitivity 1, q = 1)."
+                     if "histogram" in ledger["phases"] else ""), "",
                   "| phase | status | noise multiplier | sample rate | steps |", "|---|---|---|---|---|"]
         for name, entry in ledger["phases"].items():
             for m in entry["mechanisms"]:
@@ -443,7 +445,9 @@ def model_card(cfg: Config, ctx: PhaseContext, source_phase: str, trained: dict)
         if f.is_file() and phase in MODEL_PHASES:
             r = json.loads(f.read_text())
             shown = ctx.task.describe(next(iter(r["metrics"].values()))) if r.get("metrics") else "not evaluated"
-            lines.append(f"- {phase}: {r.get('steps')} DP-SGD steps, evaluation split: {shown}"
+            steps = (f"{r.get('steps')} steps on DP synthetic text, no DP-SGD" if r.get("noise_multiplier") is None
+                     and r.get("private") else f"{r.get('steps')} DP-SGD steps")
+            lines.append(f"- {phase}: {steps}, evaluation split: {shown}"
                          + (f", {r['method']} pruning" if r.get("method") else "")
                          + (f", student {r['student_init']}" if r.get("student_init") else ""))
     lines += ["", f"Exported from the {source_phase} phase ({trained.get('parameters', 0):,} parameters).",
@@ -468,7 +472,7 @@ def _released_without_dp(ctx: PhaseContext, cfg: Config) -> list[str]:
 def _insecure_randomness(ctx: PhaseContext, cfg: Config) -> list[str]:
     """The card's warning when a phase drew its noise from a seed (privacy.randomness=
     insecure_reproducible): whoever knows or guesses the seed can subtract the noise."""
-    marked = [phase for phase in cfg.pipeline.phases if phase in MODEL_PHASES
+    marked = [phase for phase in cfg.pipeline.phases if phase in (*MODEL_PHASES, "histogram")
               and json.loads(_read_or(ctx.run.path / phase / "results.json")).get("randomness") == "insecure_reproducible"]
     if not marked:
         return []
@@ -544,6 +548,14 @@ def check_phases(cfg: Config, phases) -> None:
         if phase in phases and not completed(cfg, phase):
             for variant in variants:
                 phase_trainable(variant, phase)
+    if "histogram" in phases and not completed(cfg, "histogram"):
+        from dist_dpc.pipeline.histogram_phase import check_histogram
+
+        check_histogram(cfg, phases)
+    if "distill_synthetic" in phases and not completed(cfg, "distill_synthetic"):
+        from dist_dpc.pipeline.distill_synthetic import check_student
+
+        check_student(cfg)
 
 
 def run_pipeline(cfg: Config) -> dict:

@@ -31,7 +31,8 @@ MODELS_PLOT = "accuracy_vs_size.png"
 # The names of dist_dpc.pipeline.config / trainer, repeated here: importing them pulls in torch,
 # and a report must be quick to make on a login node.
 MODEL_PHASES = ("train", "teacher", "distill", "prune", "distill_synthetic")
-POST_PROCESSING = ("eval", "export")
+POST_PROCESSING = ("generate", "distill_synthetic", "eval", "export")  # read only DP outputs, spend nothing
+POST_RESULTS = {"generate": "summary.json"}  # the file a finished post-processing phase writes (else results.json)
 DEFAULT_POINTS = 20
 
 
@@ -170,7 +171,7 @@ def load_run(run_dir: str | Path) -> RunTree:
             phase.logged = _read_metrics(directory / "metrics.jsonl")
         phase.sampling, phase.sampling_source = _sampling(phase, config)
         phases.append(phase)
-    post = {name: _read_json(path / name / "results.json") or {} for name in POST_PROCESSING
+    post = {name: _read_json(path / name / POST_RESULTS.get(name, "results.json")) or {} for name in POST_PROCESSING
             if (path / name).is_dir()}
     name = (config.get("run") or {}).get("name") or path.name
     return RunTree(path=path, name=str(name), config=config, ledger=ledger, phases=phases, post_processing=post)
@@ -580,6 +581,9 @@ def _assumptions(tree: RunTree, rows: list[dict]) -> list[str]:
             lines.append(f"  - **WARNING: phase {r['phase']} used shuffled fixed-size batches (sampling=shuffle, "
                          f"from {r['sampling_source']}). Its epsilon assumes Poisson sampling and is NOT a proven "
                          "bound.**")
+        elif r["phase"].split("#")[0] == "histogram":
+            lines.append(f"  - phase {r['phase']}: no sampling: the Gaussian mechanism on every control-code count of "
+                         "the public schema at once (q = 1, one release; one record changes one count by 1).")
         elif r["sampling"] != "poisson":
             lines.append(f"  - phase {r['phase']}: sampling {r['sampling_source'] or 'unknown'}; assumed Poisson.")
     head = tree.config.get("head_init") or {}
@@ -594,7 +598,8 @@ def _assumptions(tree: RunTree, rows: list[dict]) -> list[str]:
     if running:
         lines.append(f"- Phase(s) not completed ({', '.join(running)}): counted with all their planned steps "
                      "(the ledger records the plan before the first private step).")
-    lines.append("- Post-processing spends nothing: eval and export read only DP models, never the private data"
+    lines.append("- Post-processing spends nothing: generate, distill_synthetic, eval and export read only DP models "
+                 "and text generated from them, never the private training data (eval scores the test split)"
                  + (f" (present: {', '.join(tree.post_processing)})." if tree.post_processing else "."))
     lines.append("- The noise key is never written in privacy.randomness=secure mode; with insecure_reproducible "
                  "the seed (noise_seed.json, privacy.noise_seed) is as sensitive as the data: the guarantee holds "

@@ -146,6 +146,11 @@ def test_the_chain_spends_only_on_the_teacher_and_the_histogram(chain):
 
     exported = AutoModelForCausalLM.from_pretrained(str(run / "export" / "model"))
     assert exported.config.num_hidden_layers == 1
+    report = dpc(["report", str(run)])
+    assert report.returncode == 0, report.stderr[-2000:]
+    text = (run / "report" / "privacy_report.md").read_text()
+    assert "| histogram | completed | none (every record, q = 1) |" in text
+    assert "| distill_synthetic | done | post-processing |" in text and "| generate | done | post-processing |" in text
 
 
 @pytest.mark.timeout(600)
@@ -169,6 +174,13 @@ def test_student_phase_refuses_private_or_unfinished_inputs(chain, tmp_path):
     proc = dpc(["distill_synthetic", *args, "run.name=other2", f"distill_synthetic.samples={broken}",
                 "generate.shards=2"])
     assert proc.returncode == 2 and "shard(s) [1]" in proc.stderr, proc.stderr[-2000:]
+    # a teacher changed since it wrote the samples (retrained): its fingerprint no longer matches
+    moved = tmp_path / "moved"
+    shutil.copytree(root / "skd" / "generate", moved)
+    plan = json.loads((moved / "plan.json").read_text())
+    (moved / "plan.json").write_text(json.dumps({**plan, "source_fingerprint": "0" * 64}))
+    proc = dpc(["distill_synthetic", *args, "run.name=other4", f"distill_synthetic.samples={moved}"])
+    assert proc.returncode == 2 and "has changed since" in proc.stderr, proc.stderr[-2000:]
     # a student with another tokenizer
     proc = dpc(["distill_synthetic", *args, "run.name=other3", f"distill_synthetic.samples={root / 'skd' / 'generate'}",
                 "distill_synthetic.student=minilm"])
@@ -185,6 +197,15 @@ def test_histogram_refusals_name_the_field(tmp_path):
     assert proc.returncode == 2 and "histogram.code_values is required" in proc.stderr
     proc = dpc(["histogram", *common, "histogram.code_values=[[a, b]]"])
     assert proc.returncode == 2 and "1 lists for 2 control-code columns" in proc.stderr
+    # refused before the teacher spends: prompts that would leave the allocation unused
+    proc = dpc(["pipeline", *common, "run.name=conflict", "pipeline.phases=[teacher, histogram, generate]",
+                "generate.prompts={'': 4}"])
+    assert proc.returncode == 2 and "ignore the DP allocation" in proc.stderr
+    assert not (tmp_path / "conflict" / "teacher").exists()
+    # run ahead of the teacher listed before it, its cumulative share would take the teacher's too
+    proc = dpc(["histogram", *common, "run.name=early", "pipeline.phases=[teacher, histogram]",
+                "pipeline.budget_split={teacher: 0.9, histogram: 0.1}"])
+    assert proc.returncode == 2 and "have not run in this tree" in proc.stderr, proc.stderr[-2000:]
     proc = dpc(["histogram", str(ROOT / "configs" / "debug.yaml"), f"run.output_dir={tmp_path}"])
     assert proc.returncode == 2 and "synthetic-text path of a causal LM" in proc.stderr
     assert not any((tmp_path / "debug-lm").glob("privacy_ledger.json"))
