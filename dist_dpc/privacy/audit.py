@@ -1,0 +1,75 @@
+"""The empirical lower bound on epsilon of a one-run audit (Steinke, Nasr & Jagielski, NeurIPS 2023).
+
+m canaries are each included in the training set independently with probability 1/2. After
+training, every canary gets a score (higher: more likely included). The auditor guesses "included"
+for the k_plus highest scores and "excluded" for the k_minus lowest, abstaining on the rest: r =
+k_plus + k_minus guesses, v of them correct. Under (epsilon, delta)-DP the number of correct guesses
+is stochastically dominated, up to a delta term, by Binomial(r, e^eps / (1 + e^eps)) (their Theorem
+5.2), so
+
+    p(eps) = P[Binomial(r, q) >= v] + 2 m delta max_{1 <= i <= v} P[v - i <= Binomial(r, q) < v] / i,
+    q = e^eps / (1 + e^eps),
+
+is a p-value for "the training run was (eps, delta)-DP". The lower bound at confidence 1 - alpha
+is the largest eps whose p-value stays below alpha: the run is shown not to be (eps, delta)-DP for
+any smaller eps. k_plus and k_minus must be fixed before the scores are seen (no peeking), or the
+confidence is not what it says.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def audit_p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:
+    """The p-value above for v correct guesses out of r, with m canaries (min(., 1))."""
+    from scipy.stats import binom
+
+    if not 0 <= v <= r <= m:
+        raise ValueError(f"need 0 <= v <= r <= m, got m={m}, r={r}, v={v}")
+    if epsilon < 0 or not 0 <= delta <= 1:
+        raise ValueError(f"epsilon={epsilon} must be >= 0 and delta={delta} in [0, 1]")
+    q = 1.0 / (1.0 + math.exp(-epsilon))
+    tail = float(binom.sf(v - 1, r, q))  # P[Binomial(r, q) >= v]
+    if delta == 0 or v == 0:
+        return min(tail, 1.0)
+    # P[v - i <= B < v] for i = 1..v is a running sum of the pmf at v-1, v-2, ..., 0.
+    below = np.cumsum(binom.pmf(np.arange(v - 1, -1, -1), r, q))
+    worst = float(np.max(below / np.arange(1, v + 1)))
+    return min(tail + 2 * m * delta * worst, 1.0)
+
+
+def epsilon_lower_bound(m: int, r: int, v: int, delta: float, confidence: float = 0.95) -> float:
+    """The largest epsilon the audit rejects at ``confidence`` (0 when it rejects none)."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence={confidence} must be in (0, 1)")
+    alpha = 1 - confidence
+    if audit_p_value(m, r, v, 0.0, delta) >= alpha:
+        return 0.0
+    low, high = 0.0, 1.0
+    while audit_p_value(m, r, v, high, delta) < alpha:
+        low, high = high, high * 2
+        if high > 1e4:  # every guess right with a huge r: report the cap rather than loop
+            return high
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if audit_p_value(m, r, v, mid, delta) < alpha else (low, mid)
+    return low
+
+
+def one_run_guesses(scores, included, k_plus: int, k_minus: int) -> tuple[int, int]:
+    """(r, v): guesses "in" for the k_plus highest scores and "out" for the k_minus lowest (ties
+    broken by canary index, so the result does not depend on sort stability), and how many are right."""
+    scores = np.asarray(scores, dtype=np.float64)
+    included = np.asarray(included, dtype=bool)
+    m = len(scores)
+    if included.shape != scores.shape:
+        raise ValueError("scores and included must have one entry per canary")
+    if k_plus < 0 or k_minus < 0 or k_plus + k_minus > m:
+        raise ValueError(f"k_plus={k_plus} and k_minus={k_minus} must be >= 0 with k_plus + k_minus <= m={m}")
+    order = np.lexsort((np.arange(m), scores))  # ascending score, then index
+    out_guesses, in_guesses = order[:k_minus], order[m - k_plus:] if k_plus else order[:0]
+    correct = int(included[in_guesses].sum()) + int((~included[out_guesses]).sum())
+    return k_plus + k_minus, correct
