@@ -241,7 +241,8 @@ def describe_recipe(cfg) -> str:
         f"teacher: {f'DP-LoRA r={m.lora.r} alpha={m.lora.alpha:g}' if m.lora else 'full fine-tuning'} of {m.name}"
         f"{', embeddings frozen' if m.freeze_embeddings else ''}; head_init: centred pooler "
         f"{auto if h.centre_pooler is None else h.centre_pooler}, DP probe "
-        f"{f'{auto}, {AUTO_PROBE_EPOCHS:g} epochs' if h.probe_epochs is None else f'{h.probe_epochs:g} epochs'}",
+        f"{f'{auto}, {AUTO_PROBE_EPOCHS:g} epochs' if h.probe_epochs is None else f'{h.probe_epochs:g} epochs'}, "
+        f"DP mean sigma {'scaled to N: 0.06 N / sqrt(width) within [5, 20]' if h.mean_noise_multiplier is None else f'{h.mean_noise_multiplier:g}'}",
         f"training: expected batch {t.batch_size}, {t.epochs:g} epochs, {t.optimizer} lr {t.lr:g} "
         f"({t.lr_schedule}, {t.warmup_steps} warm-up steps); DP: epsilon {p.target_epsilon} in total, "
         f"C={p.max_grad_norm:g} ({p.clipping}), {p.sampling} sampling, {p.accountant} accountant",

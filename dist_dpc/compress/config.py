@@ -13,6 +13,10 @@ from typing import Literal
 # Llama (norm, score) classifiers.
 BITFIT = ["bias", "LayerNorm", "norm", "ln_", "pooler", "classifier", "score"]
 COMPRESSION_LR = 1e-3
+# The DPKD student's default: all of its weights (model.freeze_embeddings keeps the embeddings out).
+# A student cut from the teacher sees other features than the teacher's head was fitted to; with
+# DP-BiTFiT it stayed at chance on small sets (docs/RESULTS.md, issue 13).
+STUDENT_ALL = [".*"]
 
 
 def _check_phase_schedule(section: str, epochs: float | None, lr: float | None,
@@ -51,10 +55,12 @@ class DistillConfig:
     """Training epochs of this phase (null: train.epochs)."""
     lr: float | None = COMPRESSION_LR
     """Learning rate of this phase (null: train.lr)."""
-    trainable: list[str] | None = field(default_factory=lambda: list(BITFIT))
-    """Regular expressions of the student's parameters that train (default DP-BiTFiT: biases, norms,
-    pooler and head; null: model.trainable). Required with model.lora: the student is a plain model
-    (the teacher's layers, its adapters merged), so this phase says what it trains."""
+    trainable: list[str] | None = field(default_factory=lambda: list(STUDENT_ALL))
+    """Regular expressions of the student's parameters that train (default: every weight of the
+    student, its embeddings frozen by model.freeze_embeddings: full DP fine-tuning of a half-depth
+    model, which DP-BiTFiT (bias, LayerNorm, pooler, classifier) could not adapt: docs/RESULTS.md; null:
+    model.trainable). Required with model.lora: the student is a plain model (the teacher's layers,
+    its adapters merged), so this phase says what it trains."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.alpha <= 1:

@@ -219,8 +219,11 @@ class HeadInitConfig:
     [CLS] components the probed head relies on (measured: docs/results_history.md)."""
     mean_clip_norm: float = 10.0
     """[CLS] states are clipped to this L2 norm for the DP mean (its sensitivity)."""
-    mean_noise_multiplier: float = 20.0
-    """sigma of the DP mean: noise N(0, (sigma * mean_clip_norm)^2) on the sum of N clipped states."""
+    mean_noise_multiplier: float | None = None
+    """sigma of the DP mean: noise N(0, (sigma * mean_clip_norm)^2) on the sum of N clipped states.
+    null (default): scaled to the data, 0.06 N / sqrt(hidden size) within [5, 20], so that the noise on the
+    mean has norm about 6 % of mean_clip_norm whatever N (a fixed 20 swamped the features of small
+    sets: docs/RESULTS.md); N and the hidden size are public."""
     probe_epochs: float | None = None
     """Epochs of a DP linear probe: DP-SGD on the classifier alone, on fixed pooled features, at the
     phase's batch size and sigma (its steps add to the phase's DP-SGD steps). 0: no probe. null
@@ -230,18 +233,29 @@ class HeadInitConfig:
 
     def __post_init__(self) -> None:
         for key in ("mean_clip_norm", "mean_noise_multiplier", "probe_lr"):
+            if key == "mean_noise_multiplier" and self.mean_noise_multiplier is None:
+                continue
             if not getattr(self, key) > 0:
                 raise ValueError(f"head_init.{key}={getattr(self, key)!r} is invalid: must be > 0")
         if self.probe_epochs is not None and self.probe_epochs < 0:
             raise ValueError(f"head_init.probe_epochs={self.probe_epochs!r} is invalid: must be >= 0 (0: no probe)")
 
-    def resolved(self, bert_style: bool, model: str) -> "HeadInitConfig":
+    def resolved(self, bert_style: bool, model: str, *, dataset_size: int | None = None,
+                 hidden_size: int | None = None) -> "HeadInitConfig":
         """The settings for a model: null (auto) means on for a BERT-style classifier (measured to
         help: docs/RESULTS.md), off for any other head; explicit values are kept as given, and
-        refused (naming ``model``) when they ask for head_init on a head it cannot serve."""
+        refused (naming ``model``) when they ask for head_init on a head it cannot serve. A null
+        mean_noise_multiplier is scaled to the training set's public size and the model's width."""
+        sigma = self.mean_noise_multiplier
+        if sigma is None and dataset_size and hidden_size:
+            sigma = mean_noise_for(dataset_size, hidden_size)
         out = dataclasses.replace(
             self, centre_pooler=bert_style if self.centre_pooler is None else self.centre_pooler,
-            probe_epochs=(AUTO_PROBE_EPOCHS if bert_style else 0.0) if self.probe_epochs is None else self.probe_epochs)
+            probe_epochs=(AUTO_PROBE_EPOCHS if bert_style else 0.0) if self.probe_epochs is None else self.probe_epochs,
+            mean_noise_multiplier=sigma)
+        if out.centre_pooler and out.mean_noise_multiplier is None:
+            raise ValueError("head_init.mean_noise_multiplier=null is scaled to N and the hidden size, which this "
+                             "caller did not give: set head_init.mean_noise_multiplier")
         if out.enabled and not bert_style:
             raise ValueError("head_init.centre_pooler / head_init.probe_epochs needs a BERT-style classifier ([CLS] -> "
                              f"pooler dense+tanh -> linear classifier); {model} has none: set them off (or null) "
@@ -256,6 +270,17 @@ class HeadInitConfig:
 
 
 AUTO_PROBE_EPOCHS = 2.0
+MEAN_NOISE_CAP = 20.0        # the DP mean's sigma never exceeds the old fixed value
+MEAN_NOISE_FLOOR = 5.0       # nor goes below 5 (epsilon 0.74 alone at delta 1e-5): tiny sets keep a budget for DP-SGD
+MEAN_NOISE_ERROR = 0.06      # expected norm of its noise on the mean, as a fraction of mean_clip_norm
+
+
+def mean_noise_for(dataset_size: int, hidden_size: int) -> float:
+    """head_init's default DP-mean sigma: the noise on the mean of N clipped states (norm <= R) has
+    expected norm about sigma R sqrt(d) / N; this keeps it near MEAN_NOISE_ERROR * R."""
+    import math
+
+    return min(MEAN_NOISE_CAP, max(MEAN_NOISE_FLOOR, MEAN_NOISE_ERROR * dataset_size / math.sqrt(hidden_size)))
 
 
 TUNE_MODES = ("private", "public_proxy")

@@ -49,7 +49,8 @@ class HeadStart:
     @classmethod
     def plan(cls, ctx, model: torch.nn.Module) -> "HeadStart":
         """Refuses head_init asked for on a head it cannot serve before the phase reserves anything."""
-        h = ctx.cfg.head_init.resolved(has_pooled_head(model), type(model).__name__)
+        h = ctx.cfg.head_init.resolved(has_pooled_head(model), type(model).__name__, dataset_size=ctx.train_size,
+                                       hidden_size=getattr(model.config, "hidden_size", None))
         probe, fixed = head_init_cost(h, steps_per_epoch(ctx), private=ctx.cfg.privacy.enabled, phase=ctx.phase)
         return cls(h, probe, fixed)
 

@@ -98,7 +98,8 @@ class TrialPlan:
 
 
 def plan_trials(cfg: Config, candidates: list[dict], train_size: int,
-                bert_style: Callable[[Config], bool]) -> list[TrialPlan]:
+                bert_style: Callable[[Config], bool],
+                hidden_size: Callable[[Config], int] | None = None) -> list[TrialPlan]:
     """Each candidate's trial as run_train will run it: its DP-SGD steps, and head_init's probe steps
     and DP mean where its settings (resolved for the candidate's model: ``bert_style``) run them."""
     from dist_dpc.pipeline.head_init import head_init_cost
@@ -114,7 +115,8 @@ def plan_trials(cfg: Config, candidates: list[dict], train_size: int,
         h = c.head_init
         if h.centre_pooler is not False or h.probe_epochs != 0:  # (else nothing to resolve: no model load)
             try:
-                h = h.resolved(bert_style(c), c.model.name)
+                h = h.resolved(bert_style(c), c.model.name, dataset_size=train_size,
+                               hidden_size=hidden_size(c) if hidden_size is not None else None)
             except ValueError as err:
                 raise ValueError(f"tune.search candidate {values}: {err}") from None
         probe, fixed = head_init_cost(h, per_epoch, private=True, phase="train")
@@ -259,7 +261,8 @@ def _tune_private(cfg: Config, candidates: list[dict]) -> dict:
         import_lineage(ctx, name, role="model.name")
     target = privacy.target_epsilon * cfg.pipeline.cumulative_share("tune")
     budget = t.epsilon if t.epsilon is not None else target / 2 if "tune" not in cfg.pipeline.phases else None
-    plans = plan_trials(cfg, candidates, ctx.train_size, _bert_style_probe(ctx))
+    probe = _bert_style_probe(ctx)
+    plans = plan_trials(cfg, candidates, ctx.train_size, probe, probe.hidden_size)
     gamma = gamma_for_mean(t.eta, t.expected_trials)
     chosen: dict = {}
 
@@ -395,16 +398,20 @@ def _bert_style_probe(ctx: PhaseContext) -> Callable[[Config], bool]:
     each model.name is instantiated once, untrained (the architecture is public)."""
     from dist_dpc.models.heads import has_pooled_head
 
-    seen: dict[str, bool] = {}
+    seen: dict[str, tuple[bool, int | None]] = {}
 
-    def bert_style(c: Config) -> bool:
+    def look(c: Config) -> tuple[bool, int | None]:
         if c.model.name not in seen:
             model = ctx.task.load_model(c.model, ctx.tokenizer, num_labels=ctx.num_labels, label_names=None,
                                         seed=c.run.seed)
-            seen[c.model.name] = has_pooled_head(model)
+            seen[c.model.name] = (has_pooled_head(model), getattr(model.config, "hidden_size", None))
             del model
         return seen[c.model.name]
 
+    def bert_style(c: Config) -> bool:
+        return look(c)[0]
+
+    bert_style.hidden_size = lambda c: look(c)[1]  # the width head_init's default DP mean is scaled by
     return bert_style
 
 

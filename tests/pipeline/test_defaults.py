@@ -33,7 +33,7 @@ def mechanisms(run, phase):
 
 
 @pytest.mark.timeout(900)
-def test_defaults_train_dp_lora_after_head_init_and_compress_with_bitfit(tmp_path):
+def test_defaults_train_dp_lora_after_head_init_and_distill_every_student_weight(tmp_path):
     args = [config(tmp_path, "tiny-bert"), f"run.output_dir={tmp_path}", "run.name=d", *SMALL,
             "privacy.target_epsilon=8", "pipeline.phases=[teacher, distill]",
             "pipeline.budget_split={teacher: 0.5, distill: 0.5}"]
@@ -42,7 +42,10 @@ def test_defaults_train_dp_lora_after_head_init_and_compress_with_bitfit(tmp_pat
     teacher = json.loads((run / "teacher" / "results.json").read_text())
     n = teacher["dataset_size"]
     probe = 2 * -(-n // 24)  # head_init's default probe: 2 epochs at the phase's batch
-    assert mechanisms(run, "teacher") == [(20.0, 1.0, 1), (teacher["noise_multiplier"], 24 / n, probe + 4)]
+    from dist_dpc.pipeline.config import mean_noise_for
+
+    # the DP mean's default sigma is scaled to N and the width (tiny-bert: 32) within [5, 20]
+    assert mechanisms(run, "teacher") == [(mean_noise_for(n, 32), 1.0, 1), (teacher["noise_multiplier"], 24 / n, probe + 4)]
     assert set(teacher["head_init"]) == {"pooler", "probe"}
 
     from dist_dpc.models import ModelConfig, load_sequence_classifier, load_tokenizer
@@ -60,12 +63,16 @@ def test_defaults_train_dp_lora_after_head_init_and_compress_with_bitfit(tmp_pat
         assert not moved, f"{name} trained, but only the adapters and the head do by default"
     assert all(not torch.equal(trained[k], start[k]) for k in trained if k.endswith("query.weight"))
 
-    # DPKD by default: the student (every other teacher layer) trains its biases, norms and head only.
+    # DPKD by default: the student (every other teacher layer) trains all its weights but the frozen
+    # embeddings (and the centred pooler's identity weight, which head_init keeps fixed).
     student = load_file(run / "distill" / "model" / "model.safetensors")
     assert not torch.equal(student["bert.encoder.layer.0.output.dense.bias"], trained["bert.encoder.layer.0.output.dense.bias"])
     for name, value in student.items():
-        if name.endswith(".weight") and "LayerNorm" not in name and not name.startswith(("classifier.", "bert.pooler.")):
-            assert torch.equal(value, trained[name]), f"{name} trained in the student: DP-BiTFiT trains no matrix"
+        if name.startswith("bert.encoder.") and name.endswith(".weight"):
+            source = name.replace("layer.1.", "layer.2.") if ".layer.1." in name else name  # student layer 1 = teacher layer 2
+            assert not torch.equal(value, trained[source]), f"{name} did not train in the student"
+        if name.endswith("_embeddings.weight") or name == "bert.pooler.dense.weight":  # the embedding tables
+            assert torch.equal(value, trained[name]), f"{name} trained, but it is frozen by default"
 
 
 @pytest.mark.timeout(600)

@@ -70,8 +70,9 @@ def test_pipeline_records_mean_and_probe_and_a_restart_reloads_the_head(tmp_path
         results = json.loads((run / phase / "results.json").read_text())
         entry = ledger["phases"][phase]["mechanisms"]
         # the DP mean (fixed sigma, q = 1), then the probe's and the fine-tuning's steps at one sigma and q
+        # the DP mean's default sigma is scaled to N within [5, 20]: N = 240 gives the floor
         assert [(m["noise_multiplier"], m["sample_rate"], m["steps"]) for m in entry] == [
-            (20.0, 1.0, 1), (results["noise_multiplier"], results["sample_rate"], probe_steps + results["steps"])]
+            (5.0, 1.0, 1), (results["noise_multiplier"], results["sample_rate"], probe_steps + results["steps"])]
         assert results["head_init"]["probe"]["steps"] == probe_steps
         assert results["head_init"]["probe"]["noise_multiplier"] == results["noise_multiplier"]
         assert (run / phase / "head_init.pt").is_file()
@@ -90,7 +91,7 @@ def test_pipeline_records_mean_and_probe_and_a_restart_reloads_the_head(tmp_path
 
     ok(dpc(["report", str(run)]))
     report = (run / "report" / "privacy_report.md").read_text()
-    assert "| teacher | completed | poisson | 20.0000 | 1 | 1 |" in report
+    assert "| teacher | completed | poisson | 5.0000 | 1 | 1 |" in report
     assert "Rows with q = 1 are head_init's DP mean" in report and "DP linear probe" in report
 
     # A restart finds head_init.pt and loads it: ctx has no training data, so reading it would fail.
@@ -126,12 +127,30 @@ def test_prune_rounds_each_record_their_head_start_and_the_last_round_counts_the
     results = json.loads((tmp_path / "p" / "prune" / "results.json").read_text())
     probe_steps = 10  # 1 epoch of 240 examples at batch 24, in each round
     assert [(m["noise_multiplier"], m["sample_rate"], m["steps"]) for m in ledger["phases"]["prune"]["mechanisms"]] == [
-        (20.0, 1.0, 2), (results["noise_multiplier"], results["sample_rate"], 2 * probe_steps + results["steps"])]
+        (5.0, 1.0, 2), (results["noise_multiplier"], results["sample_rate"], 2 * probe_steps + results["steps"])]
     released = [(m["noise_multiplier"], m["steps"]) for m in ledger["phases"]["prune"]["released"]]
     round_steps = results["steps"] // 2
-    assert released == [(20.0, 1), (results["noise_multiplier"], probe_steps), (results["noise_multiplier"], round_steps)] * 2
+    assert released == [(5.0, 1), (results["noise_multiplier"], probe_steps), (results["noise_multiplier"], round_steps)] * 2
     everything = [m for entry in ledger["phases"].values() for m in entry["mechanisms"]]
     assert results["epsilon"] == pytest.approx(opacus_prv_epsilon(everything, ledger["delta"]), rel=0.02)
     assert results["epsilon"] == pytest.approx(8.0, rel=0.01)
     for r in (1, 2):
         assert (tmp_path / "p" / "prune" / f"round{r}" / "head_init.pt").is_file()
+
+
+def test_default_dp_mean_noise_is_scaled_to_n_within_its_bounds():
+    """0.06 N / sqrt(d) clamped to [5, 20]: the noise on the mean has norm ~0.06 R (in expectation
+    sigma R sqrt(d) / N) wherever the clamp does not bind."""
+    import math
+
+    from dist_dpc.pipeline.config import HeadInitConfig, mean_noise_for
+
+    assert mean_noise_for(240, 32) == 5.0 and mean_noise_for(100_000, 384) == 20.0
+    sigma = mean_noise_for(4500, 384)
+    assert sigma == pytest.approx(13.78, abs=0.01) and sigma * math.sqrt(384) / 4500 == pytest.approx(0.06)
+    h = HeadInitConfig().resolved(True, "x", dataset_size=2000, hidden_size=384)
+    assert h.mean_noise_multiplier == pytest.approx(0.06 * 2000 / math.sqrt(384))
+    assert HeadInitConfig(mean_noise_multiplier=20.0).resolved(True, "x", dataset_size=2000,
+                                                              hidden_size=384).mean_noise_multiplier == 20.0
+    with pytest.raises(ValueError, match="head_init.mean_noise_multiplier=null is scaled to N"):
+        HeadInitConfig().resolved(True, "x")

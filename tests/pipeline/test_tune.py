@@ -8,6 +8,8 @@ import json
 import re
 
 import numpy as np
+
+from dist_dpc.pipeline.config import mean_noise_for
 import pytest
 
 from dist_dpc.privacy.accounting import Mechanism, epsilon_from_rdp, mechanism_from_dict, rdp_of, rdp_orders
@@ -43,7 +45,8 @@ def test_private_tune_then_teacher_in_one_tree(tmp_path):
     probe = 2 * -(-n_train // 24)
     owns = []
     for values, sigma in zip(stored["search"], stored["noise_multipliers"]):
-        owns.append(rdp_of([Mechanism(20.0, 1.0, 1), Mechanism(sigma, 24 / n_train, values["train.max_steps"] + probe)])
+        owns.append(rdp_of([Mechanism(mean_noise_for(n_train, 32), 1.0, 1),
+                            Mechanism(sigma, 24 / n_train, values["train.max_steps"] + probe)])
                     + score)
         assert np.all(owns[-1] <= trial_rdp * (1 + 1e-9))
     assert np.allclose(np.max(owns, axis=0), trial_rdp, rtol=1e-9)
