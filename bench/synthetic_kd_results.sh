@@ -48,8 +48,8 @@ done_ nokd || "$DPC" pipeline "${BASE[@]}" run.name=nokd "pipeline.phases=[disti
 done_ dpkd || "$DPC" pipeline "${BASE[@]}" run.name=dpkd "pipeline.phases=[teacher, distill, eval]" \
     "pipeline.budget_split={teacher: 0.5, distill: 0.5}" distill.alpha=0.4 distill.temperature=1.0 \
     "distill.trainable=[layers, norm]" distill.lr=5e-4
-# 5. DP-SGD student: DP-LoRA of the student's initialisation on the private data, epsilon 2
-[ -f "$OUT/dpsgd/results.json" ] || "$DPC" train "${BASE[@]}" run.name=dpsgd "model.name=$INIT" \
+# 5. DP-SGD student: DP fine-tuning of all its layers (the cut model needs more than adapters), epsilon 2
+[ -f "$OUT/dpsgd/results.json" ] || "$DPC" train "${BASE[@]}" run.name=dpsgd "model.name=$INIT" model.lora=null "model.trainable=[layers, norm]" train.lr=5e-4 \
     "privacy.public_model_dirs=[$INIT]"
 "$PY" - "$OUT" <<'PYEOF'
 import json, sys
@@ -60,7 +60,7 @@ def ev(tree, phase):
 pre = json.load(open(f"{out}/pretrained.json"))
 dpsgd = json.load(open(f"{out}/dpsgd/results.json"))
 rows = [("pre-trained student (no training)", pre["perplexity"], None),
-        ("DP-SGD student (DP-LoRA)", dpsgd["metrics"]["validation"]["perplexity"], dpsgd["epsilon"]),
+        ("DP-SGD student (all layers)", dpsgd["metrics"]["validation"]["perplexity"], dpsgd["epsilon"]),
         ("DPKD (teacher eps/2 + DP-SGD KD student eps/2)", *ev("dpkd", "distill")),
         ("synthetic text, no KD (lambda 0)", *ev("nokd", "distill_synthetic")),
         ("synthetic text + KD (the method)", *ev("method", "distill_synthetic")),

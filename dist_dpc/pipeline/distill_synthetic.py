@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ from dist_dpc.pipeline.trainer import finish_phase, local_device, open_phase, op
 from dist_dpc.tasks import make_task
 from dist_dpc.utils.atomic import atomic_write
 from dist_dpc.utils.logging import log
+from dist_dpc.utils.progress import Progress
 
 STATE = "state.pt"
 
@@ -232,6 +234,8 @@ def _train(ctx, objective: SyntheticKDObjective, train, holdout, tracker) -> dic
         log(world, f"[distill_synthetic] resumed at step {state['step']}/{total}")
     device = next(objective.parameters()).device
     objective.train()
+    progress = Progress(world, total=total, initial=state["step"], desc="distill_synthetic")
+    started = time.perf_counter()
     while state["step"] < total and state["bad"] < s.patience:
         step = state["step"]
         epoch, position = divmod(step, steps_per_epoch)
@@ -264,6 +268,11 @@ def _train(ctx, objective: SyntheticKDObjective, train, holdout, tracker) -> dic
             log(world, f"[distill_synthetic] step {state['step']}/{total}: held-out loss {held['loss']:.4f} "
                        f"(best {state['best_loss']:.4f} at step {state['best_step']})")
         tracker.log(metrics, step=state["step"])
+        progress.update()
+        if state["step"] % ctx.cfg.train.log_every == 0:  # synthetic data: its loss may be shown
+            progress.report(state["step"], {**metrics, "perf/samples_per_s": state["step"] * s.batch_size
+                                            / max(time.perf_counter() - started, 1e-9)}, time.perf_counter() - started)
+    progress.close()
     if state["bad"] >= s.patience:
         log(world, f"[distill_synthetic] early stop at step {state['step']}: no better held-out loss in "
                    f"{s.patience} evaluations; keeping step {state['best_step']}")
