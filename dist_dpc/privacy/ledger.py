@@ -159,9 +159,16 @@ class PrivacyLedger:
             others = [m for name, e in phases.items() if name != entry_name for m in _as_mechanisms(name, e)]
             previous = (phases.get(entry_name) or {}).get("reservation")
             planned = list(plan(list(others), previous))
-            total = self._check_total(entry_name, others, planned)
+            # A resumed attempt keeps counting what it already released, whatever its new plan says
+            # (a plan whose fixed mechanisms changed between a crash and the resume must not drop them).
+            counted = _canonical(planned, entry_name)
+            released = (phases.get(entry_name) or {}).get("released") or []
+            if released:
+                counted = _dominating(counted, _canonical([mechanism_from_dict(m) for m in released], entry_name),
+                                      entry_name)
+            total = self._check_total(entry_name, others, _as_mechanisms(entry_name, {"mechanisms": counted}))
             entry = dict(phases.get(entry_name) or _new_entry(phase, _attempt_number(entry_name)))
-            entry.update(mechanisms=_canonical(planned, entry_name), status="running",
+            entry.update(mechanisms=counted, status="running",
                          reservation=dict(reservation() if reservation else {}), planned_total_epsilon=total)
             phases[entry_name] = entry
             self._commit(phases)

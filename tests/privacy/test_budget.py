@@ -159,3 +159,20 @@ def test_too_small_a_data_set_is_refused_with_the_smallest_epsilon(tmp_path):
     # At that epsilon the same run is accepted.
     PhaseBudget.reserve(led.__class__(tmp_path / "l2.json", floor * 1.01, 1e-4, 400), "teacher", sample_rate=0.02,
                         steps=100, target_epsilon=floor * 1.01, expected_batch_size=8, max_effective_noise=0.1)
+
+
+def test_a_resumed_attempt_whose_plan_changed_still_counts_what_it_released(tmp_path):
+    """A DP mean released at sigma 5, then the attempt resumed with a plan at sigma 20 (its default
+    sigma depends on N: the data behind the config changed between crash and resume): the entry must
+    keep counting the sigma-5 release, and the total must be at least the released one's."""
+    led = ledger(tmp_path / "l.json", target=8.0)
+    first = PhaseBudget.reserve(led, "teacher", sample_rate=Q, steps=STEPS, fixed=(Mechanism(5.0, 1.0, 1, "teacher"),),
+                                target_epsilon=4.0)
+    first.release(Mechanism(5.0, 1.0, 1, first.entry))
+    resumed = PhaseBudget.reserve(led, "teacher", sample_rate=Q, steps=STEPS,
+                                  fixed=(Mechanism(20.0, 1.0, 1, "teacher"),), target_epsilon=4.0)
+    counted = [(m["noise_multiplier"], m["sample_rate"], m["steps"]) for m in led.entry(resumed.entry)["mechanisms"]]
+    assert (5.0, 1.0, 1) in counted and (20.0, 1.0, 1) in counted
+    alone = compute_epsilon([Mechanism(5.0, 1.0, 1, "x"), Mechanism(resumed.noise_multiplier, Q, STEPS, "x")],
+                            led.delta, "prv")
+    assert led.total_epsilon() >= alone * (1 - 1e-9)
