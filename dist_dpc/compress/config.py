@@ -16,7 +16,7 @@ COMPRESSION_LR = 1e-3
 # The DPKD student's default: all of its weights (model.freeze_embeddings keeps the embeddings out).
 # A student cut from the teacher sees other features than the teacher's head was fitted to; with
 # DP-BiTFiT it stayed at chance on small sets (docs/RESULTS.md, issue 13).
-STUDENT_ALL = [".*"]
+STUDENT_ALL = [r"^(?!lm_head\.)"]  # every parameter but an untied LM head (a vocab x width matrix under DP)
 
 
 def _check_phase_schedule(section: str, epochs: float | None, lr: float | None,
@@ -57,7 +57,7 @@ class DistillConfig:
     """Learning rate of this phase (null: train.lr)."""
     trainable: list[str] | None = field(default_factory=lambda: list(STUDENT_ALL))
     """Regular expressions of the student's parameters that train (default: every weight of the
-    student, its embeddings frozen by model.freeze_embeddings: full DP fine-tuning of a half-depth
+    student but an untied LM head (`^(?!lm_head\\.)`), its embeddings frozen by model.freeze_embeddings: full DP fine-tuning of a half-depth
     model, which DP-BiTFiT (bias, LayerNorm, pooler, classifier) could not adapt: docs/RESULTS.md; null:
     model.trainable). Required with model.lora: the student is a plain model (the teacher's layers,
     its adapters merged), so this phase says what it trains."""

@@ -588,8 +588,8 @@ def _assumptions(tree: RunTree, rows: list[dict]) -> list[str]:
             lines.append(f"  - phase {r['phase']}: sampling {r['sampling_source'] or 'unknown'}; assumed Poisson.")
     head = tree.config.get("head_init") or {}
     if head.get("centre_pooler") is not False:  # true, or null (on for BERT-style heads)
-        lines.append(f"- Rows with q = 1 (outside a histogram phase) are head_init's DP mean of the [CLS] states, "
-                     f"where it ran (sigma scaled to the public N unless set): each clipped to norm "
+        lines.append(f"- Rows with q = 1 are head_init's DP mean of the [CLS] states where it ran (a histogram "
+                     f"phase's row is its histogram; the mean's sigma is scaled to the public N unless set): each clipped to norm "
                      f"R = {head.get('mean_clip_norm')}, Gaussian noise of standard deviation sigma·R on their sum "
                      "(one release per phase, per round for prune).")
     if head.get("probe_epochs"):
