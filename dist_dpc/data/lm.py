@@ -58,12 +58,18 @@ def _file_split(path: Path, name: str, text_col: str, code_cols: list[str], fiel
     return TextSplit(name, texts, None, None, prefixes)
 
 
+def control_code_columns(cfg: DataConfig) -> list[str]:
+    """The columns whose values prefix each text: data.control_code_columns, or (null) Yelp's two."""
+    codes = cfg.control_code_columns
+    if codes is None:
+        codes = YELP_CONTROL_CODES if cfg.task == "yelp" else []
+    return list(codes)
+
+
 def read_lm_task(cfg: DataConfig) -> TaskData:
     """The splits of a causal-LM task: files (yelp, csv, text) or the texts of GLUE / the generated set."""
     if cfg.task in ("yelp", "csv", "text"):
-        codes = cfg.control_code_columns
-        if codes is None:
-            codes = YELP_CONTROL_CODES if cfg.task == "yelp" else []
+        codes = control_code_columns(cfg)
         train_path, eval_path = _lm_files(cfg)
         train = _file_split(train_path, "train", cfg.text_column, codes, "data.train_file")
         evals = {}

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.data import Subset
 
 from dist_dpc.compress.distill import SyntheticKDObjective, every_other_layer, student_from_teacher, transformer_layers
 from dist_dpc.data.splits import TextSplit
@@ -192,7 +193,7 @@ def _synthetic_sets(ctx, samples_file: Path):
     if len(rows) - held < 1:
         raise ValueError(f"distill_synthetic: {len(rows)} synthetic samples are too few to hold {held} out")
     tokens = ctx.task.tokenize(split, ctx.tokenizer, None, train=True)
-    train, holdout = _Subset(tokens, sorted(order[held:])), _Subset(tokens, sorted(order[:held]))
+    train, holdout = Subset(tokens, sorted(order[held:])), Subset(tokens, sorted(order[:held]))
     if sum(_text_tokens(holdout[i]) for i in range(len(holdout))) == 0:
         raise ValueError(f"distill_synthetic: the {held} held-out synthetic samples have no text token within "
                          f"data.max_length={ctx.cfg.data.max_length} (after the control codes): raise data.max_length "
@@ -203,17 +204,6 @@ def _synthetic_sets(ctx, samples_file: Path):
 def _text_tokens(example: dict) -> int:
     """Positions that carry loss in an example (collate_lm's labels shifted by one)."""
     return max(0, len(example["input_ids"]) - max(1, int(example["loss_start"])))
-
-
-class _Subset:
-    def __init__(self, data, indices):
-        self.data, self.indices = data, indices
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        return self.data[self.indices[i]]
 
 
 def _train(ctx, objective: SyntheticKDObjective, train, holdout, tracker) -> dict:

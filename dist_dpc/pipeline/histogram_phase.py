@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from dist_dpc.data.labels import YELP_LABELS
-from dist_dpc.data.lm import YELP_CONTROL_CODES, control_prefix
+from dist_dpc.data.lm import control_code_columns, control_prefix
 from dist_dpc.pipeline.config import Config
 from dist_dpc.pipeline.trainer import finish_phase, open_phase, open_tracker, reserve_budget
 from dist_dpc.privacy.histogram import allocate, histogram_mechanism, noisy_histogram
@@ -27,18 +27,11 @@ from dist_dpc.utils.logging import log
 ALLOCATION = "allocation.jsonl"
 
 
-def code_columns(cfg: Config) -> list[str]:
-    columns = cfg.data.control_code_columns
-    if columns is None:
-        columns = YELP_CONTROL_CODES if cfg.data.task == "yelp" else []
-    return list(columns)
-
-
 def schema(cfg: Config) -> list[tuple[str, ...]]:
     """Every combination of the public control-code values, in a fixed order. Refuses (before any
     data is read) a task without control codes or without a public schema."""
     make_task(cfg.model, cfg.data).refuse_unsupported("histogram")
-    columns = code_columns(cfg)
+    columns = control_code_columns(cfg.data)
     if not columns:
         raise ValueError("histogram: the data has no control codes (data.control_code_columns is empty): a histogram "
                          "of control codes needs them; set data.control_code_columns to the label columns, or drop "
