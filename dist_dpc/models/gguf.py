@@ -56,7 +56,8 @@ def _convert(source: Path, target: Path) -> None:
     if importlib.util.find_spec("gguf") is None:
         raise ImportError("loading a .gguf file needs the `gguf` package: pip install gguf accelerate")
     print(f"[models] converting {source} to a safetensors checkpoint in {target} (once)", flush=True)
-    loaded = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype=torch.float32,
+                                                  use_kernels=False)  # see loading.NO_HUB_KERNELS
     tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
     config = loaded.config
     if hasattr(config, "quantization_config"):

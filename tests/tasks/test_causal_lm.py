@@ -207,3 +207,53 @@ def test_freeze_embeddings_under_lora_finds_embeddings_by_type():
             trained = {n for n, p in model.named_parameters() if p.requires_grad}
             hit = [n for n in trained if any(e in n for e in embeddings)]
             assert (not hit) if freeze else len(hit) == len(embeddings), (name, freeze, hit)
+
+
+def saved_tiny_llama(directory: Path) -> Path:
+    tok = load_tokenizer(LM, log=None)
+    load_causal_lm(LM, tok, seed=0).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
+
+
+def rms_norm_self_test(model) -> None:
+    """The engine's start-up self-test on a model whose only trainable weights are its RMSNorms."""
+    from dist_dpc.privacy import PerSampleClipper, check_no_bypass
+
+    clipper = PerSampleClipper(model, 1.0).attach()
+    model.eval()
+    model.train()  # what evaluation between steps does; transformers >= 5.25 may kernelize here
+    ids = torch.randint(3, 200, (4, 12))
+    check_no_bypass(clipper, model, lambda: model(input_ids=ids, labels=ids).loss * 4, 4)
+
+
+def test_pretrained_causal_lm_keeps_its_dp_rms_norms_across_train_and_eval(tmp_path):
+    # transformers 5.25 loads with hub kernels on when the `kernels` package is installed; its
+    # kernelize (on every train()/eval() mode change) deleted the DP forward of each LlamaRMSNorm.
+    # Our loader turns them off, so a trainable RMSNorm stays a DP layer.
+    directory = saved_tiny_llama(tmp_path / "tiny")
+    model = load_causal_lm(ModelConfig(name=str(directory), task="causal_lm", trainable=["norm"]))
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        "model.layers.0.input_layernorm.weight", "model.layers.0.post_attention_layernorm.weight",
+        "model.layers.1.input_layernorm.weight", "model.layers.1.post_attention_layernorm.weight", "model.norm.weight"}
+    rms_norm_self_test(model)
+
+
+def test_hub_kernels_rewriting_a_dp_forward_are_refused(tmp_path):
+    # The real `kernels` library (a transformers >= 5.25 dependency) on a model loaded the default
+    # way: kernelize removes the DP forwards, and the next DP pass refuses to run unclipped.
+    kernels = pytest.importorskip("kernels")
+    from transformers import AutoModelForCausalLM
+
+    from dist_dpc.privacy import ClipMode, DetachedLayerError, PerSampleClipper
+
+    directory = saved_tiny_llama(tmp_path / "tiny")
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    for name, p in model.named_parameters():
+        p.requires_grad_("norm" in name)
+    clipper = PerSampleClipper(model, 1.0).attach()
+    kernels.kernelize(model, mode=kernels.Mode.TRAINING, device="cpu", use_fallback=True)
+    with pytest.raises(DetachedLayerError) as info:
+        with clipper.pass_mode(ClipMode.PER_LAYER, 4):
+            pass
+    assert "model.layers.0.input_layernorm" in str(info.value)
