@@ -91,6 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, formatter_class=fmt, epilog=_config_help(), help=short, description=f"{short}. {long}")
         _add_config_args(p)
 
+    p = sub.add_parser("audit", formatter_class=fmt, epilog=_config_help(),
+                       help="empirical lower bound on epsilon from one extra run with canaries (section audit)",
+                       description="Steinke, Nasr & Jagielski's one-run audit with white-box gradient canaries: "
+                                   "audit.canaries canaries, each included with probability 1/2, trained with the "
+                                   "config's DP-SGD settings (N, batch, epochs, epsilon, clipping, sampling, optimizer, "
+                                   "ZeRO, precision; launch it on as many ranks as the run), scored, and turned into "
+                                   "epsilon_lb at audit.confidence next to the claimed epsilon. Writes the tree "
+                                   "RUN-audit (its own ledger; never release it). See docs/audit.md.")
+    _add_config_args(p)
+
     p = sub.add_parser("demo", formatter_class=fmt, epilog=_config_help(),
                        help="the whole pipeline on the embedded default (minilm, generated sentiment data, CPU, offline W&B)",
                        description="Runs `dpc pipeline` on the embedded default config: all-MiniLM-L6-v2 fine-tuned "
@@ -222,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("pipeline", "demo"):
             run_pipeline(cfg)
+        elif args.command == "audit":
+            from dist_dpc.pipeline.audit import run_audit
+
+            run_audit(cfg)
         else:
             run_phase(cfg, args.command)
     except (ValueError, FileNotFoundError, PrivacyBudgetExceeded, PrivacyBudgetError) as exc:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-PHASES = ("train", "teacher", "distill", "prune", "eval", "export", "pipeline")
+PHASES = ("train", "teacher", "distill", "prune", "eval", "export", "pipeline", "audit")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -188,6 +188,7 @@ class DPEngine:
             torch.autograd.grad((per_sample * mask).sum(), self._norm_sink, allow_unused=True)
             factors = self.clipper.flat_factors(self.clipper.sq_norms)
         rng.restore()  # same dropout masks in both passes, or the norms would be of another gradient
+        self.clipper.check_attached()  # the re-weighted pass runs the class forwards the norms were measured for
         per_sample = self.loss_fn(self.ds, batch)
         self.ds.backward((per_sample * (factors * mask).detach().to(per_sample.dtype)).sum())
         return per_sample.detach(), self.clipper.sq_norms.sqrt(), self.clipper.clipped

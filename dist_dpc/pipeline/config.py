@@ -359,6 +359,32 @@ class HistogramConfig:
 
 
 @dataclass(kw_only=True)
+class AuditConfig:
+    """`dpc audit`: an empirical lower bound on epsilon from one training run (Steinke, Nasr &
+    Jagielski, NeurIPS 2023), in its own run tree RUN-audit that is never released (docs/audit.md)."""
+    canaries: int = 1000
+    """m: canaries, each included in the training set independently with probability 1/2."""
+    confidence: float = 0.95
+    """The lower bound holds with this probability (over the inclusion coins and the training run)."""
+    phase: Literal["train", "teacher"] = "train"
+    """Whose DP-SGD settings are audited: train (`dpc train`: all of privacy.target_epsilon) or teacher
+    (its pipeline.budget_split share): the claimed epsilon, N, batch size, epochs, clipping, sampling,
+    optimizer, ZeRO stage and precision, on as many ranks as the audit is launched with."""
+    guess_fractions: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.1, 0.2, 0.5, 1.0])
+    """Fixed before training (no peeking): for each f the auditor guesses "in" for the f*m/2 highest
+    scores and "out" for the f*m/2 lowest; the bound is the best of these tests, each at
+    (1 - confidence) / len(guess_fractions) (Bonferroni), so choosing among them costs confidence."""
+
+    def __post_init__(self) -> None:
+        if self.canaries < 2:
+            raise ValueError(f"audit.canaries={self.canaries!r} is invalid: need at least 2 canaries (1,000 is the default)")
+        if not 0 < self.confidence < 1:
+            raise ValueError(f"audit.confidence={self.confidence!r} is invalid: must be in (0, 1), e.g. 0.95")
+        if not self.guess_fractions or any(not 0 < f <= 1 for f in self.guess_fractions):
+            raise ValueError(f"audit.guess_fractions={self.guess_fractions!r} is invalid: give fractions in (0, 1]")
+
+
+@dataclass(kw_only=True)
 class TuneConfig:
     """`dpc tune`: hyper-parameter selection that is itself accounted (docs/tuning.md)."""
     search: dict[str, list[Any]] = field(default_factory=dict)
@@ -435,6 +461,7 @@ class Config:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     histogram: HistogramConfig = field(default_factory=HistogramConfig)
     distill_synthetic: DistillSyntheticConfig = field(default_factory=DistillSyntheticConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
 
 def derived(original: Config, new: Config) -> Config:

@@ -428,6 +428,26 @@ def _count(x) -> str:
     return "—" if x is None else f"{int(x):,}"
 
 
+def audit_section(run_dir: Path) -> list[str]:
+    """`dpc audit`'s result, in the audit tree's report (docs/audit.md)."""
+    a = _read_json(run_dir / "audit" / "audit.json")
+    if not a:
+        return []
+    claimed = "not private" if a.get("claimed_epsilon") is None else f"{a['claimed_epsilon']:.3f}"
+    verdict = ("**FAILED: the lower bound exceeds the claimed epsilon**" if a.get("claimed_epsilon") is not None
+               and a["epsilon_lb"] > a["claimed_epsilon"] else "consistent with the claim")
+    lines = ["## Empirical audit (one run, white-box gradient canaries)", "",
+             f"- Empirical lower bound **epsilon_lb = {a['epsilon_lb']:.3f}** at {a['confidence']:.0%} confidence "
+             f"(delta {a['delta']:.3g}); claimed epsilon {claimed}: {verdict}.",
+             f"- {a['canaries']} canaries, {a['included']} included; settings audited: sigma {a['noise_multiplier']:.4f}, "
+             f"q {a['sample_rate']:.5f}, clipping {a['clipping']}, ZeRO stage {a['zero_stage']}, world size "
+             f"{a['world_size']}, optimizer {a['optimizer']}, bf16 {a['bf16']}.", "",
+             "| guessed fraction | guesses | correct | epsilon_lb of this test |", "|---:|---:|---:|---:|"]
+    lines += [f"| {t['fraction']} | {t['guesses']} | {t['correct']} | {t['epsilon_lb']:.3f} |" for t in a["tests"]]
+    return lines + ["", f"Each test at {a['per_test_confidence']:.4f} (Bonferroni over the fixed fractions); "
+                        "the bound is the largest. This tree is an audit: never release it.", ""]
+
+
 def render_markdown(tree: RunTree, rows: list[dict], models: list[dict], totals: dict, notes: list[str],
                     plots: dict[str, Path | None]) -> str:
     ledger = tree.ledger
@@ -499,6 +519,7 @@ def render_markdown(tree: RunTree, rows: list[dict], models: list[dict], totals:
         lines += ["", "† RDP upper bound: the PRV accountant could not be used for this value (accountant notes)."]
     lines += ["", *_assumptions(tree, rows), ""]
     lines += tuning_section(tree.path)
+    lines += audit_section(tree.path)
     if models:
         lines += ["## Models", "",
                   "| model | split | accuracy | F1 | parameters | non-zeros | size (MB) | cumulative epsilon (PRV) |",

@@ -641,9 +641,9 @@ def run_train(cfg: Config, phase: str = "train", evaluate_splits: bool = True) -
 def summary(world, results: dict) -> None:
     from dist_dpc.tasks import TASKS
 
-    task = TASKS[results.get("task", "sequence_classification")]
     lines = ["", "=" * 72, f"phase {results.get('phase', 'train')}"]
-    for name, m in results["metrics"].items():
+    for name, m in results["metrics"].items():  # none for the audit's canary task
+        task = TASKS[results.get("task", "sequence_classification")]
         lines.append(f"{name}: {task.describe(m)}")
     if results["private"] and results.get("noise_multiplier") is None:  # trained on DP outputs only
         lines.append(f"privacy: epsilon={results['epsilon']:.3f} ({results['accountant'].upper()}, the whole run tree; "

@@ -73,3 +73,28 @@ def one_run_guesses(scores, included, k_plus: int, k_minus: int) -> tuple[int, i
     out_guesses, in_guesses = order[:k_minus], order[m - k_plus:] if k_plus else order[:0]
     correct = int(included[in_guesses].sum()) + int((~included[out_guesses]).sum())
     return k_plus + k_minus, correct
+
+
+def audit_lower_bound(scores, included, delta: float, confidence: float = 0.95,
+                      guess_fractions=(0.02, 0.05, 0.1, 0.2, 0.5, 1.0)) -> dict:
+    """The one-run bound with the number of guesses chosen without peeking at the scores.
+
+    Each fraction f, fixed before training, is one test: k = max(1, round(f m / 2)) guesses "in" on
+    the highest scores and k "out" on the lowest. Reporting the best of the tests is a selection, so
+    each runs at (1 - confidence) / (number of tests) (Bonferroni): whatever the scores, the chance
+    that any of them rejects a true (epsilon, delta) is at most 1 - confidence. Returns every test
+    and ``epsilon_lb``, the largest of their bounds."""
+    scores = np.asarray(scores, dtype=np.float64)
+    m = len(scores)
+    fractions = list(guess_fractions)
+    per_test = 1 - (1 - confidence) / len(fractions)
+    tests = []
+    for f in fractions:
+        k = min(max(1, round(f * m / 2)), m // 2)
+        r, v = one_run_guesses(scores, included, k, k)
+        tests.append({"fraction": f, "guesses": r, "correct": v,
+                      "epsilon_lb": epsilon_lower_bound(m, r, v, delta, per_test)})
+    best = max(tests, key=lambda t: t["epsilon_lb"])
+    return {"canaries": m, "included": int(np.asarray(included, dtype=bool).sum()), "delta": delta,
+            "confidence": confidence, "per_test_confidence": per_test, "tests": tests,
+            "epsilon_lb": best["epsilon_lb"], "best_fraction": best["fraction"]}

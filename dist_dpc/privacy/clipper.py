@@ -199,6 +199,8 @@ class PerSampleClipper:
     """Holds the clipping mode and the per-sample quantities of the current micro-batch."""
 
     def __init__(self, model: nn.Module, max_grad_norm: float):
+        _refuse_hub_kernels(model)
+        self.model = model
         self.layers = find_dp_layers(model)
         self.layer_by_module = {id(layer.module): layer for layer in self.layers}
         if not self.layers:
@@ -211,6 +213,7 @@ class PerSampleClipper:
         self.clipped: torch.Tensor | None = None   # (B,) bool: some layer of this sample was clipped
         self._called: set[int] = set()             # id(module) of the DP layers run in this pass
         self._attached = False
+        self._forwards: list[tuple[str, nn.Module, object, object]] = []  # every module's forward at attach()
 
     # -- wiring ---------------------------------------------------------------------------------
     def attach(self) -> "PerSampleClipper":
@@ -218,6 +221,10 @@ class PerSampleClipper:
             fn, module = layer.forward, layer.module
             # An instance attribute shadows the class forward; detach() deletes it again.
             module.forward = _BoundDPForward(fn, module, self)
+        # Not only the DP layers: a parent whose forward is rewritten later (a fused MLP kernel, a
+        # wrapper) may read its children's weights directly, so their DP forwards never run.
+        self._forwards = [(name, m, m.__dict__.get("forward"), type(m).forward)
+                          for name, m in self.model.named_modules()]
         self._attached = True
         return self
 
@@ -228,22 +235,29 @@ class PerSampleClipper:
         self._attached = False
 
     def check_attached(self) -> None:
-        """Refuse a pass in which some DP layer no longer runs its DP forward.
+        """Refuse a pass in which some module's forward is no longer the one attach() saw.
 
-        attach() installs the DP forward as an instance attribute; anything that later rewrites a
-        module's forward (transformers' hub-kernel ``kernelize`` on model.train()/eval(), accelerate
-        hooks, a user's wrapper) would silently route that layer's gradient around the clipping, and
-        the start-up self-test has already run. One dict lookup per layer and pass, no host sync."""
+        attach() installs each DP layer's DP forward as an instance attribute; anything that later
+        rewrites a forward (transformers' hub-kernel ``kernelize`` on model.train()/eval(), accelerate
+        hooks, which copy the wrapped object's attributes onto their wrapper, a user's wrapper, a
+        class-level patch) could route a layer's gradient around the clipping after the start-up
+        self-test has run. So: every DP layer must hold exactly its own _BoundDPForward of this
+        clipper, and no module's instance or class forward may have changed since attach().
+        Identity checks over the modules, no host sync."""
         replaced = [layer.name or "<root>" for layer in self.layers
-                    if getattr(layer.module.__dict__.get("forward"), "clipper", None) is not self]
+                    if not _is_own_dp_forward(layer.module.__dict__.get("forward"), layer.module, self)]
+        replaced += [name or "<root>" for name, m, instance, cls in self._forwards
+                     if (m.__dict__.get("forward") is not instance or type(m).forward is not cls)
+                     and (name or "<root>") not in replaced]
         if replaced:
             raise DetachedLayerError(
-                f"the DP forward of {len(replaced)} layer(s) ({', '.join(replaced[:5])}"
-                f"{', ...' if len(replaced) > 5 else ''}) was removed or replaced after the clipper attached it, so "
-                "their gradients would not be clipped. Something rewrote module.forward: transformers >= 5.25 does on "
-                "model.train()/eval() for a model loaded with use_kernels=True (its default when the `kernels` "
-                "package is installed). Load the model with from_pretrained(..., use_kernels=False) (dist-dpc's "
-                "loaders do) or set USE_HUB_KERNELS=0, and do not wrap module forwards after building the engine")
+                f"the forward of {len(replaced)} module(s) ({', '.join(replaced[:5])}"
+                f"{', ...' if len(replaced) > 5 else ''}) was removed, wrapped or replaced after the clipper attached "
+                "the DP layers, so their gradients might not be clipped. Something rewrote module.forward: "
+                "transformers >= 5.25 does on model.train()/eval() for a model loaded with use_kernels=True (its default "
+                "when the `kernels` package is installed). Load the model with from_pretrained(..., use_kernels=False) "
+                "(dist-dpc's loaders do) or set USE_HUB_KERNELS=0, and do not wrap or patch module forwards after "
+                "building the engine")
 
     @contextlib.contextmanager
     def pass_mode(self, mode: ClipMode, batch_size: int):
@@ -315,6 +329,25 @@ class PerSampleClipper:
 
     def method_summary(self) -> dict[str, dict]:
         return {layer.name: dict(layer.methods) for layer in self.layers}
+
+
+def _is_own_dp_forward(forward, module: nn.Module, clipper: "PerSampleClipper") -> bool:
+    # Exact type: functools.update_wrapper (accelerate's hooks) copies a wrapped object's __dict__,
+    # clipper included, onto a wrapper that may call something else.
+    return type(forward) is _BoundDPForward and forward.clipper is clipper and forward.module_ref is module
+
+
+def _refuse_hub_kernels(model: nn.Module) -> None:
+    """A transformers model loaded with use_kernels=True (5.25's default when the `kernels` package
+    is installed) replaces layer forwards on every train()/eval() mode change, the DP forwards
+    included: refused before anything runs (check_attached would refuse it at the first pass)."""
+    kernelized = [name or "<root>" for name, m in model.named_modules() if getattr(m, "use_kernels", False) is True]
+    if kernelized:
+        raise DetachedLayerError(
+            f"the model ({kernelized[0]}) was loaded with hub kernels on (use_kernels=True, transformers' default "
+            "when the `kernels` package is installed): they replace layer forwards, the DP layers' included, whenever "
+            "the model switches between train() and eval(). Load it with from_pretrained(..., use_kernels=False) "
+            "(dist-dpc's loaders do) or set USE_HUB_KERNELS=0 before loading")
 
 
 def _finite_factors(factors_B: torch.Tensor, finite_B: torch.Tensor) -> torch.Tensor:

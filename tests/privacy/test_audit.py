@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from dist_dpc.privacy.audit import audit_p_value, epsilon_lower_bound, one_run_guesses
+from dist_dpc.privacy.audit import audit_lower_bound, audit_p_value, epsilon_lower_bound, one_run_guesses
 
 
 def test_all_guesses_right_without_delta_is_closed_form():
@@ -53,4 +53,35 @@ def test_does_not_cry_wolf_on_an_exactly_dp_mechanism():
         scores = report + rng.random(m) * 1e-3  # the auditor's score: the released bit
         r, v = one_run_guesses(scores, included, 300, 300)
         over += epsilon_lower_bound(m, r, v, 0.0) > eps
+    assert over <= 20, over
+
+
+def test_choosing_among_guess_counts_costs_confidence():
+    """Each pre-registered test runs at alpha / (number of tests); the result is the best of them."""
+    rng = np.random.default_rng(1)
+    included = rng.random(1000) < 0.5
+    scores = included * 3.0 + rng.normal(size=1000)
+    out = audit_lower_bound(scores, included, 1e-5, 0.95, (0.02, 0.1, 0.5))
+    assert out["per_test_confidence"] == pytest.approx(1 - 0.05 / 3)
+    for test, f in zip(out["tests"], (0.02, 0.1, 0.5)):
+        k = round(f * 500)
+        r, v = one_run_guesses(scores, included, k, k)
+        assert (test["guesses"], test["correct"]) == (r, v)
+        assert test["epsilon_lb"] == pytest.approx(epsilon_lower_bound(1000, r, v, 1e-5, 1 - 0.05 / 3))
+    assert out["epsilon_lb"] == max(t["epsilon_lb"] for t in out["tests"]) > 1
+    # one test alone at the full confidence is never below the same test under Bonferroni
+    single = audit_lower_bound(scores, included, 1e-5, 0.95, (0.1,))
+    assert single["tests"][0]["epsilon_lb"] >= out["tests"][1]["epsilon_lb"]
+
+
+def test_the_bonferroni_bound_does_not_cry_wolf():
+    """Randomized response at eps 1 again, now with the best of six guess counts reported: the
+    chance that the reported bound exceeds 1 stays about 5 % or less (200 runs, at most 20)."""
+    rng = np.random.default_rng(2)
+    eps, m, over = 1.0, 1000, 0
+    p_right = math.exp(eps) / (1 + math.exp(eps))
+    for _ in range(200):
+        included = rng.random(m) < 0.5
+        report = np.where(rng.random(m) < p_right, included, ~included)
+        over += audit_lower_bound(report + rng.random(m) * 1e-3, included, 0.0)["epsilon_lb"] > eps
     assert over <= 20, over

@@ -170,3 +170,54 @@ def test_forward_rewritten_after_attach_refused_at_the_next_pass(rewrite):
     clipper.attach()  # re-attaching restores it
     with clipper.pass_mode(ClipMode.PER_LAYER, 4):
         model(ids).sum().backward()
+
+
+def test_a_wrapper_that_copies_the_dp_forwards_attributes_is_refused():
+    # accelerate's hooks wrap with functools.update_wrapper, which copies the wrapped object's
+    # __dict__ (its .clipper included) onto a wrapper that may end up calling the plain forward.
+    import functools
+
+    model = nn.Sequential(nn.Embedding(12, WIDTH), nn.LayerNorm(WIDTH), nn.Linear(WIDTH, 2))
+    model[0].weight.requires_grad_(False)
+    clipper = PerSampleClipper(model, 1.0).attach()
+    plain = type(model[1]).forward.__get__(model[1])
+    model[1].forward = functools.update_wrapper(functools.partial(lambda x: plain(x)), model[1].forward)
+    assert model[1].forward.clipper is clipper  # it looks like ours
+    with pytest.raises(DetachedLayerError, match=r"of 1 module\(s\) \(1\)"):
+        with clipper.pass_mode(ClipMode.PER_LAYER, 4):
+            pass
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(WIDTH, WIDTH), nn.Linear(WIDTH, 2)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+def test_a_parent_forward_rewritten_after_attach_is_refused():
+    # A fused kernel or wrapper on a parent that reads its children's weights directly: the DP
+    # forwards of the children never run, and the self-test ran long before.
+    model = nn.Sequential(nn.Embedding(12, WIDTH), Block())
+    model[0].weight.requires_grad_(False)
+    clipper = PerSampleClipper(model, 1.0).attach()
+    ids = misuse_batch()["input_ids"]
+    check_no_bypass(clipper, model, lambda: model(ids).sum(), 4)
+    block = model[1]
+    block.forward = lambda x: nn.functional.linear(torch.relu(nn.functional.linear(x, block.up.weight, block.up.bias)),
+                                                   block.down.weight, block.down.bias)
+    with pytest.raises(DetachedLayerError, match="module\\(s\\) \\(1\\)"):
+        with clipper.pass_mode(ClipMode.PER_LAYER, 4):
+            pass
+    del block.forward
+    Block.forward, original = (lambda self, x: self.down(self.up(x))), Block.forward  # a class-level patch
+    try:
+        with pytest.raises(DetachedLayerError):
+            with clipper.pass_mode(ClipMode.PER_LAYER, 4):
+                pass
+    finally:
+        Block.forward = original
+    with clipper.pass_mode(ClipMode.PER_LAYER, 4):  # restored: runs
+        model(ids).sum().backward()

@@ -240,15 +240,20 @@ def test_pretrained_causal_lm_keeps_its_dp_rms_norms_across_train_and_eval(tmp_p
 
 
 def test_hub_kernels_rewriting_a_dp_forward_are_refused(tmp_path):
-    # The real `kernels` library (a transformers >= 5.25 dependency) on a model loaded the default
-    # way: kernelize removes the DP forwards, and the next DP pass refuses to run unclipped.
+    # The real `kernels` library (a transformers >= 5.25 dependency): a model loaded the default way
+    # (hub kernels on) is refused up front; one whose forwards kernelize rewrites after the clipper
+    # attached is refused at the next DP pass.
     kernels = pytest.importorskip("kernels")
     from transformers import AutoModelForCausalLM
 
     from dist_dpc.privacy import ClipMode, DetachedLayerError, PerSampleClipper
 
     directory = saved_tiny_llama(tmp_path / "tiny")
-    model = AutoModelForCausalLM.from_pretrained(directory)
+    default = AutoModelForCausalLM.from_pretrained(directory)
+    if default.use_kernels:  # transformers 5.25's default with `kernels` installed
+        with pytest.raises(DetachedLayerError, match="use_kernels=False"):
+            PerSampleClipper(default, 1.0)
+    model = AutoModelForCausalLM.from_pretrained(directory, use_kernels=False)
     for name, p in model.named_parameters():
         p.requires_grad_("norm" in name)
     clipper = PerSampleClipper(model, 1.0).attach()
@@ -257,3 +262,12 @@ def test_hub_kernels_rewriting_a_dp_forward_are_refused(tmp_path):
         with clipper.pass_mode(ClipMode.PER_LAYER, 4):
             pass
     assert "model.layers.0.input_layernorm" in str(info.value)
+
+
+def test_loaders_turn_hub_kernels_off(tmp_path):
+    from dist_dpc.models.loading import load_sequence_classifier
+
+    directory = saved_tiny_llama(tmp_path / "tiny")
+    lm = load_causal_lm(ModelConfig(name=str(directory), task="causal_lm", trainable=["norm"]))
+    classifier = load_sequence_classifier(ModelConfig(name=str(directory)), num_labels=2)
+    assert lm.use_kernels is False and classifier.use_kernels is False
