@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dist_dpc.engine.deepspeed_seam import partitions_are_disjoint
 from dist_dpc.pipeline.config import Config, derived
 from dist_dpc.pipeline.trainer import (PhaseContext, finish_phase, open_phase, open_tracker, phase_privacy,
                                        phase_directory, phase_results, planned_steps, steps_per_epoch, train_dp)
@@ -87,7 +88,7 @@ def audit_config(cfg: Config) -> Config:
     if phase == "teacher" and claimed is not None:
         claimed = privacy.target_epsilon * cfg.pipeline.cumulative_share("teacher")
     audit = dataclasses.replace(
-        cfg, run=dataclasses.replace(cfg.run, name=f"{cfg.run.name}-audit"),
+        cfg, run=dataclasses.replace(cfg.run, name=f"{cfg.run.name}-audit", overwrite=False),
         privacy=dataclasses.replace(privacy, target_epsilon=claimed),
         train=dataclasses.replace(cfg.train, eval_every=0))
     return derived(audit, audit)
@@ -95,21 +96,22 @@ def audit_config(cfg: Config) -> Config:
 
 def run_audit(cfg: Config) -> dict:
     cfg = audit_config(cfg)
-    m = cfg.audit.canaries
     done = phase_directory(cfg, AUDIT_PHASE) / "audit.json"
     if done.is_file():  # like a completed phase: not run again (its ledger would add a second run's spend)
         summary = json.loads(done.read_text())
         print(f"[audit] already done: epsilon_lb={summary['epsilon_lb']:.3f}, claimed epsilon="
               f"{summary['claimed_epsilon']} ({done}); delete {done.parent.parent} to audit again")
         return summary
-    ctx = open_phase(cfg, AUDIT_PHASE)  # the audit tree; the private data is read for its size only
+    return (run_white_box if cfg.audit.kind == "white_box" else run_black_box)(cfg)
+
+
+def run_white_box(cfg: Config) -> dict:
+    m = cfg.audit.canaries
+    ctx = open_phase(cfg, AUDIT_PHASE, size_only=True)  # the private data is read for N alone
     n = ctx.train_size
-    if m >= n:
-        raise ValueError(f"audit.canaries={m} must be below the {n} training examples (the audit replaces m of the "
-                         f"N examples by canaries, keeping N): use audit.canaries <= {n // 2}")
-    generator = ctx.key.generator("audit")
-    included = generator.random(m) < 0.5  # the coins: secret until the scores are in
-    task = WhiteBoxCanaries(m, n - m, generator)
+    _check_canaries(m, n)
+    included = _coins(ctx, m)
+    task = WhiteBoxCanaries(m, n - m, ctx.key.generator("audit", "background"))
     examples = list(range(n - m)) + [n - m + i for i in np.flatnonzero(included)]
     # The engine sees the user's N (q = B / N); the set itself has N - m + (included canaries).
     ctx = dataclasses.replace(ctx, task=task, train_set=examples, eval_sets={}, public_train_size=n)
@@ -118,20 +120,156 @@ def run_audit(cfg: Config) -> dict:
     privacy = phase_privacy(ctx, steps)
     tracker = open_tracker(ctx)
     log(ctx.world, f"[audit] white-box: {m} canaries ({int(included.sum())} included), N={n}, {steps} steps")
+    recorder = NoisyGradientRecorder(task.width)
     engine = train_dp(ctx, model, directory=ctx.directory, steps=steps, privacy=privacy, tracker=tracker,
-                      loss_fn=task.loss, desc="audit")
-    scores = _gathered_scores(engine, task)
-    delta = engine.delta if cfg.privacy.enabled else delta_default(n)
-    bound = audit_lower_bound(scores, included, delta, cfg.audit.confidence, cfg.audit.guess_fractions)
-    results = phase_results(ctx, engine, {}, steps, audit=_audit_summary(cfg, engine, bound))
-    tracker.summary({"audit/epsilon_lb": bound["epsilon_lb"], "audit/canaries": m,
-                     "audit/confidence": cfg.audit.confidence})
-    if ctx.is_main:
-        ctx.run.write_json(ctx.directory / "audit.json", {**results["audit"], "inclusion": included.tolist(),
-                                                          "scores": scores.tolist()})
+                      loss_fn=task.loss, desc="audit", setup=recorder.attach)
+    results = phase_results(ctx, engine, {}, steps)
+    scores = {"final_weight": _gathered_scores(engine, task)}
+    if recorder.complete(steps):
+        scores["likelihood_ratio"] = recorder.likelihood_ratio_scores(engine, BACKGROUND_FEATURES)
+    _conclude(ctx, engine, results, tracker, scores, included)
     finish_phase(ctx, tracker, results, None)
     _print(ctx, results)
     return results
+
+
+class NoisyGradientRecorder:
+    """Every step's released gradient (clipped sum + noise, over the expected batch size), as the
+    optimizer receives it: a DP-engine post-noise hook on the optimizer's own tensors. For the audit
+    model (one weight) the ranks' partitions in rank order are the flattened weight (plus padding)."""
+
+    def __init__(self, width: int):
+        self.width, self.steps, self.engine = width, {}, None
+
+    def attach(self, engine) -> None:
+        self.engine = engine
+        engine.post_noise_hooks.append(self)
+
+    def __call__(self, optimizer) -> None:
+        grads = [p.grad.detach().float().flatten() for group in optimizer.param_groups for p in group["params"]
+                 if p.grad is not None]
+        self.steps.setdefault(self.engine.steps_done, []).extend(g.cpu().clone() for g in grads)
+
+    def complete(self, steps: int) -> bool:
+        """A resumed audit recorded only the steps after its checkpoint: no per-step score then."""
+        return sorted(self.steps) == list(range(steps))
+
+    def likelihood_ratio_scores(self, engine, offset: int) -> np.ndarray:
+        """Per canary, sum over steps of log [(1 - q) + q exp((x_t - 1/2) / sigma^2)], x_t = -B g_t / C:
+        the log-likelihood ratio of "included" against "excluded" under the claimed mechanism (the
+        canary adds C, i.e. x = 1, when sampled, and the noise is N(0, sigma^2) in these units); under
+        no noise, the plain sum of x_t. The most powerful statistic for the mechanism we claim."""
+        local = torch.stack([torch.cat(self.steps[t]) for t in sorted(self.steps)])  # (T, this rank's share)
+        if torch.distributed.is_initialized() and partitions_are_disjoint(engine.ds):
+            shares = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(shares, local)
+            local = torch.cat(shares, dim=1)
+        g = local[:, offset:self.width].double().numpy()
+        privacy, q = engine.privacy, engine.sample_rate
+        x = -engine.expected_batch_size * g / privacy.max_grad_norm
+        sigma = engine.noise_multiplier
+        if engine.clipper is None or sigma == 0:
+            return x.sum(0)
+        return np.logaddexp(math.log1p(-q), math.log(q) + (x - 0.5) / sigma ** 2).sum(0)
+
+
+def _coins(ctx: PhaseContext, m: int) -> np.ndarray:
+    """Each canary's inclusion, drawn once per audit tree and kept in it: a resumed audit (a fresh key
+    in secure mode) scores the canaries it trained on, not a new draw."""
+    path = ctx.directory / "coins.json"
+    exists = path.is_file()
+    torch.distributed.barrier()  # every rank has looked before rank 0 may write
+    if exists:
+        coins = np.asarray(json.loads(path.read_text()), dtype=bool)
+        if len(coins) != m:
+            raise ValueError(f"{path} holds {len(coins)} coins but audit.canaries={m}: delete {path.parent.parent} "
+                             "to start the audit again")
+        return coins
+    coins = ctx.key.generator("audit", "coins").random(m) < 0.5  # identical on every rank (one key)
+    if ctx.is_main:
+        ctx.run.write_json(path, coins.tolist())
+    return coins
+
+
+def run_black_box(cfg: Config) -> dict:
+    """The config's own model, phase recipe and private data (run_train in the audit tree), plus the
+    included canaries; score = the canary's loss under the starting model minus under the trained one."""
+    from dist_dpc.pipeline.trainer import run_train
+
+    m, state = cfg.audit.canaries, {}
+
+    def prepare(ctx: PhaseContext) -> PhaseContext:
+        n = ctx.train_size
+        _check_canaries(m, n)
+        included = _coins(ctx, m)
+        split = ctx.task.audit_canaries(ctx.key.generator("audit", "canaries"), m, ctx.num_labels)
+        canaries = ctx.task.tokenize(split, ctx.tokenizer, None, train=True)
+        start = ctx.task.load_model(cfg.model, ctx.tokenizer, num_labels=ctx.num_labels, label_names=ctx.label_names,
+                                    seed=cfg.run.seed)  # the model training starts from (same seed)
+        state.update(included=included, canaries=canaries,
+                     before=canary_losses(ctx.task, start, canaries, ctx.tokenizer.pad_token_id))
+        log(ctx.world, f"[audit] black-box: {m} canaries ({int(included.sum())} included) among N={n}")
+        train = _Joined(ctx.train_set, [canaries[i] for i in np.flatnonzero(included)])
+        return dataclasses.replace(ctx, train_set=train, public_train_size=n)  # q = B / N: the user's N
+
+    def before_finish(ctx: PhaseContext, engine, results: dict, tracker) -> None:
+        after = canary_losses(ctx.task, engine.ds.module, state["canaries"], ctx.tokenizer.pad_token_id)
+        _conclude(ctx, engine, results, tracker, state["before"] - after, state["included"], kind="black_box")
+
+    results = run_train(cfg, phase=AUDIT_PHASE, prepare=prepare, before_finish=before_finish)
+    _print(None, results)
+    return results
+
+
+class _Joined:
+    """The private training set followed by the included canaries (indexable, sized)."""
+
+    def __init__(self, first, second: list):
+        self.first, self.second = first, second
+
+    def __len__(self) -> int:
+        return len(self.first) + len(self.second)
+
+    def __getitem__(self, i: int):
+        return self.first[i] if i < len(self.first) else self.second[i - len(self.first)]
+
+
+@torch.no_grad()
+def canary_losses(task, model: nn.Module, canaries, pad_token_id: int, batch_size: int = 32) -> np.ndarray:
+    """Each canary's loss under ``model`` (the task's per-sample training loss), on every rank (ZeRO-3
+    gathers its parameters in the forward)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(canaries), batch_size):
+        batch = task.collate([canaries[j] for j in range(i, min(i + batch_size, len(canaries)))], pad_token_id)
+        out.append(task.loss(model, {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+                   .float().cpu())
+    model.train(was_training)
+    return torch.cat(out).numpy().astype(np.float64)
+
+
+def _check_canaries(m: int, n: int) -> None:
+    if m >= n:
+        raise ValueError(f"audit.canaries={m} must be below the {n} training examples (the white-box audit replaces m "
+                         f"of the N examples by canaries, keeping N): use audit.canaries <= {n // 2}")
+
+
+def _conclude(ctx: PhaseContext, engine, results: dict, tracker, scores, included: np.ndarray,
+              kind: str = "white_box") -> None:
+    """The bound from the scores and the coins, into results.json, audit.json and W&B."""
+    cfg = ctx.cfg
+    delta = engine.delta if cfg.privacy.enabled else delta_default(ctx.train_size)
+    bound = audit_lower_bound(scores, included, delta, cfg.audit.confidence, cfg.audit.guess_fractions)
+    results["audit"] = {**_audit_summary(cfg, engine, bound, kind), "steps": results["steps"]}
+    tracker.summary({"audit/epsilon_lb": bound["epsilon_lb"], "audit/canaries": bound["canaries"],
+                     "audit/confidence": cfg.audit.confidence, "audit/kind": kind})
+    if ctx.is_main:
+        by_name = scores if isinstance(scores, dict) else {"score": scores}
+        ctx.run.write_json(ctx.directory / "audit.json",
+                           {**results["audit"], "inclusion": included.tolist(),
+                            "scores": {name: np.asarray(v).tolist() for name, v in by_name.items()}})
 
 
 def _gathered_scores(engine, task: WhiteBoxCanaries) -> np.ndarray:
@@ -142,8 +280,8 @@ def _gathered_scores(engine, task: WhiteBoxCanaries) -> np.ndarray:
         return task.scores(engine.ds.module)
 
 
-def _audit_summary(cfg: Config, engine, bound: dict) -> dict:
-    return {"kind": "white_box", **{k: v for k, v in bound.items()},
+def _audit_summary(cfg: Config, engine, bound: dict, kind: str) -> dict:
+    return {"kind": kind, **bound,
             "claimed_epsilon": engine.epsilon() if cfg.privacy.enabled else None,
             "audited_phase": cfg.audit.phase, "noise_multiplier": engine.noise_multiplier,
             "sample_rate": engine.sample_rate, "clipping": cfg.privacy.clipping if cfg.privacy.enabled else None,
@@ -151,18 +289,25 @@ def _audit_summary(cfg: Config, engine, bound: dict) -> dict:
             "bf16": cfg.train.bf16, "optimizer": cfg.train.optimizer}
 
 
-def _print(ctx: PhaseContext, results: dict) -> None:
+def _print(ctx: PhaseContext | None, results: dict) -> None:
     a = results["audit"]
     claimed = "not private" if a["claimed_epsilon"] is None else f"{a['claimed_epsilon']:.3f}"
-    lines = ["", "=" * 72, "privacy audit (white-box gradient canaries, one run)",
+    what = "white-box gradient canaries" if a["kind"] == "white_box" else "black-box input canaries"
+    lines = ["", "=" * 72, f"privacy audit ({what}, one run)",
              f"empirical lower bound epsilon_lb = {a['epsilon_lb']:.3f} at {a['confidence']:.0%} confidence "
              f"(delta {a['delta']:.3g}); claimed epsilon = {claimed}",
-             f"{a['canaries']} canaries, {a['included']} included; best test: {a['best_fraction']} of the canaries "
-             "guessed (Bonferroni over " + ", ".join(str(t["fraction"]) for t in a["tests"]) + ")",
-             f"settings: sigma={a['noise_multiplier']:.4f} q={a['sample_rate']:.5f} steps={results['steps']} "
+             f"{a['canaries']} canaries, {a['included']} included; best test: {a['best_score']}, "
+             f"{a['best_fraction']} of the canaries guessed (Bonferroni over {len(a['tests'])} tests); "
+             f"the most this audit can show: {a['ceiling']:.2f}",
+             f"settings: sigma={a['noise_multiplier']:.4f} q={a['sample_rate']:.5f} steps={a['steps']} "
              f"clipping={a['clipping']} zero_stage={a['zero_stage']} world={a['world_size']}"]
     if a["claimed_epsilon"] is not None and a["epsilon_lb"] > a["claimed_epsilon"]:
         lines.append("FAILED: the lower bound exceeds the claimed epsilon: the mechanism that ran is not the one "
                      "accounted for (or a 1-in-20 false alarm at 95 %): investigate before releasing anything")
+    elif a["claimed_epsilon"] is not None and a["claimed_epsilon"] >= a["ceiling"]:
+        lines.append(f"NOTE: the claimed epsilon is at or above what {a['canaries']} canaries can show "
+                     f"({a['ceiling']:.2f}): this audit cannot flag a leak at this epsilon; use more canaries")
     lines.append("=" * 72)
-    log(ctx.world, "\n".join(lines))
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if rank == 0:
+        print("\n".join(lines), flush=True)

@@ -362,6 +362,12 @@ class HistogramConfig:
 class AuditConfig:
     """`dpc audit`: an empirical lower bound on epsilon from one training run (Steinke, Nasr &
     Jagielski, NeurIPS 2023), in its own run tree RUN-audit that is never released (docs/audit.md)."""
+    kind: Literal["white_box", "black_box"] = "white_box"
+    """white_box: gradient canaries on a linear model with one coordinate per canary, trained with the
+    config's DP-SGD settings (audits the mechanism: sampling, clipping, noise, ZeRO, ranks, accounting).
+    black_box: input canaries (random-label out-of-distribution texts for classifiers, random secrets
+    after a fixed prefix for causal LMs) added to the private training set of the config's own model,
+    scored by how much training lowered their loss (audits the whole run, loosely)."""
     canaries: int = 1000
     """m: canaries, each included in the training set independently with probability 1/2."""
     confidence: float = 0.95

@@ -436,16 +436,19 @@ def audit_section(run_dir: Path) -> list[str]:
     claimed = "not private" if a.get("claimed_epsilon") is None else f"{a['claimed_epsilon']:.3f}"
     verdict = ("**FAILED: the lower bound exceeds the claimed epsilon**" if a.get("claimed_epsilon") is not None
                and a["epsilon_lb"] > a["claimed_epsilon"] else "consistent with the claim")
-    lines = ["## Empirical audit (one run, white-box gradient canaries)", "",
+    what = "white-box gradient canaries" if a.get("kind") == "white_box" else "black-box input canaries"
+    lines = [f"## Empirical audit (one run, {what})", "",
              f"- Empirical lower bound **epsilon_lb = {a['epsilon_lb']:.3f}** at {a['confidence']:.0%} confidence "
              f"(delta {a['delta']:.3g}); claimed epsilon {claimed}: {verdict}.",
              f"- {a['canaries']} canaries, {a['included']} included; settings audited: sigma {a['noise_multiplier']:.4f}, "
              f"q {a['sample_rate']:.5f}, clipping {a['clipping']}, ZeRO stage {a['zero_stage']}, world size "
              f"{a['world_size']}, optimizer {a['optimizer']}, bf16 {a['bf16']}.", "",
-             "| guessed fraction | guesses | correct | epsilon_lb of this test |", "|---:|---:|---:|---:|"]
-    lines += [f"| {t['fraction']} | {t['guesses']} | {t['correct']} | {t['epsilon_lb']:.3f} |" for t in a["tests"]]
-    return lines + ["", f"Each test at {a['per_test_confidence']:.4f} (Bonferroni over the fixed fractions); "
-                        "the bound is the largest. This tree is an audit: never release it.", ""]
+             f"- The most this audit can show (every guess right): {a['ceiling']:.3f}.", "",
+             "| statistic | guessed fraction | guesses | correct | epsilon_lb of this test |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {t['score']} | {t['fraction']} | {t['guesses']} | {t['correct']} | {t['epsilon_lb']:.3f} |"
+              for t in a["tests"]]
+    return lines + ["", f"Each test at {a['per_test_confidence']:.4f} (Bonferroni over the statistics and the fixed "
+                        "fractions); the bound is the largest. This tree is an audit: never release it.", ""]
 
 
 def render_markdown(tree: RunTree, rows: list[dict], models: list[dict], totals: dict, notes: list[str],

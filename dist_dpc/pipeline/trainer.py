@@ -88,7 +88,9 @@ def phase_key(root: SecretKey, phase: str) -> SecretKey:
     return root.derive("phase", phase)
 
 
-def open_phase(cfg: Config, phase: str, *, load_data: bool = True) -> PhaseContext:
+def open_phase(cfg: Config, phase: str, *, load_data: bool = True, size_only: bool = False) -> PhaseContext:
+    """``size_only``: the private data is read for its public size N alone (nothing tokenized, cached or
+    kept: `dpc audit`'s white-box run)."""
     world = init_distributed()
     directory = phase_directory(cfg, phase)
     # Post-processing phases are redone freely; a finished training phase is never overwritten.
@@ -114,10 +116,14 @@ def open_phase(cfg: Config, phase: str, *, load_data: bool = True) -> PhaseConte
     for split in [task.train, *task.eval.values(), *([task.holdout] if task.holdout else [])]:
         objective.check_split(split, num_labels)
     cache = run.path / "cache"
-    train_set = objective.tokenize(task.train, tokenizer, cache, train=True) if load_data else None
-    eval_sets = {k: objective.tokenize(v, tokenizer, cache, train=False) for k, v in task.eval.items()}
-    holdout_set = (objective.tokenize(task.holdout, tokenizer, cache, train=False)
-                   if load_data and task.holdout is not None else None)
+    if size_only:
+        train_set, eval_sets, holdout_set = None, {}, None
+        task.public_train_size = task.public_train_size or len(task.train)
+    else:
+        train_set = objective.tokenize(task.train, tokenizer, cache, train=True) if load_data else None
+        eval_sets = {k: objective.tokenize(v, tokenizer, cache, train=False) for k, v in task.eval.items()}
+        holdout_set = (objective.tokenize(task.holdout, tokenizer, cache, train=False)
+                       if load_data and task.holdout is not None else None)
     privacy = cfg.privacy
     sampling = privacy.sampling if privacy.enabled else "shuffle"
     ledger = None
@@ -612,13 +618,19 @@ def tracked_config(cfg: Config) -> dict:
     return config
 
 
-def run_train(cfg: Config, phase: str = "train", evaluate_splits: bool = True) -> dict:
+def run_train(cfg: Config, phase: str = "train", evaluate_splits: bool = True,
+              prepare: Callable[[PhaseContext], PhaseContext] | None = None,
+              before_finish: Callable[[PhaseContext, DPEngine, dict, Tracker], None] | None = None) -> dict:
     """Single-model DP fine-tuning: `dpc train` (phase train, in the run root) and the teacher phase.
-    ``evaluate_splits=False``: no evaluation (a `dpc tune` trial, whose results are not released)."""
+    ``evaluate_splits=False``: no evaluation (a `dpc tune` trial, whose results are not released).
+    ``prepare`` may change the context before anything is planned (`dpc audit` adds its canaries);
+    ``before_finish`` sees the trained engine before the results are written (it scores them)."""
     from dist_dpc.pipeline.head_init import HeadStart
     from dist_dpc.pipeline.lineage import import_lineage
 
     ctx = open_phase(cfg, phase)
+    if prepare is not None:
+        ctx = prepare(ctx)
     import_lineage(ctx, cfg.model.name, role="model.name")
     if not cfg.privacy.enabled:
         warn_loudly(ctx.world, "privacy.enabled=false: training WITHOUT differential privacy; the model may leak its data")
@@ -634,6 +646,8 @@ def run_train(cfg: Config, phase: str = "train", evaluate_splits: bool = True) -
     metrics = evaluate_engine(engine, ctx) if evaluate_splits else {}
     results = phase_results(ctx, engine, metrics, steps, **start.results(ctx, info))
     save_model(ctx, engine, ctx.directory / "model")
+    if before_finish is not None:
+        before_finish(ctx, engine, results, tracker)
     finish_phase(ctx, tracker, results, ctx.directory / "model")
     return results
 

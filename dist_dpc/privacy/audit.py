@@ -51,8 +51,8 @@ def epsilon_lower_bound(m: int, r: int, v: int, delta: float, confidence: float 
     low, high = 0.0, 1.0
     while audit_p_value(m, r, v, high, delta) < alpha:
         low, high = high, high * 2
-        if high > 1e4:  # every guess right with a huge r: report the cap rather than loop
-            return high
+        if high > 1e4:  # unreachable in practice (q rounds to 1 near 37): report what is proven
+            return low
     for _ in range(60):
         mid = (low + high) / 2
         low, high = (mid, high) if audit_p_value(m, r, v, mid, delta) < alpha else (low, mid)
@@ -75,26 +75,61 @@ def one_run_guesses(scores, included, k_plus: int, k_minus: int) -> tuple[int, i
     return k_plus + k_minus, correct
 
 
+def usable_tests(m: int, delta: float, confidence: float, guess_fractions, num_scores: int = 1) -> list[float]:
+    """The fractions worth testing, chosen from public quantities only (m, delta, confidence) before
+    any score exists: a test that could not reject epsilon = 0 even with every guess right (the
+    2 m delta term can swamp a small number of guesses) would only cost its share of the confidence."""
+    fractions = sorted(set(guess_fractions))
+    while fractions:
+        per_test = 1 - (1 - confidence) / (len(fractions) * num_scores)
+        keep = [f for f in fractions if epsilon_lower_bound(m, 2 * _guesses(f, m), 2 * _guesses(f, m), delta,
+                                                            per_test) > 0]
+        if keep == fractions:
+            return fractions
+        fractions = keep
+    return []
+
+
+def audit_ceiling(m: int, delta: float, confidence: float, guess_fractions, num_scores: int = 1) -> float:
+    """The largest bound the audit can report (every guess right): a mechanism leakier than this
+    cannot be told apart from one at this epsilon with these m, delta and confidence."""
+    fractions = usable_tests(m, delta, confidence, guess_fractions, num_scores)
+    if not fractions:
+        return 0.0
+    per_test = 1 - (1 - confidence) / (len(fractions) * num_scores)
+    return max(epsilon_lower_bound(m, 2 * _guesses(f, m), 2 * _guesses(f, m), delta, per_test) for f in fractions)
+
+
+def _guesses(fraction: float, m: int) -> int:
+    return min(max(1, round(fraction * m / 2)), m // 2)
+
+
 def audit_lower_bound(scores, included, delta: float, confidence: float = 0.95,
                       guess_fractions=(0.02, 0.05, 0.1, 0.2, 0.5, 1.0)) -> dict:
     """The one-run bound with the number of guesses chosen without peeking at the scores.
 
-    Each fraction f, fixed before training, is one test: k = max(1, round(f m / 2)) guesses "in" on
-    the highest scores and k "out" on the lowest. Reporting the best of the tests is a selection, so
-    each runs at (1 - confidence) / (number of tests) (Bonferroni): whatever the scores, the chance
-    that any of them rejects a true (epsilon, delta) is at most 1 - confidence. Returns every test
-    and ``epsilon_lb``, the largest of their bounds."""
-    scores = np.asarray(scores, dtype=np.float64)
-    m = len(scores)
-    fractions = list(guess_fractions)
-    per_test = 1 - (1 - confidence) / len(fractions)
+    ``scores``: one array (one score per canary), or {name: array} for several statistics of the
+    same run. Each (statistic, fraction f) pair, fixed before training, is one test: k = f m / 2
+    guesses "in" on the highest scores and k "out" on the lowest. Fractions that could not reject
+    even with every guess right are dropped first (usable_tests: public quantities only). Reporting
+    the best test is a selection, so each runs at (1 - confidence) / (number of tests) (Bonferroni):
+    whatever the scores, the chance that any of them rejects a true (epsilon, delta) is at most
+    1 - confidence. Returns every test and ``epsilon_lb``, the largest of their bounds."""
+    by_name = scores if isinstance(scores, dict) else {"score": scores}
+    by_name = {name: np.asarray(v, dtype=np.float64) for name, v in by_name.items()}
+    m = len(next(iter(by_name.values())))
+    fractions = usable_tests(m, delta, confidence, guess_fractions, len(by_name))
+    per_test = 1 - (1 - confidence) / max(1, len(fractions) * len(by_name))
     tests = []
-    for f in fractions:
-        k = min(max(1, round(f * m / 2)), m // 2)
-        r, v = one_run_guesses(scores, included, k, k)
-        tests.append({"fraction": f, "guesses": r, "correct": v,
-                      "epsilon_lb": epsilon_lower_bound(m, r, v, delta, per_test)})
-    best = max(tests, key=lambda t: t["epsilon_lb"])
+    for name, values in by_name.items():
+        for f in fractions:
+            k = _guesses(f, m)
+            r, v = one_run_guesses(values, included, k, k)
+            tests.append({"score": name, "fraction": f, "guesses": r, "correct": v,
+                          "epsilon_lb": epsilon_lower_bound(m, r, v, delta, per_test)})
+    best = max(tests, key=lambda t: t["epsilon_lb"]) if tests else {"epsilon_lb": 0.0, "fraction": None, "score": None}
     return {"canaries": m, "included": int(np.asarray(included, dtype=bool).sum()), "delta": delta,
             "confidence": confidence, "per_test_confidence": per_test, "tests": tests,
-            "epsilon_lb": best["epsilon_lb"], "best_fraction": best["fraction"]}
+            "epsilon_lb": best["epsilon_lb"], "best_fraction": best["fraction"], "best_score": best["score"],
+            "ceiling": audit_ceiling(m, delta, confidence, guess_fractions, len(by_name)),
+            "dropped_fractions": sorted(set(guess_fractions) - set(fractions))}

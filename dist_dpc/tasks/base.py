@@ -44,6 +44,14 @@ class Task:
     def collate(self, examples: list[dict], pad_token_id: int, num_rows: int | None = None) -> dict:
         raise NotImplementedError
 
+    def audit_canaries(self, generator, count: int, num_labels: int | None) -> TextSplit:
+        """Black-box canaries for `dpc audit` (docs/audit.md): ``count`` training examples no real
+        example resembles, drawn from ``generator``; each is scored by how much training lowered its
+        loss. The default: texts of random letter strings (classification adds random labels)."""
+        texts = [random_text(generator) for _ in range(count)]
+        labels = [int(x) for x in generator.integers(0, num_labels, count)] if num_labels else None
+        return TextSplit("audit_canaries", texts, None, labels)
+
     # -- model -----------------------------------------------------------------------------------
     def load_model(self, model_cfg, tokenizer, *, num_labels: int | None, label_names: list[str] | None,
                    seed: int) -> torch.nn.Module:
@@ -74,3 +82,10 @@ class Task:
         if phase in self.unsupported_phases:
             raise ValueError(f"{phase} is not supported for model.task={self.name!r} yet: run teacher, eval, export "
                              "(pipeline.phases=[teacher, eval, export]), `dpc train` or `dpc generate`")
+
+
+def random_text(generator, words: int = 8) -> str:
+    """Out-of-distribution text: ``words`` random lower-case strings of 3 to 8 letters."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    return " ".join("".join(letters[i] for i in generator.integers(0, 26, int(generator.integers(3, 9))))
+                    for _ in range(words))

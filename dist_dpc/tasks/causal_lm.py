@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from dist_dpc.data import IGNORE, collate_lm, load_lm_task, tokenize_lm
 from dist_dpc.engine.losses import causal_lm_loss
 from dist_dpc.models.loading import load_causal_lm
+from dist_dpc.data.splits import TextSplit
 from dist_dpc.tasks.base import Task
 
 
@@ -37,6 +38,13 @@ class CausalLM(Task):
 
     def collate(self, examples, pad_token_id, num_rows=None):
         return collate_lm(examples, pad_token_id, num_rows=num_rows)
+
+    def audit_canaries(self, generator, count, num_labels):
+        # Random secrets after a fixed prefix (the secret-sharer canaries of Carlini et al.): the
+        # prefix conditions and carries no loss, so the score is the secret's own likelihood.
+        digits = generator.integers(0, 10, (count, 10))
+        texts = [" ".join(str(d) for d in row) for row in digits]
+        return TextSplit("audit_canaries", texts, None, None, prefixes=["my secret code is "] * count)
 
     def load_model(self, model_cfg, tokenizer, *, num_labels, label_names, seed):
         return load_causal_lm(model_cfg, tokenizer, seed=seed)
