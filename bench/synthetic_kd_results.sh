@@ -17,6 +17,10 @@ PY=${PY:-.venv/bin/python}
 DPC=${DPC:-.venv/bin/dpc}
 BASE=(configs/smollm2_yelp.yaml "run.output_dir=$OUT" privacy.target_epsilon=2)
 INIT=$OUT/student_init
+# runs/skd/method was started before two defaults changed (issue 13) that none of its phases use; set
+# METHOD_RESUME="distill.trainable=[bias,LayerNorm,norm,ln_,pooler,classifier,score] head_init.mean_noise_multiplier=20"
+# to resume such a tree (a fresh OUT needs nothing).
+METHOD_RESUME=${METHOD_RESUME:-}
 mkdir -p "$OUT"
 done_() { [ -f "$OUT/$1/eval/results.json" ]; }
 
@@ -39,7 +43,7 @@ done_ method || "$DPC" pipeline "${BASE[@]}" run.name=method \
     "pipeline.phases=[teacher, histogram, generate, distill_synthetic, eval]" \
     "pipeline.budget_split={teacher: 0.95, histogram: 0.05}" histogram.samples=$SAMPLES \
     generate.max_new_tokens=64 generate.no_repeat_ngram_size=2 distill_synthetic.epochs=$EPOCHS \
-    distill_synthetic.eval_every=20
+    distill_synthetic.eval_every=20 $METHOD_RESUME
 # 3. the student on the same synthetic text without KD (lambda = 0): imports the samples' cost
 done_ nokd || "$DPC" pipeline "${BASE[@]}" run.name=nokd "pipeline.phases=[distill_synthetic, eval]" \
     "pipeline.budget_split={}" "distill_synthetic.samples=$OUT/method/generate" distill_synthetic.kd_weight=0 \

@@ -19,7 +19,7 @@ class RunDirectoryError(ValueError):
 
 _MISSING = "<absent>"
 # Fields added after trees were written whose default reproduces the behaviour before them.
-ADDED_FIELDS = {"model.task", "data.control_code_columns", "data.eval_stride", "histogram", "distill_synthetic"}
+ADDED_FIELDS = {"model.task", "data.control_code_columns", "data.eval_stride", "histogram", "distill_synthetic", "audit"}
 
 
 def _differences(old: dict, new: dict, prefix: str = "", defaults: dict | None = None) -> list[str]:

@@ -107,8 +107,10 @@ def test_a_tree_saved_before_a_field_existed_resumes_unless_the_field_is_changed
 
     new, defaults = to_dict(Config()), to_dict(Config())
     old = {section: dict(values) if isinstance(values, dict) else values for section, values in new.items()}
-    del old["model"]["task"], old["data"]["eval_stride"]
+    del old["model"]["task"], old["data"]["eval_stride"], old["audit"]  # audit: a section added since
     assert _differences(old, new, defaults=defaults) == []
+    assert _differences(old, dict(new, audit=dict(new["audit"], canaries=5)), defaults=defaults) == \
+        ["audit: '<absent>' -> " + repr(dict(new["audit"], canaries=5))]
     changed = dict(new, model=dict(new["model"], task="causal_lm"))
     assert _differences(old, changed, defaults=defaults) == ["model.task: '<absent>' -> 'causal_lm'"]
     # Only the listed new fields get this treatment, and a missing key set to None is a change too.
