@@ -103,14 +103,15 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
 
 
 class MaskEnforcer:
-    """Keeps pruned weights exactly zero during DP training.
+    """Keeps pruned weights exactly zero during DP training, at every ZeRO stage and precision.
 
     Installed as a DP-engine post-noise hook: after the noise is added, the gradient of every pruned
     coordinate is zeroed, so the noise drawn for it is discarded and the optimizer never moves it
     (a fresh AdamW/SGD state + zero gradient + zero weight = zero update, weight decay included).
-    That needs the optimizer to step the module's own parameter tensors, which holds for ZeRO stage
-    0 in fp32; ZeRO 1-3 and bf16 step flattened fp32 partitions, where a mask would have to follow
-    DeepSpeed's partitioning -- refused until that is supported.
+    At ZeRO 0 in fp32 the optimizer steps the module's own parameters and the masks apply as they
+    are; at ZeRO 1-3 and in bf16 it steps this rank's flat fp32 partitions, and each rank enforces
+    the masks of its own partition (deepspeed_seam.partition_masks maps them); the low-precision
+    copies are cast from the fp32 masters after the step, so they stay zero too.
     """
 
     def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor]):
@@ -123,25 +124,41 @@ class MaskEnforcer:
                       if params[n].requires_grad]
         self.frozen = [(params[n], m.to(params[n].device, params[n].dtype)) for n, m in masks.items()
                        if not params[n].requires_grad]
+        self.partitions: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None  # id -> (fp32 partition, mask)
 
-    def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        if not all(id(p) in stepped for p, _ in self.pairs):
-            raise ValueError(
-                "pruning masks need the optimizer to update the model's own parameters, but DeepSpeed steps "
-                "flattened partitions here (ZeRO stage >= 1 or bf16): set train.zero_stage=0 and train.bf16=false "
-                "for the prune phase (pruning targets models small enough for data parallelism)")
+    def bind(self, engine) -> None:
+        """Follow the engine's optimizer (before its first step) and hook into its noise step."""
+        from dist_dpc.engine.deepspeed_seam import hooked_partitions, partition_masks
+
+        stepped = {id(p) for group in engine.optimizer.param_groups for p in group["params"]}
+        if self.pairs and not all(id(p) in stepped for p, _ in self.pairs):
+            flat = partition_masks(engine.ds, {id(p): m.bool() for p, m in self.pairs})
+            self.partitions = {id(t): (t, flat[id(t)]) for t in hooked_partitions(engine.ds)}
+        engine.post_noise_hooks.append(self)
 
     @torch.no_grad()
     def __call__(self, optimizer: torch.optim.Optimizer) -> None:
-        for param, mask in self.pairs:
-            if param.grad is not None:
-                param.grad.mul_(mask)
+        if self.partitions is None:
+            for param, mask in self.pairs:
+                if param.grad is not None:
+                    param.grad.mul_(mask)
+            return
+        for group in optimizer.param_groups:  # ZeRO-3: this call's sub-group only
+            for tensor in group["params"]:
+                if tensor.grad is not None:
+                    tensor.grad.mul_(self.partitions[id(tensor)][1])
 
     @torch.no_grad()
     def violations(self) -> int:
-        """Pruned coordinates that are not exactly zero (must stay 0)."""
-        return sum(int((p[~m.bool()] != 0).sum()) for p, m in self.pairs + self.frozen)
+        """Pruned coordinates that are not exactly zero (must stay 0): in the fp32 partitions this
+        rank steps, and in the module's weights where it holds them whole."""
+        count = 0
+        if self.partitions is not None:
+            count += sum(int((t[mask == 0] != 0).sum()) for t, mask in self.partitions.values())
+        for p, m in self.pairs + self.frozen:
+            if p.numel() == m.numel():  # ZeRO-3 leaves an empty placeholder on the module
+                count += int((p[~m.bool()] != 0).sum())
+        return count
 
 
 def sparsity_stats(model: nn.Module) -> dict:

@@ -55,3 +55,39 @@ def hooked_partitions(engine) -> list[torch.Tensor]:
                                f"{', '.join(TESTED_DEEPSPEED)}.x): the noise hook cannot check what it noises")
         return list(flats)
     return [p for group in inner_torch_optimizer(engine).param_groups for p in group["params"]]
+
+
+@torch.no_grad()
+def partition_masks(engine, masks: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """For each fp32 tensor this rank's optimizer steps (hooked_partitions), a 0/1 mask of its
+    coordinates: 0 where ``masks`` ({id(module parameter): bool mask of its shape}) prunes, 1 elsewhere.
+
+    DeepSpeed maps parameters onto flat partitions in ways that differ by stage and precision; rather
+    than reading its private maps, the masks are pushed through its public API: every trainable
+    parameter's fp32 master is set (safe_set_full_fp32_param, ZeRO 1-3 and bf16) to its mask (1 for
+    unmasked parameters), this rank's partitions are read, and the masters are restored from a copy of
+    those partitions (1/world of the model). Checked: summed over ranks, exactly the kept coordinates
+    read 1, so no coordinate was missed or mapped twice."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    partitions = hooked_partitions(engine)
+    saved = [t.detach().clone() for t in partitions]
+    trainable = [p for p in engine.module.parameters() if p.requires_grad]
+    expected_kept = 0
+    for p in trainable:
+        shape = tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 keeps the full shape here
+        mask = masks.get(id(p))
+        marker = torch.ones(shape, dtype=torch.float32) if mask is None else mask.reshape(shape).float()
+        expected_kept += int(marker.sum())
+        safe_set_full_fp32_param(p, marker.to(partitions[0].device))
+    out = {id(t): (t.detach() == 1).to(t.dtype) for t in partitions}
+    kept = torch.tensor([float(sum(int(m.sum()) for m in out.values()))])
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(kept)
+    for t, copy in zip(partitions, saved):
+        t.data.copy_(copy)
+    if int(kept.item()) != expected_kept:
+        raise RuntimeError(f"pruning masks could not follow DeepSpeed's partitions (ZeRO stage {zero_stage(engine)}): "
+                           f"{int(kept.item())} coordinates marked as kept across ranks, {expected_kept} expected "
+                           f"(DeepSpeed tested: {', '.join(TESTED_DEEPSPEED)}.x). Stopping before training")
+    return out

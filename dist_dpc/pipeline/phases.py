@@ -208,8 +208,7 @@ def run_prune(cfg: Config) -> dict:
 
         def setup(engine, enforcer=enforcer):
             if enforcer is not None:
-                enforcer.check_optimizer(engine.optimizer)
-                engine.post_noise_hooks.append(enforcer)
+                enforcer.bind(engine)
 
         # head_init and the DP-SGD steps of each round are released into the ledger as they happen;
         # the next round composes with them (train_dp takes its prior from the phase's budget).
