@@ -22,13 +22,13 @@ run run.name=nonprivate privacy.enabled=false
 "$PY" - "$OUT" <<'PY'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
-print("| claimed epsilon | epsilon_lb (95 %) | best test: guesses / correct | sigma | q | steps |")
-print("|---:|---:|---:|---:|---:|---:|")
+print("| claimed epsilon | epsilon_lb (95 %) | best test: statistic, guesses / correct | ceiling | sigma | q | steps |")
+print("|---:|---:|---|---:|---:|---:|---:|")
 for name in ["eps1", "eps2", "eps4", "eps8", "nonprivate"]:
     a = json.loads((out / f"{name}-audit" / "audit" / "audit.json").read_text())
     r = json.loads((out / f"{name}-audit" / "audit" / "results.json").read_text())
     best = max(a["tests"], key=lambda t: t["epsilon_lb"])
     claimed = "non-private" if a["claimed_epsilon"] is None else f"{a['claimed_epsilon']:.3f}"
-    print(f"| {claimed} | {a['epsilon_lb']:.3f} | {best['guesses']} / {best['correct']} | "
-          f"{a['noise_multiplier']:.3f} | {a['sample_rate']:.5f} | {r['steps']} |")
+    print(f"| {claimed} | {a['epsilon_lb']:.3f} | {best['score']}, {best['guesses']} / {best['correct']} | "
+          f"{a['ceiling']:.2f} | {a['noise_multiplier']:.3f} | {a['sample_rate']:.5f} | {r['steps']} |")
 PY
