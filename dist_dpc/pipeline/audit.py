@@ -233,6 +233,11 @@ class _Joined:
     def __getitem__(self, i: int):
         return self.first[i] if i < len(self.first) else self.second[i - len(self.first)]
 
+    @property
+    def labels(self) -> list[int]:
+        """Classification labels in order (head_init's DP probe reads them)."""
+        return [*self.first.labels, *(item["labels"] for item in self.second)]
+
 
 @torch.no_grad()
 def canary_losses(task, model: nn.Module, canaries, pad_token_id: int, batch_size: int = 32) -> np.ndarray:
