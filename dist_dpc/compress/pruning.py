@@ -131,7 +131,7 @@ class MaskEnforcer:
         from dist_dpc.engine.deepspeed_seam import hooked_partitions, partition_masks
 
         stepped = {id(p) for group in engine.optimizer.param_groups for p in group["params"]}
-        if self.pairs and not all(id(p) in stepped for p, _ in self.pairs):
+        if self.pairs and not all(id(p) in stepped for p, _ in self.pairs):  # partitions (or bf16: refused at ZeRO 0)
             flat = partition_masks(engine.ds, {id(p): m.bool() for p, m in self.pairs})
             self.partitions = {id(t): (t, flat[id(t)]) for t in hooked_partitions(engine.ds)}
         engine.post_noise_hooks.append(self)
@@ -150,8 +150,9 @@ class MaskEnforcer:
 
     @torch.no_grad()
     def violations(self) -> int:
-        """Pruned coordinates that are not exactly zero (must stay 0): in the fp32 partitions this
-        rank steps, and in the module's weights where it holds them whole."""
+        """Pruned coordinates that are not exactly zero (must stay 0) on this rank: in the fp32
+        partitions it steps, and in the module's weights where it holds them whole (sum over ranks
+        for the whole model)."""
         count = 0
         if self.partitions is not None:
             count += sum(int((t[mask == 0] != 0).sum()) for t, mask in self.partitions.values())

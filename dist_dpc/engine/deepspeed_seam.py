@@ -64,30 +64,57 @@ def partition_masks(engine, masks: dict[int, torch.Tensor]) -> dict[int, torch.T
 
     DeepSpeed maps parameters onto flat partitions in ways that differ by stage and precision; rather
     than reading its private maps, the masks are pushed through its public API: every trainable
-    parameter's fp32 master is set (safe_set_full_fp32_param, ZeRO 1-3 and bf16) to its mask (1 for
-    unmasked parameters), this rank's partitions are read, and the masters are restored from a copy of
-    those partitions (1/world of the model). Checked: summed over ranks, exactly the kept coordinates
-    read 1, so no coordinate was missed or mapped twice."""
-    from deepspeed.utils import safe_set_full_fp32_param
+    parameter's fp32 master is set to its mask (1 for unmasked parameters and for ZeRO-3's padding)
+    with safe_set_full_fp32_param (ZeRO 1/2) or safe_set_local_fp32_param (ZeRO 3, this rank's padded
+    slice), this rank's partitions are read, and the masters are restored from a copy of those
+    partitions (1/world of the model). Checked before training: summed over ranks exactly the kept
+    coordinates read 1 (nothing missed or mapped twice), and every coordinate read as pruned holds a
+    zero master (the pruned weights were zeroed before DeepSpeed copied them), which a shifted or
+    permuted mapping would break. Needs disjoint partitions (ZeRO >= 1)."""
+    from deepspeed.utils import safe_get_local_fp32_param, safe_set_full_fp32_param, safe_set_local_fp32_param
 
+    if not partitions_are_disjoint(engine):
+        raise ValueError("pruning masks in bf16 need train.zero_stage >= 1 (at ZeRO 0 DeepSpeed's bf16 optimizer keeps "
+                         "no per-parameter map to its fp32 copy): set train.zero_stage=1 (or 2, 3), or train.bf16=false")
     partitions = hooked_partitions(engine)
-    saved = [t.detach().clone() for t in partitions]
     trainable = [p for p in engine.module.parameters() if p.requires_grad]
+    unknown = set(masks) - {id(p) for p in trainable}
+    if unknown:
+        raise ValueError(f"{len(unknown)} pruning mask(s) name no trainable parameter of the engine's module")
+    saved = [t.detach().clone() for t in partitions]
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    device = partitions[0].device
     expected_kept = 0
-    for p in trainable:
-        shape = tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 keeps the full shape here
-        mask = masks.get(id(p))
-        marker = torch.ones(shape, dtype=torch.float32) if mask is None else mask.reshape(shape).float()
-        expected_kept += int(marker.sum())
-        safe_set_full_fp32_param(p, marker.to(partitions[0].device))
-    out = {id(t): (t.detach() == 1).to(t.dtype) for t in partitions}
-    kept = torch.tensor([float(sum(int(m.sum()) for m in out.values()))])
+    try:
+        for p in trainable:
+            mask = masks.get(id(p))
+            if hasattr(p, "ds_id"):  # ZeRO 3: this rank's slice of the flattened, padded parameter
+                numel, per_rank = p.ds_numel, safe_get_local_fp32_param(p).numel()
+                marker = torch.ones(per_rank * world, dtype=torch.float32)
+                if mask is not None:
+                    marker[:numel] = mask.reshape(-1).float()
+                expected_kept += int(marker.sum())
+                safe_set_local_fp32_param(p, marker.narrow(0, per_rank * rank, per_rank).to(device))
+            else:
+                marker = torch.ones(p.shape, dtype=torch.float32) if mask is None else mask.reshape(p.shape).float()
+                expected_kept += int(marker.sum())
+                safe_set_full_fp32_param(p, marker.to(device))
+        out = {id(t): (t.detach() == 1).to(t.dtype) for t in partitions}
+    finally:
+        markers = [t.detach().clone() for t in partitions]
+        for t, copy in zip(partitions, saved):
+            t.data.copy_(copy)
+    # int64 on the engine's device: exact at any size, and a collective NCCL can run.
+    counts = torch.tensor([sum(int(m.sum()) for m in out.values()),
+                           sum(int(((copy != 0) & (marker == 0)).sum()) for copy, marker in zip(saved, markers))],
+                          dtype=torch.int64, device=engine.device)
     if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(kept)
-    for t, copy in zip(partitions, saved):
-        t.data.copy_(copy)
-    if int(kept.item()) != expected_kept:
+        torch.distributed.all_reduce(counts)
+    kept, nonzero_pruned = (int(x) for x in counts.tolist())
+    if kept != expected_kept or nonzero_pruned:
         raise RuntimeError(f"pruning masks could not follow DeepSpeed's partitions (ZeRO stage {zero_stage(engine)}): "
-                           f"{int(kept.item())} coordinates marked as kept across ranks, {expected_kept} expected "
-                           f"(DeepSpeed tested: {', '.join(TESTED_DEEPSPEED)}.x). Stopping before training")
+                           f"{kept} coordinates read as kept across ranks ({expected_kept} expected), {nonzero_pruned} "
+                           f"read as pruned hold a non-zero weight (DeepSpeed tested: {', '.join(TESTED_DEEPSPEED)}.x). "
+                           "Stopping before training")
     return out

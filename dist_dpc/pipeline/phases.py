@@ -162,6 +162,10 @@ def run_prune(cfg: Config) -> dict:
     share one sigma, calibrated for all their steps together, and one ledger entry."""
     p = cfg.prune
     make_task(cfg.model, cfg.data).refuse_unsupported("prune")
+    if p.method != "structured" and cfg.train.bf16 and cfg.train.zero_stage == 0:
+        raise ValueError(f"prune.method={p.method!r} in bf16 needs train.zero_stage >= 1 (at ZeRO 0 DeepSpeed's bf16 "
+                         "optimizer keeps no per-parameter map to its fp32 copy, so the masks could not follow it): set "
+                         "train.zero_stage=1 (or 2, 3), or train.bf16=false")
     trainable, trainable_field = phase_trainable(cfg, "prune")
     source = source_model(cfg, "prune", p.source)
     ctx = open_phase(cfg, "prune")
@@ -216,8 +220,11 @@ def run_prune(cfg: Config) -> dict:
         engine = train_dp(ctx, model, directory=round_dir, steps=steps_per_round, privacy=privacy,
                           tracker=tracker, lr=p.lr, key=_round_key(ctx.key, r), step_offset=r * steps_per_round,
                           setup=setup, desc=f"prune {r + 1}/{p.rounds}")
-        if enforcer is not None and enforcer.violations():
-            raise RuntimeError(f"prune round {r + 1}: {enforcer.violations()} pruned weights moved off zero")
+        moved = torch.tensor([enforcer.violations() if enforcer is not None else 0], dtype=torch.int64,
+                             device=engine.ds.device)
+        torch.distributed.all_reduce(moved)  # every rank stops together (at ZeRO 3 each sees its partition)
+        if int(moved.item()):
+            raise RuntimeError(f"prune round {r + 1}: {int(moved.item())} pruned weights moved off zero")
         save_model(ctx, engine, done)
         if ctx.is_main:
             ctx.run.write_json(round_dir / "done.json", {"round": r + 1, "kept_layers": kept_layers,
@@ -229,7 +236,11 @@ def run_prune(cfg: Config) -> dict:
             model = load_model_dir(done, ctx, trainable, trainable_field)
             engine = None
     metrics = evaluate_engine(engine, ctx)
-    stats = sparsity_stats(engine.module)
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()),
+                                           enabled=engine.ds.zero_optimization_stage() == 3):
+        stats = sparsity_stats(engine.module)  # the whole model's (ZeRO 3 holds placeholders)
     results = phase_results(ctx, engine, metrics, total_steps, method=p.method, rounds=p.rounds,
                             kept_layers=kept_layers if p.method == "structured" else None,
                             prunable_sparsity=stats["prunable_sparsity"],

@@ -1,6 +1,7 @@
 """One rank of a pruned DP fine-tune under DeepSpeed (torchrun, gloo): tiny-bert pruned to 50 %
 (unstructured or 2:4) from the same seed on every rank, a few noisy DP steps with the masks enforced,
-then the gathered weights and the masks written by rank 0. Args: OUT ZERO_STAGE BF16(0/1) METHOD."""
+then the gathered weights and the masks written by rank 0. Args: OUT ZERO_STAGE BF16(0/1) METHOD LABELS.
+Embeddings are frozen, so the ranks' partitions split the encoder's prunable matrices between them."""
 
 import sys
 
@@ -16,9 +17,11 @@ from tests.engine.dp_worker import full_params
 
 
 def main() -> None:
-    out, stage, bf16, method = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4]
+    out, stage, bf16, method, labels = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4], int(sys.argv[5])
     world = init_distributed()
-    model = load_sequence_classifier(ModelConfig(name="tiny-bert", dropout=0.0), 2, None, seed=0)
+    model = load_sequence_classifier(ModelConfig(name="tiny-bert", dropout=0.0), labels, None, seed=0)
+    for name, param in model.named_parameters():
+        param.requires_grad_("embeddings" not in name)
     masks = compute_masks(model, method, 0.5)
     apply_masks(model, masks)
     enforcer = MaskEnforcer(model, masks)
@@ -33,7 +36,7 @@ def main() -> None:
         batch = {"input_ids": torch.randint(0, 1000, (4, 6), generator=g),
                  "attention_mask": torch.ones(4, 6, dtype=torch.long),
                  "token_type_ids": torch.zeros(4, 6, dtype=torch.long),
-                 "labels": torch.randint(0, 2, (4,), generator=g), "sample_mask": torch.ones(4)}
+                 "labels": torch.randint(0, labels, (4,), generator=g), "sample_mask": torch.ones(4)}
         engine.train_step([batch], 8)
     violations = torch.tensor([float(enforcer.violations())])
     torch.distributed.all_reduce(violations)
