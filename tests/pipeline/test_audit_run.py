@@ -95,6 +95,7 @@ def test_recorded_noisy_gradients_are_the_updates_at_zero3_on_two_ranks(tmp_path
     assert np.abs(final).max() > 1 and (final == 0).sum() > 300  # excluded canaries' weights never move
 
 
+@pytest.mark.slow  # `make test-slow` (keeps make test under 20 minutes; the white-box tests above stay)
 @pytest.mark.timeout(600)
 def test_black_box_canaries_through_the_users_own_model(tmp_path):
     """Random-label texts added to the private set of the config's own model, scored by how much

@@ -93,6 +93,7 @@ def single_process(tmp_path_factory) -> Path:
     return out_dir / "one"
 
 
+@pytest.mark.slow  # `make test-slow`: the hostfile form is also run two-node below, the one-node form by num_gpus
 @pytest.mark.timeout(2 * TIMEOUT + 60)
 def test_deepspeed_hostfile_two_ranks_equals_single_process(single_process, tmp_path):
     hostfile = tmp_path / "hostfile"
