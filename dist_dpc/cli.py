@@ -87,19 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
                      "Completed training phases are skipped, so re-running resumes. Prints the privacy ledger "
                      "and the accuracy table at the end."),
     }
+    phase_help["audit"] = (
+        "empirical lower bound on epsilon from one extra run with canaries (section audit)",
+        "Steinke, Nasr & Jagielski's one-run audit: audit.canaries canaries, each included with probability 1/2; "
+        "white-box gradient canaries trained with the config's DP-SGD settings (N, batch, epochs, epsilon, "
+        "clipping, sampling, optimizer, ZeRO, precision; launch it on as many ranks as the run), or black-box "
+        "input canaries in the config's own model and data (audit.kind=black_box); scored and turned into "
+        "epsilon_lb at audit.confidence next to the claimed epsilon. Writes the tree RUN-audit (its own ledger; "
+        "never release it). See docs/audit.md.")
     for name, (short, long) in phase_help.items():
         p = sub.add_parser(name, formatter_class=fmt, epilog=_config_help(), help=short, description=f"{short}. {long}")
         _add_config_args(p)
-
-    p = sub.add_parser("audit", formatter_class=fmt, epilog=_config_help(),
-                       help="empirical lower bound on epsilon from one extra run with canaries (section audit)",
-                       description="Steinke, Nasr & Jagielski's one-run audit with white-box gradient canaries: "
-                                   "audit.canaries canaries, each included with probability 1/2, trained with the "
-                                   "config's DP-SGD settings (N, batch, epochs, epsilon, clipping, sampling, optimizer, "
-                                   "ZeRO, precision; launch it on as many ranks as the run), scored, and turned into "
-                                   "epsilon_lb at audit.confidence next to the claimed epsilon. Writes the tree "
-                                   "RUN-audit (its own ledger; never release it). See docs/audit.md.")
-    _add_config_args(p)
 
     p = sub.add_parser("demo", formatter_class=fmt, epilog=_config_help(),
                        help="the whole pipeline on the embedded default (minilm, generated sentiment data, CPU, offline W&B)",

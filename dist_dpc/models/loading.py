@@ -118,10 +118,7 @@ def load_sequence_classifier(cfg: ModelConfig, num_labels: int, tokenizer=None, 
                              cfg, seed)
     else:
         name = resolve_name(cfg.name)
-        try:
-            saved = AutoConfig.from_pretrained(name)
-        except OSError as exc:
-            raise FileNotFoundError(_not_found(cfg, name, exc)) from exc
+        saved = _pretrained_config(cfg, name)
         trained_head = any(a.endswith("ForSequenceClassification") for a in (saved.architectures or []))
         if trained_head and saved.num_labels != num_labels:
             raise ValueError(f"model {cfg.name!r} has a trained classifier head of {saved.num_labels} classes, the task "
@@ -154,13 +151,8 @@ def load_causal_lm(cfg: ModelConfig, tokenizer=None, seed: int = 0):
         vocab = len(tokenizer) if tokenizer is not None else 257
         model = _debug_model(AutoModelForCausalLM, debug_config(cfg.name, vocab, 2, pad_id, tokenizer), cfg, seed)
     else:
-        from transformers import AutoConfig
-
         name = resolve_name(cfg.name)
-        try:
-            config = AutoConfig.from_pretrained(name)
-        except OSError as exc:
-            raise FileNotFoundError(_not_found(cfg, name, exc)) from exc
+        config = _pretrained_config(cfg, name)
         _apply_dropout(config, cfg.dropout)
         if config.pad_token_id is None:
             config.pad_token_id = pad_id
@@ -173,6 +165,16 @@ def load_causal_lm(cfg: ModelConfig, tokenizer=None, seed: int = 0):
         raise ValueError(f"model.tokenizer: {len(tokenizer)} tokens but {cfg.name!r} embeds only "
                          f"{model.get_input_embeddings().weight.shape[0]}: use the model's own tokenizer")
     return _select_trainable(model, cfg, head=())
+
+
+def _pretrained_config(cfg: ModelConfig, name: str):
+    """The saved config of a hub name or directory; a clear error naming model.name when there is none."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name)
+    except OSError as exc:
+        raise FileNotFoundError(_not_found(cfg, name, exc)) from exc
 
 
 def _debug_model(auto_class, config, cfg: ModelConfig, seed: int):
