@@ -15,7 +15,7 @@ from tests.pipeline.test_train import ROOT, dpc, env
 
 # N = 4,000 (1,000 of them canaries), q = 256 / 4,000, 64 steps; fixed seeds, so each outcome is fixed.
 AUDIT = [str(ROOT / "configs" / "debug.yaml"), "data.synthetic_size=4000", "train.batch_size=256",
-         "train.micro_batch_size=128", "train.epochs=4", "wandb.mode=disabled",
+         "train.micro_batch_size=256", "train.epochs=4", "wandb.mode=disabled",
          "privacy.randomness=insecure_reproducible", "privacy.noise_seed=11"]
 
 
