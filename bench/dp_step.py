@@ -6,7 +6,11 @@ Modes, each in its own process so peak memory is its own: non-DP DeepSpeed, DP `
 memory with ratios to the non-DP step of the same stage, and writes JSON with ``--json PATH``.
 
   python bench/dp_step.py --quick            # CPU, tiny BERT, under 3 minutes
+  python bench/dp_step.py --wide             # CPU, width 1024 x 2 layers, batch 8 x 128 tokens
   python bench/dp_step.py                    # GPU: BERT-base size, bf16
+
+Next to each measured ratio: the bound the arithmetic allows (bench/cost_model.py: the non-DP
+step's matrix products plus the per-sample norms) and measured / bound.
 """
 
 from __future__ import annotations
@@ -26,10 +30,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 DS_MODES = ("non-dp", "flat", "per_layer")
+
+from cost_model import Shape, bound_ratio, step_costs  # noqa: E402  (bench/ is on sys.path as the script's dir)
 OPACUS_MODES = ("opacus-hooks", "opacus-ghost")
 
 
-def settings(quick: bool) -> dict:
+def settings(quick: bool, wide: bool = False) -> dict:
+    if wide:
+        return {"hidden": 1024, "layers": 2, "heads": 16, "vocab": 8000, "batch": 8, "length": 128, "steps": 6,
+                "warmup": 2, "bf16": False}
     if quick:
         return {"hidden": 128, "layers": 2, "heads": 2, "vocab": 8000, "batch": 32, "length": 64, "steps": 6,
                 "warmup": 2, "bf16": False}
@@ -153,7 +162,7 @@ def _sync(device) -> None:
 
 
 def child(args) -> None:
-    s = settings(args.quick)
+    s = settings(args.quick, args.wide)
     if args.mode in OPACUS_MODES:
         out = run_opacus_mode(args.mode, s)
     else:
@@ -161,10 +170,11 @@ def child(args) -> None:
     print("RESULT " + json.dumps(out), flush=True)
 
 
-def run_child(mode: str, stage: int, quick: bool, timeout: int) -> dict:
+def run_child(mode: str, stage: int, quick: bool, timeout: int, wide: bool = False) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT), DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda"))
     env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
-    cmd = [sys.executable, __file__, "--child", "--mode", mode, "--stage", str(stage)] + (["--quick"] if quick else [])
+    cmd = [sys.executable, __file__, "--child", "--mode", mode, "--stage", str(stage)] + (["--quick"] if quick else []) \
+        + (["--wide"] if wide else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -184,6 +194,7 @@ def _has_cuda() -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="CPU-sized model and few steps (under 3 minutes)")
+    parser.add_argument("--wide", action="store_true", help="the wide CPU shape: width 1024, 2 layers, 8 x 128 tokens")
     parser.add_argument("--stages", default="2,3", help="ZeRO stages to measure (comma separated)")
     parser.add_argument("--json", help="write the records to this JSON file")
     parser.add_argument("--skip-opacus", action="store_true", help="measure only the DeepSpeed modes")
@@ -194,13 +205,15 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    s = settings(args.quick)
-    timeout = 600 if args.quick else 1800
+    s = settings(args.quick, args.wide)
+    timeout = 600 if args.quick or args.wide else 1800
+    shape = Shape(batch=s["batch"], length=s["length"], hidden=s["hidden"], layers=s["layers"],
+                  intermediate=4 * s["hidden"], heads=s["heads"])
     stages = [int(x) for x in args.stages.split(",")]
-    opacus = {} if args.skip_opacus else {m: run_child(m, 0, args.quick, timeout) for m in OPACUS_MODES}
+    opacus = {} if args.skip_opacus else {m: run_child(m, 0, args.quick, timeout, args.wide) for m in OPACUS_MODES}
     records = []
     for stage in stages:
-        measured = {m: run_child(m, stage, args.quick, timeout) for m in DS_MODES}
+        measured = {m: run_child(m, stage, args.quick, timeout, args.wide) for m in DS_MODES}
         measured.update(opacus)
         base = measured["non-dp"]
         for mode, r in measured.items():
@@ -209,22 +222,34 @@ def main() -> None:
                             "step_time_ratio": r["median_step_s"] / base["median_step_s"],
                             "peak_memory_ratio": r["peak_memory_bytes"] / base["peak_memory_bytes"],
                             "samples_per_s": s["batch"] / r["median_step_s"],
-                            "norm_methods": r.get("norm_methods", {})})
-    header = f"{'ZeRO':>4}  {'mode':<13} {'step (ms)':>10} {'x non-DP':>9} {'peak MB':>9} {'x non-DP':>9} {'samples/s':>10}"
+                            "norm_methods": r.get("norm_methods", {}),
+                            "bound_ratio": bound_ratio(shape, mode)})
+            rec = records[-1]
+            rec["measured_over_bound"] = (rec["step_time_ratio"] / rec["bound_ratio"]
+                                          if rec["bound_ratio"] is not None else None)
+    header = (f"{'ZeRO':>4}  {'mode':<13} {'step (ms)':>10} {'x non-DP':>9} {'bound':>6} {'/bound':>7} {'peak MB':>9} "
+              f"{'x non-DP':>9} {'samples/s':>10}")
     print(f"\nDP step benchmark - {platform.node()} {'GPU' if _has_cuda() else 'CPU'}, {time.strftime('%Y-%m-%d')}, "
           f"BERT hidden {s['hidden']} x {s['layers']} layers, batch {s['batch']} x {s['length']} tokens, "
           f"{'bf16' if s['bf16'] else 'fp32'}; Opacus runs plain torch (no ZeRO)")
     print(header)
     for r in records:
+        bound = "" if r["bound_ratio"] is None else f"{r['bound_ratio']:.3f}"
+        over = "" if r["measured_over_bound"] is None else f"{r['measured_over_bound']:.3f}"
         print(f"{r['zero_stage']:>4}  {r['mode']:<13} {r['median_step_s'] * 1e3:>10.1f} {r['step_time_ratio']:>9.2f} "
-              f"{r['peak_memory_bytes'] / 2**20:>9.0f} {r['peak_memory_ratio']:>9.2f} {r['samples_per_s']:>10.1f}")
+              f"{bound:>6} {over:>7} {r['peak_memory_bytes'] / 2**20:>9.0f} {r['peak_memory_ratio']:>9.2f} "
+              f"{r['samples_per_s']:>10.1f}")
+    costs = step_costs(shape)
+    print(f"cost model: non-DP {costs['non_dp_flops'] / 1e9:.1f} GFLOP/step, norms {costs['norm_flops'] / 1e9:.2f} "
+          f"({costs['norm_methods']}); floor per_layer = flat (one backward) {costs['per_layer_bound']:.3f}x; "
+          f"today's two-pass flat does {costs['flat_two_pass_arithmetic']:.3f}x the arithmetic")
     for stage in stages:
         by = {r["mode"]: r for r in records if r["zero_stage"] == stage}
         if "opacus-hooks" in by:
             for mode in ("flat", "per_layer"):
                 print(f"ZeRO {stage}: {mode} throughput = {by[mode]['samples_per_s'] / by['opacus-hooks']['samples_per_s']:.2f}x Opacus hooks")
     if args.json:
-        Path(args.json).write_text(json.dumps({"settings": s, "records": records}, indent=2))
+        Path(args.json).write_text(json.dumps({"settings": s, "records": records, "cost_model": costs}, indent=2))
         print(f"wrote {args.json}")
 
 
