@@ -28,8 +28,9 @@ from torch import nn
 
 from dist_dpc.engine.deepspeed_seam import partitions_are_disjoint
 from dist_dpc.pipeline.config import Config, derived
-from dist_dpc.pipeline.trainer import (PhaseContext, finish_phase, open_phase, open_tracker, phase_privacy,
-                                       phase_directory, phase_results, planned_steps, steps_per_epoch, train_dp)
+from dist_dpc.pipeline.trainer import (PhaseContext, finish_phase, gathered, open_phase, open_tracker,
+                                       phase_directory, phase_privacy, phase_results, planned_steps, steps_per_epoch,
+                                       train_dp)
 from dist_dpc.privacy.accounting import delta_default
 from dist_dpc.privacy.audit import audit_lower_bound
 from dist_dpc.utils.logging import log
@@ -124,12 +125,13 @@ def run_white_box(cfg: Config) -> dict:
     engine = train_dp(ctx, model, directory=ctx.directory, steps=steps, privacy=privacy, tracker=tracker,
                       loss_fn=task.loss, desc="audit", setup=recorder.attach)
     results = phase_results(ctx, engine, {}, steps)
-    scores = {"final_weight": _gathered_scores(engine, task)}
+    with gathered(engine):
+        scores = {"final_weight": task.scores(engine.module)}
     if recorder.complete(steps):
-        scores["likelihood_ratio"] = recorder.likelihood_ratio_scores(engine, BACKGROUND_FEATURES)
+        scores["likelihood_ratio"] = recorder.likelihood_ratio_scores(BACKGROUND_FEATURES)
     _conclude(ctx, engine, results, tracker, scores, included)
     finish_phase(ctx, tracker, results, None)
-    _print(ctx, results)
+    _print(results)
     return results
 
 
@@ -154,11 +156,12 @@ class NoisyGradientRecorder:
         """A resumed audit recorded only the steps after its checkpoint: no per-step score then."""
         return sorted(self.steps) == list(range(steps))
 
-    def likelihood_ratio_scores(self, engine, offset: int) -> np.ndarray:
+    def likelihood_ratio_scores(self, offset: int) -> np.ndarray:
         """Per canary, sum over steps of log [(1 - q) + q exp((x_t - 1/2) / sigma^2)], x_t = -B g_t / C:
         the log-likelihood ratio of "included" against "excluded" under the claimed mechanism (the
         canary adds C, i.e. x = 1, when sampled, and the noise is N(0, sigma^2) in these units); under
         no noise, the plain sum of x_t. The most powerful statistic for the mechanism we claim."""
+        engine = self.engine
         local = torch.stack([torch.cat(self.steps[t]) for t in sorted(self.steps)])  # (T, this rank's share)
         if torch.distributed.is_initialized() and partitions_are_disjoint(engine.ds):
             shares = [None] * torch.distributed.get_world_size()
@@ -217,7 +220,7 @@ def run_black_box(cfg: Config) -> dict:
         _conclude(ctx, engine, results, tracker, state["before"] - after, state["included"], kind="black_box")
 
     results = run_train(cfg, phase=AUDIT_PHASE, prepare=prepare, before_finish=before_finish)
-    _print(None, results)
+    _print(results)
     return results
 
 
@@ -277,14 +280,6 @@ def _conclude(ctx: PhaseContext, engine, results: dict, tracker, scores, include
                             "scores": {name: np.asarray(v).tolist() for name, v in by_name.items()}})
 
 
-def _gathered_scores(engine, task: WhiteBoxCanaries) -> np.ndarray:
-    import deepspeed
-
-    params = list(engine.ds.module.parameters())
-    with deepspeed.zero.GatheredParameters(params, enabled=engine.ds.zero_optimization_stage() == 3):
-        return task.scores(engine.ds.module)
-
-
 def _audit_summary(cfg: Config, engine, bound: dict, kind: str) -> dict:
     return {"kind": kind, **bound,
             "claimed_epsilon": engine.epsilon() if cfg.privacy.enabled else None,
@@ -294,7 +289,7 @@ def _audit_summary(cfg: Config, engine, bound: dict, kind: str) -> dict:
             "bf16": cfg.train.bf16, "optimizer": cfg.train.optimizer}
 
 
-def _print(ctx: PhaseContext | None, results: dict) -> None:
+def _print(results: dict) -> None:
     a = results["audit"]
     claimed = "not private" if a["claimed_epsilon"] is None else f"{a['claimed_epsilon']:.3f}"
     what = "white-box gradient canaries" if a["kind"] == "white_box" else "black-box input canaries"

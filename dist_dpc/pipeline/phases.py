@@ -27,7 +27,7 @@ from dist_dpc.models.loading import set_trainable
 from dist_dpc.pipeline.config import ALL_PHASES, MODEL_PHASES, Config
 from dist_dpc.pipeline.head_init import HeadStart
 from dist_dpc.pipeline.lineage import import_lineage
-from dist_dpc.pipeline.trainer import (PhaseContext, evaluate_engine, finish_phase, local_device,
+from dist_dpc.pipeline.trainer import (PhaseContext, evaluate_engine, finish_phase, gathered, local_device,
                                        check_before_spending, open_phase, open_tracker, phase_privacy, phase_results,
                                        planned_steps,
                                        root_of, run_train, save_model, steps_per_epoch, train_dp)
@@ -236,10 +236,7 @@ def run_prune(cfg: Config) -> dict:
             model = load_model_dir(done, ctx, trainable, trainable_field)
             engine = None
     metrics = evaluate_engine(engine, ctx)
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()),
-                                           enabled=engine.ds.zero_optimization_stage() == 3):
+    with gathered(engine):
         stats = sparsity_stats(engine.module)  # the whole model's (ZeRO 3 holds placeholders)
     results = phase_results(ctx, engine, metrics, total_steps, method=p.method, rounds=p.rounds,
                             kept_layers=kept_layers if p.method == "structured" else None,

@@ -485,6 +485,15 @@ def evaluate_engine(engine: DPEngine, ctx: PhaseContext) -> dict:
             for name, data in ctx.eval_sets.items()}
 
 
+def gathered(engine: DPEngine):
+    """Context manager: the engine's whole model on every rank (ZeRO-3's partitions gathered; a no-op
+    at ZeRO 0-2, where every rank holds it whole)."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()),
+                                             enabled=engine.ds.zero_optimization_stage() == 3)
+
+
 def save_model(ctx: PhaseContext, engine: DPEngine, directory: Path) -> None:
     """Hugging Face directory of the trained model (gathered from ZeRO-3 partitions if needed), with
     its privacy lineage (what the ledger holds now: wherever the directory goes, its cost goes too).
@@ -493,13 +502,10 @@ def save_model(ctx: PhaseContext, engine: DPEngine, directory: Path) -> None:
     next to the target and renamed into place: a crash never leaves half a model."""
     import shutil
 
-    import deepspeed
-
     from dist_dpc.pipeline.lineage import write_lineage
 
     tokenizer, world, module = ctx.tokenizer, ctx.world, engine.module
-    params = list(module.parameters())
-    with deepspeed.zero.GatheredParameters(params, enabled=engine.ds.zero_optimization_stage() == 3):
+    with gathered(engine):
         if world.is_main:
             state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
             tmp = directory.with_name(directory.name + ".tmp")

@@ -241,14 +241,12 @@ class PerSampleClipper:
         rewrites a forward (transformers' hub-kernel ``kernelize`` on model.train()/eval(), accelerate
         hooks, which copy the wrapped object's attributes onto their wrapper, a user's wrapper, a
         class-level patch) could route a layer's gradient around the clipping after the start-up
-        self-test has run. So: every DP layer must hold exactly its own _BoundDPForward of this
-        clipper, and no module's instance or class forward may have changed since attach().
-        Identity checks over the modules, no host sync."""
-        replaced = [layer.name or "<root>" for layer in self.layers
-                    if not _is_own_dp_forward(layer.module.__dict__.get("forward"), layer.module, self)]
-        replaced += [name or "<root>" for name, m, instance, cls in self._forwards
-                     if (m.__dict__.get("forward") is not instance or type(m).forward is not cls)
-                     and (name or "<root>") not in replaced]
+        self-test has run. So every module's instance and class forward must still be the very
+        objects attach() saw, the DP layers' own _BoundDPForward included (identity, not attributes:
+        functools.update_wrapper copies the wrapped object's .clipper onto its wrapper). Identity
+        checks over the modules, no host sync."""
+        replaced = [name or "<root>" for name, m, instance, cls in self._forwards
+                    if m.__dict__.get("forward") is not instance or type(m).forward is not cls]
         if replaced:
             raise DetachedLayerError(
                 f"the forward of {len(replaced)} module(s) ({', '.join(replaced[:5])}"
@@ -329,12 +327,6 @@ class PerSampleClipper:
 
     def method_summary(self) -> dict[str, dict]:
         return {layer.name: dict(layer.methods) for layer in self.layers}
-
-
-def _is_own_dp_forward(forward, module: nn.Module, clipper: "PerSampleClipper") -> bool:
-    # Exact type: functools.update_wrapper (accelerate's hooks) copies a wrapped object's __dict__,
-    # clipper included, onto a wrapper that may call something else.
-    return type(forward) is _BoundDPForward and forward.clipper is clipper and forward.module_ref is module
 
 
 def _refuse_hub_kernels(model: nn.Module) -> None:
