@@ -39,28 +39,105 @@ def prunable_weights(model: nn.Module) -> dict[str, nn.Parameter]:
 def global_magnitude_masks(weights: dict[str, torch.Tensor], sparsity: float,
                            previous: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Keep the (1 - sparsity) fraction of largest |w| over all matrices together (one global
-    threshold, so layers that matter less lose more). Already-pruned weights stay pruned."""
+    threshold, so layers that matter less lose more). Already-pruned weights stay pruned.
+
+    Exactly ``round(sparsity * n)`` weights go; ties at the threshold go in the order of the matrices
+    and of their flattened coordinates, so the masks are the same at every world size. With several
+    ranks nothing is gathered or sorted whole: each rank ranks only its 1/world slice of that order,
+    and the threshold is found by a bisection over all-reduced counts (``_threshold_search``)."""
     if not 0 <= sparsity < 1:
         raise ValueError(f"prune.target_sparsity={sparsity!r} is invalid: must be in [0, 1)")
-    scores = {}
-    for name, w in weights.items():
-        score = w.detach().abs().float()
-        if previous is not None and name in previous:
-            score = torch.where(previous[name].bool(), score, torch.full_like(score, -1.0))
-        scores[name] = score
-    flat = torch.cat([s.flatten() for s in scores.values()])
-    num_pruned = int(round(sparsity * flat.numel()))
+    names = list(weights)
+    sizes = [weights[n].numel() for n in names]
+    total = sum(sizes)
+    num_pruned = int(round(sparsity * total))
+    rank, world = _rank_world()
+    begin, end = total * rank // world, total * (rank + 1) // world  # this rank's slice of the global order
+    keys = _magnitude_keys(weights, previous, names, begin, end)
+    pruned = _threshold_search(keys, num_pruned, rank, world)
+    keep = _all_gather_slices(~pruned, total, world)
+    return {n: piece.view_as(weights[n]) for n, piece in zip(names, keep.split(sizes))}
+
+
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _wire() -> torch.device:
+    """Where collectives' tensors must live: the GPU under NCCL, else the CPU."""
+    if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _magnitude_keys(weights, previous, names, begin: int, end: int) -> torch.Tensor:
+    """int64 keys ordered like |w| over coordinates [begin, end) of the concatenated matrices: the
+    bits of |w| as float32 (non-negative floats order like their bit patterns, so the search over
+    integers is exact), and -1 where an earlier round pruned (those go first)."""
+    pieces, offset = [], 0
+    for name in names:
+        w = weights[name]
+        lo, hi = max(begin, offset), min(end, offset + w.numel())
+        if lo < hi:
+            flat = w.detach().reshape(-1)[lo - offset:hi - offset].float().abs()
+            if not torch.isfinite(flat).all():
+                raise ValueError(f"{name}: non-finite weights cannot be ranked by magnitude; the model is broken")
+            key = flat.view(torch.int32).long()
+            if previous is not None and name in previous:
+                kept_before = previous[name].reshape(-1)[lo - offset:hi - offset].to(key.device).bool()
+                key = torch.where(kept_before, key, torch.full_like(key, -1))
+            pieces.append(key.cpu())
+        offset += w.numel()
+    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64)
+
+
+def _threshold_search(keys: torch.Tensor, num_pruned: int, rank: int, world: int) -> torch.Tensor:
+    """Which of this rank's keys are among the ``num_pruned`` smallest of all ranks' keys, ties
+    broken by global position (rank order, then position in the slice)."""
+    def total(count: int) -> int:
+        t = torch.tensor([count], dtype=torch.int64, device=_wire())
+        if world > 1:
+            torch.distributed.all_reduce(t)
+        return int(t.item())
+
     if num_pruned == 0:
-        return {name: torch.ones_like(s, dtype=torch.bool) for name, s in scores.items()}
-    # Ties at the threshold are broken by position so that exactly num_pruned weights go.
-    order = torch.argsort(flat, stable=True)
-    keep = torch.ones(flat.numel(), dtype=torch.bool)
-    keep[order[:num_pruned]] = False
-    masks, offset = {}, 0
-    for name, s in scores.items():
-        masks[name] = keep[offset:offset + s.numel()].view_as(s)
-        offset += s.numel()
-    return masks
+        return torch.zeros_like(keys, dtype=torch.bool)
+    # The smallest t with #{key <= t} >= num_pruned, by bisection over the key range (33 all-reduces).
+    lo, hi = -1, 0x7F800000  # -1: pruned earlier; 0x7F800000: the bits of +inf, above every finite |w|
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if total(int((keys <= mid).sum())) >= num_pruned:
+            hi = mid
+        else:
+            lo = mid + 1
+    pruned = keys < lo
+    ties = torch.nonzero(keys == lo).flatten()
+    wanted = num_pruned - total(int(pruned.sum()))  # ties to prune, taken from the lowest positions
+    tie_counts = torch.tensor([ties.numel()], dtype=torch.int64, device=_wire())
+    if world > 1:
+        every = [torch.zeros_like(tie_counts) for _ in range(world)]
+        torch.distributed.all_gather(every, tie_counts)
+        before = int(sum(int(c.item()) for c in every[:rank]))
+    else:
+        before = 0
+    take = min(max(wanted - before, 0), ties.numel())
+    pruned[ties[:take]] = True
+    return pruned
+
+
+def _all_gather_slices(piece: torch.Tensor, total: int, world: int) -> torch.Tensor:
+    """Every rank's slice of a bool vector, concatenated in rank order (uint8 over the wire)."""
+    if world == 1:
+        return piece
+    width = -(-total // world)
+    padded = torch.zeros(width, dtype=torch.uint8, device=_wire())
+    padded[:piece.numel()] = piece.to(padded.device, torch.uint8)
+    parts = [torch.zeros_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(parts, padded)
+    bounds = [(total * r // world, total * (r + 1) // world) for r in range(world)]
+    return torch.cat([part[:b - a].cpu() for part, (a, b) in zip(parts, bounds)]).bool()
 
 
 def two_four_masks(weights: dict[str, torch.Tensor], input_dim: dict[str, int]) -> dict[str, torch.Tensor]:

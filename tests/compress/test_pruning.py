@@ -39,6 +39,58 @@ def test_global_magnitude_masks_match_a_sorted_reference():
     assert not again["c"][0, 0] and sum(int((~m).sum()) for m in again.values()) == k
 
 
+def tied_weights():
+    """Matrices whose magnitudes take a handful of values (many ties at any threshold), signed zeros,
+    and an earlier round's masks that pruned some large weights."""
+    g = torch.Generator().manual_seed(5)
+    weights = {"a": torch.randint(-3, 4, (7, 5), generator=g).float() * 0.5,
+               "b": torch.randint(-2, 3, (3, 11), generator=g).float() * 0.25,
+               "c": torch.randint(-4, 5, (4, 4), generator=g).float()}
+    weights["a"][0, :2] = torch.tensor([0.0, -0.0])
+    previous = {n: torch.rand(w.shape, generator=g) > 0.2 for n, w in weights.items()}
+    return weights, previous
+
+
+def sorted_reference(weights, sparsity, previous):
+    """Prune the round(sparsity * n) smallest scores of the concatenation (earlier-pruned first),
+    ties in order of position: a stable sort, independent of the bisection."""
+    scores = torch.cat([torch.where(previous[n].flatten(), w.abs().flatten(), torch.tensor(-1.0))
+                        for n, w in weights.items()])
+    keep = torch.ones(scores.numel(), dtype=torch.bool)
+    keep[torch.sort(scores, stable=True).indices[:round(sparsity * scores.numel())]] = False
+    return dict(zip(weights, [k.view_as(w) for k, w in zip(keep.split([w.numel() for w in weights.values()]),
+                                                            weights.values())]))
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.3, 0.55, 0.9])
+def test_magnitude_masks_break_ties_by_position(sparsity):
+    weights, previous = tied_weights()
+    masks = global_magnitude_masks(weights, sparsity, previous)
+    expected = sorted_reference(weights, sparsity, previous)
+    for name in weights:
+        assert torch.equal(masks[name], expected[name]), name
+
+
+def test_magnitude_masks_are_the_same_at_every_world_size(tmp_path):
+    """3 real ranks (gloo), each ranking a third of the coordinates: the same masks as one process
+    and as the sorted reference, ties included."""
+    from tests.engine.launch import torchrun
+
+    out = tmp_path / "masks.pt"
+    torchrun("tests/compress/threshold_worker.py", [str(out)], world_size=3, timeout=300)
+    got = torch.load(out)
+    weights, previous = tied_weights()
+    for sparsity, masks in got.items():
+        expected = sorted_reference(weights, sparsity, previous)
+        for name in weights:
+            assert torch.equal(masks[name], expected[name]), (sparsity, name)
+
+
+def test_magnitude_masks_refuse_non_finite_weights():
+    with pytest.raises(ValueError, match="non-finite"):
+        global_magnitude_masks({"w": torch.tensor([[1.0, float("nan")]])}, 0.5)
+
+
 def test_two_four_masks_keep_the_two_largest_of_every_four():
     torch.manual_seed(1)
     w = torch.randn(6, 16)
@@ -205,6 +257,9 @@ def test_masks_follow_deepspeed_partitions_on_two_ranks(tmp_path, stage, bf16, m
     got = torch.load(out)
     assert got["partitioned"] and got["violations"] == 0
     reference = load_sequence_classifier(ModelConfig(name="tiny-bert", dropout=0.0), labels, None, seed=0)
+    # Ranked by the two ranks together (each its half of the coordinates): the one-process masks.
+    serial = compute_masks(reference, method, 0.5)
+    assert all(torch.equal(got["masks"][n], serial[n]) for n in serial)
     start = {n: p.detach().clone().double() for n, p in reference.named_parameters()}
     for name, mask in got["masks"].items():
         weight = got["params"][name]
