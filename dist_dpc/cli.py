@@ -12,6 +12,19 @@ from dist_dpc.utils.config_loader import ConfigError, describe_fields
 EPILOG_HEAD = """config keys (set in the YAML file or override as section.key=value):"""
 
 
+CONFIG_KEYS = "\0every config key"  # a command's epilog: replaced by the key list only when help is printed
+
+
+class _Parser(argparse.ArgumentParser):
+    """Lists the config keys only when help is printed: describing them reads every config class's
+    source (about 7 s), which a run that only parses its arguments must not pay."""
+
+    def format_help(self) -> str:
+        if self.epilog == CONFIG_KEYS:
+            self.epilog = _config_help()
+        return super().format_help()
+
+
 def _config_help() -> str:
     from dist_dpc.pipeline.config import Config
 
@@ -34,14 +47,14 @@ def _add_config_args(p: argparse.ArgumentParser, config_required: bool = True) -
 
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dpc", formatter_class=fmt,
         description="dist-dpc: fine-tune and compress language models with differential privacy under DeepSpeed.",
         epilog="Run `dpc COMMAND --help` for a command's options and every config key.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("train", formatter_class=fmt, epilog=_config_help(),
+    p = sub.add_parser("train", formatter_class=fmt, epilog=CONFIG_KEYS,
                        help="DP fine-tuning of a sequence classifier or causal LM (single process, or under torchrun / deepspeed / srun)",
                        description="DP-SGD fine-tuning of a sequence classifier or causal LM (model.task) with DeepSpeed; prints dev accuracy or perplexity "
                                    "and the privacy spent (epsilon, delta, sigma, q). For several processes launch "
@@ -96,10 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
         "epsilon_lb at audit.confidence next to the claimed epsilon. Writes the tree RUN-audit (its own ledger; "
         "never release it). See docs/audit.md.")
     for name, (short, long) in phase_help.items():
-        p = sub.add_parser(name, formatter_class=fmt, epilog=_config_help(), help=short, description=f"{short}. {long}")
+        p = sub.add_parser(name, formatter_class=fmt, epilog=CONFIG_KEYS, help=short, description=f"{short}. {long}")
         _add_config_args(p)
 
-    p = sub.add_parser("demo", formatter_class=fmt, epilog=_config_help(),
+    p = sub.add_parser("demo", formatter_class=fmt, epilog=CONFIG_KEYS,
                        help="the whole pipeline on the embedded default (minilm, generated sentiment data, CPU, offline W&B)",
                        description="Runs `dpc pipeline` on the embedded default config: all-MiniLM-L6-v2 fine-tuned "
                                    "with DP-SGD on a small generated sentiment set (teacher), distilled into a 3-layer "
@@ -107,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "one privacy budget; no data directory needed.")
     _add_config_args(p, config_required=False)
 
-    p = sub.add_parser("submit", formatter_class=fmt, epilog=_config_help(),
+    p = sub.add_parser("submit", formatter_class=fmt, epilog=CONFIG_KEYS,
                        help="submit the run's phases as jobs (SLURM via submitit, local, debug), chained with afterok",
                        description="Each phase becomes one submitit job with the resources of the cluster section "
                                    "(nodes, tasks_per_node = GPUs per node, cpus_per_task, mem_gb, time_min, partition, "
@@ -128,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="run directory (run.output_dir/run.name) of a `dpc train` or `dpc pipeline` run")
     p.add_argument("--output", metavar="DIR", help="where to write the report and plots (default: RUN_DIR/report)")
 
-    p = sub.add_parser("config", formatter_class=fmt, epilog=_config_help(),
+    p = sub.add_parser("config", formatter_class=fmt, epilog=CONFIG_KEYS,
                        help="validate a config and print it resolved (with overrides applied)",
                        description="Loads CONFIG, applies the overrides, validates every field and prints the "
                                    "resolved YAML, exactly as it would be saved in the run directory.")
