@@ -33,6 +33,23 @@ def _restore_environ():
 
 
 
+# The longest scopes (minutes of real ranks, clusters and dpc subprocesses each) go out first: xdist
+# hands scopes to the two workers in collection order, and a long file picked up last leaves the
+# other worker idle at the end (longest-first is the classic remedy for that tail).
+LONGEST_FIRST = ("tests/slurm/", "tests/pipeline/test_phases.py", "tests/pipeline/test_accounting_by_construction.py",
+                 "tests/tasks/test_generate.py", "tests/pipeline/test_defaults.py", "tests/pipeline/test_train.py",
+                 "tests/tasks/test_causal_lm.py", "tests/pipeline/test_head_init.py", "tests/tasks/test_synthetic_kd.py",
+                 "tests/pipeline/test_audit_run.py", "tests/pipeline/test_tune.py", "tests/engine/test_refusals.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        path = item.nodeid.split("::", 1)[0]
+        return next((i for i, prefix in enumerate(LONGEST_FIRST) if path.startswith(prefix)), len(LONGEST_FIRST))
+
+    items.sort(key=rank)  # stable: each file keeps its own order
+
+
 @pytest.hookimpl(optionalhook=True)  # `-p no:xdist` runs without the plugin
 def pytest_xdist_make_scheduler(config, log):
     """`make test` runs on both cores through pytest-xdist: a file's tests stay on one worker (its
