@@ -331,6 +331,10 @@ def train_dp(ctx: PhaseContext, model: torch.nn.Module, *, directory: Path, step
                            micro_batch_size=cfg.train.micro_batch_size, rank=world.rank,
                            world_size=world.world_size, key=key.derive("sampling"))
     ds_config = _phase_ds_config(cfg, world, lr, privacy.enabled)
+    checkpoints = Checkpoints(directory / "checkpoints", keep=cfg.train.keep_checkpoints, world=world)
+    universal = checkpoints.needs_universal(int(ds_config.get("zero_optimization", {}).get("stage", 0)))
+    if universal:  # written at another world size: DeepSpeed re-partitions it (checkpoints.py)
+        ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
     schedule = _lr_schedule(cfg, ds_config, steps)
     # Everything this run composes with: the other ledger entries, then what this attempt released
     # so far (head_init, earlier prune rounds). The ledger adds it up; no phase does.
@@ -350,11 +354,10 @@ def train_dp(ctx: PhaseContext, model: torch.nn.Module, *, directory: Path, step
 
     if world.is_main:
         directory.mkdir(parents=True, exist_ok=True)
-    checkpoints = Checkpoints(directory / "checkpoints", keep=cfg.train.keep_checkpoints, world=world)
     # One metrics file per phase (rounds of a phase append to it at their global step).
     metrics_log = MetricsLog(ctx.directory / "metrics.jsonl", enabled=world.is_main)
     if checkpoints.latest() is not None:
-        checkpoints.load(engine)
+        checkpoints.load(engine, universal=universal)
         spent = f", epsilon so far {engine.epsilon():.3f}" if privacy.enabled else ""
         log(world, f"[{desc or ctx.phase}] resumed from {checkpoints.latest()} at step {engine.steps_done}/{steps}{spent}")
     metrics_log.truncate_after(step_offset + engine.steps_done)

@@ -195,3 +195,62 @@ def test_phase_needs_its_source_and_non_private_teachers_are_refused(tmp_path):
     inside = dpc(["distill", CONFIG, f"run.output_dir={tmp_path}", "run.name=public", *TINY, "run.overwrite=true"])
     assert inside.returncode == 2 and "WITHOUT differential privacy" in inside.stderr
     assert not (tmp_path / "public" / "distill" / "model").exists()
+
+
+@pytest.mark.timeout(900)
+def test_a_prune_checkpoint_written_at_world_2_resumes_at_world_1(tmp_path):
+    """ZeRO 2 on 2 real ranks writes one optimizer shard per rank; a resume on 1 rank goes through
+    DeepSpeed's universal checkpoint (converted once) and continues where the 2 ranks were. Without
+    noise the continuation must then match the uninterrupted 2-rank run up to summation order, which
+    only holds if the fp32 weights and both Adam moments were re-partitioned exactly; the pruned
+    coordinates stay exactly zero."""
+    from tests.engine.launch import torchrun
+
+    args = [CONFIG, f"run.output_dir={tmp_path}", "run.name=w", *TINY, "privacy.enabled=false", "train.zero_stage=2",
+            "pipeline.phases=[teacher, prune]", "pipeline.budget_split={}", "prune.rounds=1",
+            "train.checkpoint_every=2", "train.optimizer=adamw"]
+    ok(dpc(["teacher", *args]))
+    torchrun("dist_dpc/cli.py", ["prune", *args], world_size=2, timeout=600)
+    run = tmp_path / "w"
+    straight = load_file(run / "prune" / "model" / "model.safetensors")
+    # What a kill after the step-4 checkpoint leaves (as in the one-process resume test above).
+    for path in ("prune/results.json", "prune/round1/done.json"):
+        (run / path).unlink()
+    for path in ("prune/model", "prune/round1/model"):
+        shutil.rmtree(run / path)
+    again = ok(dpc(["prune", *args], timeout=400))
+    assert "resumed from step00000004" in again.stdout
+    assert (run / "prune" / "round1" / "checkpoints" / "step00000004-universal").is_dir()
+    resumed = load_file(run / "prune" / "model" / "model.safetensors")
+    masks = torch.load(run / "prune" / "round1" / "masks.pt")
+    for name, mask in masks.items():
+        assert torch.count_nonzero(resumed[name][~mask]) == 0, name
+    for name, value in straight.items():
+        torch.testing.assert_close(resumed[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    moved = sum(int((resumed[n] != load_file(run / "teacher" / "model" / "model.safetensors")[n]).sum()) for n in masks)
+    assert moved > 0
+    # The world size may change, the ZeRO stage may not (the run's saved config says which it was).
+    for path in ("prune/results.json", "prune/round1/done.json"):
+        (run / path).unlink()
+    refused = dpc(["prune", *[a for a in args if a != "train.zero_stage=2"], "train.zero_stage=1"])
+    assert refused.returncode == 2 and "train.zero_stage: 2 -> 1" in refused.stderr, refused.stderr[-2000:]
+
+
+def test_which_checkpoints_need_the_universal_format(tmp_path):
+    """Only a partitioned checkpoint (ZeRO >= 1) written at another world size; another ZeRO stage is
+    refused (a DeepSpeed JSON whose stage changed between attempts, which the run's config cannot see)."""
+    from types import SimpleNamespace
+
+    from dist_dpc.pipeline.checkpoints import LAYOUT, Checkpoints
+
+    def at(world_size, written):
+        (tmp_path / "step00000004").mkdir(exist_ok=True)
+        (tmp_path / "latest_complete").write_text("step00000004")
+        (tmp_path / "step00000004" / LAYOUT).write_text(json.dumps(written))
+        return Checkpoints(tmp_path, keep=1, world=SimpleNamespace(world_size=world_size, is_main=True))
+
+    assert at(1, {"world_size": 2, "zero_stage": 2}).needs_universal(2)
+    assert not at(2, {"world_size": 2, "zero_stage": 2}).needs_universal(2)
+    assert not at(1, {"world_size": 2, "zero_stage": 0}).needs_universal(0)  # replicated: loads anywhere
+    with pytest.raises(ValueError, match="resume with train.zero_stage=3"):
+        at(1, {"world_size": 2, "zero_stage": 3}).needs_universal(2)
