@@ -14,6 +14,8 @@ ledger's single entry stays true.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,17 +151,24 @@ def _features(ctx, model, head, teacher):
     mine = list(range(world.rank, len(data), world.world_size))
     was_training = model.training
     model.eval().to(device)
-    if teacher is not None:
+    if teacher is not None and not hasattr(teacher, "ds_inference"):
         teacher.eval().to(device)
     cls_parts, logit_parts = [], []
     batch_size = max(ctx.cfg.train.micro_batch_size, 64)
-    for start in range(0, len(mine), batch_size):
-        batch = collate([data[i] for i in mine[start:start + batch_size]], pad)
+    # Every rank runs as many teacher passes as the rank with the most examples: a partitioned (ZeRO-3)
+    # teacher's forward is a collective. A rank with fewer runs its last passes on a throw-away batch.
+    passes = math.ceil(math.ceil(len(data) / world.world_size) / batch_size)
+    for b in range(passes):
+        rows = mine[b * batch_size:(b + 1) * batch_size]
+        batch = collate([data[i] for i in (rows or mine[:1] or [0])], pad)
         batch = {k: v.to(device) for k, v in batch.items()}
-        cls_parts.append(cls_hidden(head, batch).float().cpu())
+        if rows:
+            cls_parts.append(cls_hidden(head, batch).float().cpu())
         if teacher is not None:
             with torch.no_grad():
-                logit_parts.append(teacher(**model_inputs(batch)).logits.float().cpu())
+                logits = teacher(**model_inputs(batch)).logits.float().cpu()
+            if rows:
+                logit_parts.append(logits)
     model.train(was_training)
     local = (mine, torch.cat(cls_parts) if cls_parts else torch.zeros(0, head.hidden_size),
              torch.cat(logit_parts) if logit_parts else None)

@@ -27,7 +27,8 @@ from dist_dpc.models.loading import set_trainable
 from dist_dpc.pipeline.config import ALL_PHASES, MODEL_PHASES, Config
 from dist_dpc.pipeline.head_init import HeadStart
 from dist_dpc.pipeline.lineage import import_lineage
-from dist_dpc.pipeline.trainer import (PhaseContext, evaluate_engine, finish_phase, gathered, local_device,
+from dist_dpc.pipeline.trainer import (PhaseContext, evaluate_engine, finish_phase, frozen_for_phase, gathered,
+                                       local_device,
                                        check_before_spending, open_phase, open_tracker, phase_privacy, phase_results,
                                        planned_steps,
                                        root_of, run_train, save_model, steps_per_epoch, train_dp)
@@ -132,7 +133,14 @@ def run_distill(cfg: Config) -> dict:
             raise ValueError(f"distill.student={d.student!r} has a vocabulary of {student.config.vocab_size}, the "
                              f"teacher {teacher.config.vocab_size}: distillation on the same batch needs one tokenizer")
         init = f"pre-trained {d.student}"
-    teacher.to(local_device())
+    # At ZeRO 3 the teacher is partitioned like the student (each rank 1/world of it, no optimizer state).
+    whole = sum(p.numel() for p in teacher.parameters())
+    teacher = frozen_for_phase(ctx, teacher)
+    if hasattr(teacher, "ds_inference"):
+        from dist_dpc.engine.frozen import local_numel
+
+        log(ctx.world, f"[distill] teacher partitioned over {ctx.world.world_size} ranks (ZeRO 3): rank 0 holds "
+                       f"{local_numel(teacher):,} of its {whole:,} parameters")
     loss = DistillationLoss(teacher, alpha=d.alpha, temperature=d.temperature, hidden_weight=d.hidden_weight,
                             layer_map=layer_map, token_level=ctx.task.token_level)
     steps = planned_steps(d.epochs or cfg.train.epochs, cfg.train.max_steps, steps_per_epoch(ctx))

@@ -299,6 +299,22 @@ def check_before_spending(ctx: PhaseContext, model: torch.nn.Module, *, steps: i
     DPEngine.check_settings(model, ds_config, cfg.privacy)
 
 
+def phase_zero_stage(ctx: PhaseContext) -> int:
+    """The ZeRO stage the phase's engine will run at (train.zero_stage, or the DeepSpeed JSON's)."""
+    ds_config = _phase_ds_config(ctx.cfg, ctx.world, None, ctx.cfg.privacy.enabled)
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def frozen_for_phase(ctx: PhaseContext, model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen model the phase only runs forward (DPKD's teacher), placed like the model that trains:
+    partitioned over the ranks at ZeRO 3 (engine.frozen), else whole on this rank's device."""
+    if phase_zero_stage(ctx) == 3:
+        from dist_dpc.engine.frozen import partition_frozen
+
+        return partition_frozen(model, micro_batch_size=ctx.cfg.train.micro_batch_size, bf16=ctx.cfg.train.bf16)
+    return model.requires_grad_(False).eval().to(local_device())
+
+
 def _phase_ds_config(cfg: Config, world: WorldInfo, lr: float | None, dp_enabled: bool) -> dict:
     return build_ds_config(cfg.train.deepspeed_config, micro_batch_size=cfg.train.micro_batch_size,
                            world_size=world.world_size, zero_stage=cfg.train.zero_stage, lr=lr or cfg.train.lr,

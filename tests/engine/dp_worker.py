@@ -83,7 +83,25 @@ def case_model(case: dict, spec: dict):
     model = load_sequence_classifier(ModelConfig(name=case["model"], dropout=0.0), num_labels=2, seed=spec["seed"])
     if case.get("lora"):
         model = with_test_lora(case["model"], spec["seed"], case["lora"])
+    if case.get("distill"):
+        return model, distill_loss(case, spec["seed"])
     return model, sequence_classification_loss
+
+
+def distill_loss(case: dict, seed: int):
+    """DPKD's loss against a teacher of the same shape (seed + 1), with the hidden-state term; the
+    teacher partitioned over the ranks (ZeRO-3 inference) when case["distill"]["sharded"]."""
+    from dist_dpc.compress.distill import DistillationLoss
+    from dist_dpc.models import ModelConfig, load_sequence_classifier
+
+    d = case["distill"]
+    teacher = load_sequence_classifier(ModelConfig(name=case["model"], dropout=0.0), num_labels=2, seed=seed + 1)
+    if d.get("sharded"):
+        from dist_dpc.engine.frozen import partition_frozen
+
+        teacher = partition_frozen(teacher, micro_batch_size=case["micro_batch_size"], bf16=False)
+    return DistillationLoss(teacher, alpha=d["alpha"], temperature=d["temperature"], hidden_weight=d["hidden_weight"],
+                            layer_map=d["layer_map"])
 
 
 def with_test_lora(name: str, seed: int, rank: int):
@@ -186,6 +204,11 @@ def run_case(case: dict, spec: dict, world) -> dict:
         if case.get("comms"):
             comms = {name: sorted((int(size), v[0]) for size, v in sizes.items()) for name, sizes in comms_logger.comms_dict.items()}
     final = full_params(engine)
+    teacher = getattr(engine.loss_fn, "teacher", None)
+    if teacher is not None:
+        from dist_dpc.engine.frozen import local_numel
+
+        comms["teacher_local_numel"] = local_numel(teacher)
     return {"initial": initial, "final": final, "noise_stream": engine.noise_stream, "comms": comms,
             "epsilon": engine.epsilon(), "accountant": engine.accountant.state_dict()}
 

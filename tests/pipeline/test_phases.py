@@ -254,3 +254,24 @@ def test_which_checkpoints_need_the_universal_format(tmp_path):
     assert not at(1, {"world_size": 2, "zero_stage": 0}).needs_universal(0)  # replicated: loads anywhere
     with pytest.raises(ValueError, match="resume with train.zero_stage=3"):
         at(1, {"world_size": 2, "zero_stage": 3}).needs_universal(2)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_distill_at_zero3_on_two_ranks_partitions_the_teacher(tmp_path):
+    """`dpc distill` under torchrun at ZeRO 3: the teacher is partitioned (each rank half of it), and
+    head_init's teacher passes stay in lockstep although the ranks' shares differ (129 and 128
+    examples: 3 and 2 batches of 64) -- a partitioned teacher's forward is a collective, so a rank
+    that stopped early would hang the other."""
+    from tests.engine.launch import torchrun
+
+    args = [CONFIG, f"run.output_dir={tmp_path}", "run.name=z", *TINY, "data.synthetic_size=257", "train.max_steps=3",
+            "train.zero_stage=3", "privacy.target_epsilon=6", "pipeline.phases=[teacher, distill]",
+            "pipeline.budget_split={teacher: 0.5, distill: 0.5}", "head_init.probe_epochs=1",
+            "head_init.centre_pooler=true", "distill.hidden_weight=0.2"]
+    ok(dpc(["teacher", *args]))
+    out = torchrun("dist_dpc/cli.py", ["distill", *args], world_size=2, timeout=600).stdout
+    assert "teacher partitioned over 2 ranks (ZeRO 3)" in out
+    ledger = json.loads((tmp_path / "z" / "privacy_ledger.json").read_text())["phases"]
+    assert ledger["distill"]["status"] == "completed"
+    assert json.loads((tmp_path / "z" / "distill" / "results.json").read_text())["epsilon"] <= 6 * (1 + 1e-6)

@@ -1,0 +1,35 @@
+"""A frozen model (DPKD's teacher) partitioned like the model that trains: ZeRO-3 inference.
+
+DeepSpeed's ``initialize`` without an optimizer at ZeRO stage 3 partitions the parameters over the
+ranks and gathers each layer's parameters only for its forward (ZeRO-Inference), so a teacher costs
+each rank 1/world of its weights plus one layer at a time, and no optimizer state. Its forward is a
+collective: every rank must call it the same number of times, in the same order (the DP engine's
+samplers give every rank the same number of micro-batches; head_init pads its passes to match).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def partition_frozen(module: nn.Module, *, micro_batch_size: int, bf16: bool) -> nn.Module:
+    """``module`` frozen, in eval mode, its parameters partitioned over the ranks (ZeRO 3); call it as
+    before. The DeepSpeed engine that owns the partitioning is kept on the module (``ds_inference``)."""
+    import deepspeed
+
+    module.requires_grad_(False).eval()
+    config = {"train_micro_batch_size_per_gpu": micro_batch_size, "gradient_accumulation_steps": 1,
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+              "bf16": {"enabled": bool(bf16)}}
+    engine, *_ = deepspeed.initialize(model=module, config=config)
+    engine.eval()
+    inner = engine.module
+    inner.ds_inference = (engine,)  # a tuple: not a registered submodule, but kept alive with the module
+    return inner
+
+
+@torch.no_grad()
+def local_numel(module: nn.Module) -> int:
+    """Elements of ``module``'s parameters held on this rank outside a forward (its ZeRO-3 partitions)."""
+    return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in module.parameters())
