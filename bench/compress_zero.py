@@ -1,0 +1,174 @@
+"""Compression phases under ZeRO 0 vs 2 vs 3 on 2 real ranks: step time and memory per rank, one run.
+
+Two workloads, each stage in its own torchrun job (so each peak is its own):
+- ``distill``: one DPKD step of a half-depth student against its teacher (at ZeRO 3 the teacher is
+  partitioned too: dist_dpc/engine/frozen.py);
+- ``prune``: one DP step of the teacher with 50 % unstructured masks enforced on its partitions.
+Prints median step time and memory per rank with ratios to ZeRO 0, and writes JSON with ``--json``.
+
+  python bench/compress_zero.py            # CPU: BERT width 512, 4 layers, 2 ranks x 8 x 64 tokens
+  python bench/compress_zero.py --gpu      # one GPU node: BERT-base size, bf16 at ZeRO 2/3
+
+Memory per rank: on a GPU, the peak of torch.cuda.max_memory_allocated; on the CPU, the peak resident
+set size minus the resident size just before the models are built (imports and the process itself
+excluded), which counts every tensor the phase creates, the whole-model loading included (models are
+still loaded whole on each rank before DeepSpeed partitions them; see docs/compression.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def settings(gpu: bool) -> dict:
+    if gpu:
+        return {"hidden": 768, "layers": 12, "heads": 12, "vocab": 30522, "batch": 32, "length": 128, "steps": 10,
+                "warmup": 3, "bf16": True}
+    return {"hidden": 512, "layers": 4, "heads": 8, "vocab": 8000, "batch": 8, "length": 64, "steps": 4, "warmup": 1,
+            "bf16": False}
+
+
+def build_teacher(s: dict):
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], num_hidden_layers=s["layers"],
+                        num_attention_heads=s["heads"], intermediate_size=4 * s["hidden"], num_labels=2,
+                        max_position_embeddings=max(512, s["length"]), hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(config)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def worker(workload: str, stage: int, s: dict) -> dict:
+    import torch
+
+    from dist_dpc.compress.distill import DistillationLoss, student_from_teacher
+    from dist_dpc.compress.pruning import MaskEnforcer, apply_masks, compute_masks
+    from dist_dpc.engine import DPEngine, build_ds_config, init_distributed
+    from dist_dpc.engine.frozen import partition_frozen
+    from dist_dpc.engine.losses import sequence_classification_loss
+    from dist_dpc.privacy import PrivacyConfig
+    from dist_dpc.privacy.randomness import SecretKey
+
+    world = init_distributed()
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", world.local_rank) if cuda else torch.device("cpu")
+    base = rss_bytes()
+    teacher = build_teacher(s)
+    enforcer = None
+    if workload == "distill":
+        model = student_from_teacher(teacher)
+        frozen = partition_frozen(teacher, micro_batch_size=s["batch"], bf16=s["bf16"]) if stage == 3 else \
+            teacher.requires_grad_(False).eval().to(device)
+        loss_fn = DistillationLoss(frozen, alpha=0.5, temperature=2.0)
+    else:
+        model = teacher
+        masks = compute_masks(model, "unstructured", 0.5)
+        apply_masks(model, masks)
+        enforcer = MaskEnforcer(model, masks)
+        loss_fn = sequence_classification_loss
+    ds = build_ds_config({"zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}},
+                         micro_batch_size=s["batch"], world_size=world.world_size, zero_stage=stage, lr=1e-4,
+                         weight_decay=0.0, optimizer="adamw", bf16=s["bf16"] and stage > 0)
+    total = s["steps"] + s["warmup"]
+    engine = DPEngine(model, ds, PrivacyConfig(target_epsilon=None, noise_multiplier=1.0, delta=1e-7),
+                      dataset_size=10**6, expected_batch_size=s["batch"] * world.world_size, planned_steps=total,
+                      loss_fn=loss_fn, world=world, key=SecretKey.generate())
+    if enforcer is not None:
+        enforcer.bind(engine)
+    gen = torch.Generator().manual_seed(1 + world.rank)
+    b, t = s["batch"], s["length"]
+    batch = {"input_ids": torch.randint(1, s["vocab"], (b, t), generator=gen).to(device),
+             "attention_mask": torch.ones(b, t, dtype=torch.long, device=device),
+             "token_type_ids": torch.zeros(b, t, dtype=torch.long, device=device),
+             "labels": torch.randint(0, 2, (b,), generator=gen).to(device), "sample_mask": torch.ones(b, device=device)}
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(total):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        engine.train_step([batch], logical_batch_size=b * world.world_size)
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= s["warmup"]:
+            times.append(time.perf_counter() - start)
+    if cuda:
+        memory = int(torch.cuda.max_memory_allocated())
+    else:
+        memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    if enforcer is not None:
+        assert enforcer.violations() == 0
+    out = torch.tensor([statistics.median(times), float(memory)], dtype=torch.float64)
+    every = [torch.zeros_like(out) for _ in range(world.world_size)]
+    torch.distributed.all_gather(every, out.to(device) if cuda else out)
+    return {"median_step_s": max(float(e[0]) for e in every), "memory_bytes_per_rank": max(float(e[1]) for e in every)}
+
+
+def run(workload: str, stage: int, gpu: bool, ranks: int) -> dict:
+    from tests.engine.launch import _free_port
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cuda" if gpu else "cpu"))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // ranks)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
+           str(_free_port()), __file__, "--worker", workload, "--stage", str(stage)] + (["--gpu"] if gpu else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"{workload} at ZeRO {stage} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpu", action="store_true", help="BERT-base size in bf16 (one GPU per rank)")
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--stages", default="0,2,3")
+    parser.add_argument("--json", help="write the records to this JSON file")
+    parser.add_argument("--worker", choices=("distill", "prune"), help=argparse.SUPPRESS)
+    parser.add_argument("--stage", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    s = settings(args.gpu)
+    if args.worker:
+        out = worker(args.worker, args.stage, s)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("RESULT " + json.dumps(out), flush=True)
+        return
+    stages = [int(x) for x in args.stages.split(",")]
+    records = []
+    print(f"shape: {s}, {args.ranks} ranks")
+    print("| workload | ZeRO | step s | vs ZeRO 0 | memory/rank MB | vs ZeRO 0 |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for workload in ("distill", "prune"):
+        first = None
+        for stage in stages:
+            r = run(workload, stage, args.gpu, args.ranks)
+            first = first or r
+            records.append({"workload": workload, "stage": stage, **r})
+            print(f"| {workload} | {stage} | {r['median_step_s']:.3f} | {r['median_step_s'] / first['median_step_s']:.2f}x "
+                  f"| {r['memory_bytes_per_rank'] / 2**20:.0f} | "
+                  f"{r['memory_bytes_per_rank'] / first['memory_bytes_per_rank']:.2f}x |", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"settings": s, "ranks": args.ranks, "records": records}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
