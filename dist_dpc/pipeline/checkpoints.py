@@ -41,6 +41,15 @@ class Checkpoints:
 
     def save(self, engine, client_state: dict | None = None) -> str:
         tag = f"step{engine.steps_done:08d}"
+        if tag == self.latest():
+            return tag  # this very state is on disk already (e.g. a stop right after a resume)
+        # A tag that exists but is not the latest is what a killed save left: another attempt's
+        # shards, maybe of more ranks than this one writes, which a conversion to the universal
+        # format would merge into this state. Removed before anything is written under that name.
+        if self.world.is_main:
+            shutil.rmtree(self.directory / tag, ignore_errors=True)
+            shutil.rmtree(self.directory / f"{tag}{UNIVERSAL}", ignore_errors=True)
+        torch.distributed.barrier()
         private_dir(self.directory)  # every rank: each may be the first to write (node-local disks)
         engine.save_checkpoint(self.directory, tag, client_state)
         if self.world.is_main:
@@ -85,13 +94,22 @@ class Checkpoints:
         name, renamed when complete, so a kill mid-way leaves nothing half-written to load)."""
         target = f"{tag}{UNIVERSAL}"
         if self.world.is_main and not (self.directory / target).is_dir():
+            layout = json.loads((self.directory / tag / LAYOUT).read_text())
+            shards = list((self.directory / tag).glob("*optim_states.pt"))
+            if len(shards) != layout["world_size"]:
+                raise RuntimeError(f"{self.directory / tag} holds {len(shards)} optimizer shards but was written by "
+                                   f"{layout['world_size']} ranks: it cannot be converted safely. Resume on "
+                                   f"{layout['world_size']} ranks")
             partial = self.directory / f"{target}.partial"
             shutil.rmtree(partial, ignore_errors=True)
             workers = str(max(1, min(4, os.cpu_count() or 1)))
+            # umask 077: the converter's files (weights, Adam moments) are private from their creation.
             proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
                                    "--input_folder", str(self.directory / tag), "--output_folder", str(partial),
                                    "--num_extract_workers", workers, "--num_merge_workers", "1",
-                                   "--inject_missing_state"], capture_output=True, text=True)
+                                   "--inject_missing_state"], capture_output=True, text=True,
+                                  preexec_fn=lambda: os.umask(0o077))
+            (self.directory / "latest_universal").unlink(missing_ok=True)  # the converter's pointer; unused
             if proc.returncode != 0:
                 raise RuntimeError(f"DeepSpeed could not convert {self.directory / tag} for another world size "
                                    f"(deepspeed.checkpoint.ds_to_universal):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}"

@@ -275,3 +275,40 @@ def test_distill_at_zero3_on_two_ranks_partitions_the_teacher(tmp_path):
     ledger = json.loads((tmp_path / "z" / "privacy_ledger.json").read_text())["phases"]
     assert ledger["distill"]["status"] == "completed"
     assert json.loads((tmp_path / "z" / "distill" / "results.json").read_text())["epsilon"] <= 6 * (1 + 1e-6)
+
+
+def test_a_killed_saves_leftovers_never_join_a_checkpoint(tmp_path):
+    """A save killed before the pointer moved leaves its tag's shard files (maybe of more ranks than
+    the next attempt has). Saving that tag again starts from an empty directory, so a later
+    conversion to the universal format cannot merge the killed attempt's state (its unaccounted
+    steps) into this one; a directory whose shards do not match its layout is refused."""
+    from types import SimpleNamespace
+
+    from dist_dpc.engine import init_distributed
+    from dist_dpc.pipeline.checkpoints import LAYOUT, Checkpoints
+
+    init_distributed()
+    (tmp_path / "step00000004").mkdir()
+    (tmp_path / "step00000004" / LAYOUT).write_text(json.dumps({"world_size": 1, "zero_stage": 3}))
+    (tmp_path / "latest_complete").write_text("step00000004")
+    stale = tmp_path / "step00000008"
+    stale.mkdir()
+    (stale / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_text("killed attempt")
+    (tmp_path / "step00000008-universal").mkdir()
+
+    class Engine:
+        steps_done = 8
+        ds = SimpleNamespace(zero_optimization_stage=lambda: 3)
+
+        def save_checkpoint(self, directory, tag, client_state=None):
+            (directory / tag).mkdir(exist_ok=True)
+            (directory / tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_text("this attempt")
+
+    checkpoints = Checkpoints(tmp_path, keep=2, world=SimpleNamespace(world_size=1, is_main=True))
+    assert checkpoints.save(Engine()) == "step00000008"
+    assert sorted(p.name for p in stale.iterdir()) == [LAYOUT, "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+    assert not (tmp_path / "step00000008-universal").exists() and checkpoints.latest() == "step00000008"
+    assert checkpoints.save(Engine()) == "step00000008"  # the same state again: nothing rewritten
+    (stale / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_text("planted")
+    with pytest.raises(RuntimeError, match="2 optimizer shards but was written by 1 ranks"):
+        checkpoints.load(None, universal=True)
