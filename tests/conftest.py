@@ -34,7 +34,7 @@ def _restore_environ():
 
 
 # The longest scopes (minutes of real ranks, clusters and dpc subprocesses each) go out first: xdist
-# hands scopes to the two workers in collection order, and a long file picked up last leaves the
+# hands scopes to the workers in collection order, and a long file picked up last leaves the
 # other worker idle at the end (longest-first is the classic remedy for that tail).
 LONGEST_FIRST = ("tests/slurm/", "tests/pipeline/test_phases.py", "tests/pipeline/test_accounting_by_construction.py",
                  "tests/tasks/test_generate.py", "tests/pipeline/test_defaults.py", "tests/pipeline/test_train.py",
@@ -52,9 +52,9 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.hookimpl(optionalhook=True)  # `-p no:xdist` runs without the plugin
 def pytest_xdist_make_scheduler(config, log):
-    """`make test` runs on both cores through pytest-xdist: a file's tests stay on one worker (its
+    """`make test` runs on the two cores through pytest-xdist: a file's tests stay on one worker (its
     module fixtures run once) and every SLURM test shares one worker, because the local cluster is one
-    session fixture that two workers must not start and stop under each other. (A custom scope rather
+    session fixture that several workers must not start and stop under each other. (A custom scope rather
     than xdist_group marks: xdist 3.8 renames node ids in a way pytest 9 no longer sees.)"""
     from xdist.scheduler import LoadScopeScheduling
 
