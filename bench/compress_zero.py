@@ -9,7 +9,9 @@ Prints median step time and memory per rank with ratios to ZeRO 0, and writes JS
   python bench/compress_zero.py            # CPU: BERT width 512, 4 layers, 2 ranks x 8 x 64 tokens
   python bench/compress_zero.py --gpu      # one GPU node: BERT-base size, bf16 at ZeRO 2/3
 
-Memory per rank: on a GPU, the peak of torch.cuda.max_memory_allocated; on the CPU, the peak resident
+Model state per rank: the bytes of the parameters, optimizer partitions, Adam moments and teacher
+weights this rank holds between steps, counted from the tensors (what ZeRO shards). Peak memory per
+rank: on a GPU, the peak of torch.cuda.max_memory_allocated; on the CPU, the peak resident
 set size minus the resident size just before the models are built (imports and the process itself
 excluded), which counts every tensor the phase creates, the whole-model loading included (models are
 still loaded whole on each rank before DeepSpeed partitions them; see docs/compression.md).
@@ -117,10 +119,48 @@ def worker(workload: str, stage: int, s: dict) -> dict:
         memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     if enforcer is not None:
         assert enforcer.violations() == 0
-    out = torch.tensor([statistics.median(times), float(memory)], dtype=torch.float64)
+    state = model_state_bytes(engine, loss_fn)
+    out = torch.tensor([statistics.median(times), float(memory), float(state)], dtype=torch.float64)
     every = [torch.zeros_like(out) for _ in range(world.world_size)]
     torch.distributed.all_gather(every, out.to(device) if cuda else out)
-    return {"median_step_s": max(float(e[0]) for e in every), "memory_bytes_per_rank": max(float(e[1]) for e in every)}
+    return {"median_step_s": max(float(e[0]) for e in every), "memory_bytes_per_rank": max(float(e[1]) for e in every),
+            "state_bytes_per_rank": max(float(e[2]) for e in every)}
+
+
+def model_state_bytes(engine, loss_fn) -> int:
+    """Bytes of model state this rank holds between steps: the student's parameters as stored on this
+    rank (its ZeRO-3 partition, else whole), the fp32 tensors its optimizer steps and their state
+    (Adam moments), and the teacher's parameters as stored on this rank. Counted from the tensors
+    themselves (distinct storages once), unlike the process's peak RSS, which on the CPU keeps the
+    whole-model load and every freed buffer."""
+    from dist_dpc.engine.deepspeed_seam import hooked_partitions, inner_torch_optimizer
+
+    seen, total = set(), 0
+
+    def add(t):
+        nonlocal total
+        if t is None or t.numel() == 0:
+            return
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+
+    def params(module):
+        for p in module.parameters():
+            add(p.ds_tensor if hasattr(p, "ds_tensor") else p.data)
+
+    params(engine.ds.module)
+    for t in hooked_partitions(engine.ds):
+        add(t)
+    for state in inner_torch_optimizer(engine.ds).state.values():
+        for v in state.values():
+            if hasattr(v, "untyped_storage"):
+                add(v)
+    teacher = getattr(loss_fn, "teacher", None)
+    if teacher is not None:
+        params(teacher)
+    return total
 
 
 def run(workload: str, stage: int, gpu: bool, ranks: int) -> dict:
@@ -155,8 +195,8 @@ def main() -> None:
     stages = [int(x) for x in args.stages.split(",")]
     records = []
     print(f"shape: {s}, {args.ranks} ranks")
-    print("| workload | ZeRO | step s | vs ZeRO 0 | memory/rank MB | vs ZeRO 0 |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| workload | ZeRO | step s | vs ZeRO 0 | model state/rank MB | vs ZeRO 0 | peak memory/rank MB | vs ZeRO 0 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for workload in ("distill", "prune"):
         first = None
         for stage in stages:
@@ -164,6 +204,7 @@ def main() -> None:
             first = first or r
             records.append({"workload": workload, "stage": stage, **r})
             print(f"| {workload} | {stage} | {r['median_step_s']:.3f} | {r['median_step_s'] / first['median_step_s']:.2f}x "
+                  f"| {r['state_bytes_per_rank'] / 2**20:.0f} | {r['state_bytes_per_rank'] / first['state_bytes_per_rank']:.2f}x "
                   f"| {r['memory_bytes_per_rank'] / 2**20:.0f} | "
                   f"{r['memory_bytes_per_rank'] / first['memory_bytes_per_rank']:.2f}x |", flush=True)
     if args.json:
