@@ -158,6 +158,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r}: empty key")
     value = yaml.load(raw, Loader=YamlLoader) if raw.strip() != "" else None
+    if isinstance(value, dict):
+        glued = [k for k, v in value.items() if v is None and isinstance(k, str) and ":" in k]
+        if glued:  # YAML reads {teacher:0.5} as the key 'teacher:0.5' with no value
+            fixed = raw.replace(glued[0], glued[0].replace(":", ": ", 1))
+            raise ConfigError(f"override {text!r}: {glued[0]!r} is read as one key without a value; in a YAML "
+                              f"mapping put a space after each colon, e.g. {key}={fixed.strip()}")
     return key.split("."), value
 
 

@@ -36,6 +36,9 @@ def test_yaml_and_overrides(tmp_path):
     (["train.lr"], "not of the form section.key=value"),
     (["head_init.probe_epochs=-1"], "head_init.probe_epochs=-1.0 is invalid: must be >= 0 (0: no probe)"),
     (["head_init.mean_noise_multiplier=0"], "head_init.mean_noise_multiplier=0.0 is invalid: must be > 0"),
+    (["pipeline.budget_split={teacher:0.5, distill:0.5}"],
+     "'teacher:0.5' is read as one key without a value; in a YAML mapping put a space after each colon, "
+     "e.g. pipeline.budget_split={teacher: 0.5, distill:0.5}"),
 ])
 def test_bad_values_name_field_value_and_fix(override, message):
     with pytest.raises(ConfigError) as info:
