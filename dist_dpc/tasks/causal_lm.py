@@ -27,7 +27,7 @@ class CausalLM(Task):
     lora_head = ()  # the LM head (vocab x hidden, often tied to the embeddings) stays frozen under LoRA
     # DPIMP of causal LMs: not yet; tune's private score counts correct predictions (sensitivity 1),
     # which a perplexity has no bounded counterpart of.
-    unsupported_phases = ("prune", "tune")
+    unsupported_phases = ("tune",)
 
     def load_data(self):
         return load_lm_task(self.data_cfg)

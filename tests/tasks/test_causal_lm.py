@@ -156,11 +156,31 @@ def test_bad_input_is_refused_with_the_field_and_the_fix(tmp_path):
     assert load_lm_task(DataConfig(task="text", train_file=str(tmp_path / "t.txt"))).train.texts == ["one", "two"]
 
 
-def test_prune_and_tune_of_a_causal_lm_are_refused_before_anything_runs(tmp_path):
-    proc = dpc(["pipeline", str(ROOT / "configs" / "debug_lm.yaml"), f"run.output_dir={tmp_path}",
-                "pipeline.phases=[teacher, prune, eval]"])
-    assert proc.returncode == 2 and "prune is not supported for model.task='causal_lm'" in proc.stderr
-    assert not (tmp_path / "debug-lm" / "teacher").exists()
+@pytest.mark.timeout(600)
+def test_dpimp_of_a_causal_lm(tmp_path):
+    """Unstructured DPIMP of a DP-LoRA Llama teacher (adapters merged): two rounds to 50 %, the pruned
+    matrices' kept weights training under DP-SGD with the masks enforced; the saved model is exactly
+    50 % sparse at the last round's masks, and the ledger composes both phases. Tuning is refused."""
+    from safetensors.torch import load_file
+
+    proc = dpc(["pipeline", str(ROOT / "configs" / "debug_lm.yaml"), f"run.output_dir={tmp_path}", "run.name=p",
+                "train.max_steps=3", "pipeline.phases=[teacher, prune, eval]",
+                "pipeline.budget_split={teacher: 0.5, prune: 0.5}", "prune.rounds=2",
+                "prune.trainable=['^(?!lm_head\\.|model\\.embed_tokens\\.)']"], timeout=500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "p"
+    masks = torch.load(run / "prune" / "round2" / "masks.pt")
+    weights = load_file(run / "prune" / "model" / "model.safetensors")
+    teacher = load_file(run / "teacher" / "model" / "model.safetensors")
+    assert sum(int((~m).sum()) for m in masks.values()) == round(0.5 * sum(m.numel() for m in masks.values()))
+    for name, mask in masks.items():
+        assert torch.count_nonzero(weights[name][~mask]) == 0, name
+        assert bool((weights[name][mask] != teacher[name][mask]).any()), name  # the kept weights trained
+    ledger = json.loads((run / "privacy_ledger.json").read_text())
+    assert [e["status"] for e in ledger["phases"].values()] == ["completed", "completed"]
+    rows = {r["phase"]: r for r in json.loads((run / "eval" / "results.json").read_text())["models"]}
+    assert math.isfinite(rows["prune"]["metrics"]["validation"]["perplexity"])
+    assert rows["prune"]["nonzero_parameters"] < rows["teacher"]["nonzero_parameters"]
     tune = dpc(["pipeline", str(ROOT / "configs" / "debug_lm.yaml"), f"run.output_dir={tmp_path}", "run.name=t",
                 "pipeline.phases=[teacher, tune]", "tune.search={train.lr: [0.01, 0.001]}"])
     assert tune.returncode == 2 and "tune is not supported" in tune.stderr
