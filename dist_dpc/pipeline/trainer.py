@@ -99,6 +99,9 @@ def open_phase(cfg: Config, phase: str, *, load_data: bool = True, size_only: bo
     # generate checks its own directory (it never writes results.json), so it runs in a `dpc train` tree.
     run = RunDir.prepare(user_config(cfg), world,
                          directory if phase not in POST_PROCESSING or phase == "generate" else None)
+    # Every rank has compared with the saved config before rank 0 writes it (a rank still reading
+    # while it is rewritten would see a partial file and refuse the run).
+    torch.distributed.barrier()
     if world.is_main:
         dump_yaml(user_config(cfg), run.path / "config.yaml")
         directory.mkdir(parents=True, exist_ok=True)

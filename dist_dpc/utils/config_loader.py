@@ -227,7 +227,11 @@ def _merge(base: dict, top: dict) -> dict:
 
 
 def dump_yaml(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Written to a temporary file and renamed: a reader sees the old file or the new one, never part."""
+    from dist_dpc.utils.atomic import atomic_write
+
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    atomic_write(Path(path), lambda tmp: tmp.write_text(text))
 
 
 def field_docs(cls: type) -> dict[str, str]:
