@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from dist_dpc.compress.distill import student_from_teacher, transformer_layers
+from dist_dpc.engine.distributed import collective_device
 
 PATTERNS = ("unstructured", "2:4")
 
@@ -65,13 +66,6 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _wire() -> torch.device:
-    """Where collectives' tensors must live: the GPU under NCCL, else the CPU."""
-    if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def _magnitude_keys(weights, previous, names, begin: int, end: int) -> torch.Tensor:
     """int64 keys ordered like |w| over coordinates [begin, end) of the concatenated matrices: the
     bits of |w| as float32 (non-negative floats order like their bit patterns, so the search over
@@ -97,7 +91,7 @@ def _threshold_search(keys: torch.Tensor, num_pruned: int, rank: int, world: int
     """Which of this rank's keys are among the ``num_pruned`` smallest of all ranks' keys, ties
     broken by global position (rank order, then position in the slice)."""
     def total(count: int) -> int:
-        t = torch.tensor([count], dtype=torch.int64, device=_wire())
+        t = torch.tensor([count], dtype=torch.int64, device=collective_device())
         if world > 1:
             torch.distributed.all_reduce(t)
         return int(t.item())
@@ -115,7 +109,7 @@ def _threshold_search(keys: torch.Tensor, num_pruned: int, rank: int, world: int
     pruned = keys < lo
     ties = torch.nonzero(keys == lo).flatten()
     wanted = num_pruned - total(int(pruned.sum()))  # ties to prune, taken from the lowest positions
-    tie_counts = torch.tensor([ties.numel()], dtype=torch.int64, device=_wire())
+    tie_counts = torch.tensor([ties.numel()], dtype=torch.int64, device=collective_device())
     if world > 1:
         every = [torch.zeros_like(tie_counts) for _ in range(world)]
         torch.distributed.all_gather(every, tie_counts)
@@ -132,7 +126,7 @@ def _all_gather_slices(piece: torch.Tensor, total: int, world: int) -> torch.Ten
     if world == 1:
         return piece
     width = -(-total // world)
-    padded = torch.zeros(width, dtype=torch.uint8, device=_wire())
+    padded = torch.zeros(width, dtype=torch.uint8, device=collective_device())
     padded[:piece.numel()] = piece.to(padded.device, torch.uint8)
     parts = [torch.zeros_like(padded) for _ in range(world)]
     torch.distributed.all_gather(parts, padded)

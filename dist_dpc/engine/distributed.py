@@ -104,3 +104,13 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def collective_device() -> torch.device:
+    """Where tensors handed to torch.distributed collectives must live: this rank's GPU under NCCL,
+    else the CPU (gloo). (privacy.randomness.broadcast_key keeps its own line: privacy imports no engine.)"""
+    import torch
+
+    if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -15,13 +15,13 @@ ledger's single entry stays true.
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from dist_dpc.data import collate
+from dist_dpc.engine.distributed import collective_device
 from dist_dpc.engine.losses import model_inputs
 from dist_dpc.models.heads import centre_pooler_, cls_hidden, has_pooled_head, pool, pooled_head, set_classifier_
 from dist_dpc.pipeline.config import HeadInitConfig
@@ -185,7 +185,7 @@ def _features(ctx, model, head, teacher):
 
 def _broadcast(tensor: torch.Tensor) -> None:
     if torch.distributed.get_world_size() > 1:
-        buf = tensor.detach().to("cuda" if torch.distributed.get_backend() == "nccl" else "cpu").contiguous()
+        buf = tensor.detach().to(collective_device()).contiguous()
         torch.distributed.broadcast(buf, src=0)
         with torch.no_grad():
             tensor.copy_(buf.to(tensor.device))

@@ -28,8 +28,7 @@ from dist_dpc.pipeline.config import ALL_PHASES, MODEL_PHASES, Config
 from dist_dpc.pipeline.head_init import HeadStart
 from dist_dpc.pipeline.lineage import import_lineage
 from dist_dpc.pipeline.trainer import (PhaseContext, evaluate_engine, finish_phase, frozen_for_phase, gathered,
-                                       local_device,
-                                       check_before_spending, open_phase, open_tracker, phase_privacy, phase_results,
+                                       local_device, check_before_spending, open_phase, open_tracker, phase_privacy, phase_results,
                                        planned_steps,
                                        root_of, run_train, save_model, steps_per_epoch, train_dp)
 from dist_dpc.privacy.ledger import PrivacyLedger

@@ -304,7 +304,10 @@ def check_before_spending(ctx: PhaseContext, model: torch.nn.Module, *, steps: i
 
 def phase_zero_stage(ctx: PhaseContext) -> int:
     """The ZeRO stage the phase's engine will run at (train.zero_stage, or the DeepSpeed JSON's)."""
-    ds_config = _phase_ds_config(ctx.cfg, ctx.world, None, ctx.cfg.privacy.enabled)
+    return _zero_stage(_phase_ds_config(ctx.cfg, ctx.world, None, ctx.cfg.privacy.enabled))
+
+
+def _zero_stage(ds_config: dict) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
@@ -351,7 +354,7 @@ def train_dp(ctx: PhaseContext, model: torch.nn.Module, *, directory: Path, step
                            world_size=world.world_size, key=key.derive("sampling"))
     ds_config = _phase_ds_config(cfg, world, lr, privacy.enabled)
     checkpoints = Checkpoints(directory / "checkpoints", keep=cfg.train.keep_checkpoints, world=world)
-    universal = checkpoints.needs_universal(int(ds_config.get("zero_optimization", {}).get("stage", 0)))
+    universal = checkpoints.needs_universal(_zero_stage(ds_config))
     if universal:  # written at another world size: DeepSpeed re-partitions it (checkpoints.py)
         ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
     schedule = _lr_schedule(cfg, ds_config, steps)

@@ -25,8 +25,8 @@ class CausalLM(Task):
     generates = True
     token_level = True
     lora_head = ()  # the LM head (vocab x hidden, often tied to the embeddings) stays frozen under LoRA
-    # DPIMP of causal LMs: not yet; tune's private score counts correct predictions (sensitivity 1),
-    # which a perplexity has no bounded counterpart of.
+    # tune's private score counts correct predictions (sensitivity 1), which a perplexity has no
+    # bounded counterpart of.
     unsupported_phases = ("tune",)
 
     def load_data(self):
