@@ -36,7 +36,8 @@ def _restore_environ():
 # The longest scopes (minutes of real ranks, clusters and dpc subprocesses each) go out first: xdist
 # hands scopes to the workers in collection order, and a long file picked up last leaves the
 # other worker idle at the end (longest-first is the classic remedy for that tail).
-LONGEST_FIRST = ("tests/slurm/", "tests/pipeline/test_phases.py", "tests/pipeline/test_accounting_by_construction.py",
+LONGEST_FIRST = ("tests/slurm/", "tests/pipeline/test_phases.py", "tests/pipeline/test_zero3_chain.py",
+                 "tests/pipeline/test_accounting_by_construction.py",
                  "tests/tasks/test_generate.py", "tests/pipeline/test_defaults.py", "tests/pipeline/test_train.py",
                  "tests/tasks/test_causal_lm.py", "tests/pipeline/test_head_init.py", "tests/tasks/test_synthetic_kd.py",
                  "tests/pipeline/test_audit_run.py", "tests/pipeline/test_tune.py", "tests/engine/test_refusals.py")
