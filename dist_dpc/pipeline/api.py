@@ -1,0 +1,334 @@
+"""``dist_dpc.initialize``: the DP step for a user's own DeepSpeed loop, in the shape of
+``deepspeed.initialize``. (In the pipeline layer: it keeps the ledger and writes lineage as phases do.)
+
+    engine, optimizer, loader, _ = dist_dpc.initialize(model=model, config="ds_config.json",
+                                                       privacy=PrivacyConfig(target_epsilon=3),
+                                                       training_data=train_set, epochs=3)
+    for batch in loader:              # one logical batch per step, drawn by Poisson sampling
+        stats = engine.train_batch(batch)
+    engine.finish()                   # the ledger now counts the steps taken
+
+What changes against a plain DeepSpeed loop, and why:
+- ``train_batch_size`` of the DeepSpeed JSON is the *expected* logical batch B (each example joins a
+  step with probability q = B / N); ``train_micro_batch_size_per_gpu`` the fixed micro-batch. The
+  number of micro-batches of a step varies, so the engine marks the accumulation boundary itself.
+- One call per logical step (``engine.train_batch``), like DeepSpeed's pipeline engine: per-sample
+  clipping needs every micro-batch's per-sample losses (``loss_fn``), and the noise is added once per
+  step in the optimizer's pre-hook. ``engine.backward``/``engine.step`` are refused, not emulated.
+- The planned length (``steps`` or ``epochs``) is part of the privacy plan: sigma is calibrated for
+  it, and the run is refused past it.
+- Every run records into a privacy ledger (``ledger=``, default ./privacy_ledger.json) before the first
+  private read; a rerun appends an attempt and composes with the earlier ones, never resets them.
+
+Everything the pipeline's phases refuse is refused here with the same messages: it is the same
+engine (DPEngine), the same DeepSpeed checks (build_ds_config) and the same budget (PhaseBudget).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from dist_dpc.engine.distributed import init_distributed
+from dist_dpc.engine.dp_engine import DPEngine, StepStats
+from dist_dpc.engine.ds_config import build_ds_config, read_ds_config
+from dist_dpc.privacy.accounting import check_delta, delta_default
+from dist_dpc.privacy.budget import PhaseBudget
+from dist_dpc.privacy.config import PrivacyConfig
+from dist_dpc.privacy.ledger import PrivacyLedger
+from dist_dpc.privacy.randomness import SecretKey, broadcast_key
+from dist_dpc.privacy.sampling import make_sampler
+
+NOT_INPUTS = ("labels", "sample_mask")
+
+
+def default_loss(forward, batch: dict) -> torch.Tensor:
+    """Per-sample cross-entropy for the two model shapes of the Hugging Face convention: logits (B, K)
+    of a sequence classifier against ``labels`` (B,), or logits (B, T, V) of a causal LM against
+    ``labels`` (B, T) = the input ids with -100 where no loss is wanted (shifted here, as the model
+    would). Anything else: pass ``loss_fn(forward, batch) -> (B,)``."""
+    logits = forward(**{k: v for k, v in batch.items() if k not in NOT_INPUTS}).logits
+    labels = batch["labels"]
+    if logits.dim() == 2:
+        return F.cross_entropy(logits.float(), labels, reduction="none")
+    if logits.dim() == 3 and labels.dim() == 2:
+        targets = labels[:, 1:]
+        per_token = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100,
+                                    reduction="none")
+        return per_token.sum(1) / (targets != -100).sum(1).clamp(min=1)
+    raise ValueError(f"dist_dpc.initialize: the default loss handles logits of shape (B, K) or (B, T, V) with labels "
+                     f"(B,) or (B, T); got logits {tuple(logits.shape)} and labels {tuple(labels.shape)}: pass "
+                     "loss_fn=lambda forward, batch: <per-sample losses, shape (B,)>")
+
+
+@dataclass
+class LogicalBatch:
+    """One DP step's examples on this rank: fixed-shape micro-batches (rows with sample_mask 0 are
+    padding and carry no gradient) and the logical batch size over all ranks."""
+
+    micro_batches: list[dict]
+    logical_batch_size: int
+    step: int
+
+
+class PoissonBatches:
+    """The training data loader: yields the planned steps' logical batches, starting at the engine's
+    step (a resumed engine continues). All ranks draw the same batch from the shared secret key and
+    keep their share, so every rank runs the same number of micro-steps without communication."""
+
+    def __init__(self, dataset, sampler, collate_fn: Callable, micro_batch_size: int, steps: int,
+                 start: Callable[[], int]):
+        self.dataset, self.sampler, self.collate_fn = dataset, sampler, collate_fn
+        self.micro_batch_size, self.steps, self._start = micro_batch_size, steps, start
+
+    def __len__(self) -> int:
+        return self.steps - self._start()
+
+    def __iter__(self):
+        for step in range(self._start(), self.steps):
+            plan = self.sampler.plan(step)
+            yield LogicalBatch([self._micro(idx) for idx in plan.micro_batches], plan.logical_batch_size, step)
+
+    def _micro(self, indices: list[int]) -> dict:
+        # Padding rows repeat an example with sample_mask 0: their per-sample loss is multiplied by 0,
+        # so they add nothing to any gradient, and every micro-batch has the same shape.
+        rows = [self.dataset[i] for i in indices]
+        fill = rows[0] if rows else self.dataset[0]
+        batch = dict(self.collate_fn(rows + [fill] * (self.micro_batch_size - len(rows))))
+        if "sample_mask" in batch:
+            raise ValueError("dist_dpc.initialize: the collated batch has a 'sample_mask' key, which the DP loader "
+                             "sets itself (1 for real rows, 0 for padding): rename it in collate_fn")
+        mask = torch.zeros(self.micro_batch_size)
+        mask[:len(rows)] = 1
+        batch["sample_mask"] = mask
+        return batch
+
+
+class PrivateEngine:
+    """What ``initialize`` returns: the DP step over a DeepSpeed engine (``.ds``), and its ledger entry."""
+
+    def __init__(self, dp: DPEngine, budget: PhaseBudget | None, ledger: PrivacyLedger | None):
+        self.dp, self.budget, self.ledger = dp, budget, ledger
+        self.finished = False
+
+    # -- training -------------------------------------------------------------------------------
+    def train_batch(self, batch: LogicalBatch) -> StepStats:
+        """One DP-SGD step on one logical batch from the loader initialize returned."""
+        if self.finished:
+            raise RuntimeError("engine.finish() was called: its steps are in the ledger; train with a new initialize")
+        if not isinstance(batch, LogicalBatch):
+            raise TypeError("engine.train_batch takes a LogicalBatch from the loader dist_dpc.initialize returned "
+                            f"(got {type(batch).__name__}): its batches are Poisson samples with padding masks, "
+                            "which the accounting assumes")
+        if batch.step != self.dp.steps_done:
+            raise ValueError(f"engine.train_batch: the batch was drawn for step {batch.step}, the engine is at step "
+                             f"{self.dp.steps_done}: iterate the loader once per step, without skipping or replaying")
+        return self.dp.train_step(batch.micro_batches, batch.logical_batch_size)
+
+    def backward(self, *args, **kwargs):
+        raise RuntimeError("a DP step is engine.train_batch(batch): per-sample clipping needs the per-sample losses of "
+                           "every micro-batch, and the noise goes on once per logical batch. engine.backward/step of "
+                           "a plain DeepSpeed loop would bypass both")
+
+    step = backward
+
+    def finish(self) -> float | None:
+        """Record the steps taken as released (the reservation is replaced by what ran) and complete the
+        ledger entry; returns the ledger's total epsilon. Call it before publishing the model."""
+        if self.budget is not None and not self.finished:
+            self.budget.release(self.budget.dp_sgd(self.dp.steps_done))
+            self.budget.complete()
+        self.finished = True
+        return self.epsilon()
+
+    # -- what a DeepSpeed engine offers -------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        return self.dp.ds(*args, **kwargs)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.dp.module
+
+    @property
+    def ds(self):
+        return self.dp.ds
+
+    @property
+    def steps_done(self) -> int:
+        return self.dp.steps_done
+
+    @property
+    def noise_multiplier(self) -> float:
+        return self.dp.noise_multiplier
+
+    def train(self, mode: bool = True):
+        self.dp.ds.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def epsilon(self) -> float | None:
+        """The ledger's total epsilon (everything it holds, this run's whole reservation while it runs)."""
+        return self.ledger.total_epsilon() if self.ledger is not None else None
+
+    def save_checkpoint(self, directory: str | Path, tag: str, client_state: dict | None = None) -> None:
+        self.dp.save_checkpoint(directory, tag, client_state)
+
+    def load_checkpoint(self, directory: str | Path, tag: str | None = None) -> dict:
+        return self.dp.load_checkpoint(directory, tag)
+
+    def save_pretrained(self, directory: str | Path, tokenizer=None) -> None:
+        """The model as a Hugging Face directory (ZeRO-3 partitions gathered), with its privacy lineage:
+        what the ledger holds now (this run's whole reservation until finish()), so a dist-dpc phase
+        that later uses the directory as a teacher or source composes with its cost. Every rank calls it."""
+        import deepspeed
+
+        from dist_dpc.pipeline.lineage import write_lineage
+
+        directory = Path(directory)
+        module = self.dp.module
+        with deepspeed.zero.GatheredParameters(list(module.parameters()),
+                                               enabled=self.dp.ds.zero_optimization_stage() == 3):
+            if self.dp.world.is_main:
+                state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+                module.save_pretrained(str(directory), state_dict=state)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(str(directory))
+                write_lineage(directory, self.ledger, phase=self.budget.entry if self.budget else "train")
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+
+def initialize(*, model: torch.nn.Module, config: dict | str | Path, privacy: PrivacyConfig | None = None,
+               training_data: Sequence, dataset_size: int | None = None, collate_fn: Callable | None = None,
+               loss_fn: Callable | None = None, steps: int | None = None, epochs: float | None = None,
+               ledger: str | Path = "privacy_ledger.json", name: str = "train", key: SecretKey | None = None,
+               lr_schedule: Callable[[int], float] | None = None, model_parameters=None, optimizer=None,
+               lr_scheduler=None, args=None) -> tuple[PrivateEngine, torch.optim.Optimizer, PoissonBatches, None]:
+    """DP-SGD for a user's loop, returning (engine, optimizer, training_dataloader, lr_scheduler) as
+    ``deepspeed.initialize`` does (the scheduler is None: DeepSpeed's "scheduler" block or
+    ``lr_schedule(step) -> factor`` set the learning rate).
+
+    config: the DeepSpeed JSON (dict or path). train_batch_size = expected logical batch B,
+        train_micro_batch_size_per_gpu = the micro-batch (or derived from gradient_accumulation_steps);
+        its "optimizer" block is the optimizer; settings that touch gradients are refused.
+    privacy: PrivacyConfig (target_epsilon or noise_multiplier, max_grad_norm, clipping, delta...).
+    training_data: indexable examples; collate_fn(list of examples) -> dict of tensors (default
+        torch's default_collate). dataset_size: N if given, must equal len(training_data).
+    loss_fn(forward, batch) -> per-sample losses (B,) (default: default_loss).
+    steps / epochs: the planned length (one of them); sigma is calibrated for it.
+    ledger: the privacy ledger file; name: this run's entry in it (a rerun appends name#2 ...).
+    key: the secret key of noise and sampling (default: drawn from the OS on rank 0, never written).
+    model_parameters: if given, only these parameters train (the others are frozen, never noised).
+    """
+    if optimizer is not None or lr_scheduler is not None:
+        raise ValueError("dist_dpc.initialize: pass the optimizer and scheduler in the DeepSpeed config's \"optimizer\" "
+                         "and \"scheduler\" blocks, not as objects: the DP noise goes on in a pre-hook of the optimizer "
+                         "DeepSpeed builds and steps")
+    privacy = privacy if privacy is not None else PrivacyConfig()
+    n = len(training_data)
+    if dataset_size is not None and dataset_size != n:
+        raise ValueError(f"dist_dpc.initialize: dataset_size={dataset_size} but training_data has {n} examples: "
+                         "Poisson sampling draws from training_data, so N is its length (drop dataset_size)")
+    world = init_distributed()
+    ds_user, batch_size, micro = _batch_sizes(config, world.world_size)
+    if not 1 <= batch_size < n:
+        raise ValueError(f"config train_batch_size={batch_size} must be in [1, N={n}): it is the expected logical "
+                         "batch of Poisson sampling, q = train_batch_size / N < 1")
+    if "optimizer" not in ds_user:
+        raise ValueError("dist_dpc.initialize: the DeepSpeed config has no \"optimizer\" block: add one, e.g. "
+                         "\"optimizer\": {\"type\": \"AdamW\", \"params\": {\"lr\": 1e-3}}")
+    if model_parameters is not None:
+        keep = {id(p) for p in model_parameters}
+        for p in model.parameters():
+            if id(p) not in keep:
+                p.requires_grad_(False)
+    ds_config = build_ds_config(ds_user, micro_batch_size=micro, world_size=world.world_size, zero_stage=None,
+                                lr=0.0, weight_decay=0.0, optimizer="adamw", bf16=False, dp_enabled=privacy.enabled)
+    if lr_schedule is not None and "scheduler" in ds_config:
+        raise ValueError("dist_dpc.initialize: the DeepSpeed config has a \"scheduler\" block and lr_schedule is set: "
+                         "keep one")
+    DPEngine.check_settings(model, ds_config, privacy)  # unsupported or tied layers: refused before any spend
+    q = batch_size / n
+    planned = _planned_steps(steps, epochs, q)
+    key = broadcast_key(key if key is not None else (SecretKey.generate() if world.is_main else None),
+                        world.world_size)
+    budget, book = None, None
+    if not privacy.enabled:
+        warnings.warn("dist_dpc.initialize with privacy.enabled=false: NO differential privacy, nothing is clipped, "
+                      "noised or recorded in a ledger", stacklevel=2)
+    delta = privacy.delta if privacy.delta is not None else delta_default(n)
+    check_delta(delta, n)
+    if privacy.enabled:
+        book = PrivacyLedger(ledger, privacy.target_epsilon, delta, n, accountant=privacy.accountant)
+        budget = _reserve(book, name, world, sample_rate=q, steps=planned, privacy=privacy, batch_size=batch_size)
+        key = key.derive("attempt", budget.attempt)  # a rerun never replays an earlier attempt's noise
+        privacy = dataclasses.replace(privacy, noise_multiplier=budget.noise_multiplier, delta=book.delta)
+    dp = DPEngine(model, ds_config, privacy, dataset_size=n, expected_batch_size=batch_size, planned_steps=planned,
+                  loss_fn=loss_fn or default_loss, world=world, key=key.derive("dp-sgd"),
+                  poisson_sampling=privacy.sampling == "poisson", prior=budget.prior() if budget else (),
+                  phase=budget.entry if budget else name, lr_schedule=lr_schedule)
+    sampler = make_sampler(privacy.sampling, dataset_size=n, expected_batch_size=batch_size, micro_batch_size=micro,
+                           rank=world.rank, world_size=world.world_size, key=key.derive("sampling"))
+    loader = PoissonBatches(training_data, sampler, collate_fn or torch.utils.data.default_collate, micro, planned,
+                            start=lambda: dp.steps_done)
+    return PrivateEngine(dp, budget, book), dp.optimizer, loader, None
+
+
+def _batch_sizes(config, world_size: int) -> tuple[dict[str, Any], int, int]:
+    ds = dict(read_ds_config(config))
+    batch = ds.pop("train_batch_size", None)
+    micro = ds.pop("train_micro_batch_size_per_gpu", None)
+    accumulation = ds.pop("gradient_accumulation_steps", None)
+    if not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"config train_batch_size={batch!r}: set it to the expected logical batch size B of a DP step "
+                         "(an integer; each example joins a step with probability B / N)")
+    if micro is None and isinstance(accumulation, int) and accumulation >= 1:
+        micro = max(1, batch // (accumulation * world_size))
+    if not isinstance(micro, int) or micro < 1:
+        raise ValueError(f"config train_micro_batch_size_per_gpu={micro!r}: set the micro-batch each rank computes at "
+                         "once (an integer >= 1); the number of micro-batches per step follows the Poisson draw")
+    return ds, batch, micro
+
+
+def _planned_steps(steps: int | None, epochs: float | None, q: float) -> int:
+    if (steps is None) == (epochs is None):
+        raise ValueError("dist_dpc.initialize: give the planned training length as steps=... or epochs=... (one of "
+                         "them): sigma is calibrated for it and the engine stops there")
+    planned = steps if steps is not None else math.ceil(epochs * max(1, round(1 / q)))
+    if not isinstance(planned, int) or planned < 1:
+        raise ValueError(f"dist_dpc.initialize: steps={steps!r}, epochs={epochs!r} plan {planned!r} steps; must be >= 1")
+    return planned
+
+
+def _reserve(ledger: PrivacyLedger, name: str, world, *, sample_rate: float, steps: int, privacy: PrivacyConfig,
+             batch_size: int) -> PhaseBudget:
+    """Rank 0 reserves under the ledger's lock; the others join its entry (as the pipeline's phases do)."""
+    outcome, error = None, None
+    if world.is_main:
+        try:
+            budget = PhaseBudget.reserve(ledger, name, sample_rate=sample_rate, steps=steps,
+                                         target_epsilon=privacy.target_epsilon, noise_multiplier=privacy.noise_multiplier,
+                                         expected_batch_size=batch_size, max_effective_noise=privacy.max_effective_noise)
+            outcome = ["ok", budget.entry]
+        except Exception as err:  # every rank stops with rank 0's reason
+            outcome, error = ["refused", str(err)], err
+    if world.world_size > 1:
+        box = [outcome]
+        torch.distributed.broadcast_object_list(box, src=0)
+        outcome = box[0]
+    if error is not None:
+        raise error
+    if outcome[0] != "ok":
+        raise ValueError(outcome[1])
+    budget = PhaseBudget.join(ledger, name, entry=outcome[1])
+    budget.writer = world.is_main
+    return budget

@@ -1,0 +1,189 @@
+"""`dist_dpc.initialize`: a user's own DeepSpeed loop gets the DP step, Poisson batches and a ledger.
+The step against the per-example reference, the ledger against opacus' PRV, the refusals against the
+engine's own messages, and the example script under the real `deepspeed` launcher on 2 ranks."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import random
+import subprocess
+
+import pytest
+import torch
+
+import dist_dpc
+from dist_dpc.engine import build_ds_config
+from dist_dpc.models import ModelConfig, load_sequence_classifier, load_tokenizer
+from dist_dpc.privacy.clipper import PerSampleClipper
+from tests.engine.dp_worker import logical_batch
+from tests.pipeline.test_deepspeed_launcher import DEEPSPEED, env, free_port
+from tests.pipeline.test_train import ROOT
+from tests.reference import classifier_loss, clipped_sum, per_example_grads
+
+N = 120
+SGD = {"type": "SGD", "params": {"lr": 1000.0}}  # large: the update, not float32 rounding, dominates
+
+
+def examples(n: int = N, seed: int = 5) -> list[dict]:
+    batch = logical_batch(model().config.vocab_size, n, 9, seed)
+    return [{k: v[i] for k, v in batch.items()} for i in range(n)]
+
+
+def model(seed: int = 3):
+    return load_sequence_classifier(ModelConfig(name="tiny-bert", dropout=0.0), num_labels=2, seed=seed)
+
+
+def config(**extra) -> dict:
+    return {"train_batch_size": 12, "train_micro_batch_size_per_gpu": 5, "optimizer": SGD,
+            "zero_optimization": {"stage": 0}, **extra}
+
+
+@pytest.mark.parametrize("clipping", ["per_layer", "flat"])
+def test_one_step_equals_the_per_example_reference(clipping, tmp_path):
+    """Noise off: the update is -lr * sum_i clip(g_i) / B over the examples of the Poisson draw."""
+    net, data = model(), examples()
+    reference_model = copy.deepcopy(net).double()
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    privacy = dist_dpc.PrivacyConfig(target_epsilon=None, noise_multiplier=0.0, max_grad_norm=0.05, clipping=clipping)
+    engine, _, loader, scheduler = dist_dpc.initialize(model=net, config=config(), privacy=privacy, training_data=data,
+                                                       steps=2, ledger=tmp_path / "ledger.json")
+    assert scheduler is None and len(loader) == 2
+    batch = next(iter(loader))
+    rows = [int(i) for micro in loader.sampler.plan(0).micro_batches for i in micro]  # step 0's Poisson draw
+    assert batch.logical_batch_size == len(rows) > 0
+    assert all(m["input_ids"].shape == (5, 9) for m in batch.micro_batches)
+    assert sum(int(m["sample_mask"].sum()) for m in batch.micro_batches) == len(rows)
+    engine.train_batch(batch)
+    real = {k: torch.stack([data[i][k] for i in rows]) for k in data[0]}
+    grads = per_example_grads(reference_model, real, classifier_loss)
+    expected = {n: -1000.0 * g / 12 for n, g in clipped_sum(reference_model, grads, 0.05, clipping).items()}
+    after = dict(engine.module.named_parameters())
+    diff = torch.cat([(after[n].detach().double() - before[n].double() - d).flatten() for n, d in expected.items()])
+    ref = torch.cat([d.flatten() for d in expected.values()])
+    assert float(diff.norm() / ref.norm()) < 1e-5
+    with pytest.raises(ValueError, match="drawn for step 0, the engine is at step 1"):
+        engine.train_batch(batch)  # a replayed batch would be sampled twice
+
+
+def test_the_ledger_holds_each_run_and_a_rerun_composes(tmp_path):
+    from opacus.accountants import PRVAccountant
+
+    ledger = tmp_path / "ledger.json"
+    engine, _, loader, _ = dist_dpc.initialize(model=model(), config=config(), training_data=examples(),
+                                               privacy=dist_dpc.PrivacyConfig(target_epsilon=6.0), steps=8, ledger=ledger)
+    entry = json.loads(ledger.read_text())["phases"]["train"]
+    assert entry["status"] == "running" and entry["mechanisms"][0]["steps"] == 8  # reserved before any private read
+    for i, batch in enumerate(loader):
+        if i == 5:
+            break  # the user stops early: only the steps taken are spent
+        engine.train_batch(batch)
+    first = engine.finish()
+    engine.save_pretrained(tmp_path / "model")
+    lineage = json.loads((tmp_path / "model" / "privacy_lineage.json").read_text())
+    assert lineage["private"] and lineage["mechanisms"][0]["steps"] == 5
+    engine2, _, loader2, _ = dist_dpc.initialize(model=model(), config=config(), training_data=examples(), steps=4,
+                                                 privacy=dist_dpc.PrivacyConfig(target_epsilon=9.0), ledger=ledger)
+    for batch in loader2:
+        engine2.train_batch(batch)
+    total = engine2.finish()
+    phases = json.loads(ledger.read_text())["phases"]
+    assert list(phases) == ["train", "train#2"] and all(p["status"] == "completed" for p in phases.values())
+    assert phases["train"]["mechanisms"][0]["steps"] == 5 and phases["train#2"]["mechanisms"][0]["steps"] == 4
+    accountant = PRVAccountant()
+    accountant.history = [(m["noise_multiplier"], m["sample_rate"], m["steps"]) for p in phases.values()
+                          for m in p["mechanisms"]]
+    delta = json.loads(ledger.read_text())["delta"]
+    assert total == pytest.approx(accountant.get_epsilon(delta=delta, eps_error=0.01), abs=0.05)
+    assert first < total <= 9.0 * (1 + 1e-6)
+    assert engine2.noise_multiplier != engine.noise_multiplier  # calibrated against what the ledger held
+
+
+def refusal(tmp_path, **overrides) -> str:
+    kwargs = dict(model=model(), config=config(), training_data=examples(), steps=4,
+                  privacy=dist_dpc.PrivacyConfig(target_epsilon=4.0), ledger=tmp_path / "ledger.json")
+    kwargs.update(overrides)
+    with pytest.raises(Exception) as err:
+        dist_dpc.initialize(**kwargs)
+    ledger = tmp_path / "ledger.json"
+    assert not ledger.exists() or json.loads(ledger.read_text())["phases"] == {}  # nothing reserved
+    return str(err.value)
+
+
+def test_what_the_engine_refuses_is_refused_with_its_message(tmp_path):
+    unsafe = config(gradient_clipping=1.0)
+    with pytest.raises(ValueError) as engine_error:
+        build_ds_config({k: v for k, v in unsafe.items() if not k.startswith("train_")}, micro_batch_size=5,
+                        world_size=1, zero_stage=None, lr=0.0, weight_decay=0.0, optimizer="adamw", bf16=False)
+    assert refusal(tmp_path, config=unsafe) == str(engine_error.value)
+
+    tied = model()
+    tied.bert.encoder.layer[1].attention.self.query.weight = tied.bert.encoder.layer[0].attention.self.query.weight
+    with pytest.raises(Exception) as clipper_error:
+        PerSampleClipper(tied, 1.0)
+    assert refusal(tmp_path, model=tied) == str(clipper_error.value)
+
+    assert "delta" in refusal(tmp_path, privacy=dist_dpc.PrivacyConfig(target_epsilon=4.0, delta=1 / N))
+    assert "too small for this privacy budget" in refusal(tmp_path, privacy=dist_dpc.PrivacyConfig(target_epsilon=0.05))
+    assert "train_batch_size" in refusal(tmp_path, config={k: v for k, v in config().items() if k != "train_batch_size"})
+    assert "\"optimizer\" block" in refusal(tmp_path, config={k: v for k, v in config().items() if k != "optimizer"})
+    assert "steps=... or epochs=..." in refusal(tmp_path, steps=None)
+    assert "not as objects" in refusal(tmp_path, optimizer=torch.optim.SGD(model().parameters(), lr=0.1))
+    assert "dataset_size=99" in refusal(tmp_path, dataset_size=99)
+
+
+def test_engine_backward_and_step_are_refused(tmp_path):
+    engine, *_ = dist_dpc.initialize(model=model(), config=config(), training_data=examples(), steps=2,
+                                     privacy=dist_dpc.PrivacyConfig(target_epsilon=4.0), ledger=tmp_path / "l.json")
+    for call in (engine.backward, engine.step):
+        with pytest.raises(RuntimeError, match="engine.train_batch"):
+            call(torch.zeros(()))
+
+
+@pytest.mark.timeout(600)
+def test_the_example_script_under_the_deepspeed_launcher_on_two_ranks(tmp_path):
+    """examples/deepspeed_loop.py as a user runs it: `deepspeed --num_gpus 2`, ZeRO 2, a local model."""
+    from opacus.accountants import PRVAccountant
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    base = tmp_path / "base"
+    tokenizer = load_tokenizer(ModelConfig(name="tiny-bert"), log=None)
+    load_sequence_classifier(ModelConfig(name="tiny-bert"), num_labels=2, tokenizer=tokenizer, seed=0).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    rng = random.Random(0)
+    with (tmp_path / "train.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["text", "label"])
+        for _ in range(400):
+            y = rng.randint(0, 1)
+            writer.writerow([" ".join(rng.choice(["good", "great", "fine"] if y else ["bad", "awful", "dull"])
+                                      for _ in range(6)), y])
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_batch_size": 40, "train_micro_batch_size_per_gpu": 8,
+                              "optimizer": {"type": "AdamW", "params": {"lr": 5e-3, "torch_adam": True}},
+                              "zero_optimization": {"stage": 2}}))
+    out = tmp_path / "out"
+    proc = subprocess.run([str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()),
+                           str(ROOT / "examples" / "deepspeed_loop.py"), "--model", str(base), "--train_file",
+                           str(tmp_path / "train.csv"), "--deepspeed_config", str(ds), "--epochs", "1",
+                           "--epsilon", "3", "--output_dir", str(out)],
+                          env=env(), cwd=ROOT, capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    assert "dist_world_size=2" in proc.stdout + proc.stderr
+    ledger = json.loads((out / "privacy_ledger.json").read_text())
+    (entry,) = ledger["phases"].values()
+    assert entry["status"] == "completed" and entry["mechanisms"][0]["steps"] == 10  # 1 epoch at q = 40/400
+    accountant = PRVAccountant()
+    accountant.history = [(m["noise_multiplier"], m["sample_rate"], m["steps"]) for m in entry["mechanisms"]]
+    assert accountant.get_epsilon(delta=ledger["delta"], eps_error=0.01) == pytest.approx(3.0, abs=0.05)
+    assert "epsilon 2.9" in proc.stdout or "epsilon 3.0" in proc.stdout
+    trained = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    with torch.no_grad():
+        logits = trained(**tok(["good great fine", "bad awful dull"], return_tensors="pt", padding=True)).logits
+    untrained = AutoModelForSequenceClassification.from_pretrained(base).eval()
+    with torch.no_grad():
+        before = untrained(**tok(["good great fine", "bad awful dull"], return_tensors="pt", padding=True)).logits
+    assert not torch.allclose(logits, before)  # it trained (and the ZeRO-2 weights were saved, not the initial ones)
+    assert json.loads((out / "privacy_lineage.json").read_text())["private"] is True
