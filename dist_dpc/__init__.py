@@ -6,7 +6,7 @@ that ``import dist_dpc`` (and every ``dpc`` start) stays cheap.
 """
 
 _EXPORTS = {"initialize": "dist_dpc.pipeline.api", "PrivacyConfig": "dist_dpc.privacy.config",
-            "DPTrainer": "dist_dpc.integrations.hf_trainer"}
+            "DPTrainer": "dist_dpc.pipeline.hf_trainer"}
 
 
 def __getattr__(name: str):

@@ -258,7 +258,7 @@ def initialize(*, model: torch.nn.Module, config: dict | str | Path, privacy: Pr
                          "keep one")
     DPEngine.check_settings(model, ds_config, privacy)  # unsupported or tied layers: refused before any spend
     q = batch_size / n
-    planned = _planned_steps(steps, epochs, q)
+    planned = planned_steps(steps, epochs, q)
     key = broadcast_key(key if key is not None else (SecretKey.generate() if world.is_main else None),
                         world.world_size)
     budget, book = None, None
@@ -299,7 +299,7 @@ def _batch_sizes(config, world_size: int) -> tuple[dict[str, Any], int, int]:
     return ds, batch, micro
 
 
-def _planned_steps(steps: int | None, epochs: float | None, q: float) -> int:
+def planned_steps(steps: int | None, epochs: float | None, q: float) -> int:
     if (steps is None) == (epochs is None):
         raise ValueError("dist_dpc.initialize: give the planned training length as steps=... or epochs=... (one of "
                          "them): sigma is calibrated for it and the engine stops there")

@@ -1,0 +1,99 @@
+"""DPTrainer: the HF Trainer with TrainingArguments(deepspeed=...) trains by dist_dpc.initialize's DP
+step. Its argument mapping against a direct initialize run with the same key, the ledger against
+opacus' PRV, evaluation after training, nothing private logged, and the refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import DataCollatorWithPadding, TrainingArguments
+
+import dist_dpc
+from dist_dpc.models import ModelConfig, load_sequence_classifier, load_tokenizer
+from dist_dpc.privacy.randomness import SecretKey
+from tests.engine.dp_worker import logical_batch
+
+N = 160
+DS = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_clipping": "auto",
+      "zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}
+
+
+def tokenizer():
+    return load_tokenizer(ModelConfig(name="tiny-bert"), log=None)
+
+
+def model():
+    return load_sequence_classifier(ModelConfig(name="tiny-bert", dropout=0.0), num_labels=2, tokenizer=tokenizer(),
+                                    seed=3)
+
+
+def rows(n: int = N) -> list[dict]:
+    batch = logical_batch(model().config.vocab_size, n, 9, 5)
+    out = []
+    for i in range(n):
+        length = int(batch["attention_mask"][i].sum())  # unpadded: the Trainer's collator pads each micro-batch
+        out.append({"input_ids": batch["input_ids"][i, :length].tolist(), "labels": int(batch["labels"][i])})
+    return out
+
+
+def arguments(tmp_path, **extra) -> TrainingArguments:
+    base = dict(output_dir=str(tmp_path / "out"), deepspeed=DS, per_device_train_batch_size=4,
+                gradient_accumulation_steps=4, num_train_epochs=2, learning_rate=2e-2, lr_scheduler_type="linear",
+                warmup_steps=2, weight_decay=0.01, report_to=[], logging_steps=1, use_cpu=True)
+    base.update(extra)
+    return TrainingArguments(**base)
+
+
+def test_dptrainer_trains_what_initialize_trains_and_records_it(tmp_path):
+    from opacus.accountants import PRVAccountant
+
+    key = SecretKey.from_seed(17)
+    privacy = dist_dpc.PrivacyConfig(target_epsilon=5.0, max_grad_norm=0.5)
+    trainer = dist_dpc.DPTrainer(model=model(), args=arguments(tmp_path), train_dataset=rows(), eval_dataset=rows(40),
+                                 processing_class=tokenizer(), privacy=privacy, key=key)
+    out = trainer.train()
+    steps = 2 * round(N / 16)  # 2 epochs at q = 4 x 4 x 1 / N
+    assert out.global_step == steps and out.metrics["epsilon"] <= 5.0 * (1 + 1e-6)
+    ledger = json.loads((tmp_path / "out" / "privacy_ledger.json").read_text())
+    (entry,) = ledger["phases"].values()
+    (mechanism,) = entry["mechanisms"]
+    assert entry["status"] == "completed" and mechanism["steps"] == steps and mechanism["sample_rate"] == 16 / N
+    accountant = PRVAccountant()
+    accountant.history = [(mechanism["noise_multiplier"], mechanism["sample_rate"], steps)]
+    assert out.metrics["epsilon"] == pytest.approx(accountant.get_epsilon(delta=ledger["delta"], eps_error=0.01), abs=0.05)
+    assert not any("loss" in record for record in trainer.state.log_history)  # exact batch statistics: never logged
+    assert "eval_loss" in trainer.evaluate()
+
+    # The same run through dist_dpc.initialize, as the docstring maps the arguments.
+    direct = model()
+    config = {"train_batch_size": 16, "train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2},
+              "optimizer": {"type": "AdamW", "params": {"lr": 2e-2, "weight_decay": 0.01, "betas": [0.9, 0.999],
+                                                        "eps": 1e-8, "torch_adam": True}}}
+    engine, _, loader, _ = dist_dpc.initialize(
+        model=direct, config=config, privacy=privacy, training_data=rows(), steps=steps, key=key,
+        collate_fn=DataCollatorWithPadding(tokenizer()), ledger=tmp_path / "direct.json",
+        lr_schedule=lambda s: (s + 1) / 3 if s < 2 else (steps - s) / (steps - 2))
+    for batch in loader:
+        engine.train_batch(batch)
+    trained = dict(trainer.model.named_parameters())
+    for name, p in direct.named_parameters():
+        torch.testing.assert_close(trained[name], p, rtol=1e-5, atol=1e-6, msg=name)
+    assert any(not torch.equal(trained[n], p) for n, p in model().named_parameters())
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"deepspeed": None}, "set TrainingArguments\\(deepspeed="),
+    ({"lr_scheduler_type": "cosine"}, "lr_scheduler_type='cosine'"),
+    ({"deepspeed": {**DS, "gradient_clipping": 1.0}}, "gradient_clipping"),
+    ({"deepspeed": {**DS, "scheduler": {"type": "WarmupLR"}}}, "\"scheduler\" block"),
+    ({"deepspeed": {**DS, "train_batch_size": 64}}, "train_batch_size=64 but the TrainingArguments give 16"),
+])
+def test_refusals(tmp_path, change, message):
+    with pytest.raises(ValueError, match=message):
+        trainer = dist_dpc.DPTrainer(model=model(), args=arguments(tmp_path, **change), train_dataset=rows(),
+                                     processing_class=tokenizer())
+        trainer.train()
+    ledger = tmp_path / "out" / "privacy_ledger.json"
+    assert not ledger.exists() or json.loads(ledger.read_text())["phases"] == {}
