@@ -17,6 +17,7 @@ parser.add_argument("--deepspeed_config", default="examples/ds_config.json")  # 
 parser.add_argument("--epsilon", type=float, default=3.0)
 parser.add_argument("--epochs", type=float, default=3)
 parser.add_argument("--output_dir", default="dp_model")
+parser.add_argument("--ledger", default="privacy_ledger.json")  # one per private data set: keep it across runs
 parser.add_argument("--local_rank", type=int, default=0)  # set by the deepspeed launcher
 args = parser.parse_args()
 
@@ -29,7 +30,7 @@ model = AutoModelForSequenceClassification.from_pretrained(args.model, num_label
 engine, optimizer, loader, _ = dist_dpc.initialize(
     model=model, config=args.deepspeed_config, training_data=data, epochs=args.epochs,
     privacy=dist_dpc.PrivacyConfig(target_epsilon=args.epsilon, max_grad_norm=1.0),
-    ledger=f"{args.output_dir}/privacy_ledger.json")
+    ledger=args.ledger)
 for batch in loader:  # one Poisson-sampled logical batch per step
     engine.train_batch(batch)  # returns exact batch statistics: for debugging, never to log (not noised)
     if torch.distributed.get_rank() == 0 and engine.steps_done % 10 == 0:

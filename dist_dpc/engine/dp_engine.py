@@ -89,6 +89,8 @@ class DPEngine:
     """DeepSpeed engine + per-sample clipping + partition noise + accountant, one logical step per call."""
 
     _self_tested = False  # set by the first train_step's _self_test
+    _stepping = False     # true only inside train_step's optimizer step (the noise hook checks it)
+    broken: str | None = None  # why the engine refuses further steps (a failed or bypassed step)
 
     def __init__(self, model: torch.nn.Module, ds_config: dict, privacy: PrivacyConfig, *, dataset_size: int,
                  expected_batch_size: int, planned_steps: int, loss_fn: LossFn, world: WorldInfo, key: SecretKey,
@@ -138,10 +140,24 @@ class DPEngine:
 
     # -- the DP step ----------------------------------------------------------------------------
     def train_step(self, micro_batches: list[dict], logical_batch_size: int) -> StepStats:
+        if self.broken is not None:
+            raise RuntimeError(f"this engine stopped: {self.broken}. Its gradient buffers (and at ZeRO 3 possibly "
+                               "some updated sub-groups) hold part of a step; resume from a checkpoint in a new process")
         if self.steps_done >= self.max_steps:
             raise PrivacyBudgetError(
                 f"step {self.steps_done + 1} would exceed the privacy budget (epsilon calibrated for "
                 f"{self.max_steps} steps); raise privacy.target_epsilon or stop training here")
+        try:
+            return self._train_step(micro_batches, logical_batch_size)
+        except BaseException as err:
+            # A step that failed half-way leaves clipped sums of the micro-batches it processed in
+            # DeepSpeed's buffers: retrying it would count those examples twice under one noise draw.
+            self.broken = self.broken or f"step {self.steps_done + 1} failed ({type(err).__name__})"
+            raise
+        finally:
+            self._stepping = False
+
+    def _train_step(self, micro_batches: list[dict], logical_batch_size: int) -> StepStats:
         self._seed_dropout()
         self._begin_noise_count()
         self.ds.train()
@@ -160,7 +176,9 @@ class DPEngine:
             factor = self.lr_schedule(self.steps_done)
             for group, base in zip(self.optimizer.param_groups, self.base_lrs):
                 group["lr"] = base * factor
+        self._stepping = True
         self.ds.step()  # -> _noise_and_normalise, then the optimizer update
+        self._stepping = False
         self._check_noise_count(after_step=True)
         self.steps_done += 1
         if self.privacy.enabled:
@@ -180,6 +198,7 @@ class DPEngine:
             with self.clipper.pass_mode(ClipMode.PER_LAYER, rows):
                 per_sample = self.loss_fn(self.ds, batch)
                 self.ds.backward((per_sample * mask).sum())
+            _check_padding_silent(self.clipper.sq_norms, mask)
             return per_sample.detach(), self.clipper.sq_norms.sqrt(), self.clipper.clipped
         # flat: norms first (raw module, nothing accumulated), then the re-weighted real pass.
         rng = _RngSnapshot()
@@ -187,6 +206,7 @@ class DPEngine:
             per_sample = self.loss_fn(self.ds.module, batch)
             torch.autograd.grad((per_sample * mask).sum(), self._norm_sink, allow_unused=True)
             factors = self.clipper.flat_factors(self.clipper.sq_norms)
+            _check_padding_silent(self.clipper.sq_norms, mask)
         rng.restore()  # same dropout masks in both passes, or the norms would be of another gradient
         self.clipper.check_attached()  # the re-weighted pass runs the class forwards the norms were measured for
         per_sample = self.loss_fn(self.ds, batch)
@@ -218,6 +238,12 @@ class DPEngine:
         ZeRO-3 steps its sub-groups one at a time, calling this hook once per sub-group: the noise is
         labelled (step, stream, call index, tensor index), so no two draws share a generator however
         many sub-groups there are, and ZeRO 0 replicas (stream 0 everywhere) draw identical noise."""
+        if not self._stepping:
+            # engine.ds.backward/step called directly: gradients that were never clipped would be
+            # stepped (or, refused here, stay in the buffers for the next step). Stop for good.
+            self.broken = "the optimizer was stepped outside DPEngine.train_step (e.g. engine.ds.step())"
+            raise RuntimeError(f"DP-SGD: {self.broken}: its gradients were not clipped per sample. Train only "
+                               "through train_step (dist_dpc.initialize: engine.train_batch)")
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if self.clipper is not None:
             self._count_noised(params)
@@ -369,6 +395,17 @@ class DPEngine:
             raise FileNotFoundError(f"no loadable checkpoint in {directory}")
         self.load_state_dict(client["dp_engine"])
         return client
+
+
+def _check_padding_silent(sq_norms: torch.Tensor, mask: torch.Tensor) -> None:
+    """Rows with sample_mask 0 must have no gradient at all. A loss_fn whose per-sample losses mix
+    rows (e.g. a batch mean expanded to (B,)) gives padding rows a gradient that depends on the real
+    ones, and each such row would add up to another C of one example to the sum."""
+    padding = mask.to(sq_norms.device) == 0
+    if bool(padding.any()) and bool((sq_norms[padding] != 0).any()):
+        raise ValueError("DP-SGD: a padding row (sample_mask 0) has a non-zero per-sample gradient: the loss function "
+                         "mixes rows. It must return one loss per example, each depending on that example alone "
+                         "(shape (B,), e.g. cross_entropy(..., reduction='none'))")
 
 
 def _check_flat_precision(privacy: PrivacyConfig, ds_config: dict, model: torch.nn.Module) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,11 +98,15 @@ class PoissonBatches:
             yield LogicalBatch([self._micro(idx) for idx in plan.micro_batches], plan.logical_batch_size, step)
 
     def _micro(self, indices: list[int]) -> dict:
-        # Padding rows repeat an example with sample_mask 0: their per-sample loss is multiplied by 0,
-        # so they add nothing to any gradient, and every micro-batch has the same shape.
+        # Padding rows (sample_mask 0) give every micro-batch the same shape. They are collated from an
+        # example (for its shapes), then zeroed: constants that depend on no private data; their loss
+        # is multiplied by 0 and the engine refuses a padding row with a gradient (a loss mixing rows).
         rows = [self.dataset[i] for i in indices]
         fill = rows[0] if rows else self.dataset[0]
         batch = dict(self.collate_fn(rows + [fill] * (self.micro_batch_size - len(rows))))
+        for value in batch.values():
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == self.micro_batch_size:
+                value[len(rows):] = 0
         if "sample_mask" in batch:
             raise ValueError("dist_dpc.initialize: the collated batch has a 'sample_mask' key, which the DP loader "
                              "sets itself (1 for real rows, 0 for padding): rename it in collate_fn")
@@ -117,20 +122,27 @@ class PrivateEngine:
     def __init__(self, dp: DPEngine, budget: PhaseBudget | None, ledger: PrivacyLedger | None):
         self.dp, self.budget, self.ledger = dp, budget, ledger
         self.finished = False
+        self.executed = 0  # steps this engine started (never decreases, unlike steps_done after a load)
 
     # -- training -------------------------------------------------------------------------------
-    def train_batch(self, batch: LogicalBatch) -> StepStats:
-        """One DP-SGD step on one logical batch from the loader initialize returned."""
+    def train_batch(self, batch: LogicalBatch) -> StepStats | None:
+        """One DP-SGD step on one logical batch from the loader initialize returned. Returns the step's
+        exact statistics only where they may be released (privacy off, or
+        privacy.release_exact_statistics for debugging); None otherwise."""
         if self.finished:
             raise RuntimeError("engine.finish() was called: its steps are in the ledger; train with a new initialize")
         if not isinstance(batch, LogicalBatch):
             raise TypeError("engine.train_batch takes a LogicalBatch from the loader dist_dpc.initialize returned "
                             f"(got {type(batch).__name__}): its batches are Poisson samples with padding masks, "
                             "which the accounting assumes")
+        if self.dp.broken is not None:
+            raise RuntimeError(f"this engine stopped: {self.dp.broken}; what it started is counted at finish()")
         if batch.step != self.dp.steps_done:
             raise ValueError(f"engine.train_batch: the batch was drawn for step {batch.step}, the engine is at step "
                              f"{self.dp.steps_done}: iterate the loader once per step, without skipping or replaying")
-        return self.dp.train_step(batch.micro_batches, batch.logical_batch_size)
+        self.executed += 1  # counted before it runs: a step that fails half-way is spent (finish() counts it)
+        stats = self.dp.train_step(batch.micro_batches, batch.logical_batch_size)
+        return stats if self.dp.privacy.releases_training_statistics else None
 
     def backward(self, *args, **kwargs):
         raise RuntimeError("a DP step is engine.train_batch(batch): per-sample clipping needs the per-sample losses of "
@@ -143,7 +155,9 @@ class PrivateEngine:
         """Record the steps taken as released (the reservation is replaced by what ran) and complete the
         ledger entry; returns the ledger's total epsilon. Call it before publishing the model."""
         if self.budget is not None and not self.finished:
-            self.budget.release(self.budget.dp_sgd(self.dp.steps_done))
+            # Every step started counts, a failed one included; a checkpoint loaded before training
+            # brings the steps it was written at (spent by the run that wrote them, counted there too).
+            self.budget.release(self.budget.dp_sgd(self.executed + self.loaded_steps))
             self.budget.complete()
         self.finished = True
         return self.epsilon()
@@ -155,10 +169,6 @@ class PrivateEngine:
     @property
     def module(self) -> torch.nn.Module:
         return self.dp.module
-
-    @property
-    def ds(self):
-        return self.dp.ds
 
     @property
     def steps_done(self) -> int:
@@ -182,8 +192,17 @@ class PrivateEngine:
     def save_checkpoint(self, directory: str | Path, tag: str, client_state: dict | None = None) -> None:
         self.dp.save_checkpoint(directory, tag, client_state)
 
+    loaded_steps = 0
+
     def load_checkpoint(self, directory: str | Path, tag: str | None = None) -> dict:
-        return self.dp.load_checkpoint(directory, tag)
+        """Only before the first step: loading later would rewind the step count over steps whose
+        results may already be out (the ledger must count what ran, not what the weights show)."""
+        if self.executed:
+            raise RuntimeError(f"engine.load_checkpoint after {self.executed} steps of this engine: load before "
+                               "training (a new initialize), never to rewind one")
+        state = self.dp.load_checkpoint(directory, tag)
+        self.loaded_steps = self.dp.steps_done
+        return state
 
     def save_pretrained(self, directory: str | Path, tokenizer=None) -> None:
         """The model as a Hugging Face directory (ZeRO-3 partitions gathered), with its privacy lineage:
@@ -191,18 +210,30 @@ class PrivateEngine:
         that later uses the directory as a teacher or source composes with its cost. Every rank calls it."""
         import deepspeed
 
-        from dist_dpc.pipeline.lineage import write_lineage
+        from dist_dpc.pipeline.lineage import LINEAGE_FILE, write_lineage
+
+        import shutil
 
         directory = Path(directory)
         module = self.dp.module
         with deepspeed.zero.GatheredParameters(list(module.parameters()),
                                                enabled=self.dp.ds.zero_optimization_stage() == 3):
             if self.dp.world.is_main:
+                # Written beside the target and renamed into place: never new weights with an old lineage.
+                tmp = directory.with_name(directory.name + ".tmp")
+                shutil.rmtree(tmp, ignore_errors=True)
                 state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-                module.save_pretrained(str(directory), state_dict=state)
+                module.save_pretrained(str(tmp), state_dict=state)
                 if tokenizer is not None:
-                    tokenizer.save_pretrained(str(directory))
-                write_lineage(directory, self.ledger, phase=self.budget.entry if self.budget else "train")
+                    tokenizer.save_pretrained(str(tmp))
+                write_lineage(tmp, self.ledger, phase=self.budget.entry if self.budget else "train")
+                # Into place file by file, the lineage first: a crash in between leaves the new (larger)
+                # cost beside the old weights, never the old cost beside new weights. Other files stay.
+                directory.mkdir(parents=True, exist_ok=True)
+                files = sorted(tmp.iterdir(), key=lambda path: path.name != LINEAGE_FILE)
+                for path in files:
+                    os.replace(path, directory / path.name)
+                tmp.rmdir()
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
 
@@ -210,7 +241,7 @@ class PrivateEngine:
 def initialize(*, model: torch.nn.Module, config: dict | str | Path, privacy: PrivacyConfig | None = None,
                training_data: Sequence, dataset_size: int | None = None, collate_fn: Callable | None = None,
                loss_fn: Callable | None = None, steps: int | None = None, epochs: float | None = None,
-               ledger: str | Path = "privacy_ledger.json", name: str = "train", key: SecretKey | None = None,
+               ledger: str | Path, name: str = "train", key: SecretKey | None = None,
                lr_schedule: Callable[[int], float] | None = None, model_parameters=None, optimizer=None,
                lr_scheduler=None, args=None) -> tuple[PrivateEngine, torch.optim.Optimizer, PoissonBatches, None]:
     """DP-SGD for a user's loop, returning (engine, optimizer, training_dataloader, lr_scheduler) as
@@ -225,7 +256,9 @@ def initialize(*, model: torch.nn.Module, config: dict | str | Path, privacy: Pr
         torch's default_collate). dataset_size: N if given, must equal len(training_data).
     loss_fn(forward, batch) -> per-sample losses (B,) (default: default_loss).
     steps / epochs: the planned length (one of them); sigma is calibrated for it.
-    ledger: the privacy ledger file; name: this run's entry in it (a rerun appends name#2 ...).
+    ledger: the privacy ledger of this private data set: every run on the same data must name the same
+        file (outside the model directories), or their spend does not compose. name: this run's entry
+        (a rerun after finish() appends name#2 ...; while an entry runs, another run needs another name).
     key: the secret key of noise and sampling (default: drawn from the OS on rank 0, never written).
     model_parameters: if given, only these parameters train (the others are frozen, never noised).
     """
@@ -234,6 +267,9 @@ def initialize(*, model: torch.nn.Module, config: dict | str | Path, privacy: Pr
                          "and \"scheduler\" blocks, not as objects: the DP noise goes on in a pre-hook of the optimizer "
                          "DeepSpeed builds and steps")
     privacy = privacy if privacy is not None else PrivacyConfig()
+    if not name or "#" in name:
+        raise ValueError(f"dist_dpc.initialize: name={name!r} must be non-empty and without '#' (the ledger numbers "
+                         "attempts with it)")
     n = len(training_data)
     if dataset_size is not None and dataset_size != n:
         raise ValueError(f"dist_dpc.initialize: dataset_size={dataset_size} but training_data has {n} examples: "
@@ -269,8 +305,8 @@ def initialize(*, model: torch.nn.Module, config: dict | str | Path, privacy: Pr
     check_delta(delta, n)
     if privacy.enabled:
         book = PrivacyLedger(ledger, privacy.target_epsilon, delta, n, accountant=privacy.accountant)
-        budget = _reserve(book, name, world, sample_rate=q, steps=planned, privacy=privacy, batch_size=batch_size)
-        key = key.derive("attempt", budget.attempt)  # a rerun never replays an earlier attempt's noise
+        budget, attempt = _reserve(book, name, world, sample_rate=q, steps=planned, privacy=privacy, batch_size=batch_size)
+        key = key.derive("attempt", attempt)  # a rerun never replays an earlier attempt's noise
         privacy = dataclasses.replace(privacy, noise_multiplier=budget.noise_multiplier, delta=book.delta)
     dp = DPEngine(model, ds_config, privacy, dataset_size=n, expected_batch_size=batch_size, planned_steps=planned,
                   loss_fn=loss_fn or default_loss, world=world, key=key.derive("dp-sgd"),
@@ -310,18 +346,18 @@ def planned_steps(steps: int | None, epochs: float | None, q: float) -> int:
 
 
 def _reserve(ledger: PrivacyLedger, name: str, world, *, sample_rate: float, steps: int, privacy: PrivacyConfig,
-             batch_size: int) -> PhaseBudget:
+             batch_size: int) -> tuple[PhaseBudget, int]:
     """Rank 0 reserves under the ledger's lock; the others join its entry (as the pipeline's phases do)."""
     outcome, error = None, None
     if world.is_main:
         try:
-            budget = PhaseBudget.reserve(ledger, name, sample_rate=sample_rate, steps=steps,
+            budget = PhaseBudget.reserve(ledger, name, sample_rate=sample_rate, steps=steps, fresh=True,
                                          target_epsilon=privacy.target_epsilon, noise_multiplier=privacy.noise_multiplier,
                                          expected_batch_size=batch_size, max_effective_noise=privacy.max_effective_noise)
-            outcome = ["ok", budget.entry]
+            outcome = ["ok", budget.entry, budget.noise_multiplier, budget.attempt]
         except Exception as err:  # every rank stops with rank 0's reason
             outcome, error = ["refused", str(err)], err
-    if world.world_size > 1:
+    if world.world_size > 1:  # sigma and the attempt from rank 0, not from each rank's view of the file
         box = [outcome]
         torch.distributed.broadcast_object_list(box, src=0)
         outcome = box[0]
@@ -329,6 +365,5 @@ def _reserve(ledger: PrivacyLedger, name: str, world, *, sample_rate: float, ste
         raise error
     if outcome[0] != "ok":
         raise ValueError(outcome[1])
-    budget = PhaseBudget.join(ledger, name, entry=outcome[1])
-    budget.writer = world.is_main
-    return budget
+    _, entry, sigma, attempt = outcome
+    return PhaseBudget(ledger, entry, name, float(sigma), sample_rate, steps, writer=world.is_main), int(attempt)

@@ -5,7 +5,7 @@
                                                             per_device_train_batch_size=16,
                                                             gradient_accumulation_steps=8, num_train_epochs=3),
                         train_dataset=train, eval_dataset=dev, processing_class=tokenizer,
-                        privacy=PrivacyConfig(target_epsilon=3))
+                        privacy=PrivacyConfig(target_epsilon=3), ledger="sst2_privacy_ledger.json")
     trainer.train(); trainer.evaluate()
 
 ``train`` runs ``dist_dpc.initialize`` on the Trainer's model, data and collator, with the DeepSpeed
@@ -19,9 +19,9 @@ logging of what is not private). How the arguments map:
 - gradient_clipping "auto" -> 0 (DP-SGD clips per sample to privacy.max_grad_norm instead; a clip of
   the noisy sum would be a second, unaccounted change of the gradient: a number there is refused);
 - bf16 "auto" -> args.bf16; other "auto" entries of zero_optimization -> DeepSpeed's defaults.
-The training loss is never logged: it is an exact statistic of the private batch. The ledger is
-``output_dir/privacy_ledger.json`` unless ``ledger=`` says otherwise; the model is saved to
-output_dir with its privacy lineage at the end of ``train``.
+The training loss is never logged: it is an exact statistic of the private batch. ``ledger=`` names
+the privacy ledger of the private data set (the same file for every run on it); the model is saved
+to output_dir with its privacy lineage at the end of ``train``.
 """
 
 from __future__ import annotations
@@ -51,7 +51,10 @@ class DPTrainer(Trainer):
             raise ValueError("DPTrainer runs DP-SGD under DeepSpeed: set TrainingArguments(deepspeed=<JSON path or "
                              "dict>), e.g. deepspeed={\"zero_optimization\": {\"stage\": 2}}")
         self.privacy = privacy if privacy is not None else PrivacyConfig()
-        self.ledger_path = Path(ledger) if ledger is not None else Path(self.args.output_dir) / "privacy_ledger.json"
+        if ledger is None:
+            raise ValueError("DPTrainer needs ledger=<path>: the privacy ledger of this private data set, the same file "
+                             "for every run on it (outside output_dir), so that their spend composes")
+        self.ledger_path = Path(ledger)
         self.dp_engine = None
         # The DP engine is built in train() by dist_dpc.initialize, never by the Trainer's own DeepSpeed
         # path; evaluation and prediction run the module (at ZeRO 3 the engine's hooks gather its layers).
@@ -74,7 +77,7 @@ class DPTrainer(Trainer):
             model=self.model, config=ds, privacy=self.privacy, training_data=data, collate_fn=self.data_collator,
             steps=planned, ledger=self.ledger_path, lr_schedule=_schedule(args, planned), key=self.key)
         self.dp_engine = engine
-        self.model_wrapped = engine.ds
+        self.model_wrapped = engine.module  # evaluation runs the module (ZeRO-3 hooks gather its layers)
         self.state.max_steps = planned
         for batch in loader:
             engine.train_batch(batch)  # its statistics are exact: never logged

@@ -41,15 +41,22 @@ class PhaseBudget:
     def reserve(cls, ledger: PrivacyLedger, phase: str, *, sample_rate: float, steps: int,
                 fixed: Sequence[Mechanism] = (), target_epsilon: float | None = None,
                 noise_multiplier: float | None = None, expected_batch_size: float | None = None,
-                max_effective_noise: float | None = None) -> "PhaseBudget":
+                max_effective_noise: float | None = None, fresh: bool = False) -> "PhaseBudget":
         """Reserve ``fixed`` (mechanisms of a set sigma, e.g. a DP mean) plus ``steps`` DP-SGD steps at
         ``sample_rate``, with sigma calibrated so that the run's composition stays within
         ``target_epsilon`` (a cumulative target: the phase's share and all before it), or the given
-        ``noise_multiplier`` checked against it. A resumed attempt keeps the sigma it reserved."""
+        ``noise_multiplier`` checked against it. A resumed attempt keeps the sigma it reserved.
+        ``fresh``: refuse, under the ledger's lock, when ``phase``'s latest attempt is still running (a
+        caller that cannot resume it -- no checkpoint ties it to that attempt -- must not share its entry:
+        the entry would count one plan for two runs)."""
         fixed = tuple(fixed)
         chosen: dict = {}
 
         def plan(others: list[Mechanism], previous: dict | None) -> list[Mechanism]:
+            if fresh and previous is not None:
+                raise ValueError(f"ledger {ledger.path}: entry {phase!r} is still running (a run that did not call "
+                                 "finish(), killed, or running now); its whole plan stays counted. Call finish() in "
+                                 f"that run, or start this one under another name (e.g. name='{phase}-2')")
             same_plan = previous is not None and previous.get("sample_rate") == sample_rate \
                 and previous.get("steps") == steps and previous.get("fixed") == [m.to_dict() for m in fixed]
             if noise_multiplier is not None:

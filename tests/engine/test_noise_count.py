@@ -72,6 +72,7 @@ def test_a_partial_parameter_list_is_a_count_mismatch(stage):
         p.grad = torch.zeros_like(p)
     partial = SimpleNamespace(param_groups=[{"params": params[:-1]}])  # one tensor short (ZeRO-2: none at all)
     noised = sum(p.numel() for p in params[:-1])
+    engine._stepping = True  # as inside train_step's optimizer step (outside it the hook refuses any call)
     with pytest.raises(RuntimeError, match=rf"{noised} elements were noised at step 0 but this rank's "
                                            rf"optimizer partition has {engine.partition_numel}, stopping before"):
         engine._noise_and_normalise(partial, (), {})

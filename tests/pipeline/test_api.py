@@ -16,6 +16,7 @@ import torch
 import dist_dpc
 from dist_dpc.engine import build_ds_config
 from dist_dpc.models import ModelConfig, load_sequence_classifier, load_tokenizer
+from dist_dpc.pipeline.api import default_loss
 from dist_dpc.privacy.clipper import PerSampleClipper
 from tests.engine.dp_worker import logical_batch
 from tests.pipeline.test_deepspeed_launcher import DEEPSPEED, env, free_port
@@ -55,7 +56,7 @@ def test_one_step_equals_the_per_example_reference(clipping, tmp_path):
     assert batch.logical_batch_size == len(rows) > 0
     assert all(m["input_ids"].shape == (5, 9) for m in batch.micro_batches)
     assert sum(int(m["sample_mask"].sum()) for m in batch.micro_batches) == len(rows)
-    engine.train_batch(batch)
+    assert engine.train_batch(batch) is None  # DP on (noise 0 here): exact batch statistics are not returned
     real = {k: torch.stack([data[i][k] for i in rows]) for k in data[0]}
     grads = per_example_grads(reference_model, real, classifier_loss)
     expected = {n: -1000.0 * g / 12 for n, g in clipped_sum(reference_model, grads, 0.05, clipping).items()}
@@ -167,11 +168,11 @@ def test_the_example_script_under_the_deepspeed_launcher_on_two_ranks(tmp_path):
     proc = subprocess.run([str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()),
                            str(ROOT / "examples" / "deepspeed_loop.py"), "--model", str(base), "--train_file",
                            str(tmp_path / "train.csv"), "--deepspeed_config", str(ds), "--epochs", "1",
-                           "--epsilon", "3", "--output_dir", str(out)],
+                           "--epsilon", "3", "--output_dir", str(out), "--ledger", str(tmp_path / "ledger.json")],
                           env=env(), cwd=ROOT, capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     assert "dist_world_size=2" in proc.stdout + proc.stderr
-    ledger = json.loads((out / "privacy_ledger.json").read_text())
+    ledger = json.loads((tmp_path / "ledger.json").read_text())
     (entry,) = ledger["phases"].values()
     assert entry["status"] == "completed" and entry["mechanisms"][0]["steps"] == 10  # 1 epoch at q = 40/400
     accountant = PRVAccountant()
@@ -187,3 +188,67 @@ def test_the_example_script_under_the_deepspeed_launcher_on_two_ranks(tmp_path):
         before = untrained(**tok(["good great fine", "bad awful dull"], return_tensors="pt", padding=True)).logits
     assert not torch.allclose(logits, before)  # it trained (and the ZeRO-2 weights were saved, not the initial ones)
     assert json.loads((out / "privacy_lineage.json").read_text())["private"] is True
+
+
+def test_misuse_cannot_spend_more_than_the_ledger_says(tmp_path):
+    """What the privacy review found: a second run sharing a running entry, a rewind by load_checkpoint, a
+    retried failed step, a loss that mixes rows, and a step of the DeepSpeed engine behind the DP step."""
+    ledger = tmp_path / "ledger.json"
+
+    def start(name="train", epsilon=4.0):
+        return dist_dpc.initialize(model=model(), config=config(), training_data=examples(), steps=6, name=name,
+                                   privacy=dist_dpc.PrivacyConfig(target_epsilon=epsilon, max_effective_noise=None),
+                                   ledger=ledger)
+
+    engine, _, loader, _ = start()
+    batches = iter(loader)
+    assert engine.train_batch(next(batches)) is None  # exact statistics of a private batch are not returned
+    engine.save_checkpoint(tmp_path / "ckpt", "one")
+    engine.train_batch(next(batches))
+    with pytest.raises(RuntimeError, match="load before training"):
+        engine.load_checkpoint(tmp_path / "ckpt", "one")  # would rewind the count under released steps
+    with pytest.raises(ValueError, match="entry 'train' is still running"):
+        start()  # a second run may not hide under the first one's plan
+    other, _, other_loader, _ = start(name="other", epsilon=8.0)  # composes with train's whole plan
+
+    # A step that fails half-way is spent, and the engine stops (its buffers hold part of the step).
+    calls = {"n": 0}
+
+    def failing(forward, batch):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise MemoryError("simulated out-of-memory on the second micro-batch")
+        return default_loss(forward, batch)
+
+    other.dp.loss_fn = failing
+    first = next(iter(other_loader))
+    assert len(first.micro_batches) >= 2
+    with pytest.raises(MemoryError):
+        other.train_batch(first)
+    with pytest.raises(RuntimeError, match="this engine stopped"):
+        other.train_batch(first)
+    other.finish()
+    assert json.loads(ledger.read_text())["phases"]["other"]["mechanisms"][0]["steps"] == 1
+
+    # The DeepSpeed engine stepped directly: refused, and the DP engine stops for good.
+    engine.dp.ds.backward(engine.dp.loss_fn(engine.dp.ds, next(batches).micro_batches[0]).sum())
+    with pytest.raises(RuntimeError, match="stepped outside DPEngine.train_step"):
+        engine.dp.ds.step()
+    with pytest.raises(RuntimeError, match="this engine stopped"):
+        engine.train_batch(next(batches))
+    engine.finish()
+    assert json.loads(ledger.read_text())["phases"]["train"]["mechanisms"][0]["steps"] == 2  # the refused step updated nothing
+
+
+def test_a_loss_that_mixes_rows_is_refused(tmp_path):
+    mixed = lambda forward, batch: default_loss(forward, batch).mean().expand(  # noqa: E731
+        batch["labels"].shape[0])
+    for clipping in ("per_layer", "flat"):
+        engine, _, loader, _ = dist_dpc.initialize(
+            model=model(), config=config(train_micro_batch_size_per_gpu=40), training_data=examples(), steps=3,
+            loss_fn=mixed, name=clipping,
+            privacy=dist_dpc.PrivacyConfig(target_epsilon=8.0, clipping=clipping), ledger=tmp_path / f"{clipping}.json")
+        batch = next(iter(loader))
+        assert 0 < batch.logical_batch_size < 40  # one micro-batch of 40 rows, most of them padding
+        with pytest.raises(ValueError, match="padding row .* the loss function mixes rows"):
+            engine.train_batch(batch)

@@ -52,11 +52,12 @@ def test_dptrainer_trains_what_initialize_trains_and_records_it(tmp_path):
     key = SecretKey.from_seed(17)
     privacy = dist_dpc.PrivacyConfig(target_epsilon=5.0, max_grad_norm=0.5)
     trainer = dist_dpc.DPTrainer(model=model(), args=arguments(tmp_path), train_dataset=rows(), eval_dataset=rows(40),
-                                 processing_class=tokenizer(), privacy=privacy, key=key)
+                                 processing_class=tokenizer(), privacy=privacy, key=key,
+                                 ledger=tmp_path / "ledger.json")
     out = trainer.train()
     steps = 2 * round(N / 16)  # 2 epochs at q = 4 x 4 x 1 / N
     assert out.global_step == steps and out.metrics["epsilon"] <= 5.0 * (1 + 1e-6)
-    ledger = json.loads((tmp_path / "out" / "privacy_ledger.json").read_text())
+    ledger = json.loads((tmp_path / "ledger.json").read_text())
     (entry,) = ledger["phases"].values()
     (mechanism,) = entry["mechanisms"]
     assert entry["status"] == "completed" and mechanism["steps"] == steps and mechanism["sample_rate"] == 16 / N
@@ -91,9 +92,11 @@ def test_dptrainer_trains_what_initialize_trains_and_records_it(tmp_path):
     ({"deepspeed": {**DS, "train_batch_size": 64}}, "train_batch_size=64 but the TrainingArguments give 16"),
 ])
 def test_refusals(tmp_path, change, message):
+    with pytest.raises(ValueError, match="DPTrainer needs ledger=<path>"):
+        dist_dpc.DPTrainer(model=model(), args=arguments(tmp_path), train_dataset=rows(), processing_class=tokenizer())
     with pytest.raises(ValueError, match=message):
         trainer = dist_dpc.DPTrainer(model=model(), args=arguments(tmp_path, **change), train_dataset=rows(),
-                                     processing_class=tokenizer())
+                                     processing_class=tokenizer(), ledger=tmp_path / "ledger.json")
         trainer.train()
-    ledger = tmp_path / "out" / "privacy_ledger.json"
+    ledger = tmp_path / "ledger.json"
     assert not ledger.exists() or json.loads(ledger.read_text())["phases"] == {}
