@@ -111,7 +111,9 @@ class DPEngine:
         _check_flat_precision(privacy, ds_config, model)
         _warn_bf16_sum_rounding(privacy, ds_config, model)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        trainable_numel = sum(p.numel() for p in trainable)  # before ZeRO-3 partitions them
+        # ds_numel: a model built under deepspeed.zero.Init (HF from_pretrained at ZeRO 3) arrives already
+        # partitioned, its tensors empty placeholders whose numel() is 0 -- which would disarm the check.
+        trainable_numel = sum(getattr(p, "ds_numel", p.numel()) for p in trainable)
         self.ds, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
         self._check_loss_scale()
         self.optimizer = deepspeed_seam.inner_torch_optimizer(self.ds)

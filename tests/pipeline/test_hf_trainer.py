@@ -100,3 +100,44 @@ def test_refusals(tmp_path, change, message):
         trainer.train()
     ledger = tmp_path / "ledger.json"
     assert not ledger.exists() or json.loads(ledger.read_text())["phases"] == {}
+
+
+def test_a_model_built_under_zero_init_trains_like_one_loaded_whole(tmp_path, request):
+    """At ZeRO 3, transformers builds a model created after TrainingArguments(deepspeed=...) inside
+    deepspeed.zero.Init: it is never whole on a rank. The DP step sees it already partitioned (its
+    tensors empty placeholders) and must train exactly what the same model loaded whole trains."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    from dist_dpc.engine import init_distributed
+
+    init_distributed()
+    request.addfinalizer(unset_hf_deepspeed_config)  # later tests in this process load models whole again
+    base = tmp_path / "base"
+    model().save_pretrained(base)
+    zero3 = {**DS, "gradient_accumulation_steps": "auto", "zero_optimization": {"stage": 3}}
+    trained = {}
+    for mode in ("whole", "zero_init"):
+        if mode == "whole":
+            net = AutoModelForSequenceClassification.from_pretrained(base, use_kernels=False)
+            whole_numel = sum(p.numel() for p in net.parameters())
+        args = arguments(tmp_path / mode, deepspeed=zero3, num_train_epochs=1)
+        if mode == "zero_init":  # created after the arguments: transformers partitions it while loading
+            net = AutoModelForSequenceClassification.from_pretrained(base, use_kernels=False)
+            assert all(hasattr(p, "ds_numel") and p.numel() == 0 for p in net.parameters())
+            assert sum(p.ds_numel for p in net.parameters()) == whole_numel
+        trainer = dist_dpc.DPTrainer(model=net, args=args, train_dataset=rows(), processing_class=tokenizer(),
+                                     privacy=dist_dpc.PrivacyConfig(target_epsilon=5.0), key=SecretKey.from_seed(3),
+                                     ledger=tmp_path / f"{mode}.json")
+        trainer.train()
+        # The files, not from_pretrained: while ZeRO-3 arguments live, transformers would partition it again.
+        # (Saved from a zero.Init model, transformers writes LayerNorm's legacy names gamma/beta, which
+        # from_pretrained maps back.)
+        trained[mode] = {n.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias"): v
+                         for n, v in load_file(tmp_path / mode / "out" / "model.safetensors").items()}
+        del args, trainer
+    initial = load_file(base / "model.safetensors")
+    assert any(not torch.equal(trained["whole"][n], initial[n]) for n in initial)
+    for name, value in trained["whole"].items():
+        torch.testing.assert_close(trained["zero_init"][name], value, rtol=1e-5, atol=1e-6, msg=name)
