@@ -29,12 +29,27 @@ class Shape:
     layers: int
     intermediate: int
     heads: int
+    family: str = "bert"          # bert (classifier), gpt2 or llama (causal LM with an untied head)
+    vocab: int = 0                # the causal LM's head: hidden x vocab, every position
+    kv_heads: int | None = None   # llama: grouped-query attention
 
 
 def linear_shapes(s: Shape) -> list[tuple[int, int]]:
-    """(in, out) of every Linear of a BERT-style encoder layer stack: Q, K, V, output, MLP up, down."""
+    """(in, out) of every trainable matrix product per position: BERT Q, K, V, output, MLP up, down;
+    GPT-2 the fused QKV (Conv1D), output, MLP up, down; Llama Q, K, V (grouped), output, gate, up,
+    down; and a causal LM's head (the classifier's head and pooler are negligible)."""
     h, f = s.hidden, s.intermediate
-    return [(h, h)] * 4 * s.layers + [(h, f), (f, h)] * s.layers
+    if s.family == "bert":
+        per_layer = [(h, h)] * 4 + [(h, f), (f, h)]
+    elif s.family == "gpt2":
+        per_layer = [(h, 3 * h), (h, h), (h, f), (f, h)]
+    elif s.family == "llama":
+        kv = h // s.heads * (s.kv_heads or s.heads)
+        per_layer = [(h, h), (h, kv), (h, kv), (h, h), (h, f), (h, f), (f, h)]
+    else:
+        raise ValueError(f"family {s.family!r}: bert, gpt2 or llama")
+    head = [(h, s.vocab)] if s.family != "bert" else []
+    return per_layer * s.layers + head
 
 
 def norm_flops(b: int, t: int, i: int, o: int) -> tuple[str, float]:

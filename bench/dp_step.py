@@ -7,7 +7,8 @@ memory with ratios to the non-DP step of the same stage, and writes JSON with ``
 
   python bench/dp_step.py --quick            # CPU, tiny BERT, under 3 minutes
   python bench/dp_step.py --wide             # CPU, width 1024 x 2 layers, batch 8 x 128 tokens
-  python bench/dp_step.py                    # GPU: BERT-base size, bf16
+  python bench/dp_step.py --wide --models bert,gpt2,llama --worlds 1,2    # causal LMs, 2 ranks (gloo)
+  python bench/dp_step.py --models bert,gpt2,llama                        # GPU: BERT-base, GPT-2-medium, 1B Llama, bf16
 
 Next to each measured ratio: the bound the arithmetic allows (bench/cost_model.py: the non-DP
 step's matrix products plus the per-sample norms) and measured / bound.
@@ -35,24 +36,53 @@ from cost_model import Shape, bound_ratio, step_costs  # noqa: E402  (bench/ is 
 OPACUS_MODES = ("opacus-hooks", "opacus-ghost")
 
 
-def settings(quick: bool, wide: bool = False) -> dict:
+def settings(quick: bool, wide: bool = False, model: str = "bert") -> dict:
+    """The shapes: quick (CPU, minutes), wide (CPU: width 1024, T 128), else the GPU shape of the
+    family: BERT-base, GPT-2-medium, a 1B Llama (Llama-3.2-1B's widths)."""
     if wide:
-        return {"hidden": 1024, "layers": 2, "heads": 16, "vocab": 8000, "batch": 8, "length": 128, "steps": 6,
-                "warmup": 2, "bf16": False}
-    if quick:
-        return {"hidden": 128, "layers": 2, "heads": 2, "vocab": 8000, "batch": 32, "length": 64, "steps": 6,
-                "warmup": 2, "bf16": False}
-    return {"hidden": 768, "layers": 12, "heads": 12, "vocab": 30522, "batch": 32, "length": 128, "steps": 20,
-            "warmup": 5, "bf16": True}
+        s = {"hidden": 1024, "layers": 2, "heads": 16, "vocab": 8000, "batch": 8, "length": 128, "steps": 6,
+             "warmup": 2, "bf16": False}
+    elif quick:
+        s = {"hidden": 128, "layers": 2, "heads": 2, "vocab": 8000, "batch": 32, "length": 64, "steps": 6,
+             "warmup": 2, "bf16": False}
+    elif model == "gpt2":  # GPT-2-medium
+        s = {"hidden": 1024, "layers": 24, "heads": 16, "vocab": 50257, "batch": 16, "length": 256, "steps": 10,
+             "warmup": 3, "bf16": True}
+    elif model == "llama":  # 1B Llama
+        s = {"hidden": 2048, "layers": 16, "heads": 32, "kv_heads": 8, "intermediate": 8192, "vocab": 128256,
+             "batch": 8, "length": 256, "steps": 10, "warmup": 3, "bf16": True}
+    else:  # BERT-base
+        s = {"hidden": 768, "layers": 12, "heads": 12, "vocab": 30522, "batch": 32, "length": 128, "steps": 20,
+             "warmup": 5, "bf16": True}
+    s.setdefault("intermediate", 4 * s["hidden"])
+    if model == "llama":
+        s.setdefault("kv_heads", max(1, s["heads"] // 4))
+    return {**s, "model": model}
+
+
+def shape_of(s: dict) -> Shape:
+    return Shape(batch=s["batch"], length=s["length"], hidden=s["hidden"], layers=s["layers"],
+                 intermediate=s["intermediate"], heads=s["heads"], family=s["model"],
+                 vocab=s["vocab"] if s["model"] != "bert" else 0, kv_heads=s.get("kv_heads"))
 
 
 def build_model(s: dict):
     import torch
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig, \
+        LlamaForCausalLM
 
     torch.manual_seed(0)
+    if s["model"] == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(vocab_size=s["vocab"], n_embd=s["hidden"], n_layer=s["layers"],
+                                          n_head=s["heads"], n_inner=s["intermediate"], n_positions=max(1024, s["length"]),
+                                          tie_word_embeddings=False))
+    if s["model"] == "llama":
+        return LlamaForCausalLM(LlamaConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], num_hidden_layers=s["layers"],
+                                            num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
+                                            intermediate_size=s["intermediate"], tie_word_embeddings=False,
+                                            max_position_embeddings=max(2048, s["length"])))
     config = BertConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], num_hidden_layers=s["layers"],
-                        num_attention_heads=s["heads"], intermediate_size=4 * s["hidden"], num_labels=2,
+                        num_attention_heads=s["heads"], intermediate_size=s["intermediate"], num_labels=2,
                         max_position_embeddings=max(512, s["length"]))
     return BertForSequenceClassification(config)
 
@@ -62,11 +92,13 @@ def make_batch(s: dict, device):
 
     gen = torch.Generator().manual_seed(1)
     b, t = s["batch"], s["length"]
-    return {"input_ids": torch.randint(1, s["vocab"], (b, t), generator=gen).to(device),
-            "attention_mask": torch.ones(b, t, dtype=torch.long, device=device),
-            "token_type_ids": torch.zeros(b, t, dtype=torch.long, device=device),
-            "labels": torch.randint(0, 2, (b,), generator=gen).to(device),
-            "sample_mask": torch.ones(b, device=device)}
+    ids = torch.randint(1, s["vocab"], (b, t), generator=gen)
+    batch = {"input_ids": ids.to(device), "attention_mask": torch.ones(b, t, dtype=torch.long, device=device),
+             "sample_mask": torch.ones(b, device=device)}
+    if s["model"] != "bert":  # causal LM: every position predicts the next token
+        return {**batch, "labels": ids.to(device)}
+    return {**batch, "token_type_ids": torch.zeros(b, t, dtype=torch.long, device=device),
+            "labels": torch.randint(0, 2, (b,), generator=gen).to(device)}
 
 
 def peak_memory_bytes(device) -> int:
@@ -81,7 +113,8 @@ def run_deepspeed_mode(mode: str, stage: int, s: dict) -> dict:
     import torch
 
     from dist_dpc.engine import DPEngine, build_ds_config, init_distributed
-    from dist_dpc.engine.losses import sequence_classification_loss
+    from dist_dpc.engine.losses import causal_lm_loss, sequence_classification_loss
+    from dist_dpc.models import dp_layers  # noqa: F401  (the DP rules of GPT-2's Conv1D and Llama's RMSNorm)
     from dist_dpc.privacy import PrivacyConfig
     from dist_dpc.privacy.randomness import SecretKey
 
@@ -89,13 +122,15 @@ def run_deepspeed_mode(mode: str, stage: int, s: dict) -> dict:
     device = torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     model = build_model(s)
     ds_config = build_ds_config({"zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}},
-                                micro_batch_size=s["batch"], world_size=1, zero_stage=stage, lr=1e-4, weight_decay=0.0,
+                                micro_batch_size=s["batch"], world_size=world.world_size, zero_stage=stage, lr=1e-4,
+                                weight_decay=0.0,
                                 optimizer="adamw", bf16=s["bf16"])
     privacy = PrivacyConfig(enabled=mode != "non-dp", target_epsilon=None, noise_multiplier=1.0, delta=1e-7,
                             clipping="flat" if mode == "flat" else "per_layer")
     total = s["steps"] + s["warmup"]
     engine = DPEngine(model, ds_config, privacy, dataset_size=10**6, expected_batch_size=s["batch"],
-                      planned_steps=total, loss_fn=sequence_classification_loss, world=world, key=SecretKey.generate())
+                      planned_steps=total, world=world, key=SecretKey.from_seed(0),  # the bench's noise needs no secret
+                      loss_fn=sequence_classification_loss if s["model"] == "bert" else causal_lm_loss)
     batch = make_batch(s, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -103,7 +138,7 @@ def run_deepspeed_mode(mode: str, stage: int, s: dict) -> dict:
     for i in range(total):
         _sync(device)
         start = time.perf_counter()
-        engine.train_step([batch], logical_batch_size=s["batch"])
+        engine.train_step([batch], logical_batch_size=s["batch"] * world.world_size)
         _sync(device)
         if i >= s["warmup"]:
             times.append(time.perf_counter() - start)
@@ -162,24 +197,37 @@ def _sync(device) -> None:
 
 
 def child(args) -> None:
-    s = settings(args.quick, args.wide)
+    s = settings(args.quick, args.wide, args.model)
     if args.mode in OPACUS_MODES:
         out = run_opacus_mode(args.mode, s)
     else:
         out = run_deepspeed_mode(args.mode, args.stage, s)
-    print("RESULT " + json.dumps(out), flush=True)
+    if int(os.environ.get("RANK", "0")) == 0:  # every rank times the same collective step; rank 0 reports
+        print("RESULT " + json.dumps(out), flush=True)
 
 
-def run_child(mode: str, stage: int, quick: bool, timeout: int, wide: bool = False) -> dict:
+def run_child(mode: str, stage: int, quick: bool, timeout: int, wide: bool = False, model: str = "bert",
+              world: int = 1) -> dict:
+    """One mode in its own process (or ``world`` ranks under torchrun: gloo on CPU, NCCL on GPUs)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda"))
-    env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
-    cmd = [sys.executable, __file__, "--child", "--mode", mode, "--stage", str(stage)] + (["--quick"] if quick else []) \
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
+    args = ["--child", "--mode", mode, "--stage", str(stage), "--model", model] + (["--quick"] if quick else []) \
         + (["--wide"] if wide else [])
+    if world > 1:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port",
+               str(port), __file__, *args]
+    else:
+        cmd = [sys.executable, __file__, *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
-    raise RuntimeError(f"{mode} (ZeRO {stage}) failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    raise RuntimeError(f"{mode} (ZeRO {stage}, {model}, world {world}) failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
 
 
 def _has_cuda() -> bool:
@@ -195,61 +243,74 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="CPU-sized model and few steps (under 3 minutes)")
     parser.add_argument("--wide", action="store_true", help="the wide CPU shape: width 1024, 2 layers, 8 x 128 tokens")
+    parser.add_argument("--models", default="bert", help="bert (classifier), gpt2, llama (causal LMs); comma separated")
     parser.add_argument("--stages", default="2,3", help="ZeRO stages to measure (comma separated)")
+    parser.add_argument("--worlds", default="1", help="ranks per measurement (comma separated; 2: torchrun, per-rank batch)")
     parser.add_argument("--json", help="write the records to this JSON file")
     parser.add_argument("--skip-opacus", action="store_true", help="measure only the DeepSpeed modes")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="bert", help=argparse.SUPPRESS)
     parser.add_argument("--stage", type=int, default=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args)
         return
-    s = settings(args.quick, args.wide)
     timeout = 600 if args.quick or args.wide else 1800
-    shape = Shape(batch=s["batch"], length=s["length"], hidden=s["hidden"], layers=s["layers"],
-                  intermediate=4 * s["hidden"], heads=s["heads"])
     stages = [int(x) for x in args.stages.split(",")]
-    opacus = {} if args.skip_opacus else {m: run_child(m, 0, args.quick, timeout, args.wide) for m in OPACUS_MODES}
-    records = []
-    for stage in stages:
-        measured = {m: run_child(m, stage, args.quick, timeout, args.wide) for m in DS_MODES}
-        measured.update(opacus)
-        base = measured["non-dp"]
-        for mode, r in measured.items():
-            records.append({"zero_stage": stage, "mode": mode, "median_step_s": r["median_step_s"],
-                            "peak_memory_bytes": r["peak_memory_bytes"],
-                            "step_time_ratio": r["median_step_s"] / base["median_step_s"],
-                            "peak_memory_ratio": r["peak_memory_bytes"] / base["peak_memory_bytes"],
-                            "samples_per_s": s["batch"] / r["median_step_s"],
-                            "norm_methods": r.get("norm_methods", {}),
-                            "bound_ratio": bound_ratio(shape, mode)})
-            rec = records[-1]
-            rec["measured_over_bound"] = (rec["step_time_ratio"] / rec["bound_ratio"]
-                                          if rec["bound_ratio"] is not None else None)
-    header = (f"{'ZeRO':>4}  {'mode':<13} {'step (ms)':>10} {'x non-DP':>9} {'bound':>6} {'/bound':>7} {'peak MB':>9} "
-              f"{'x non-DP':>9} {'samples/s':>10}")
-    print(f"\nDP step benchmark - {platform.node()} {'GPU' if _has_cuda() else 'CPU'}, {time.strftime('%Y-%m-%d')}, "
-          f"BERT hidden {s['hidden']} x {s['layers']} layers, batch {s['batch']} x {s['length']} tokens, "
-          f"{'bf16' if s['bf16'] else 'fp32'}; Opacus runs plain torch (no ZeRO)")
-    print(header)
+    worlds = [int(x) for x in args.worlds.split(",")]
+    records, all_settings, costs_by_model = [], {}, {}
+    for model in args.models.split(","):
+        s = settings(args.quick, args.wide, model)
+        shape = shape_of(s)
+        all_settings[model], costs_by_model[model] = s, step_costs(shape)
+        # Opacus (plain torch, one process) only where its grad samplers cover the model: BERT's Linear,
+        # Embedding and LayerNorm; GPT-2's Conv1D and Llama's RMSNorm have none.
+        opacus = {} if args.skip_opacus or model != "bert" else \
+            {m: run_child(m, 0, args.quick, timeout, args.wide, model) for m in OPACUS_MODES}
+        for world in worlds:
+            for stage in stages:
+                measured = {m: run_child(m, stage, args.quick, timeout, args.wide, model, world) for m in DS_MODES}
+                if world == 1:
+                    measured.update(opacus)
+                base = measured["non-dp"]
+                for mode, r in measured.items():
+                    rec = {"model": model, "world": world, "zero_stage": stage, "mode": mode,
+                           "median_step_s": r["median_step_s"], "peak_memory_bytes": r["peak_memory_bytes"],
+                           "step_time_ratio": r["median_step_s"] / base["median_step_s"],
+                           "peak_memory_ratio": r["peak_memory_bytes"] / base["peak_memory_bytes"],
+                           "samples_per_s": s["batch"] * world / r["median_step_s"],
+                           "norm_methods": r.get("norm_methods", {}), "bound_ratio": bound_ratio(shape, mode)}
+                    rec["measured_over_bound"] = (rec["step_time_ratio"] / rec["bound_ratio"]
+                                                  if rec["bound_ratio"] is not None else None)
+                    records.append(rec)
+    device = "GPU" if _has_cuda() else "CPU"
+    print(f"\nDP step benchmark - {platform.node()} {device}, {time.strftime('%Y-%m-%d')}; ratios to the non-DP step "
+          "of the same model, world and stage, measured side by side; Opacus runs plain torch (no ZeRO), one process")
+    print(f"{'model':<6} {'world':>5} {'ZeRO':>4}  {'mode':<13} {'step (ms)':>10} {'x non-DP':>9} {'bound':>6} "
+          f"{'/bound':>7} {'peak MB':>9} {'x non-DP':>9} {'samples/s':>10}")
     for r in records:
         bound = "" if r["bound_ratio"] is None else f"{r['bound_ratio']:.3f}"
         over = "" if r["measured_over_bound"] is None else f"{r['measured_over_bound']:.3f}"
-        print(f"{r['zero_stage']:>4}  {r['mode']:<13} {r['median_step_s'] * 1e3:>10.1f} {r['step_time_ratio']:>9.2f} "
-              f"{bound:>6} {over:>7} {r['peak_memory_bytes'] / 2**20:>9.0f} {r['peak_memory_ratio']:>9.2f} "
-              f"{r['samples_per_s']:>10.1f}")
-    costs = step_costs(shape)
-    print(f"cost model: non-DP {costs['non_dp_flops'] / 1e9:.1f} GFLOP/step, norms {costs['norm_flops'] / 1e9:.2f} "
-          f"({costs['norm_methods']}); floor per_layer = flat (one backward) {costs['per_layer_bound']:.3f}x; "
-          f"today's two-pass flat does {costs['flat_two_pass_arithmetic']:.3f}x the arithmetic")
-    for stage in stages:
-        by = {r["mode"]: r for r in records if r["zero_stage"] == stage}
-        if "opacus-hooks" in by:
-            for mode in ("flat", "per_layer"):
-                print(f"ZeRO {stage}: {mode} throughput = {by[mode]['samples_per_s'] / by['opacus-hooks']['samples_per_s']:.2f}x Opacus hooks")
+        print(f"{r['model']:<6} {r['world']:>5} {r['zero_stage']:>4}  {r['mode']:<13} {r['median_step_s'] * 1e3:>10.1f} "
+              f"{r['step_time_ratio']:>9.2f} {bound:>6} {over:>7} {r['peak_memory_bytes'] / 2**20:>9.0f} "
+              f"{r['peak_memory_ratio']:>9.2f} {r['samples_per_s']:>10.1f}")
+    for model, s in all_settings.items():
+        c = costs_by_model[model]
+        print(f"{model}: hidden {s['hidden']} x {s['layers']} layers, batch {s['batch']} x {s['length']} tokens per rank, "
+              f"{'bf16' if s['bf16'] else 'fp32'}; cost model: non-DP {c['non_dp_flops'] / 1e9:.1f} GFLOP/step, norms "
+              f"{c['norm_flops'] / 1e9:.2f} ({c['norm_methods']}); floor per_layer = flat (one backward) "
+              f"{c['per_layer_bound']:.3f}x; today's two-pass flat does {c['flat_two_pass_arithmetic']:.3f}x the arithmetic")
+    for r in records:
+        if r["mode"] in ("flat", "per_layer") and r["world"] == 1:
+            ref = next((o for o in records if o["mode"] == "opacus-ghost" and o["model"] == r["model"]
+                        and o["zero_stage"] == r["zero_stage"] and o["world"] == 1), None)
+            if ref is not None:
+                print(f"{r['model']} ZeRO {r['zero_stage']}: {r['mode']} throughput = "
+                      f"{r['samples_per_s'] / ref['samples_per_s']:.2f}x Opacus ghost clipping")
     if args.json:
-        Path(args.json).write_text(json.dumps({"settings": s, "records": records, "cost_model": costs}, indent=2))
+        Path(args.json).write_text(json.dumps({"device": device, "settings": all_settings, "records": records,
+                                               "cost_model": costs_by_model}, indent=2))
         print(f"wrote {args.json}")
 
 
