@@ -90,6 +90,7 @@ class DPEngine:
 
     _self_tested = False  # set by the first train_step's _self_test
     _stepping = False     # true only inside train_step's optimizer step (the noise hook checks it)
+    _steps_started = 0    # train_step calls that got past the budget check (never decreases)
     broken: str | None = None  # why the engine refuses further steps (a failed or bypassed step)
 
     def __init__(self, model: torch.nn.Module, ds_config: dict, privacy: PrivacyConfig, *, dataset_size: int,
@@ -160,6 +161,8 @@ class DPEngine:
             self._stepping = False
 
     def _train_step(self, micro_batches: list[dict], logical_batch_size: int) -> StepStats:
+        self._steps_started += 1
+        self._check_no_stray_gradients()
         self._seed_dropout()
         self._begin_noise_count()
         self.ds.train()
@@ -214,6 +217,24 @@ class DPEngine:
         per_sample = self.loss_fn(self.ds, batch)
         self.ds.backward((per_sample * (factors * mask).detach().to(per_sample.dtype)).sum())
         return per_sample.detach(), self.clipper.sq_norms.sqrt(), self.clipper.clipped
+
+    def _check_no_stray_gradients(self) -> None:
+        """Before the first micro-batch: no gradient may be waiting in the module's .grad. A backward
+        outside train_step (a user's loss.backward() on engine.module, an evaluation that forgot no_grad)
+        would put an unclipped gradient there, and this step's noise would then cover it as if it were
+        clipped. After a DeepSpeed step no parameter holds one (no cost); else one host sync."""
+        if self.clipper is None:
+            return
+        held = [(name, p.grad) for name, p in self.ds.module.named_parameters() if p.grad is not None]
+        if not held or not bool(torch.stack([g.any() for _, g in held]).any()):  # one sync, if any
+            return
+        for name, grad in held:
+            if bool(grad.any()):
+                self.broken = f"a gradient outside train_step reached {name}"
+                raise RuntimeError(f"DP-SGD: {name} holds a gradient before step {self.steps_done + 1}: a backward ran "
+                                   "outside train_step (e.g. loss.backward() on engine.module), and its unclipped "
+                                   "gradient would be stepped with this step's noise. The engine stops; compute "
+                                   "gradients only through train_step (evaluate under torch.no_grad())")
 
     def _self_test(self, micro_batches: list[dict]) -> None:
         """Once per engine, before the first real backward: refuse parameters whose gradients would
@@ -392,6 +413,9 @@ class DPEngine:
         self.ds.save_checkpoint(str(directory), tag=tag, client_state=state)
 
     def load_checkpoint(self, directory: str | Path, tag: str | None = None) -> dict:
+        if self._steps_started:
+            raise RuntimeError(f"DPEngine.load_checkpoint after {self._steps_started} steps of this engine: load only "
+                               "before training; loading later would rewind the step count under steps already run")
         _, client = self.ds.load_checkpoint(str(directory), tag=tag)
         if client is None:
             raise FileNotFoundError(f"no loadable checkpoint in {directory}")

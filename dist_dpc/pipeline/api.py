@@ -305,8 +305,11 @@ def initialize(*, model: torch.nn.Module, config: dict | str | Path, privacy: Pr
     check_delta(delta, n)
     if privacy.enabled:
         book = PrivacyLedger(ledger, privacy.target_epsilon, delta, n, accountant=privacy.accountant)
-        budget, attempt = _reserve(book, name, world, sample_rate=q, steps=planned, privacy=privacy, batch_size=batch_size)
-        key = key.derive("attempt", attempt)  # a rerun never replays an earlier attempt's noise
+        budget, ledger_id = _reserve(book, name, world, sample_rate=q, steps=planned, privacy=privacy, batch_size=batch_size)
+        # Keyed by the ledger and the entry: a rerun (name#2) or another name never replays an earlier
+        # run's noise or batches, even with the same key= (the same draw under two sigmas would expose
+        # the clipped sum).
+        key = key.derive("ledger", ledger_id or "", "entry", budget.entry)
         privacy = dataclasses.replace(privacy, noise_multiplier=budget.noise_multiplier, delta=book.delta)
     dp = DPEngine(model, ds_config, privacy, dataset_size=n, expected_batch_size=batch_size, planned_steps=planned,
                   loss_fn=loss_fn or default_loss, world=world, key=key.derive("dp-sgd"),
@@ -346,7 +349,7 @@ def planned_steps(steps: int | None, epochs: float | None, q: float) -> int:
 
 
 def _reserve(ledger: PrivacyLedger, name: str, world, *, sample_rate: float, steps: int, privacy: PrivacyConfig,
-             batch_size: int) -> tuple[PhaseBudget, int]:
+             batch_size: int) -> tuple[PhaseBudget, str]:
     """Rank 0 reserves under the ledger's lock; the others join its entry (as the pipeline's phases do)."""
     outcome, error = None, None
     if world.is_main:
@@ -354,7 +357,7 @@ def _reserve(ledger: PrivacyLedger, name: str, world, *, sample_rate: float, ste
             budget = PhaseBudget.reserve(ledger, name, sample_rate=sample_rate, steps=steps, fresh=True,
                                          target_epsilon=privacy.target_epsilon, noise_multiplier=privacy.noise_multiplier,
                                          expected_batch_size=batch_size, max_effective_noise=privacy.max_effective_noise)
-            outcome = ["ok", budget.entry, budget.noise_multiplier, budget.attempt]
+            outcome = ["ok", budget.entry, budget.noise_multiplier, ledger.ledger_id]
         except Exception as err:  # every rank stops with rank 0's reason
             outcome, error = ["refused", str(err)], err
     if world.world_size > 1:  # sigma and the attempt from rank 0, not from each rank's view of the file
@@ -365,5 +368,5 @@ def _reserve(ledger: PrivacyLedger, name: str, world, *, sample_rate: float, ste
         raise error
     if outcome[0] != "ok":
         raise ValueError(outcome[1])
-    _, entry, sigma, attempt = outcome
-    return PhaseBudget(ledger, entry, name, float(sigma), sample_rate, steps, writer=world.is_main), int(attempt)
+    _, entry, sigma, ledger_id = outcome
+    return PhaseBudget(ledger, entry, name, float(sigma), sample_rate, steps, writer=world.is_main), ledger_id

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from pathlib import Path
 
@@ -42,11 +43,17 @@ from dist_dpc.privacy.config import PrivacyConfig
 
 class DPTrainer(Trainer):
     def __init__(self, *args, privacy: PrivacyConfig | None = None, ledger: str | Path | None = None,
-                 key=None, **kwargs):
-        """``key``: a dist_dpc SecretKey for noise and sampling (default: drawn from the OS on rank 0,
+                 name: str = "train", key=None, **kwargs):
+        """``ledger``: the privacy ledger of the private data set; ``name``: this run's entry in it.
+        ``key``: a dist_dpc SecretKey for noise and sampling (default: drawn from the OS on rank 0,
         never written). Only for tests and reproductions: whoever knows it can remove the noise."""
         super().__init__(*args, **kwargs)
-        self.key = key
+        self.key, self.name = key, name
+        report_to = self.args.report_to if isinstance(self.args.report_to, (list, tuple)) else [self.args.report_to]
+        if "wandb" in report_to and os.environ.get("WANDB_WATCH", "false").lower() in ("gradients", "all"):
+            raise ValueError(f"DPTrainer with report_to wandb and WANDB_WATCH={os.environ['WANDB_WATCH']}: W&B would "
+                             "upload histograms of the clipped gradient sums before the noise. Set WANDB_WATCH=false "
+                             "(or parameters: the noisy weights are released anyway)")
         if not self.args.deepspeed:
             raise ValueError("DPTrainer runs DP-SGD under DeepSpeed: set TrainingArguments(deepspeed=<JSON path or "
                              "dict>), e.g. deepspeed={\"zero_optimization\": {\"stage\": 2}}")
@@ -75,7 +82,7 @@ class DPTrainer(Trainer):
         planned = planned_steps(steps, epochs, ds["train_batch_size"] / len(data))
         engine, _, loader, _ = initialize(
             model=self.model, config=ds, privacy=self.privacy, training_data=data, collate_fn=self.data_collator,
-            steps=planned, ledger=self.ledger_path, lr_schedule=_schedule(args, planned), key=self.key)
+            steps=planned, ledger=self.ledger_path, lr_schedule=_schedule(args, planned), key=self.key, name=self.name)
         self.dp_engine = engine
         self.model_wrapped = engine.module  # evaluation runs the module (ZeRO-3 hooks gather its layers)
         self.state.max_steps = planned
@@ -83,7 +90,8 @@ class DPTrainer(Trainer):
             engine.train_batch(batch)  # its statistics are exact: never logged
             self.state.global_step = engine.steps_done
             self.state.epoch = engine.steps_done / planned * (epochs or planned * ds["train_batch_size"] / len(data))
-            if args.logging_steps and engine.steps_done % int(args.logging_steps) == 0:
+            every = args.logging_steps if args.logging_steps >= 1 else math.ceil(args.logging_steps * planned)
+            if every and engine.steps_done % int(every) == 0:
                 self.log({"learning_rate": engine.dp.optimizer.param_groups[0]["lr"], "dp_steps": engine.steps_done})
         epsilon = engine.finish()
         engine.save_pretrained(args.output_dir, self.processing_class)
@@ -91,6 +99,28 @@ class DPTrainer(Trainer):
                    if engine.ledger is not None else None, "dp_steps": engine.steps_done}
         self.log(metrics)
         return TrainOutput(engine.steps_done, math.nan, metrics)
+
+
+    # -- what the Trainer would otherwise release without the DP step ------------------------------
+    def evaluate(self, eval_dataset=None, *args, **kwargs):
+        self._refuse_training_set(eval_dataset, "evaluate")
+        return super().evaluate(eval_dataset, *args, **kwargs)
+
+    def predict(self, test_dataset, *args, **kwargs):
+        self._refuse_training_set(test_dataset, "predict")
+        return super().predict(test_dataset, *args, **kwargs)
+
+    def _refuse_training_set(self, dataset, what: str) -> None:
+        if dataset is not None and dataset is self.train_dataset:
+            raise ValueError(f"DPTrainer.{what} on the training set: its loss and predictions are exact statistics of "
+                             "the private data, with no noise and no ledger entry. Evaluate on a held-out split")
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """After train(): the DP engine's model (ZeRO-3 partitions gathered) with its privacy lineage;
+        push_to_hub goes through here too. Before train(): the model as given (nothing private in it)."""
+        if self.dp_engine is None:
+            return super().save_model(output_dir, _internal_call)
+        self.dp_engine.save_pretrained(output_dir or self.args.output_dir, self.processing_class)
 
 
 def deepspeed_json(args, world: int) -> dict:

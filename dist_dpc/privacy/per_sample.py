@@ -90,8 +90,11 @@ def _dropped_rows_zeroed(t_BTX: torch.Tensor, factors_B: torch.Tensor) -> torch.
     """``t`` with the rows of samples whose factor is 0 set to 0. The clipper gives factor 0 to a
     sample with a non-finite norm; its activations or output gradients may hold inf or NaN, and
     0 * inf = NaN would poison the whole clipped sum. A factor-0 sample contributes nothing anyway.
-    torch.where on a per-sample mask: no host sync."""
-    keep = (factors_B != 0).view(-1, *([1] * (t_BTX.dim() - 1)))
+    On an accelerator: torch.where on a per-sample mask, no host sync."""
+    keep_B = factors_B != 0
+    if t_BTX.device.type == "cpu" and bool(keep_B.all()):
+        return t_BTX  # the usual case; on the CPU the check costs no device sync, the copy a full pass
+    keep = keep_B.view(-1, *([1] * (t_BTX.dim() - 1)))
     return torch.where(keep, t_BTX, torch.zeros((), dtype=t_BTX.dtype, device=t_BTX.device))
 
 

@@ -17,6 +17,7 @@ import dist_dpc
 from dist_dpc.engine import build_ds_config
 from dist_dpc.models import ModelConfig, load_sequence_classifier, load_tokenizer
 from dist_dpc.pipeline.api import default_loss
+from dist_dpc.privacy.randomness import SecretKey
 from dist_dpc.privacy.clipper import PerSampleClipper
 from tests.engine.dp_worker import logical_batch
 from tests.pipeline.test_deepspeed_launcher import DEEPSPEED, env, free_port
@@ -230,6 +231,20 @@ def test_misuse_cannot_spend_more_than_the_ledger_says(tmp_path):
     other.finish()
     assert json.loads(ledger.read_text())["phases"]["other"]["mechanisms"][0]["steps"] == 1
 
+    # A backward outside the DP step (e.g. a loss on engine.module): its unclipped gradient would ride
+    # on the next step's noise. Refused before the step, and the engine stops.
+    third, _, third_loader, _ = start(name="third", epsilon=12.0)
+    third_batches = iter(third_loader)
+    third.train_batch(next(third_batches))
+    stray = next(third_batches)
+    default_loss(third.module, stray.micro_batches[0]).sum().backward()
+    with pytest.raises(RuntimeError, match="holds a gradient before step 2"):
+        third.train_batch(stray)
+    with pytest.raises(RuntimeError, match="this engine stopped"):
+        third.train_batch(stray)
+    with pytest.raises(RuntimeError, match="load only before training"):
+        third.dp.load_checkpoint(tmp_path / "ckpt", "one")  # DPEngine itself refuses a rewind too
+
     # The DeepSpeed engine stepped directly: refused, and the DP engine stops for good.
     engine.dp.ds.backward(engine.dp.loss_fn(engine.dp.ds, next(batches).micro_batches[0]).sum())
     with pytest.raises(RuntimeError, match="stepped outside DPEngine.train_step"):
@@ -252,3 +267,23 @@ def test_a_loss_that_mixes_rows_is_refused(tmp_path):
         assert 0 < batch.logical_batch_size < 40  # one micro-batch of 40 rows, most of them padding
         with pytest.raises(ValueError, match="padding row .* the loss function mixes rows"):
             engine.train_batch(batch)
+
+
+def test_runs_given_the_same_key_never_share_noise_or_batches(tmp_path):
+    """A user key (tests, reproductions) is derived per ledger entry: a second run under another name
+    (or the next attempt) draws other batches and other noise, never the same draw under another sigma."""
+    key = SecretKey.from_seed(1)
+    ledger = tmp_path / "ledger.json"
+    plans, updates = [], []
+    for name in ("a", "b"):
+        net = model()
+        before = [p.detach().clone() for p in net.parameters()]
+        engine, _, loader, _ = dist_dpc.initialize(model=net, config=config(), training_data=examples(), steps=1, key=key,
+                                                   name=name, ledger=ledger, privacy=dist_dpc.PrivacyConfig(
+                                                       target_epsilon=None, noise_multiplier=1.0))
+        plans.append(loader.sampler.plan(0).micro_batches)
+        engine.train_batch(next(iter(loader)))
+        engine.finish()
+        updates.append(torch.cat([(p.detach() - b).flatten() for p, b in zip(net.parameters(), before)]))
+    assert plans[0] != plans[1]
+    assert float(torch.corrcoef(torch.stack(updates))[0, 1]) < 0.5  # noise-dominated updates, independent draws

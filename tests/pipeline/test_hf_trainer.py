@@ -38,6 +38,14 @@ def rows(n: int = N) -> list[dict]:
     return out
 
 
+def same_ledger_emptied(source, target) -> None:
+    """A ledger with ``source``'s id and no entries: a run in it under the same name and key draws the
+    same noise and batches as the run recorded in ``source`` (each entry's streams derive from the key,
+    the ledger id and the entry), which is what a side-by-side equivalence test needs."""
+    data = json.loads(source.read_text())
+    target.write_text(json.dumps({**data, "phases": {}}))
+
+
 def arguments(tmp_path, **extra) -> TrainingArguments:
     base = dict(output_dir=str(tmp_path / "out"), deepspeed=DS, per_device_train_batch_size=4,
                 gradient_accumulation_steps=4, num_train_epochs=2, learning_rate=2e-2, lr_scheduler_type="linear",
@@ -66,12 +74,17 @@ def test_dptrainer_trains_what_initialize_trains_and_records_it(tmp_path):
     assert out.metrics["epsilon"] == pytest.approx(accountant.get_epsilon(delta=ledger["delta"], eps_error=0.01), abs=0.05)
     assert not any("loss" in record for record in trainer.state.log_history)  # exact batch statistics: never logged
     assert "eval_loss" in trainer.evaluate()
+    with pytest.raises(ValueError, match="on the training set"):
+        trainer.evaluate(trainer.train_dataset)
+    trainer.save_model(str(tmp_path / "saved"))  # what push_to_hub writes too: the DP model with its lineage
+    assert json.loads((tmp_path / "saved" / "privacy_lineage.json").read_text())["mechanisms"] == entry["mechanisms"]
 
     # The same run through dist_dpc.initialize, as the docstring maps the arguments.
     direct = model()
     config = {"train_batch_size": 16, "train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2},
               "optimizer": {"type": "AdamW", "params": {"lr": 2e-2, "weight_decay": 0.01, "betas": [0.9, 0.999],
                                                         "eps": 1e-8, "torch_adam": True}}}
+    same_ledger_emptied(tmp_path / "ledger.json", tmp_path / "direct.json")
     engine, _, loader, _ = dist_dpc.initialize(
         model=direct, config=config, privacy=privacy, training_data=rows(), steps=steps, key=key,
         collate_fn=DataCollatorWithPadding(tokenizer()), ledger=tmp_path / "direct.json",
@@ -91,9 +104,14 @@ def test_dptrainer_trains_what_initialize_trains_and_records_it(tmp_path):
     ({"deepspeed": {**DS, "scheduler": {"type": "WarmupLR"}}}, "\"scheduler\" block"),
     ({"deepspeed": {**DS, "train_batch_size": 64}}, "train_batch_size=64 but the TrainingArguments give 16"),
 ])
-def test_refusals(tmp_path, change, message):
+def test_refusals(tmp_path, change, message, monkeypatch):
     with pytest.raises(ValueError, match="DPTrainer needs ledger=<path>"):
         dist_dpc.DPTrainer(model=model(), args=arguments(tmp_path), train_dataset=rows(), processing_class=tokenizer())
+    monkeypatch.setenv("WANDB_WATCH", "gradients")
+    with pytest.raises(ValueError, match="histograms of the clipped gradient sums"):
+        dist_dpc.DPTrainer(model=model(), args=arguments(tmp_path, report_to=["wandb"]), train_dataset=rows(),
+                           processing_class=tokenizer(), ledger=tmp_path / "ledger.json")
+    monkeypatch.delenv("WANDB_WATCH")
     with pytest.raises(ValueError, match=message):
         trainer = dist_dpc.DPTrainer(model=model(), args=arguments(tmp_path, **change), train_dataset=rows(),
                                      processing_class=tokenizer(), ledger=tmp_path / "ledger.json")
@@ -127,6 +145,8 @@ def test_a_model_built_under_zero_init_trains_like_one_loaded_whole(tmp_path, re
             net = AutoModelForSequenceClassification.from_pretrained(base, use_kernels=False)
             assert all(hasattr(p, "ds_numel") and p.numel() == 0 for p in net.parameters())
             assert sum(p.ds_numel for p in net.parameters()) == whole_numel
+        if mode == "zero_init":
+            same_ledger_emptied(tmp_path / "whole.json", tmp_path / "zero_init.json")
         trainer = dist_dpc.DPTrainer(model=net, args=args, train_dataset=rows(), processing_class=tokenizer(),
                                      privacy=dist_dpc.PrivacyConfig(target_epsilon=5.0), key=SecretKey.from_seed(3),
                                      ledger=tmp_path / f"{mode}.json")
