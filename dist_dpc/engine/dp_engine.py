@@ -90,7 +90,7 @@ class DPEngine:
 
     _self_tested = False  # set by the first train_step's _self_test
     _stepping = False     # true only inside train_step's optimizer step (the noise hook checks it)
-    _steps_started = 0    # train_step calls that got past the budget check (never decreases)
+    steps_started = 0     # train_step calls past the budget check; a failed one counts (never decreases)
     broken: str | None = None  # why the engine refuses further steps (a failed or bypassed step)
 
     def __init__(self, model: torch.nn.Module, ds_config: dict, privacy: PrivacyConfig, *, dataset_size: int,
@@ -161,7 +161,7 @@ class DPEngine:
             self._stepping = False
 
     def _train_step(self, micro_batches: list[dict], logical_batch_size: int) -> StepStats:
-        self._steps_started += 1
+        self.steps_started += 1
         self._check_no_stray_gradients()
         self._seed_dropout()
         self._begin_noise_count()
@@ -413,8 +413,8 @@ class DPEngine:
         self.ds.save_checkpoint(str(directory), tag=tag, client_state=state)
 
     def load_checkpoint(self, directory: str | Path, tag: str | None = None) -> dict:
-        if self._steps_started:
-            raise RuntimeError(f"DPEngine.load_checkpoint after {self._steps_started} steps of this engine: load only "
+        if self.steps_started:
+            raise RuntimeError(f"DPEngine.load_checkpoint after {self.steps_started} steps of this engine: load only "
                                "before training; loading later would rewind the step count under steps already run")
         _, client = self.ds.load_checkpoint(str(directory), tag=tag)
         if client is None:

@@ -35,11 +35,12 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from dist_dpc.engine.distributed import init_distributed
 from dist_dpc.engine.dp_engine import DPEngine, StepStats
 from dist_dpc.engine.ds_config import build_ds_config, read_ds_config
+from dist_dpc.engine.losses import classification_losses, next_token_losses
+from dist_dpc.pipeline.trainer import _from_rank0, gathered
 from dist_dpc.privacy.accounting import check_delta, delta_default
 from dist_dpc.privacy.budget import PhaseBudget
 from dist_dpc.privacy.config import PrivacyConfig
@@ -58,12 +59,9 @@ def default_loss(forward, batch: dict) -> torch.Tensor:
     logits = forward(**{k: v for k, v in batch.items() if k not in NOT_INPUTS}).logits
     labels = batch["labels"]
     if logits.dim() == 2:
-        return F.cross_entropy(logits.float(), labels, reduction="none")
+        return classification_losses(logits, labels)
     if logits.dim() == 3 and labels.dim() == 2:
-        targets = labels[:, 1:]
-        per_token = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100,
-                                    reduction="none")
-        return per_token.sum(1) / (targets != -100).sum(1).clamp(min=1)
+        return next_token_losses(logits, labels)
     raise ValueError(f"dist_dpc.initialize: the default loss handles logits of shape (B, K) or (B, T, V) with labels "
                      f"(B,) or (B, T); got logits {tuple(logits.shape)} and labels {tuple(labels.shape)}: pass "
                      "loss_fn=lambda forward, batch: <per-sample losses, shape (B,)>")
@@ -122,7 +120,7 @@ class PrivateEngine:
     def __init__(self, dp: DPEngine, budget: PhaseBudget | None, ledger: PrivacyLedger | None):
         self.dp, self.budget, self.ledger = dp, budget, ledger
         self.finished = False
-        self.executed = 0  # steps this engine started (never decreases, unlike steps_done after a load)
+        self.loaded_steps = 0  # the step a checkpoint loaded before training brought
 
     # -- training -------------------------------------------------------------------------------
     def train_batch(self, batch: LogicalBatch) -> StepStats | None:
@@ -140,7 +138,6 @@ class PrivateEngine:
         if batch.step != self.dp.steps_done:
             raise ValueError(f"engine.train_batch: the batch was drawn for step {batch.step}, the engine is at step "
                              f"{self.dp.steps_done}: iterate the loader once per step, without skipping or replaying")
-        self.executed += 1  # counted before it runs: a step that fails half-way is spent (finish() counts it)
         stats = self.dp.train_step(batch.micro_batches, batch.logical_batch_size)
         return stats if self.dp.privacy.releases_training_statistics else None
 
@@ -157,7 +154,7 @@ class PrivateEngine:
         if self.budget is not None and not self.finished:
             # Every step started counts, a failed one included; a checkpoint loaded before training
             # brings the steps it was written at (spent by the run that wrote them, counted there too).
-            self.budget.release(self.budget.dp_sgd(self.executed + self.loaded_steps))
+            self.budget.release(self.budget.dp_sgd(self.dp.steps_started + self.loaded_steps))
             self.budget.complete()
         self.finished = True
         return self.epsilon()
@@ -192,13 +189,11 @@ class PrivateEngine:
     def save_checkpoint(self, directory: str | Path, tag: str, client_state: dict | None = None) -> None:
         self.dp.save_checkpoint(directory, tag, client_state)
 
-    loaded_steps = 0
-
     def load_checkpoint(self, directory: str | Path, tag: str | None = None) -> dict:
         """Only before the first step: loading later would rewind the step count over steps whose
         results may already be out (the ledger must count what ran, not what the weights show)."""
-        if self.executed:
-            raise RuntimeError(f"engine.load_checkpoint after {self.executed} steps of this engine: load before "
+        if self.dp.steps_started:
+            raise RuntimeError(f"engine.load_checkpoint after {self.dp.steps_started} steps of this engine: load before "
                                "training (a new initialize), never to rewind one")
         state = self.dp.load_checkpoint(directory, tag)
         self.loaded_steps = self.dp.steps_done
@@ -208,16 +203,13 @@ class PrivateEngine:
         """The model as a Hugging Face directory (ZeRO-3 partitions gathered), with its privacy lineage:
         what the ledger holds now (this run's whole reservation until finish()), so a dist-dpc phase
         that later uses the directory as a teacher or source composes with its cost. Every rank calls it."""
-        import deepspeed
+        import shutil
 
         from dist_dpc.pipeline.lineage import LINEAGE_FILE, write_lineage
 
-        import shutil
-
         directory = Path(directory)
         module = self.dp.module
-        with deepspeed.zero.GatheredParameters(list(module.parameters()),
-                                               enabled=self.dp.ds.zero_optimization_stage() == 3):
+        with gathered(self.dp):
             if self.dp.world.is_main:
                 # Written beside the target and renamed into place: never new weights with an old lineage.
                 tmp = directory.with_name(directory.name + ".tmp")
@@ -360,10 +352,7 @@ def _reserve(ledger: PrivacyLedger, name: str, world, *, sample_rate: float, ste
             outcome = ["ok", budget.entry, budget.noise_multiplier, ledger.ledger_id]
         except Exception as err:  # every rank stops with rank 0's reason
             outcome, error = ["refused", str(err)], err
-    if world.world_size > 1:  # sigma and the attempt from rank 0, not from each rank's view of the file
-        box = [outcome]
-        torch.distributed.broadcast_object_list(box, src=0)
-        outcome = box[0]
+    outcome = _from_rank0(outcome)  # sigma and the entry from rank 0, not from each rank's view of the file
     if error is not None:
         raise error
     if outcome[0] != "ok":
