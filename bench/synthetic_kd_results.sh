@@ -6,6 +6,8 @@
 # KD eps 1), student on the synthetic text without KD, the method. Test perplexity (docs/RESULTS.md).
 #
 #   bench/synthetic_kd_results.sh [OUT]        SAMPLES=1000 EPOCHS=3 (CPU cuts; the paper: N, 14)
+#   ROWS=dpkd,dpsgd bench/synthetic_kd_results.sh [OUT]   only these trees (two such jobs may share an
+#                                                         OUT if their ROWS do not overlap)
 #
 # CPU cuts (configs/smollm2_yelp.yaml): 1,000 of dev.csv's reviews, 64-token context, 200 test texts,
 # 1 teacher epoch; SAMPLES synthetic reviews of at most 64 new tokens; EPOCHS student epochs.
@@ -21,8 +23,11 @@ INIT=$OUT/student_init
 # METHOD_RESUME="distill.trainable=[bias,LayerNorm,norm,ln_,pooler,classifier,score] head_init.mean_noise_multiplier=20"
 # to resume such a tree (a fresh OUT needs nothing).
 METHOD_RESUME=${METHOD_RESUME:-}
+ROWS=${ROWS:-pretrained,method,nokd,dpkd,dpsgd}
 mkdir -p "$OUT"
-done_() { [ -f "$OUT/$1/eval/results.json" ]; }
+want() { [[ ",$ROWS," == *",$1,"* ]]; }
+# A tree is skipped when it is finished or not asked for.
+done_() { [ -f "$OUT/$1/eval/results.json" ] || ! want "$1"; }
 
 # The student's initialisation: every other layer of the pre-trained model (public weights).
 [ -f "$INIT/config.json" ] || "$PY" - "$INIT" <<'PYEOF'
@@ -36,7 +41,7 @@ student = student_from_teacher(load_causal_lm(cfg, tok, seed=0))
 student.save_pretrained(sys.argv[1]); tok.save_pretrained(sys.argv[1])
 PYEOF
 # 1. pre-trained student, no training
-[ -f "$OUT/pretrained.json" ] || "$PY" bench/lm_perplexity.py "${BASE[@]}" run.name=pretrained --model "$INIT" \
+[ -f "$OUT/pretrained.json" ] || ! want pretrained || "$PY" bench/lm_perplexity.py "${BASE[@]}" run.name=pretrained --model "$INIT" \
     --json "$OUT/pretrained.json"
 # 2. the method: DP teacher (0.95 of the budget), DP histogram (0.05), generation, KD on synthetic text
 done_ method || "$DPC" pipeline "${BASE[@]}" run.name=method \
@@ -53,8 +58,11 @@ done_ dpkd || "$DPC" pipeline "${BASE[@]}" run.name=dpkd "pipeline.phases=[teach
     "pipeline.budget_split={teacher: 0.5, distill: 0.5}" distill.alpha=0.4 distill.temperature=1.0 \
     "distill.trainable=[layers, norm]" distill.lr=5e-4
 # 5. DP-SGD student: DP fine-tuning of all its layers (the cut model needs more than adapters), epsilon 2
-[ -f "$OUT/dpsgd/results.json" ] || "$DPC" train "${BASE[@]}" run.name=dpsgd "model.name=$INIT" model.lora=null "model.trainable=[layers, norm]" train.lr=5e-4 \
+[ -f "$OUT/dpsgd/results.json" ] || ! want dpsgd || "$DPC" train "${BASE[@]}" run.name=dpsgd "model.name=$INIT" model.lora=null "model.trainable=[layers, norm]" train.lr=5e-4 \
     "privacy.public_model_dirs=[$INIT]"
+for f in pretrained.json dpsgd/results.json dpkd/eval/results.json nokd/eval/results.json method/eval/results.json; do
+  [ -f "$OUT/$f" ] || { echo "table: $OUT/$f is not there yet"; exit 0; }
+done
 "$PY" - "$OUT" <<'PYEOF'
 import json, sys
 out = sys.argv[1]

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from dist_dpc.compress.distill import student_from_teacher, transformer_layers
+from dist_dpc.compress.layer_files import choose_layers
 from dist_dpc.engine.distributed import collective_device
 
 PATTERNS = ("unstructured", "2:4")
@@ -269,13 +270,7 @@ def drop_layers(model: nn.Module, num_to_keep: int, keep_last: bool = True) -> t
     by 0.004 per dimension across sentences (norm 10.5), against 0.23 after all six (norm 7.6).
     Its last layer also has the smallest mean |w|, so plain magnitude ranking removes it first,
     and the pruned model's DP head stayed at chance (docs/results_history.md)."""
-    layers, _ = transformer_layers(model)
-    if not 1 <= num_to_keep <= len(layers):
-        raise ValueError(f"prune.target_layers={num_to_keep} is invalid: must be in [1, {len(layers)}]")
-    scores = layer_importance(model)
-    protected = [len(layers) - 1] if keep_last else []
-    ranked = sorted((i for i in range(len(layers)) if i not in protected), key=lambda i: scores[i], reverse=True)
-    keep = sorted(protected + ranked[:num_to_keep - len(protected)])
+    keep = choose_layers(layer_importance(model), num_to_keep, keep_last)
     return student_from_teacher(model, keep), keep
 
 

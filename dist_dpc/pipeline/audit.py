@@ -31,7 +31,7 @@ from dist_dpc.pipeline.config import Config, derived
 from dist_dpc.pipeline.trainer import (PhaseContext, finish_phase, gathered, open_phase, open_tracker,
                                        phase_directory, phase_privacy, phase_results, planned_steps, steps_per_epoch,
                                        train_dp)
-from dist_dpc.privacy.accounting import delta_default
+from dist_dpc.privacy.accounting import Mechanism, delta_default
 from dist_dpc.privacy.audit import audit_lower_bound
 from dist_dpc.utils.logging import log
 
@@ -269,7 +269,8 @@ def _conclude(ctx: PhaseContext, engine, results: dict, tracker, scores, include
     """The bound from the scores and the coins, into results.json, audit.json and W&B."""
     cfg = ctx.cfg
     delta = engine.delta if cfg.privacy.enabled else delta_default(ctx.train_size)
-    bound = audit_lower_bound(scores, included, delta, cfg.audit.confidence, cfg.audit.guess_fractions)
+    bound = audit_lower_bound(scores, included, delta, cfg.audit.confidence, cfg.audit.guess_fractions,
+                              test=cfg.audit.test, mechanisms=audited_mechanisms(cfg, engine, results["steps"]))
     results["audit"] = {**_audit_summary(cfg, engine, bound, kind), "steps": results["steps"]}
     tracker.summary({"audit/epsilon_lb": bound["epsilon_lb"], "audit/canaries": bound["canaries"],
                      "audit/confidence": cfg.audit.confidence, "audit/kind": kind})
@@ -278,6 +279,18 @@ def _conclude(ctx: PhaseContext, engine, results: dict, tracker, scores, include
         ctx.run.write_json(ctx.directory / "audit.json",
                            {**results["audit"], "inclusion": included.tolist(),
                             "scores": {name: np.asarray(v).tolist() for name, v in by_name.items()}})
+
+
+def audited_mechanisms(cfg: Config, engine, steps: int) -> list[Mechanism]:
+    """What the f-DP test scales: the audit tree's mechanisms as its accountant composes them (head_init's
+    included in a black-box audit), or, without privacy, DP-SGD at the run's q and steps."""
+    if not cfg.privacy.enabled or not engine.noise_multiplier:
+        return [Mechanism(1.0, engine.sample_rate, steps)]
+    held = [*engine.accountant.prior, *engine.accountant.history]
+    if not all(isinstance(m, Mechanism) for m in held):
+        raise ValueError("audit.test=f_dp needs every mechanism of the audit tree as (sigma, q, steps); an RDP-only "
+                         "curve (dpc tune) has no trade-off curve here: use audit.test=one_run")
+    return held
 
 
 def _audit_summary(cfg: Config, engine, bound: dict, kind: str) -> dict:
@@ -293,7 +306,8 @@ def _print(results: dict) -> None:
     a = results["audit"]
     claimed = "not private" if a["claimed_epsilon"] is None else f"{a['claimed_epsilon']:.3f}"
     what = "white-box gradient canaries" if a["kind"] == "white_box" else "black-box input canaries"
-    lines = ["", "=" * 72, f"privacy audit ({what}, one run)",
+    how = "f-DP test, Mahloujifar et al." if a.get("test") == "f_dp" else "(epsilon, delta) test, Steinke et al."
+    lines = ["", "=" * 72, f"privacy audit ({what}, one run, {how})",
              f"empirical lower bound epsilon_lb = {a['epsilon_lb']:.3f} at {a['confidence']:.0%} confidence "
              f"(delta {a['delta']:.3g}); claimed epsilon = {claimed}",
              f"{a['canaries']} canaries, {a['included']} included; best test: {a['best_score']}, "

@@ -376,6 +376,9 @@ class AuditConfig:
     """Whose DP-SGD settings are audited: train (`dpc train`: all of privacy.target_epsilon) or teacher
     (its pipeline.budget_split share): the claimed epsilon, N, batch size, epochs, clipping, sampling,
     optimizer, ZeRO stage and precision, on as many ranks as the audit is launched with."""
+    test: Literal["f_dp", "one_run"] = "f_dp"
+    """f_dp: the guesses against the run's whole trade-off curve (Mahloujifar, Melis & Chaudhuri, ICML
+    2025; tighter); one_run: against one (epsilon, delta) pair (Steinke, Nasr & Jagielski, 2023)."""
     guess_fractions: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.1, 0.2, 0.5, 1.0])
     """Fixed before training (no peeking): for each f the auditor guesses "in" for the f*m/2 highest
     scores and "out" for the f*m/2 lowest; the bound is the best of these tests, each at

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from dist_dpc.compress.distill import DistillationLoss, every_other_layer, student_from_teacher, transformer_layers
-from dist_dpc.compress.pruning import (MaskEnforcer, apply_masks, compute_masks, depth_schedule, drop_layers,
+from dist_dpc.compress.layer_files import choose_layers, layer_importance_on_disk, write_kept_layers
+from dist_dpc.compress.pruning import (MaskEnforcer, apply_masks, compute_masks, depth_schedule,
                                        sparsity_schedule, sparsity_stats)
 from dist_dpc.models import ModelConfig
 from dist_dpc.models.loading import set_trainable
@@ -181,14 +182,22 @@ def run_prune(cfg: Config) -> dict:
                                     steps_per_epoch(ctx))
     total_steps = steps_per_round * p.rounds
     # head_init runs in every round, on the pruned model: its steps and DP mean count once per round.
-    model = load_model_dir(source, ctx, trainable, trainable_field)
+    if p.method == "structured":
+        # Structured rounds rank and cut the layers of a saved model one tensor at a time and load only
+        # the kept layers (compress/layer_files.py): the unpruned model is never built on any rank.
+        start_depth = len(layer_importance_on_disk(source))
+        target_layers = p.target_layers or math.ceil(start_depth / 2)
+        depths = depth_schedule(start_depth, target_layers, p.rounds)
+        first_keep = _cut_layers(ctx, source, ctx.directory / "round1" / "input", depths[0], p.keep_last_layer)
+        model = load_model_dir(ctx.directory / "round1" / "input", ctx, trainable, trainable_field)
+    else:
+        model = load_model_dir(source, ctx, trainable, trainable_field)
     check_before_spending(ctx, model, steps=steps_per_round, lr=p.lr)
     start = HeadStart.plan(ctx, model)  # pruning keeps the head: the same settings every round
     privacy = phase_privacy(ctx, total_steps + start.probe_steps * p.rounds, fixed=start.fixed * p.rounds)
     tracker = open_tracker(ctx)
-    start_depth = len(transformer_layers(model)[0])
-    target_layers = p.target_layers or math.ceil(start_depth / 2)
-    depths = depth_schedule(start_depth, target_layers, p.rounds)
+    if p.method != "structured":
+        start_depth = len(transformer_layers(model)[0])
     sparsities = sparsity_schedule(p.target_sparsity, p.rounds)
     masks, kept_layers, engine = None, list(range(start_depth)), None
     for r in range(p.rounds):
@@ -204,7 +213,14 @@ def run_prune(cfg: Config) -> dict:
             continue
         # Pruning reads only DP weights: post-processing, no privacy cost.
         if p.method == "structured":
-            model, keep = drop_layers(model, depths[r], keep_last=p.keep_last_layer)
+            if r == 0:
+                keep = first_keep  # cut and loaded above
+            else:
+                del model
+                gc.collect()
+                keep = _cut_layers(ctx, ctx.directory / f"round{r}" / "model", round_dir / "input", depths[r],
+                                   p.keep_last_layer)
+                model = load_model_dir(round_dir / "input", ctx, trainable, trainable_field)
             kept_layers = [kept_layers[i] for i in keep]
             log(ctx.world, f"[prune] round {r + 1}/{p.rounds}: kept layers {kept_layers} of the source's {start_depth}")
         else:
@@ -255,6 +271,19 @@ def run_prune(cfg: Config) -> dict:
     save_model(ctx, engine, ctx.directory / "model")
     finish_phase(ctx, tracker, results, ctx.directory / "model")
     return results
+
+
+def _cut_layers(ctx: PhaseContext, source: Path, target: Path, depth: int, keep_last: bool) -> list[int]:
+    """Rank ``source``'s layers from its files, write the ``depth`` kept ones to ``target`` (the main
+    rank; the others wait for it) and return their indices. Every rank ranks the same bytes, so all
+    agree; the main rank also records the choice beside the weights."""
+    keep = choose_layers(layer_importance_on_disk(source), depth, keep_last)
+    if ctx.is_main:
+        write_kept_layers(source, target, keep)
+        ctx.run.write_json(target.parent / "kept_layers.json", {"source": str(source), "kept": keep})
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return keep
 
 
 def _round_key(key, r: int):

@@ -344,6 +344,53 @@ def _compose(history: Key, delta: float, accountant: str) -> tuple[float, str | 
     return rdp, (f"PRV accountant failed ({failure}); reporting the RDP upper bound {rdp:.4g} instead ({where})")
 
 
+PROFILE_DELTA_ERROR = 1e-9  # absolute slack on every delta of privacy_profile (opacus' delta_error)
+
+
+def privacy_profile(mechanisms: Sequence[Mechanism], epsilons) -> np.ndarray:
+    """Upper bounds on delta(epsilon), the privacy profile of the composition of ``mechanisms``, at
+    each epsilon of ``epsilons``: the composition is (epsilon, delta(epsilon))-DP for all of them at
+    once, which is its trade-off curve (Dong, Roth & Su, Prop. 2.12). The same PRV composition as the
+    ledger's epsilon (opacus, our domain); opacus' error bounds are applied as in its
+    ``compute_epsilon``: delta(eps) <= estimate(eps - eps_error) + delta_error.
+
+    The privacy audit's f-DP test reads the whole curve, not one (epsilon, delta) point. A
+    mechanism without noise gives 1 everywhere (no guarantee); no mechanism gives 0."""
+    epsilons = np.asarray(epsilons, dtype=np.float64)
+    if any(isinstance(m, RdpCurve) for m in mechanisms):
+        raise ValueError("privacy_profile needs (sigma, q, steps) mechanisms: an RDP-only curve has no PRV")
+    key = _key(mechanisms)
+    if key is None:
+        return np.ones_like(epsilons)
+    if not key:
+        return np.zeros_like(epsilons)
+    dprv, eps_error = _composed_prv(key)
+    ts, pmf = np.asarray(dprv.domain.ts, dtype=np.float64), np.asarray(dprv.pmf, dtype=np.float64)
+    # delta(eps) = sum_{t >= eps} p(t) (1 - e^{eps - t}): two suffix sums give every eps at once.
+    mass = np.append(np.cumsum(pmf[::-1])[::-1], 0.0)
+    weighted = np.append(np.cumsum((pmf * np.exp(-ts))[::-1])[::-1], 0.0)
+    shifted = epsilons - eps_error  # below 0 too: the hockey-stick formula holds there
+    first = np.searchsorted(ts, shifted, side="left")
+    estimate = mass[first] - np.exp(shifted) * weighted[first]
+    return np.clip(estimate + PROFILE_DELTA_ERROR, 0.0, 1.0)
+
+
+@functools.lru_cache(maxsize=64)
+def _composed_prv(history: Key):
+    """(opacus' composed discrete PRV, its eps_error) for ``history``: the one place that reads
+    opacus' ``PRVAccountant._get_dprv`` (private; tests/privacy/test_profile.py fails if it moves)."""
+    eps_error = _prv_eps_error(history, PROFILE_DELTA_ERROR * 1000)
+    acc = _prv_accountant_class()()
+    acc.history = [tuple(h) for h in history]
+    with np.errstate(all="ignore"):
+        dprv = acc._get_dprv(eps_error=eps_error, delta_error=PROFILE_DELTA_ERROR)
+    round_off = -2 * float(np.asarray(dprv.pmf)[np.asarray(dprv.pmf) < 0].sum())
+    if round_off > PROFILE_DELTA_ERROR:
+        raise FloatingPointError(f"floating-point round-off in the composed privacy-loss distribution (~{round_off:.1e}) "
+                                 f"exceeds {PROFILE_DELTA_ERROR:.0e}: the privacy profile of {list(history)} is not reliable")
+    return dprv, eps_error
+
+
 def _epsilon(mechanisms: Sequence[Mechanism], delta: float, accountant: str) -> tuple[float, str | None]:
     _check_accountant(accountant)
     _check_delta(delta)

@@ -105,31 +105,183 @@ def _guesses(fraction: float, m: int) -> int:
 
 
 def audit_lower_bound(scores, included, delta: float, confidence: float = 0.95,
-                      guess_fractions=(0.02, 0.05, 0.1, 0.2, 0.5, 1.0)) -> dict:
+                      guess_fractions=(0.02, 0.05, 0.1, 0.2, 0.5, 1.0), test: str = "one_run",
+                      mechanisms=None) -> dict:
     """The one-run bound with the number of guesses chosen without peeking at the scores.
 
     ``scores``: one array (one score per canary), or {name: array} for several statistics of the
-    same run. Each (statistic, fraction f) pair, fixed before training, is one test: k = f m / 2
-    guesses "in" on the highest scores and k "out" on the lowest. Fractions that could not reject
-    even with every guess right are dropped first (usable_tests: public quantities only). Reporting
-    the best test is a selection, so each runs at (1 - confidence) / (number of tests) (Bonferroni):
-    whatever the scores, the chance that any of them rejects a true (epsilon, delta) is at most
-    1 - confidence. Returns every test and ``epsilon_lb``, the largest of their bounds."""
+    same run. Each (statistic, fraction f) pair, fixed before training, is one test. ``test``:
+    "one_run" (Steinke et al.: k = f m / 2 guesses "in" on the highest scores and k "out" on the
+    lowest, against one (epsilon, delta) pair) or "f_dp" (Mahloujifar et al.: f m guesses "in" on the
+    highest scores, against the whole trade-off curve of ``mechanisms``, the audited run's
+    (sigma, q, steps), with its noise scaled: see ScaledMechanisms). Fractions that could not reject
+    even with every guess right are dropped first (public quantities only). Reporting the best test is
+    a selection, so each runs at (1 - confidence) / (number of tests) (Bonferroni): whatever the
+    scores, the chance that any of them rejects a true claim is at most 1 - confidence. Returns every
+    test and ``epsilon_lb``, the largest of their bounds."""
+    if test not in ("one_run", "f_dp"):
+        raise ValueError(f"audit.test={test!r} is invalid: use one_run or f_dp")
     by_name = scores if isinstance(scores, dict) else {"score": scores}
     by_name = {name: np.asarray(v, dtype=np.float64) for name, v in by_name.items()}
     m = len(next(iter(by_name.values())))
-    fractions = usable_tests(m, delta, confidence, guess_fractions, len(by_name))
+    if test == "f_dp":
+        if not mechanisms:
+            raise ValueError("the f-DP test needs the audited run's mechanisms (sigma, q, steps)")
+        family = ScaledMechanisms(mechanisms, delta)
+        fractions = usable_fdp_tests(m, confidence, guess_fractions, len(by_name))
+    else:
+        fractions = usable_tests(m, delta, confidence, guess_fractions, len(by_name))
     per_test = 1 - (1 - confidence) / max(1, len(fractions) * len(by_name))
     tests = []
     for name, values in by_name.items():
         for f in fractions:
-            k = _guesses(f, m)
-            r, v = one_run_guesses(values, included, k, k)
-            tests.append({"score": name, "fraction": f, "guesses": r, "correct": v,
-                          "epsilon_lb": epsilon_lower_bound(m, r, v, delta, per_test)})
+            if test == "f_dp":
+                k = _fdp_guesses(f, m)
+                r, v = one_run_guesses(values, included, k, 0)
+                bound = fdp_epsilon_lower_bound(m, r, v, family, per_test)
+            else:
+                k = _guesses(f, m)
+                r, v = one_run_guesses(values, included, k, k)
+                bound = epsilon_lower_bound(m, r, v, delta, per_test)
+            tests.append({"score": name, "fraction": f, "guesses": r, "correct": v, "epsilon_lb": bound})
     best = max(tests, key=lambda t: t["epsilon_lb"]) if tests else {"epsilon_lb": 0.0, "fraction": None, "score": None}
-    return {"canaries": m, "included": int(np.asarray(included, dtype=bool).sum()), "delta": delta,
+    if test == "f_dp":
+        ceiling = max((fdp_epsilon_lower_bound(m, _fdp_guesses(f, m), _fdp_guesses(f, m), family, per_test)
+                       for f in fractions), default=0.0)
+    else:
+        ceiling = audit_ceiling(m, delta, confidence, guess_fractions, len(by_name))
+    return {"test": test, "canaries": m, "included": int(np.asarray(included, dtype=bool).sum()), "delta": delta,
             "confidence": confidence, "per_test_confidence": per_test, "tests": tests,
             "epsilon_lb": best["epsilon_lb"], "best_fraction": best["fraction"], "best_score": best["score"],
-            "ceiling": audit_ceiling(m, delta, confidence, guess_fractions, len(by_name)),
-            "dropped_fractions": sorted(set(guess_fractions) - set(fractions))}
+            "ceiling": ceiling, "dropped_fractions": sorted(set(guess_fractions) - set(fractions))}
+
+
+# -- the f-DP one-run test (Mahloujifar, Melis & Chaudhuri, "Auditing f-Differential Privacy in One
+# Run", ICML 2025) -------------------------------------------------------------------------------------
+#
+# The (epsilon, delta) test above asks whether the run is (eps, delta)-DP for one pair. A DP-SGD run
+# claims much more: (eps', delta(eps'))-DP for every eps' at once, its whole privacy profile, which is
+# its trade-off curve f. Testing the whole curve is tighter. The auditor guesses "included" for the k
+# highest scores (one-sided) and c of the guesses are right. The paper bounds, for an f-DP mechanism,
+# how the probability mass of "c or more right" must spread when one more guess is made wrong: with
+# r the mass of the right guesses and h that of the wrong ones (both scaled by the test level tau),
+# walking from c right guesses down to 0, each step forces h up to at least the least mass f allows a
+# set of mass r under the neighbouring dataset, and pays for it in r. If the masses ever exceed what k
+# guesses out of m can hold (r + h > k / m), "c right guesses with probability >= tau" is impossible
+# under f: the claim is rejected at level tau.
+
+
+def least_other_mass(epsilons, deltas):
+    """h(x): the least probability, under one of two neighbouring datasets, of an event that has
+    probability x under the other, for a mechanism that is (eps_j, delta_j)-DP for every j (both
+    directions, as DP is). From P1(S) <= e^eps P0(S) + delta: P0(S) >= (x - delta) e^-eps, and from
+    the complement: P0(S) >= 1 - delta - e^eps (1 - x). Vectorised over x."""
+    epsilons = np.asarray(epsilons, dtype=np.float64)[:, None]
+    deltas = np.asarray(deltas, dtype=np.float64)[:, None]
+
+    def h(x):
+        x = np.atleast_1d(np.asarray(x, dtype=np.float64))[None, :]
+        low = np.maximum((x - deltas) * np.exp(-epsilons), 1 - deltas - np.exp(epsilons) * (1 - x))
+        return np.maximum(low.max(axis=0), 0.0)
+    return h
+
+
+def fdp_rejects(m: int, k: int, c: int, alpha: float, least_other) -> bool:
+    """Whether c right guesses out of k (one-sided, m canaries) reject, at level ``alpha``, the claim
+    that the run is f-DP, f given by ``least_other`` (h above). The paper's recursion, capped at 1."""
+    if not 0 <= c <= k <= m:
+        raise ValueError(f"need 0 <= c <= k <= m, got m={m}, k={k}, c={c}")
+    right, wrong = alpha * c / m, alpha * (k - c) / m
+    for i in range(c - 1, -1, -1):
+        forced = max(wrong, float(least_other(right)[0]))
+        if forced == wrong:  # nothing moves any more: the masses are final
+            break
+        right = min(right + i / (k - i) * (forced - wrong), 1.0)
+        wrong = forced
+    return right + wrong > k / m
+
+
+class ScaledMechanisms:
+    """The family of runs that differ from the audited one only in noise: every mechanism's sigma
+    times ``scale`` (a non-private run: DP-SGD at noise ``scale`` with its q and steps). The f-DP
+    bound is the epsilon (at delta, the ledger's accountant) of the least noisy member whose curve
+    the audit rejects: "the run leaked more than DP-SGD with the same q and steps at epsilon_lb"."""
+
+    EPSILON_GRID = np.concatenate([np.linspace(0, 4, 401), np.linspace(4.02, 40, 1800)])
+
+    def __init__(self, mechanisms, delta: float):
+        from dist_dpc.privacy.accounting import Mechanism
+
+        self.delta = float(delta)
+        self.base = [Mechanism(m.noise_multiplier or 1.0, m.sample_rate, m.steps) for m in mechanisms if m.steps]
+        if not self.base:
+            raise ValueError("the audited run has no DP-SGD step: nothing to audit")
+        self._curves: dict[float, object] = {}
+
+    def at(self, scale: float):
+        from dist_dpc.privacy.accounting import Mechanism
+
+        return [Mechanism(m.noise_multiplier * scale, m.sample_rate, m.steps) for m in self.base]
+
+    def epsilon(self, scale: float) -> float:
+        from dist_dpc.privacy.accounting import compute_epsilon
+
+        return compute_epsilon(self.at(scale), self.delta)
+
+    def least_other(self, scale: float):
+        if scale not in self._curves:
+            from dist_dpc.privacy.accounting import privacy_profile
+
+            grid = self.EPSILON_GRID
+            self._curves[scale] = least_other_mass(grid, privacy_profile(self.at(scale), grid))
+        return self._curves[scale]
+
+
+def _identity(x):
+    return np.atleast_1d(np.asarray(x, dtype=np.float64))  # epsilon = 0: both datasets alike
+
+
+def fdp_epsilon_lower_bound(m: int, k: int, c: int, family: ScaledMechanisms, confidence: float = 0.95) -> float:
+    """The epsilon of the least noisy member of ``family`` that c right guesses of k reject at
+    ``confidence`` (0 when even epsilon = 0 stands). The rejected members form an up-set in the noise
+    (a more private claim forces more mass), so a bisection finds its edge, on the scales 2^(j/64)
+    (1.1 % apart, shared by every test of an audit so their curves are computed once); the bound is
+    the epsilon of the edge's rejected side, never overstated."""
+    alpha = 1 - confidence
+    if not fdp_rejects(m, k, c, alpha, _identity):
+        return 0.0
+
+    def rejected(j: int) -> bool:
+        return fdp_rejects(m, k, c, alpha, family.least_other(2.0 ** (j / 64)))
+
+    high = 0  # exponents: find a rejected one, then one that is not
+    while not rejected(high):
+        high += 128
+        if high > 64 * 24:
+            return 0.0  # only epsilon ~ 0 is rejected: below what the accountant resolves
+    low = high - 128
+    while rejected(low):
+        high, low = low, low - 128
+        if family.epsilon(2.0 ** (low / 64)) > ScaledMechanisms.EPSILON_GRID[-1]:
+            return family.epsilon(2.0 ** (high / 64))  # beyond the curve's grid: report what is proven
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if rejected(mid) else (mid, high)
+    return family.epsilon(2.0 ** (high / 64))
+
+
+def _fdp_guesses(fraction: float, m: int) -> int:
+    return min(max(1, round(fraction * m)), m)
+
+
+def usable_fdp_tests(m: int, confidence: float, guess_fractions, num_scores: int = 1) -> list[float]:
+    """As usable_tests, for the f-DP test: the fractions whose k guesses, all right, could reject
+    epsilon = 0 at their share of the confidence (public quantities only)."""
+    fractions = sorted(set(guess_fractions))
+    while fractions:
+        alpha = (1 - confidence) / (len(fractions) * num_scores)
+        keep = [f for f in fractions if fdp_rejects(m, _fdp_guesses(f, m), _fdp_guesses(f, m), alpha, _identity)]
+        if keep == fractions:
+            return fractions
+        fractions = keep
+    return []
