@@ -202,14 +202,22 @@ def run_black_box(cfg: Config) -> dict:
     m, state = cfg.audit.canaries, {}
 
     def prepare(ctx: PhaseContext) -> PhaseContext:
+        if cfg.audit.synthetic_samples and not ctx.task.generates:
+            raise ValueError(f"audit.synthetic_samples needs a causal LM (model.task=causal_lm); model.task="
+                             f"{ctx.task.name!r} writes no text: set audit.synthetic_samples=0")
         n = ctx.train_size
         _check_canaries(m, n)
         included = _coins(ctx, m)
         split = ctx.task.audit_canaries(ctx.key.generator("audit", "canaries"), m, ctx.num_labels)
+        if cfg.audit.synthetic_samples and split.prefixes:
+            # A secret in synthetic text is a private record the model learned to write, prefix and all:
+            # here the prefix carries loss too, or the model would never start a sample with it.
+            split = dataclasses.replace(split, texts=[p + t for p, t in zip(split.prefixes, split.texts)],
+                                        prefixes=None)
         canaries = ctx.task.tokenize(split, ctx.tokenizer, None, train=True)
         start = ctx.task.load_model(cfg.model, ctx.tokenizer, num_labels=ctx.num_labels, label_names=ctx.label_names,
                                     seed=cfg.run.seed)  # the model training starts from (same seed)
-        state.update(included=included, canaries=canaries,
+        state.update(included=included, canaries=canaries, texts=split.texts,
                      before=canary_losses(ctx.task, start, canaries, ctx.tokenizer.pad_token_id))
         log(ctx.world, f"[audit] black-box: {m} canaries ({int(included.sum())} included) among N={n}")
         train = _Joined(ctx.train_set, [canaries[i] for i in np.flatnonzero(included)])
@@ -217,7 +225,22 @@ def run_black_box(cfg: Config) -> dict:
 
     def before_finish(ctx: PhaseContext, engine, results: dict, tracker) -> None:
         after = canary_losses(ctx.task, engine.ds.module, state["canaries"], ctx.tokenizer.pad_token_id)
-        _conclude(ctx, engine, results, tracker, state["before"] - after, state["included"], kind="black_box")
+        synthetic = None
+        if cfg.audit.synthetic_samples:
+            from dist_dpc.pipeline.audit_synthetic import synthetic_exposure
+
+            summary, text_scores = synthetic_exposure(ctx, engine.ds.module, state["texts"], state["included"],
+                                                      engine.ds.zero_optimization_stage())
+            delta = engine.delta if cfg.privacy.enabled else delta_default(ctx.train_size)
+            bound = audit_lower_bound(text_scores, state["included"], delta, cfg.audit.confidence,
+                                      cfg.audit.guess_fractions, test=cfg.audit.test,
+                                      mechanisms=audited_mechanisms(cfg, engine, results["steps"]))
+            synthetic = {**summary, "epsilon_lb": bound["epsilon_lb"], "ceiling": bound["ceiling"],
+                         "tests": bound["tests"], "scores": text_scores.tolist()}
+            tracker.summary({"audit/synthetic_epsilon_lb": bound["epsilon_lb"],
+                             "audit/synthetic_secrets_whole_included": summary["secrets_whole_included"]})
+        _conclude(ctx, engine, results, tracker, state["before"] - after, state["included"], kind="black_box",
+                  synthetic=synthetic)
 
     results = run_train(cfg, phase=AUDIT_PHASE, prepare=prepare, before_finish=before_finish)
     _print(results)
@@ -265,20 +288,23 @@ def _check_canaries(m: int, n: int) -> None:
 
 
 def _conclude(ctx: PhaseContext, engine, results: dict, tracker, scores, included: np.ndarray,
-              kind: str = "white_box") -> None:
+              kind: str = "white_box", synthetic: dict | None = None) -> None:
     """The bound from the scores and the coins, into results.json, audit.json and W&B."""
     cfg = ctx.cfg
     delta = engine.delta if cfg.privacy.enabled else delta_default(ctx.train_size)
     bound = audit_lower_bound(scores, included, delta, cfg.audit.confidence, cfg.audit.guess_fractions,
                               test=cfg.audit.test, mechanisms=audited_mechanisms(cfg, engine, results["steps"]))
     results["audit"] = {**_audit_summary(cfg, engine, bound, kind), "steps": results["steps"]}
+    if synthetic is not None:
+        results["audit"]["synthetic"] = {k: v for k, v in synthetic.items() if k != "scores"}
     tracker.summary({"audit/epsilon_lb": bound["epsilon_lb"], "audit/canaries": bound["canaries"],
                      "audit/confidence": cfg.audit.confidence, "audit/kind": kind})
     if ctx.is_main:
         by_name = scores if isinstance(scores, dict) else {"score": scores}
         ctx.run.write_json(ctx.directory / "audit.json",
                            {**results["audit"], "inclusion": included.tolist(),
-                            "scores": {name: np.asarray(v).tolist() for name, v in by_name.items()}})
+                            "scores": {name: np.asarray(v).tolist() for name, v in by_name.items()},
+                            **({"synthetic": synthetic} if synthetic is not None else {})})
 
 
 def audited_mechanisms(cfg: Config, engine, steps: int) -> list[Mechanism]:
@@ -321,6 +347,13 @@ def _print(results: dict) -> None:
     elif a["claimed_epsilon"] is not None and a["claimed_epsilon"] >= a["ceiling"]:
         lines.append(f"NOTE: the claimed epsilon is at or above what {a['canaries']} canaries can show "
                      f"({a['ceiling']:.2f}): this audit cannot flag a leak at this epsilon; use more canaries")
+    if a.get("synthetic"):
+        sy = a["synthetic"]
+        lines.append(f"synthetic text ({sy['samples']} samples from the audit model): whole secrets of "
+                     f"{sy['secrets_whole_included']} included and {sy['secrets_whole_excluded']} excluded canaries "
+                     f"appear; longest run of a secret's digits {sy['longest_run_included_mean']:.2f} (included) vs "
+                     f"{sy['longest_run_excluded_mean']:.2f} (excluded) on average; epsilon_lb from the text alone "
+                     f"= {sy['epsilon_lb']:.3f}")
     lines.append("=" * 72)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     if rank == 0:

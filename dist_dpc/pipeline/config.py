@@ -376,6 +376,10 @@ class AuditConfig:
     """Whose DP-SGD settings are audited: train (`dpc train`: all of privacy.target_epsilon) or teacher
     (its pipeline.budget_split share): the claimed epsilon, N, batch size, epochs, clipping, sampling,
     optimizer, ZeRO stage and precision, on as many ranks as the audit is launched with."""
+    synthetic_samples: int = 0
+    """Black-box audit of a causal LM only: after training, the audit model writes this many samples
+    with the generate settings (generate.prompts scaled to this number, or unconditional), and the
+    report says whose secrets appear in that text and the epsilon bound from the text alone (0: off)."""
     test: Literal["f_dp", "one_run"] = "f_dp"
     """f_dp: the guesses against the run's whole trade-off curve (Mahloujifar, Melis & Chaudhuri, ICML
     2025; tighter); one_run: against one (epsilon, delta) pair (Steinke, Nasr & Jagielski, 2023)."""
@@ -389,6 +393,12 @@ class AuditConfig:
             raise ValueError(f"audit.canaries={self.canaries!r} is invalid: need at least 2 canaries (1,000 is the default)")
         if not 0 < self.confidence < 1:
             raise ValueError(f"audit.confidence={self.confidence!r} is invalid: must be in (0, 1), e.g. 0.95")
+        if self.synthetic_samples < 0:
+            raise ValueError(f"audit.synthetic_samples={self.synthetic_samples!r} is invalid: give a number of samples "
+                             ">= 0 (0: off)")
+        if self.synthetic_samples and self.kind != "black_box":
+            raise ValueError("audit.synthetic_samples needs audit.kind=black_box (secrets in a causal LM's training "
+                             "set); the white-box audit trains a linear model that writes no text")
         if not self.guess_fractions or any(not 0 < f <= 1 for f in self.guess_fractions):
             raise ValueError(f"audit.guess_fractions={self.guess_fractions!r} is invalid: give fractions in (0, 1]")
 

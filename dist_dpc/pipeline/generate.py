@@ -204,32 +204,40 @@ def _check_plan(path: Path, plan: dict) -> None:
 def _generate(ctx, model, todo: list[Batch], directory: Path) -> None:
     from tqdm import tqdm
 
-    g, tok = ctx.cfg.generate, ctx.tokenizer
-    device = next(model.parameters()).device
     bar = tqdm(total=sum(b.size for b in todo), desc=f"generate rank {ctx.world.rank}", unit="sample",
                disable=not todo, mininterval=5)
     for b in todo:
-        prefix = control_prefix(b.codes) if b.codes else ""
-        prompt = prompt_ids(tok, prefix)
-        if not prompt:  # a model without BOS and no control codes: start from EOS (GPT-2's convention)
-            prompt = [tok.eos_token_id]
-        ids = torch.tensor([prompt] * b.size, device=device)
-        torch.manual_seed(_batch_seed(g.seed, b.index))
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                             max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
-                             no_repeat_ngram_size=g.no_repeat_ngram_size, pad_token_id=tok.pad_token_id,
-                             eos_token_id=tok.eos_token_id)
-        rows = []
-        for j in range(b.size):
-            new = out[j, len(prompt):].tolist()
-            if tok.eos_token_id in new:
-                new = new[:new.index(tok.eos_token_id)]
-            rows.append({"id": b.first_id + j, "codes": list(b.codes), "prompt": prefix,
-                         "text": tok.decode(new, skip_special_tokens=True)})
+        rows = sample_batch(model, ctx.tokenizer, ctx.cfg.generate, b)
         atomic_write(batch_file(directory, b.index),
                      lambda tmp, rows=rows: tmp.write_text("".join(json.dumps(r) + "\n" for r in rows)))
         bar.update(b.size)
     bar.close()
+
+
+@torch.no_grad()
+def sample_batch(model, tok, g: GenerateConfig, b: Batch, synced: bool = False) -> list[dict]:
+    """The samples of batch ``b`` (seeded by (generate.seed, b)): {id, codes, prompt, text} each.
+    ``synced``: HF's synced_gpus, for a ZeRO-3 module whose every forward is a collective (a rank that
+    reaches EOS first keeps stepping until all ranks are done)."""
+    device = next(model.parameters()).device
+    prefix = control_prefix(b.codes) if b.codes else ""
+    prompt = prompt_ids(tok, prefix)
+    if not prompt:  # a model without BOS and no control codes: start from EOS (GPT-2's convention)
+        prompt = [tok.eos_token_id]
+    ids = torch.tensor([prompt] * b.size, device=device)
+    torch.manual_seed(_batch_seed(g.seed, b.index))
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                         max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
+                         no_repeat_ngram_size=g.no_repeat_ngram_size, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id, synced_gpus=synced)
+    rows = []
+    for j in range(b.size):
+        new = out[j, len(prompt):].tolist()
+        if tok.eos_token_id in new:
+            new = new[:new.index(tok.eos_token_id)]
+        rows.append({"id": b.first_id + j, "codes": list(b.codes), "prompt": prefix,
+                     "text": tok.decode(new, skip_special_tokens=True)})
+    return rows
 
 
 def _batch_seed(seed: int, index: int) -> int:
