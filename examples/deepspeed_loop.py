@@ -18,6 +18,7 @@ parser.add_argument("--epsilon", type=float, default=3.0)
 parser.add_argument("--epochs", type=float, default=3)
 parser.add_argument("--output_dir", default="dp_model")
 parser.add_argument("--ledger", default="privacy_ledger.json")  # one per private data set: keep it across runs
+parser.add_argument("--public_model", action="store_true")  # --model is a local copy of a public model
 parser.add_argument("--local_rank", type=int, default=0)  # set by the deepspeed launcher
 args = parser.parse_args()
 
@@ -29,7 +30,8 @@ model = AutoModelForSequenceClassification.from_pretrained(args.model, num_label
 
 engine, optimizer, loader, _ = dist_dpc.initialize(
     model=model, config=args.deepspeed_config, training_data=data, epochs=args.epochs,
-    privacy=dist_dpc.PrivacyConfig(target_epsilon=args.epsilon, max_grad_norm=1.0),
+    privacy=dist_dpc.PrivacyConfig(target_epsilon=args.epsilon, max_grad_norm=1.0,  # a local --model must be
+                                   public_model_dirs=[args.model] if args.public_model else []),  # declared public
     ledger=args.ledger)
 for batch in loader:  # one Poisson-sampled logical batch per step
     engine.train_batch(batch)  # returns exact batch statistics: for debugging, never to log (not noised)

@@ -29,6 +29,9 @@ COUNT_KEYS = ("num_hidden_layers", "n_layer")
 
 
 def _weight_files(directory: Path) -> list[Path]:
+    if (directory / "pytorch_model.bin.index.json").is_file():
+        raise ValueError(f"{directory}: a sharded pytorch_model.bin checkpoint; save the model as safetensors "
+                         "(save_pretrained's default) to prune it")
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         return [directory / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
@@ -89,13 +92,17 @@ def choose_layers(scores: list[float], num_to_keep: int, keep_last: bool = True)
 
 def write_kept_layers(source: Path, target: Path, keep: list[int]) -> None:
     """``target``: ``source`` with only the layers ``keep``, renumbered 0..len(keep)-1 (config and
-    every other file copied). Written to a temporary directory and renamed, so a crash leaves none."""
+    the other top-level files copied; subdirectories such as a DP-LoRA ``adapter/`` indexed for the
+    full depth are not). Written to a temporary directory and swapped in by renames."""
     source, target = Path(source), Path(target)
     new_index = {old: new for new, old in enumerate(keep)}
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     weights = set(_weight_files(source)) | {source / "model.safetensors.index.json"}
-    shutil.copytree(source, tmp, ignore=lambda d, names: [n for n in names if Path(d) / n in weights])
+    tmp.mkdir(parents=True)
+    for f in source.iterdir():
+        if f.is_file() and f not in weights:
+            shutil.copy2(f, tmp / f.name)
     config = json.loads((source / "config.json").read_text())
     keys = [k for k in COUNT_KEYS if k in config]
     if not keys:
@@ -116,5 +123,9 @@ def write_kept_layers(source: Path, target: Path, keep: list[int]) -> None:
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in kept.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    shutil.rmtree(target, ignore_errors=True)
+    old = target.with_name(target.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
     tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)

@@ -297,6 +297,8 @@ def initialize(*, model: torch.nn.Module, config: dict | str | Path, privacy: Pr
     check_delta(delta, n)
     if privacy.enabled:
         book = PrivacyLedger(ledger, privacy.target_epsilon, delta, n, accountant=privacy.accountant)
+    _import_starting_model(model, privacy, book, world, name)  # before the reservation: it composes with it
+    if privacy.enabled:
         budget, ledger_id = _reserve(book, name, world, sample_rate=q, steps=planned, privacy=privacy, batch_size=batch_size)
         # Keyed by the ledger and the entry: a rerun (name#2) or another name never replays an earlier
         # run's noise or batches, even with the same key= (the same draw under two sigmas would expose
@@ -312,6 +314,25 @@ def initialize(*, model: torch.nn.Module, config: dict | str | Path, privacy: Pr
     loader = PoissonBatches(training_data, sampler, collate_fn or torch.utils.data.default_collate, micro, planned,
                             start=lambda: dp.steps_done)
     return PrivateEngine(dp, budget, book), dp.optimizer, loader, None
+
+
+def _import_starting_model(model: torch.nn.Module, privacy: PrivacyConfig, book: PrivacyLedger | None, world,
+                           name: str) -> None:
+    """A model loaded with ``from_pretrained`` from a directory an earlier DP run wrote carries that
+    run's privacy lineage: its cost goes into this ledger first (as the pipeline's phases do), so the
+    new run is calibrated against it and the total is honest. A model trained WITHOUT DP on private
+    data is refused; a local directory of unknown origin is refused unless privacy.public_model_dirs
+    lists it; hub names and models built from a config are public."""
+    from types import SimpleNamespace
+
+    from dist_dpc.pipeline.lineage import import_lineage
+
+    source = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not source or not isinstance(source, (str, Path)):
+        return
+    ctx = SimpleNamespace(cfg=SimpleNamespace(privacy=privacy), ledger=book, world=world, phase=name,
+                          is_main=world.is_main)
+    import_lineage(ctx, source, role="model (its name_or_path)")
 
 
 def _batch_sizes(config, world_size: int) -> tuple[dict[str, Any], int, int]:

@@ -109,6 +109,7 @@ def run_audit(cfg: Config) -> dict:
 def run_white_box(cfg: Config) -> dict:
     m = cfg.audit.canaries
     ctx = open_phase(cfg, AUDIT_PHASE, size_only=True)  # the private data is read for N alone
+    _check_fdp_possible(ctx)
     n = ctx.train_size
     _check_canaries(m, n)
     included = _coins(ctx, m)
@@ -202,6 +203,7 @@ def run_black_box(cfg: Config) -> dict:
     m, state = cfg.audit.canaries, {}
 
     def prepare(ctx: PhaseContext) -> PhaseContext:
+        _check_fdp_possible(ctx)
         if cfg.audit.synthetic_samples and not ctx.task.generates:
             raise ValueError(f"audit.synthetic_samples needs a causal LM (model.task=causal_lm); model.task="
                              f"{ctx.task.name!r} writes no text: set audit.synthetic_samples=0")
@@ -307,6 +309,14 @@ def _conclude(ctx: PhaseContext, engine, results: dict, tracker, scores, include
                             **({"synthetic": synthetic} if synthetic is not None else {})})
 
 
+def _check_fdp_possible(ctx: PhaseContext) -> None:
+    """Before training: the f-DP test needs every mechanism of the audit tree as (sigma, q, steps)."""
+    if ctx.cfg.audit.test == "f_dp" and ctx.ledger is not None and not all(
+            isinstance(m, Mechanism) for m in ctx.ledger.mechanisms()):
+        raise ValueError("audit.test=f_dp: the audit tree's ledger holds an RDP-only curve (dpc tune, or a model "
+                         "whose lineage has one), which has no trade-off curve here: use audit.test=one_run")
+
+
 def audited_mechanisms(cfg: Config, engine, steps: int) -> list[Mechanism]:
     """What the f-DP test scales: the audit tree's mechanisms as its accountant composes them (head_init's
     included in a black-box audit), or, without privacy, DP-SGD at the run's q and steps."""
@@ -334,16 +344,19 @@ def _print(results: dict) -> None:
     what = "white-box gradient canaries" if a["kind"] == "white_box" else "black-box input canaries"
     how = "f-DP test, Mahloujifar et al." if a.get("test") == "f_dp" else "(epsilon, delta) test, Steinke et al."
     lines = ["", "=" * 72, f"privacy audit ({what}, one run, {how})",
-             f"empirical lower bound epsilon_lb = {a['epsilon_lb']:.3f} at {a['confidence']:.0%} confidence "
+             (f"empirical epsilon_lb = {a['epsilon_lb']:.3f} (the run leaks more than DP-SGD with its q and steps at this "
+              f"epsilon) at {a['confidence']:.0%} confidence " if a.get("test") == "f_dp" else
+              f"empirical lower bound epsilon_lb = {a['epsilon_lb']:.3f} at {a['confidence']:.0%} confidence ") +
              f"(delta {a['delta']:.3g}); claimed epsilon = {claimed}",
              f"{a['canaries']} canaries, {a['included']} included; best test: {a['best_score']}, "
              f"{a['best_fraction']} of the canaries guessed (Bonferroni over {len(a['tests'])} tests); "
              f"the most this audit can show: {a['ceiling']:.2f}",
              f"settings: sigma={a['noise_multiplier']:.4f} q={a['sample_rate']:.5f} steps={a['steps']} "
              f"clipping={a['clipping']} zero_stage={a['zero_stage']} world={a['world_size']}"]
-    if a["claimed_epsilon"] is not None and a["epsilon_lb"] > a["claimed_epsilon"]:
-        lines.append("FAILED: the lower bound exceeds the claimed epsilon: the mechanism that ran is not the one "
-                     "accounted for (or a 1-in-20 false alarm at 95 %): investigate before releasing anything")
+    if a["claimed_epsilon"] is not None and (a["epsilon_lb"] > a["claimed_epsilon"] or a.get("claim_rejected")):
+        lines.append("FAILED: the canaries reject the accounted mechanism (epsilon_lb above the claim, or the claimed "
+                     "trade-off curve itself rejected): the mechanism that ran is not the one accounted for (or a false "
+                     f"alarm, at most 1 run in {round(1 / (1 - a['confidence']))}): investigate before releasing anything")
     elif a["claimed_epsilon"] is not None and a["claimed_epsilon"] >= a["ceiling"]:
         lines.append(f"NOTE: the claimed epsilon is at or above what {a['canaries']} canaries can show "
                      f"({a['ceiling']:.2f}): this audit cannot flag a leak at this epsilon; use more canaries")

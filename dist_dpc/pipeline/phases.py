@@ -31,7 +31,7 @@ from dist_dpc.pipeline.lineage import import_lineage
 from dist_dpc.pipeline.trainer import (PhaseContext, evaluate_engine, finish_phase, frozen_for_phase, gathered,
                                        local_device, check_before_spending, open_phase, open_tracker, phase_privacy, phase_results,
                                        planned_steps,
-                                       root_of, run_train, save_model, steps_per_epoch, train_dp)
+                                       _from_rank0, root_of, run_train, save_model, steps_per_epoch, train_dp)
 from dist_dpc.privacy.ledger import PrivacyLedger
 from dist_dpc.tasks import TASKS, make_task
 from dist_dpc.utils.logging import log
@@ -278,11 +278,16 @@ def _cut_layers(ctx: PhaseContext, source: Path, target: Path, depth: int, keep_
     rank; the others wait for it) and return their indices. Every rank ranks the same bytes, so all
     agree; the main rank also records the choice beside the weights."""
     keep = choose_layers(layer_importance_on_disk(source), depth, keep_last)
+    failure = None
     if ctx.is_main:
-        write_kept_layers(source, target, keep)
-        ctx.run.write_json(target.parent / "kept_layers.json", {"source": str(source), "kept": keep})
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+        try:
+            write_kept_layers(source, target, keep)
+            ctx.run.write_json(target.parent / "kept_layers.json", {"source": str(source), "kept": keep})
+        except (OSError, ValueError) as err:  # every rank raises, none waits for a rank that gave up
+            failure = f"{type(err).__name__}: {err}"
+    failure = _from_rank0(failure)
+    if failure:
+        raise RuntimeError(f"prune: writing the kept layers {keep} of {source} to {target} failed on rank 0: {failure}")
     return keep
 
 

@@ -434,12 +434,16 @@ def audit_section(run_dir: Path) -> list[str]:
     if not a:
         return []
     claimed = "not private" if a.get("claimed_epsilon") is None else f"{a['claimed_epsilon']:.3f}"
-    verdict = ("**FAILED: the lower bound exceeds the claimed epsilon**" if a.get("claimed_epsilon") is not None
-               and a["epsilon_lb"] > a["claimed_epsilon"] else "consistent with the claim")
+    verdict = ("**FAILED: the canaries reject the accounted mechanism**" if a.get("claimed_epsilon") is not None
+               and (a["epsilon_lb"] > a["claimed_epsilon"] or a.get("claim_rejected")) else "consistent with the claim")
     what = "white-box gradient canaries" if a.get("kind") == "white_box" else "black-box input canaries"
+    test = ("f-DP test (Mahloujifar et al.): epsilon_lb is the epsilon of DP-SGD with the run's q and steps that the "
+            "run is shown to leak more than" if a.get("test") == "f_dp" else
+            "(epsilon, delta) test (Steinke et al.): the run is not (epsilon, delta)-DP for any epsilon below epsilon_lb")
     lines = [f"## Empirical audit (one run, {what})", "",
-             f"- Empirical lower bound **epsilon_lb = {a['epsilon_lb']:.3f}** at {a['confidence']:.0%} confidence "
+             f"- Empirical **epsilon_lb = {a['epsilon_lb']:.3f}** at {a['confidence']:.0%} confidence "
              f"(delta {a['delta']:.3g}); claimed epsilon {claimed}: {verdict}.",
+             f"- The test: {test}.",
              f"- {a['canaries']} canaries, {a['included']} included; settings audited: sigma {a['noise_multiplier']:.4f}, "
              f"q {a['sample_rate']:.5f}, clipping {a['clipping']}, ZeRO stage {a['zero_stage']}, world size "
              f"{a['world_size']}, optimizer {a['optimizer']}, bf16 {a['bf16']}.", "",

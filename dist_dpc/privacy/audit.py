@@ -146,11 +146,16 @@ def audit_lower_bound(scores, included, delta: float, confidence: float = 0.95,
             tests.append({"score": name, "fraction": f, "guesses": r, "correct": v, "epsilon_lb": bound})
     best = max(tests, key=lambda t: t["epsilon_lb"]) if tests else {"epsilon_lb": 0.0, "fraction": None, "score": None}
     if test == "f_dp":
-        ceiling = max((fdp_epsilon_lower_bound(m, _fdp_guesses(f, m), _fdp_guesses(f, m), family, per_test)
+        ceiling = max((fdp_epsilon_lower_bound(m, _fdp_guesses(f, m), _fdp_best(f, m), family, per_test)
                        for f in fractions), default=0.0)
+        # Whether some test rejects the claimed curve itself (scale 1): the verdict, exact where the
+        # bisection's epsilon_lb may land on the claimed epsilon.
+        claim_rejected = any(fdp_rejects(m, t["guesses"], t["correct"], 1 - per_test, family.least_other(1.0))
+                             for t in tests)
     else:
         ceiling = audit_ceiling(m, delta, confidence, guess_fractions, len(by_name))
-    return {"test": test, "canaries": m, "included": int(np.asarray(included, dtype=bool).sum()), "delta": delta,
+        claim_rejected = None
+    return {"test": test, "claim_rejected": claim_rejected, "canaries": m, "included": int(np.asarray(included, dtype=bool).sum()), "delta": delta,
             "confidence": confidence, "per_test_confidence": per_test, "tests": tests,
             "epsilon_lb": best["epsilon_lb"], "best_fraction": best["fraction"], "best_score": best["score"],
             "ceiling": ceiling, "dropped_fractions": sorted(set(guess_fractions) - set(fractions))}
@@ -205,7 +210,10 @@ class ScaledMechanisms:
     """The family of runs that differ from the audited one only in noise: every mechanism's sigma
     times ``scale`` (a non-private run: DP-SGD at noise ``scale`` with its q and steps). The f-DP
     bound is the epsilon (at delta, the ledger's accountant) of the least noisy member whose curve
-    the audit rejects: "the run leaked more than DP-SGD with the same q and steps at epsilon_lb"."""
+    the audit rejects: "the run leaked more than DP-SGD with the same q and steps at epsilon_lb".
+    That is a lower bound on the run's own epsilon only if its trade-off curve has DP-SGD's shape (a
+    mechanism of another shape, e.g. randomized response, can be rejected by a member of larger
+    epsilon than its own); the verdict against the claimed curve (scale 1) holds for any mechanism."""
 
     EPSILON_GRID = np.concatenate([np.linspace(0, 4, 401), np.linspace(4.02, 40, 1800)])
 
@@ -274,13 +282,19 @@ def _fdp_guesses(fraction: float, m: int) -> int:
     return min(max(1, round(fraction * m)), m)
 
 
+def _fdp_best(fraction: float, m: int) -> int:
+    """The most right guesses to plan for (public): every guess, but no more than the m / 2 canaries
+    expected to be included (k = m guesses all right would need every canary included)."""
+    return min(_fdp_guesses(fraction, m), m // 2)
+
+
 def usable_fdp_tests(m: int, confidence: float, guess_fractions, num_scores: int = 1) -> list[float]:
     """As usable_tests, for the f-DP test: the fractions whose k guesses, all right, could reject
     epsilon = 0 at their share of the confidence (public quantities only)."""
     fractions = sorted(set(guess_fractions))
     while fractions:
         alpha = (1 - confidence) / (len(fractions) * num_scores)
-        keep = [f for f in fractions if fdp_rejects(m, _fdp_guesses(f, m), _fdp_guesses(f, m), alpha, _identity)]
+        keep = [f for f in fractions if fdp_rejects(m, _fdp_guesses(f, m), _fdp_best(f, m), alpha, _identity)]
         if keep == fractions:
             return fractions
         fractions = keep

@@ -169,12 +169,14 @@ def test_the_example_script_under_the_deepspeed_launcher_on_two_ranks(tmp_path):
     proc = subprocess.run([str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()),
                            str(ROOT / "examples" / "deepspeed_loop.py"), "--model", str(base), "--train_file",
                            str(tmp_path / "train.csv"), "--deepspeed_config", str(ds), "--epochs", "1",
-                           "--epsilon", "3", "--output_dir", str(out), "--ledger", str(tmp_path / "ledger.json")],
+                           "--epsilon", "3", "--output_dir", str(out), "--ledger", str(tmp_path / "ledger.json"),
+                           "--public_model"],
                           env=env(), cwd=ROOT, capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     assert "dist_world_size=2" in proc.stdout + proc.stderr
     ledger = json.loads((tmp_path / "ledger.json").read_text())
-    (entry,) = ledger["phases"].values()
+    declared, entry = ledger["phases"].values()  # --public_model: the local base model, declared public
+    assert declared["mechanisms"] == [] and list(ledger["phases"])[0] == f"public:{base.resolve()}"
     assert entry["status"] == "completed" and entry["mechanisms"][0]["steps"] == 10  # 1 epoch at q = 40/400
     accountant = PRVAccountant()
     accountant.history = [(m["noise_multiplier"], m["sample_rate"], m["steps"]) for m in entry["mechanisms"]]
@@ -287,3 +289,69 @@ def test_runs_given_the_same_key_never_share_noise_or_batches(tmp_path):
         updates.append(torch.cat([(p.detach() - b).flatten() for p, b in zip(net.parameters(), before)]))
     assert plans[0] != plans[1]
     assert float(torch.corrcoef(torch.stack(updates))[0, 1]) < 0.5  # noise-dominated updates, independent draws
+
+
+def test_a_starting_model_from_an_earlier_dp_run_brings_its_cost(tmp_path):
+    """A model saved by a DP run and loaded with from_pretrained: its lineage goes into the new ledger
+    before the reservation (the total composes both runs, checked against opacus' PRV); in the same
+    ledger nothing is counted twice; a model trained without DP, or a local directory of unknown
+    origin, is refused before anything is spent."""
+    from opacus.accountants import PRVAccountant
+    from transformers import AutoModelForSequenceClassification
+
+    def load(path):  # hub kernels off, as the engine asks (they swap layer forwards on train()/eval())
+        return AutoModelForSequenceClassification.from_pretrained(path, use_kernels=False)
+
+    first_ledger = tmp_path / "first.json"
+    engine, _, loader, _ = dist_dpc.initialize(model=model(), config=config(), training_data=examples(), steps=5,
+                                               privacy=dist_dpc.PrivacyConfig(target_epsilon=4.0), ledger=first_ledger)
+    for batch in loader:
+        engine.train_batch(batch)
+    engine.finish()
+    engine.save_pretrained(tmp_path / "dp_model")
+    first = json.loads(first_ledger.read_text())["phases"]["train"]["mechanisms"]
+
+    second_ledger = tmp_path / "second.json"
+    loaded = load(tmp_path / "dp_model")
+    engine2, _, loader2, _ = dist_dpc.initialize(model=loaded, config=config(), training_data=examples(), steps=3,
+                                                 privacy=dist_dpc.PrivacyConfig(target_epsilon=8.0), ledger=second_ledger)
+    for batch in loader2:
+        engine2.train_batch(batch)
+    total = engine2.finish()
+    phases = json.loads(second_ledger.read_text())["phases"]
+    imported = [k for k in phases if k.startswith("imported:")]
+    strip = lambda ms: [{k: v for k, v in m.items() if k != "phase"} for m in ms]  # noqa: E731
+    assert len(imported) == 1 and strip(phases[imported[0]]["mechanisms"]) == strip(first)
+    accountant = PRVAccountant()
+    accountant.history = [(m["noise_multiplier"], m["sample_rate"], m["steps"]) for p in phases.values()
+                          for m in p["mechanisms"]]
+    assert total == pytest.approx(accountant.get_epsilon(delta=json.loads(second_ledger.read_text())["delta"],
+                                                         eps_error=0.01), abs=0.05)
+    assert total <= 8.0 * (1 + 1e-6)
+
+    # The same ledger: the model's cost is there already, nothing is imported.
+    engine3, _, _, _ = dist_dpc.initialize(model=load(tmp_path / "dp_model"),
+                                           config=config(), training_data=examples(), steps=2, name="again",
+                                           privacy=dist_dpc.PrivacyConfig(target_epsilon=8.0), ledger=first_ledger)
+    engine3.finish()
+    assert not [k for k in json.loads(first_ledger.read_text())["phases"] if k.startswith("imported:")]
+
+    # Trained without DP: refused. A local directory without lineage: refused unless declared public.
+    plain = model()
+    plain.save_pretrained(tmp_path / "unknown")
+    (tmp_path / "nodp").mkdir()
+    plain.save_pretrained(tmp_path / "nodp")
+    (tmp_path / "nodp" / "privacy_lineage.json").write_text(json.dumps({"format": 1, "private": False, "phase": "x"}))
+    for where, message in (("nodp", "WITHOUT differential privacy"), ("unknown", "privacy.public_model_dirs")):
+        ledger = tmp_path / f"{where}.json"
+        with pytest.raises(ValueError, match=message):
+            dist_dpc.initialize(model=load(tmp_path / where),
+                                config=config(), training_data=examples(), steps=2, ledger=ledger,
+                                privacy=dist_dpc.PrivacyConfig(target_epsilon=4.0))
+        assert not json.loads(ledger.read_text()).get("phases") if ledger.exists() else True
+    engine4, _, _, _ = dist_dpc.initialize(
+        model=load(tmp_path / "unknown"), config=config(),
+        training_data=examples(), steps=2, ledger=tmp_path / "declared.json",
+        privacy=dist_dpc.PrivacyConfig(target_epsilon=4.0, public_model_dirs=[str(tmp_path / "unknown")]))
+    engine4.finish()
+    assert any(k.startswith("public:") for k in json.loads((tmp_path / "declared.json").read_text())["phases"])
