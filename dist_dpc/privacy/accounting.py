@@ -367,9 +367,11 @@ def privacy_profile(mechanisms: Sequence[Mechanism], epsilons) -> np.ndarray:
     dprv, eps_error = _composed_prv(key)
     ts, pmf = np.asarray(dprv.domain.ts, dtype=np.float64), np.asarray(dprv.pmf, dtype=np.float64)
     # delta(eps) = sum_{t >= eps} p(t) (1 - e^{eps - t}): two suffix sums give every eps at once.
-    mass = np.append(np.cumsum(pmf[::-1])[::-1], 0.0)
-    weighted = np.append(np.cumsum((pmf * np.exp(-ts))[::-1])[::-1], 0.0)
     shifted = epsilons - eps_error  # below 0 too: the hockey-stick formula holds there
+    mass = np.append(np.cumsum(pmf[::-1])[::-1], 0.0)
+    # Only losses t >= min(shifted) are ever summed: below, e^-t may overflow and is never needed.
+    used = ts >= (shifted.min() if shifted.size else 0.0)
+    weighted = np.append(np.cumsum(np.where(used, pmf * np.exp(-np.where(used, ts, 0.0)), 0.0)[::-1])[::-1], 0.0)
     first = np.searchsorted(ts, shifted, side="left")
     estimate = mass[first] - np.exp(shifted) * weighted[first]
     return np.clip(estimate + PROFILE_DELTA_ERROR, 0.0, 1.0)
