@@ -148,7 +148,8 @@ def test_a_model_built_under_zero_init_trains_like_one_loaded_whole(tmp_path, re
         if mode == "zero_init":
             same_ledger_emptied(tmp_path / "whole.json", tmp_path / "zero_init.json")
         trainer = dist_dpc.DPTrainer(model=net, args=args, train_dataset=rows(), processing_class=tokenizer(),
-                                     privacy=dist_dpc.PrivacyConfig(target_epsilon=5.0), key=SecretKey.from_seed(3),
+                                     privacy=dist_dpc.PrivacyConfig(target_epsilon=5.0, public_model_dirs=[str(base)]),
+                                     key=SecretKey.from_seed(3),
                                      ledger=tmp_path / f"{mode}.json")
         trainer.train()
         # The files, not from_pretrained: while ZeRO-3 arguments live, transformers would partition it again.
