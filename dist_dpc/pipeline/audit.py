@@ -231,16 +231,8 @@ def run_black_box(cfg: Config) -> dict:
         if cfg.audit.synthetic_samples:
             from dist_dpc.pipeline.audit_synthetic import synthetic_exposure
 
-            summary, text_scores = synthetic_exposure(ctx, engine.ds.module, state["texts"], state["included"],
-                                                      engine.ds.zero_optimization_stage())
-            delta = engine.delta if cfg.privacy.enabled else delta_default(ctx.train_size)
-            bound = audit_lower_bound(text_scores, state["included"], delta, cfg.audit.confidence,
-                                      cfg.audit.guess_fractions, test=cfg.audit.test,
-                                      mechanisms=audited_mechanisms(cfg, engine, results["steps"]))
-            synthetic = {**summary, "epsilon_lb": bound["epsilon_lb"], "ceiling": bound["ceiling"],
-                         "tests": bound["tests"], "scores": text_scores.tolist()}
-            tracker.summary({"audit/synthetic_epsilon_lb": bound["epsilon_lb"],
-                             "audit/synthetic_secrets_whole_included": summary["secrets_whole_included"]})
+            synthetic = synthetic_exposure(ctx, engine.ds.module, state["texts"], state["included"],
+                                           engine.ds.zero_optimization_stage())
         _conclude(ctx, engine, results, tracker, state["before"] - after, state["included"], kind="black_box",
                   synthetic=synthetic)
 
@@ -290,15 +282,27 @@ def _check_canaries(m: int, n: int) -> None:
 
 
 def _conclude(ctx: PhaseContext, engine, results: dict, tracker, scores, included: np.ndarray,
-              kind: str = "white_box", synthetic: dict | None = None) -> None:
-    """The bound from the scores and the coins, into results.json, audit.json and W&B."""
+              kind: str = "white_box", synthetic: tuple[dict, np.ndarray] | None = None) -> None:
+    """The bound from the scores and the coins, into results.json, audit.json and W&B; with
+    ``synthetic`` = (summary, text-only scores), the same test on the text-only scores too."""
     cfg = ctx.cfg
     delta = engine.delta if cfg.privacy.enabled else delta_default(ctx.train_size)
-    bound = audit_lower_bound(scores, included, delta, cfg.audit.confidence, cfg.audit.guess_fractions,
-                              test=cfg.audit.test, mechanisms=audited_mechanisms(cfg, engine, results["steps"]))
+    mechanisms = audited_mechanisms(cfg, engine, results["steps"]) if cfg.audit.test == "f_dp" else None
+
+    def bound_of(values):
+        return audit_lower_bound(values, included, delta, cfg.audit.confidence, cfg.audit.guess_fractions,
+                                 test=cfg.audit.test, mechanisms=mechanisms)
+
+    bound = bound_of(scores)
     results["audit"] = {**_audit_summary(cfg, engine, bound, kind), "steps": results["steps"]}
     if synthetic is not None:
+        summary, text_scores = synthetic
+        text_bound = bound_of(text_scores)
+        synthetic = {**summary, "epsilon_lb": text_bound["epsilon_lb"], "ceiling": text_bound["ceiling"],
+                     "tests": text_bound["tests"], "scores": text_scores.tolist()}
         results["audit"]["synthetic"] = {k: v for k, v in synthetic.items() if k != "scores"}
+        tracker.summary({"audit/synthetic_epsilon_lb": text_bound["epsilon_lb"],
+                         "audit/synthetic_secrets_whole_included": summary["secrets_whole_included"]})
     tracker.summary({"audit/epsilon_lb": bound["epsilon_lb"], "audit/canaries": bound["canaries"],
                      "audit/confidence": cfg.audit.confidence, "audit/kind": kind})
     if ctx.is_main:
