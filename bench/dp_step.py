@@ -36,7 +36,7 @@ from cost_model import Shape, bound_ratio, step_costs  # noqa: E402  (bench/ is 
 OPACUS_MODES = ("opacus-hooks", "opacus-ghost")
 
 
-def settings(quick: bool, wide: bool = False, model: str = "bert") -> dict:
+def settings(quick: bool, wide: bool = False, model: str = "bert", bf16: bool = False) -> dict:
     """The shapes: quick (CPU, minutes), wide (CPU: width 1024, T 128), else the GPU shape of the
     family: BERT-base, GPT-2-medium, a 1B Llama (Llama-3.2-1B's widths)."""
     if wide:
@@ -55,6 +55,7 @@ def settings(quick: bool, wide: bool = False, model: str = "bert") -> dict:
         s = {"hidden": 768, "layers": 12, "heads": 12, "vocab": 30522, "batch": 32, "length": 128, "steps": 20,
              "warmup": 5, "bf16": True}
     s.setdefault("intermediate", 4 * s["hidden"])
+    s["bf16"] = s["bf16"] or bf16
     if model == "llama":
         s.setdefault("kv_heads", max(1, s["heads"] // 4))
     return {**s, "model": model}
@@ -120,7 +121,8 @@ def run_deepspeed_mode(mode: str, stage: int, s: dict) -> dict:
 
     world = init_distributed()
     device = torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    model = build_model(s)
+    with device:  # built where it runs: a 1B model's random init on the host would dominate a GPU run
+        model = build_model(s)
     ds_config = build_ds_config({"zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}},
                                 micro_batch_size=s["batch"], world_size=world.world_size, zero_stage=stage, lr=1e-4,
                                 weight_decay=0.0,
@@ -147,8 +149,30 @@ def run_deepspeed_mode(mode: str, stage: int, s: dict) -> dict:
     for m in methods.values():
         for k, v in m.items():
             counts[k] = counts.get(k, 0) + v
-    return {"median_step_s": statistics.median(times), "peak_memory_bytes": peak_memory_bytes(device),
-            "norm_methods": counts}
+    out = {"median_step_s": statistics.median(times), "peak_memory_bytes": peak_memory_bytes(device),
+           "norm_methods": counts}
+    if mode != "non-dp":
+        out["noise_s"] = time_noise(model, device)
+    return out
+
+
+def time_noise(model, device) -> float:
+    """Seconds to draw one step's Gaussian noise for every trainable coordinate (fp32, this rank's
+    whole model; at ZeRO >= 1 on one rank the partition is the model): the host-side draw
+    (privacy.randomness.add_gaussian_) plus the copy to the device, timed on its own."""
+    import torch
+
+    from dist_dpc.privacy.randomness import SecretKey, add_gaussian_
+
+    numel = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters() if p.requires_grad)
+    target = torch.zeros(numel, dtype=torch.float32, device=device)
+    key = SecretKey.from_seed(1)
+    add_gaussian_(target, 1.0, key, "warm-up")
+    _sync(device)
+    start = time.perf_counter()
+    add_gaussian_(target, 1.0, key, "timed")
+    _sync(device)
+    return time.perf_counter() - start
 
 
 def run_opacus_mode(mode: str, s: dict) -> dict:
@@ -156,7 +180,8 @@ def run_opacus_mode(mode: str, s: dict) -> dict:
     from opacus import PrivacyEngine
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    model = build_model(s).to(device)
+    with device:
+        model = build_model(s)
     if s["bf16"]:
         model = model.to(torch.bfloat16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -197,7 +222,7 @@ def _sync(device) -> None:
 
 
 def child(args) -> None:
-    s = settings(args.quick, args.wide, args.model)
+    s = settings(args.quick, args.wide, args.model, args.bf16)
     if args.mode in OPACUS_MODES:
         out = run_opacus_mode(args.mode, s)
     else:
@@ -207,12 +232,12 @@ def child(args) -> None:
 
 
 def run_child(mode: str, stage: int, quick: bool, timeout: int, wide: bool = False, model: str = "bert",
-              world: int = 1) -> dict:
+              world: int = 1, bf16: bool = False) -> dict:
     """One mode in its own process (or ``world`` ranks under torchrun: gloo on CPU, NCCL on GPUs)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda"))
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
     args = ["--child", "--mode", mode, "--stage", str(stage), "--model", model] + (["--quick"] if quick else []) \
-        + (["--wide"] if wide else [])
+        + (["--wide"] if wide else []) + (["--bf16"] if bf16 else [])
     if world > 1:
         import socket
 
@@ -248,6 +273,9 @@ def main() -> None:
     parser.add_argument("--worlds", default="1", help="ranks per measurement (comma separated; 2: torchrun, per-rank batch)")
     parser.add_argument("--json", help="write the records to this JSON file")
     parser.add_argument("--skip-opacus", action="store_true", help="measure only the DeepSpeed modes")
+    parser.add_argument("--bf16", action="store_true", help="bf16 on every shape (the GPU shapes always are)")
+    parser.add_argument("--child-timeout", type=int, help="seconds per measured process (default 600 on the CPU "
+                        "shapes, 1800 on the GPU ones)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--model", default="bert", help=argparse.SUPPRESS)
@@ -256,45 +284,66 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    timeout = 600 if args.quick or args.wide else 1800
+    timeout = args.child_timeout or (600 if args.quick or args.wide else 1800)
     stages = [int(x) for x in args.stages.split(",")]
     worlds = [int(x) for x in args.worlds.split(",")]
     records, all_settings, costs_by_model = [], {}, {}
+    failures = []
     for model in args.models.split(","):
-        s = settings(args.quick, args.wide, model)
+        s = settings(args.quick, args.wide, model, args.bf16)
         shape = shape_of(s)
         all_settings[model], costs_by_model[model] = s, step_costs(shape)
+
+        def measure(mode: str, stage: int, world: int = 1):
+            """One mode's result, or None with the failure kept (one failed mode never loses the rest)."""
+            try:
+                return run_child(mode, stage, args.quick, timeout, args.wide, model, world, args.bf16)
+            except Exception as err:  # noqa: BLE001  (a timeout or a crash: recorded, the bench goes on)
+                failures.append({"model": model, "world": world, "zero_stage": stage, "mode": mode,
+                                 "error": str(err)[-3000:]})
+                print(f"FAILED {model} {mode} ZeRO {stage} world {world}: {str(err)[-600:]}", flush=True)
+                return None
+
         # Opacus (plain torch, one process) only where its grad samplers cover the model: BERT's Linear,
         # Embedding and LayerNorm; GPT-2's Conv1D and Llama's RMSNorm have none.
-        opacus = {} if args.skip_opacus or model != "bert" else \
-            {m: run_child(m, 0, args.quick, timeout, args.wide, model) for m in OPACUS_MODES}
+        opacus = {} if args.skip_opacus or model != "bert" else {m: measure(m, 0) for m in OPACUS_MODES}
+        # Flat clipping is refused in bf16 (its factors come from a separate norms pass whose bf16
+        # rounding the real pass would not reproduce): only per_layer is measured there.
+        modes = [m for m in DS_MODES if not (s["bf16"] and m == "flat")]
         for world in worlds:
             for stage in stages:
-                measured = {m: run_child(m, stage, args.quick, timeout, args.wide, model, world) for m in DS_MODES}
+                measured = {m: measure(m, stage, world) for m in modes}
                 if world == 1:
                     measured.update(opacus)
                 base = measured["non-dp"]
                 for mode, r in measured.items():
+                    if r is None or base is None:
+                        continue
                     rec = {"model": model, "world": world, "zero_stage": stage, "mode": mode,
+                           "precision": "bf16" if s["bf16"] else "fp32",
                            "median_step_s": r["median_step_s"], "peak_memory_bytes": r["peak_memory_bytes"],
                            "step_time_ratio": r["median_step_s"] / base["median_step_s"],
                            "peak_memory_ratio": r["peak_memory_bytes"] / base["peak_memory_bytes"],
                            "samples_per_s": s["batch"] * world / r["median_step_s"],
-                           "norm_methods": r.get("norm_methods", {}), "bound_ratio": bound_ratio(shape, mode)}
+                           "norm_methods": r.get("norm_methods", {}), "bound_ratio": bound_ratio(shape, mode),
+                           "noise_s": r.get("noise_s")}
                     rec["measured_over_bound"] = (rec["step_time_ratio"] / rec["bound_ratio"]
                                                   if rec["bound_ratio"] is not None else None)
                     records.append(rec)
+                if args.json:  # after every stage: a run cut short keeps what it measured
+                    write_json(args.json, records, all_settings, costs_by_model, failures)
     device = "GPU" if _has_cuda() else "CPU"
     print(f"\nDP step benchmark - {platform.node()} {device}, {time.strftime('%Y-%m-%d')}; ratios to the non-DP step "
           "of the same model, world and stage, measured side by side; Opacus runs plain torch (no ZeRO), one process")
     print(f"{'model':<6} {'world':>5} {'ZeRO':>4}  {'mode':<13} {'step (ms)':>10} {'x non-DP':>9} {'bound':>6} "
-          f"{'/bound':>7} {'peak MB':>9} {'x non-DP':>9} {'samples/s':>10}")
+          f"{'/bound':>7} {'peak MB':>9} {'x non-DP':>9} {'samples/s':>10} {'noise (ms)':>10}")
     for r in records:
         bound = "" if r["bound_ratio"] is None else f"{r['bound_ratio']:.3f}"
         over = "" if r["measured_over_bound"] is None else f"{r['measured_over_bound']:.3f}"
         print(f"{r['model']:<6} {r['world']:>5} {r['zero_stage']:>4}  {r['mode']:<13} {r['median_step_s'] * 1e3:>10.1f} "
               f"{r['step_time_ratio']:>9.2f} {bound:>6} {over:>7} {r['peak_memory_bytes'] / 2**20:>9.0f} "
-              f"{r['peak_memory_ratio']:>9.2f} {r['samples_per_s']:>10.1f}")
+              f"{r['peak_memory_ratio']:>9.2f} {r['samples_per_s']:>10.1f} "
+              f"{'' if r['noise_s'] is None else format(r['noise_s'] * 1e3, '.1f'):>10}")
     for model, s in all_settings.items():
         c = costs_by_model[model]
         print(f"{model}: hidden {s['hidden']} x {s['layers']} layers, batch {s['batch']} x {s['length']} tokens per rank, "
@@ -308,10 +357,25 @@ def main() -> None:
             if ref is not None:
                 print(f"{r['model']} ZeRO {r['zero_stage']}: {r['mode']} throughput = "
                       f"{r['samples_per_s'] / ref['samples_per_s']:.2f}x Opacus ghost clipping")
+    for f in failures:
+        print(f"FAILED: {f['model']} {f['mode']} ZeRO {f['zero_stage']} world {f['world']} (error in the JSON)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": device, "settings": all_settings, "records": records,
-                                               "cost_model": costs_by_model}, indent=2))
+        write_json(args.json, records, all_settings, costs_by_model, failures)
         print(f"wrote {args.json}")
+    if failures:
+        sys.exit(1)
+
+
+def write_json(path: str, records: list, all_settings: dict, costs_by_model: dict, failures: list) -> None:
+    Path(path).write_text(json.dumps({"device": _device_name(), "date": time.strftime("%Y-%m-%d %H:%M"),
+                                      "settings": all_settings, "records": records, "cost_model": costs_by_model,
+                                      "failures": failures}, indent=2))
+
+
+def _device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if _has_cuda() else f"CPU ({os.cpu_count()} cores, {platform.node()})"
 
 
 if __name__ == "__main__":

@@ -27,9 +27,13 @@ case ${1:-run} in
     mkdir -p "$OUT"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl
     export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TORCH_EXTENSIONS_DIR=/tmp/torch_extensions
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-    # ~7 minutes: 3 shapes x 2 stages x 3 modes + Opacus on BERT, each a fresh process with its own warm-up.
-    timeout 450 python3 bench/dp_step.py --models bert,gpt2,llama --stages 2,3 --json "$OUT/gpu_bench.json" \
-        2>&1 | tee "$OUT/gpu_bench.log" ;;
+    { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+      python3 -c "import torch, transformers, deepspeed, opacus; print('torch', torch.__version__, 'transformers', \
+transformers.__version__, 'deepspeed', deepspeed.__version__, 'opacus', opacus.__version__)"; } 2>&1 | tee "$OUT/gpu.txt"
+    # ~6 minutes: 3 shapes x 2 stages x (non-DP, per_layer) + Opacus on BERT, each a fresh process with
+    # its own warm-up (flat is refused in bf16). The JSON is rewritten after every stage, so a run cut
+    # short keeps what it measured; one failed mode is recorded and the rest go on.
+    timeout 470 python3 bench/dp_step.py --models bert,gpt2,llama --stages 2,3 --child-timeout 150 \
+        --json "$OUT/gpu_bench.json" 2>&1 | tee "$OUT/gpu_bench.log" ;;
   *) echo "usage: bench/gpu.sh wheels | run [OUT]" >&2; exit 2 ;;
 esac
