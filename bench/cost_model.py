@@ -72,7 +72,8 @@ def step_costs(s: Shape) -> dict:
         method, flops = norm_flops(b, t, i, o)
         methods[method] = methods.get(method, 0) + 1
         norms += flops + b * t * o  # the per-sample factors on the output gradients
-    # flat today: a norms-only pass (forward, input gradients, norms), then the ordinary step
+    # flat at ZeRO 3: a norms-only pass (forward, input gradients, norms), then the ordinary step (at
+    # ZeRO 0-2 flat is one forward and one backward, book-keeping: its floor is per_layer's)
     flat_two_pass = non_dp + 2 * linear_fwd + 3 * attention_fwd + norms
     return {"non_dp_flops": non_dp, "norm_flops": norms, "norm_methods": methods,
             "per_layer_bound": (non_dp + norms) / non_dp, "flat_bound": (non_dp + norms) / non_dp,

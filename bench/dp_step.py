@@ -349,7 +349,7 @@ def main() -> None:
         print(f"{model}: hidden {s['hidden']} x {s['layers']} layers, batch {s['batch']} x {s['length']} tokens per rank, "
               f"{'bf16' if s['bf16'] else 'fp32'}; cost model: non-DP {c['non_dp_flops'] / 1e9:.1f} GFLOP/step, norms "
               f"{c['norm_flops'] / 1e9:.2f} ({c['norm_methods']}); floor per_layer = flat (one backward) "
-              f"{c['per_layer_bound']:.3f}x; today's two-pass flat does {c['flat_two_pass_arithmetic']:.3f}x the arithmetic")
+              f"{c['per_layer_bound']:.3f}x; flat at ZeRO 3 (two passes) does {c['flat_two_pass_arithmetic']:.3f}x the arithmetic")
     for r in records:
         if r["mode"] in ("flat", "per_layer") and r["world"] == 1:
             ref = next((o for o in records if o["mode"] == "opacus-ghost" and o["model"] == r["model"]

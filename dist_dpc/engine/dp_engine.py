@@ -6,8 +6,13 @@ One logical step, for this rank's fixed-shape micro-batches (padding rows have s
      micro-batches and reduced across ranks by DeepSpeed exactly as in a non-DP step:
        per_layer: one forward + one backward; every layer clips its own per-sample gradient to
                   C / sqrt(L) inside the backward (dist_dpc.privacy.clipper);
-       flat:      a norms-only pass through the raw module (no gradients, no DeepSpeed hooks), then
-                  the real pass through the engine with the loss re-weighted by min(1, C / ||g_i||);
+       flat:      ZeRO 0-2, book-keeping: one forward and one backward through the raw module in
+                  which every layer adds its per-sample norms and keeps its input and output
+                  gradient (no weight gradients, no DeepSpeed hooks); then each layer's sum of
+                  min(1, C / ||g_i||) g_i, handed to DeepSpeed by engine.backward on a node whose
+                  backward returns exactly those sums (its reduction hooks run as for any backward).
+                  ZeRO 3, where a layer's full weight exists only inside its own forward/backward:
+                  a norms-only pass, then the real pass with the loss re-weighted by the factors;
   2. in a step pre-hook on the optimizer DeepSpeed finally steps (each rank's fp32 partition):
      undo DeepSpeed's mean over ranks, add N(0, sigma^2 C^2) once per coordinate, divide by the
      expected batch size;
@@ -131,6 +136,10 @@ class DPEngine:
         self.accountant = PrivacyAccountant(accountant=privacy.accountant, delta=self.delta, prior=prior, phase=phase)
         self.steps_done = 0
         self._norm_sink = trainable
+        # Book-keeping flat clipping hands full-shape gradients to the parameters after the backward:
+        # at ZeRO 3 a parameter is a partition outside its module's forward/backward, so it keeps two passes.
+        self._bookkeeping = (self.clipper is not None and privacy.clipping == "flat"
+                             and self.ds.zero_optimization_stage() < 3)
         self.post_noise_hooks: list[Callable[[torch.optim.Optimizer], None]] = []  # e.g. pruning masks
 
     @staticmethod
@@ -205,7 +214,19 @@ class DPEngine:
                 self.ds.backward((per_sample * mask).sum())
             _check_padding_silent(self.clipper.sq_norms, mask)
             return per_sample.detach(), self.clipper.sq_norms.sqrt(), self.clipper.clipped
-        # flat: norms first (raw module, nothing accumulated), then the re-weighted real pass.
+        if self._bookkeeping:
+            # flat in one backward: norms and kept tensors, then the clipped sums handed to DeepSpeed.
+            with self.clipper.pass_mode(ClipMode.BOOKKEEP, rows):
+                per_sample = self.loss_fn(self.ds.module, batch)
+                torch.autograd.grad((per_sample * mask).sum(), self._norm_sink, allow_unused=True)
+                factors = self.clipper.flat_factors(self.clipper.sq_norms)
+                _check_padding_silent(self.clipper.sq_norms, mask)
+                pairs = self.clipper.deferred_grads(factors)
+            handed = _HandOver.apply([g for _, g in pairs], *[p for p, _ in pairs])
+            del pairs  # the sums now live only in the node, which releases them as it returns them
+            self.ds.backward(handed)
+            return per_sample.detach(), self.clipper.sq_norms.sqrt(), self.clipper.clipped
+        # flat at ZeRO 3: norms first (raw module, nothing accumulated), then the re-weighted real pass.
         rng = _RngSnapshot()
         with self.clipper.pass_mode(ClipMode.NORMS, rows):
             per_sample = self.loss_fn(self.ds.module, batch)
@@ -286,14 +307,16 @@ class DPEngine:
 
     def _check_finite(self, grads: list[torch.Tensor]) -> None:
         """Before noising: every gradient is finite. One isfinite reduction per tensor and one host
-        sync per hook call. per_layer clipping drops a sample with a non-finite norm (factor 0, rows
-        zeroed), so this should not fire there; flat clipping's real pass is an ordinary backward, where
-        0 * inf = NaN cannot be kept out, so the run must stop rather than release a NaN model."""
+        sync per hook call. per_layer clipping, and flat at ZeRO 0-2 (book-keeping), drop a sample with a
+        non-finite norm (factor 0, rows zeroed), so this should not fire there; flat's real pass at ZeRO 3
+        is an ordinary backward, where 0 * inf = NaN cannot be kept out, so the run must stop rather
+        than release a NaN model."""
         if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
             raise NonFiniteGradientError(
                 f"a non-finite gradient reached the DP step at step {self.steps_done} (privacy.clipping="
                 f"{self.privacy.clipping}): a sample produced NaN/inf. With clipping=per_layer such samples are "
-                "dropped (clip factor 0); with flat the run must stop. Stopping before the update"
+                "dropped (clip factor 0), and with flat at ZeRO 0-2; with flat at ZeRO 3 the run must stop. Stopping "
+                "before the update"
                 + (" (ZeRO-3 sub-groups already stepped this step keep their update)" if self._hook_calls else ""))
 
     # -- noise accounting: every coordinate the optimizer steps is noised exactly once ------------
@@ -355,7 +378,9 @@ class DPEngine:
             f"noise hook: {self._noised_numel} elements were noised at step {self.steps_done} but this rank's "
             f"optimizer partition has {self.partition_numel}, {when}. Some coordinates were updated outside the "
             "hooked optimizer (offload_optimizer.ratio < 1, ZenFlow, an untested DeepSpeed path) or lost their "
-            "gradient; use a DeepSpeed config from ds_configs/")
+            "gradient, or DeepSpeed skipped its step (it does so by itself at ZeRO 3 on a NaN/inf gradient: a "
+            "sample produced non-finite values, which privacy.clipping=per_layer drops); use a DeepSpeed config "
+            "from ds_configs/")
 
     # -- helpers ---------------------------------------------------------------------------------
     def _seed_dropout(self) -> None:
@@ -435,11 +460,19 @@ def _check_padding_silent(sq_norms: torch.Tensor, mask: torch.Tensor) -> None:
 
 
 def _check_flat_precision(privacy: PrivacyConfig, ds_config: dict, model: torch.nn.Module) -> None:
-    """Refuse flat clipping in bf16/fp16: its factors come from the norms pass, but the gradient they
-    scale is the real pass's ordinary low-precision backward, accumulated in that precision, so no
-    sample's contribution is bounded by C after rounding. per_layer clips in float32 with a margin."""
+    """Refuse flat clipping in bf16/fp16: at ZeRO 3 its factors come from the norms pass, but the
+    gradient they scale is the real pass's ordinary low-precision backward, accumulated in that
+    precision, so no sample's contribution is bounded by C after rounding; the book-keeping pass of
+    ZeRO 0-2 has no rounding margin under C either. per_layer clips in float32 with a margin.
+    Also refuse ``wall_clock_breakdown`` with flat: the book-keeping pass hands its sums to
+    ``engine.backward`` without an ``engine.forward`` (its backward runs through the raw module), and
+    DeepSpeed's forward is what starts the timers that breakdown stops."""
     if not privacy.enabled or privacy.clipping != "flat":
         return
+    if ds_config.get("wall_clock_breakdown"):
+        raise ValueError("wall_clock_breakdown=true is not supported with privacy.clipping=flat: flat clipping's "
+                         "one-backward pass runs the model outside DeepSpeed's forward, whose timers the breakdown "
+                         "needs. Remove wall_clock_breakdown from the DeepSpeed config, or use privacy.clipping=per_layer")
     low = {torch.bfloat16, torch.float16}
     half_params = any(p.dtype in low for p in model.parameters() if p.requires_grad)
     if half_params or any(ds_config.get(k, {}).get("enabled") for k in ("bf16", "fp16")):
@@ -464,6 +497,24 @@ def _warn_bf16_sum_rounding(privacy: PrivacyConfig, ds_config: dict, model: torc
                   "each micro-batch's clipped sum (relative 2^-8 of the sum per coordinate, which can exceed C_l) and its "
                   "accumulation are outside the privacy analysis; train in fp32 for a guarantee up to float32 rounding",
                   stacklevel=3)
+
+
+class _HandOver(torch.autograd.Function):
+    """A zero scalar whose backward gives each parameter a gradient computed beforehand: how the
+    book-keeping flat pass's clipped sums reach DeepSpeed through its public ``engine.backward``
+    (its loss scaling and reduction hooks apply to them as to any gradient). The forward never
+    reads the parameters; the incoming gradient (1, or DeepSpeed's loss scale) multiplies the sums
+    exactly as it would multiply a loss's gradient."""
+
+    @staticmethod
+    def forward(ctx, grads, *params):
+        ctx.grads = grads
+        return torch.zeros((), dtype=torch.float32, device=params[0].device if params else None)
+
+    @staticmethod
+    def backward(ctx, scale):
+        grads, ctx.grads = ctx.grads, None
+        return (None, *[g.mul_(scale.to(g.dtype)) for g in grads])  # the sums are this node's own tensors
 
 
 class _RngSnapshot:

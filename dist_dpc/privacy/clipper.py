@@ -9,9 +9,15 @@ then, depending on the clipper's mode:
 * ``PER_LAYER`` clips each sample's gradient of this layer to C_l = C / sqrt(L) and returns the
                 clipped sum as the weight gradient, so autograd (and DeepSpeed's reduction hooks)
                 only ever see clipped sums. Since sum_l C_l^2 = C^2, each sample's whole gradient
-                has norm <= C: the sensitivity is the same as flat clipping with threshold C.
+                has norm <= C: the sensitivity is the same as flat clipping with threshold C;
+* ``BOOKKEEP``  flat clipping in one backward (book-keeping, Bu et al. 2023): like ``NORMS`` it adds
+                the per-sample squared norms and returns no weight gradient, and it keeps what the
+                clipped sum needs (the layer's input and output gradient); once the backward is
+                done every sample's whole norm is known, and ``deferred_grads`` computes each
+                layer's sum of min(1, C / ||g_i||) g_i from what was kept.
 
-In ``OFF`` mode the layer runs its ordinary forward (the second, re-weighted pass of flat clipping).
+In ``OFF`` mode the layer runs its ordinary forward (the second, re-weighted pass of flat clipping at
+ZeRO 3, where a layer's full weight exists only inside its own forward and backward).
 In the DP modes each layer may run once per pass (``ReusedLayerError`` otherwise), and rules cover
 exact types; ``check_no_bypass`` catches weights used outside their module's forward.
 The Functions save the Parameter objects themselves, so DeepSpeed ZeRO-3's pre-backward gather
@@ -117,6 +123,7 @@ class ClipMode(enum.Enum):
     OFF = "off"
     NORMS = "norms"
     PER_LAYER = "per_layer"
+    BOOKKEEP = "bookkeep"
 
 
 @dataclass
@@ -212,6 +219,10 @@ class PerSampleClipper:
         self.sq_norms: torch.Tensor | None = None  # (B,) sum over layers of squared norms (before clipping)
         self.clipped: torch.Tensor | None = None   # (B,) bool: some layer of this sample was clipped
         self._called: set[int] = set()             # id(module) of the DP layers run in this pass
+        # BOOKKEEP: per layer run, its trainable parameters and a function of the clip factors (B,)
+        # giving their clipped gradient sums (it holds the layer's input and output gradient).
+        self._deferred: list[tuple[tuple, Callable[[torch.Tensor], tuple]]] = []
+        self._deferred_ids: set[int] = set()  # id() of the parameters deferred in this pass
         self._attached = False
         self._forwards: list[tuple[str, nn.Module, object, object]] = []  # every module's forward at attach()
 
@@ -266,10 +277,12 @@ class PerSampleClipper:
         self.sq_norms = None
         self.clipped = None
         self._called = set()
+        self._deferred, self._deferred_ids = [], set()
         try:
             yield self
         finally:
             self.mode = ClipMode.OFF
+            self._deferred, self._deferred_ids = [], set()  # what BOOKKEEP kept is freed with the pass
 
     def record_call(self, module: nn.Module) -> None:
         """Refuse a DP layer's second call in one pass, before its output (or any gradient) exists.
@@ -291,6 +304,37 @@ class PerSampleClipper:
     # -- called from the layers' backward ----------------------------------------------------
     def add_sq_norms(self, sq_B: torch.Tensor) -> None:
         self.sq_norms = sq_B if self.sq_norms is None else self.sq_norms + sq_B
+
+    def defer(self, sq_B: torch.Tensor, params: tuple, clipped_sums: Callable[[torch.Tensor], tuple]) -> None:
+        """BOOKKEEP, from a layer's backward: count its per-sample squared norms and keep
+        ``clipped_sums(factors) -> one gradient per entry of params`` (None for a frozen one)."""
+        for param in params:
+            if param is not None and id(param) in self._deferred_ids:
+                raise ReusedLayerError(
+                    "a DP layer's backward ran twice in one flat-clipping pass (a loss_fn that runs its own "
+                    "backward or torch.autograd.grad with retain_graph=True): its per-sample norms and clipped sum "
+                    "would be counted twice and a sample's contribution could exceed max_grad_norm. Compute no "
+                    "gradient inside loss_fn; return the per-sample losses only")
+            if param is not None:
+                self._deferred_ids.add(id(param))
+        self.add_sq_norms(sq_B)
+        self._deferred.append((params, clipped_sums))
+
+    def deferred_grads(self, factors_B: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """BOOKKEEP, after the backward: each kept layer's clipped gradient sums with the whole-sample
+        factors ``factors_B`` (from ``flat_factors``), as (parameter, gradient) pairs; what was kept
+        is released as it is used."""
+        if self.mode is not ClipMode.BOOKKEEP:
+            raise RuntimeError("deferred_grads is called inside pass_mode(ClipMode.BOOKKEEP), after its backward")
+        out, deferred, self._deferred = [], self._deferred, []
+        while deferred:
+            params, clipped_sums = deferred.pop()
+            for param, grad in zip(params, clipped_sums(factors_B)):
+                if param is not None and grad is not None:
+                    out.append((param, grad))
+        if len({id(p) for p, _ in out}) != len(out):  # defer() refuses repeats; autograd would add them up
+            raise ReusedLayerError("a parameter got two clipped sums in one flat-clipping pass")
+        return out
 
     def layer_factors(self, sq_B: torch.Tensor, grad_dtype: torch.dtype) -> torch.Tensor:
         """Clip factors min(1, C_l' / ||g_i,l||) for one layer, in at least float32; records norms

@@ -1,6 +1,7 @@
-"""A sample that produces NaN/inf: per_layer drops it (the update stays finite and equals the update
-without it); flat cannot keep it out of its ordinary real backward, so the engine's noise hook stops
-the run before any parameter changes."""
+"""A sample that produces NaN/inf: per_layer, and flat at ZeRO 0-2 (book-keeping: the clipped sums
+are computed from per-sample quantities, as per_layer's are) drop it, so the update stays finite and
+equals the update without it; flat at ZeRO 3 cannot keep it out of its ordinary real backward, so the
+engine's noise hook stops the run before any parameter changes."""
 
 from __future__ import annotations
 
@@ -33,9 +34,10 @@ def loss(forward, batch):
     return F.cross_entropy(forward(input_ids=batch["input_ids"]), batch["labels"], reduction="none")
 
 
-def make_engine(clipping):
-    ds = build_ds_config({"optimizer": {"type": "SGD", "params": {"lr": 1.0}}}, micro_batch_size=4, world_size=1,
-                         zero_stage=0, lr=1.0, weight_decay=0.0, optimizer="sgd", bf16=False)
+def make_engine(clipping, stage=0):
+    ds = build_ds_config({"optimizer": {"type": "SGD", "params": {"lr": 1.0}},
+                          "zero_optimization": {"stage3_param_persistence_threshold": 0}}, micro_batch_size=4,
+                         world_size=1, zero_stage=stage, lr=1.0, weight_decay=0.0, optimizer="sgd", bf16=False)
     privacy = PrivacyConfig(target_epsilon=None, noise_multiplier=0.0, max_grad_norm=1.0, delta=1e-4, clipping=clipping)
     return DPEngine(Overflowing(), ds, privacy, dataset_size=1000, expected_batch_size=4, planned_steps=2, loss_fn=loss,
                     world=init_distributed(), key=SecretKey.from_seed(0))
@@ -49,27 +51,44 @@ def batch(poisoned: bool, mask=(1.0, 1.0, 1.0, 1.0)):
 
 
 def params(engine):
+    if engine.ds.zero_optimization_stage() == 3:  # one rank: its partition is the whole parameter
+        return {n: p.ds_tensor.detach().clone() for n, p in engine.module.named_parameters()}
     return {n: p.detach().clone() for n, p in engine.module.named_parameters()}
 
 
-def test_flat_stops_before_the_update():
-    engine = make_engine("flat")
+def test_flat_at_zero3_stops_before_the_update():
+    engine = make_engine("flat", stage=3)
     before = params(engine)
-    with pytest.raises(NonFiniteGradientError, match="non-finite gradient reached the DP step.*with flat the run must stop"):
+    # DeepSpeed's ZeRO-3 optimizer sees the inf itself and skips its step, so the noise hook never runs
+    # and the noise count stops the run; either way the run stops before any coordinate changes.
+    with pytest.raises(RuntimeError, match="non-finite gradient reached the DP step.*with flat at ZeRO 3 the run must "
+                                           "stop|0 elements were noised at step 0"):
         engine.train_step([batch(poisoned=True)], 4)
     after = params(engine)
     assert all(torch.equal(before[n], after[n]) for n in before)
     assert engine.steps_done == 0 and engine.accountant.steps == 0
 
 
-def test_per_layer_drops_the_sample():
-    engine = make_engine("per_layer")
+@pytest.mark.parametrize("clipping, stage", [("per_layer", 0), ("per_layer", 3), ("flat", 0), ("flat", 2)])
+def test_the_sample_is_dropped(clipping, stage):
+    engine = make_engine(clipping, stage)
     before = params(engine)
     engine.train_step([batch(poisoned=True)], 4)
     got = params(engine)
     assert all(torch.isfinite(p).all() for p in got.values())
-    reference = make_engine("per_layer")  # same init; the poisoned row as padding instead
+    reference = make_engine(clipping, stage)  # same init; the poisoned row as padding instead
     reference.train_step([batch(poisoned=False, mask=(1.0, 1.0, 0.0, 1.0))], 3)
     for n, p in params(reference).items():
         torch.testing.assert_close(got[n], p, rtol=1e-6, atol=1e-7)
         assert not torch.equal(got[n], before[n]) or n == "embed.weight"
+
+
+def test_the_noise_hook_refuses_a_non_finite_gradient():
+    """The hook's own check, reached directly: since flat clipping at ZeRO 0-2 drops non-finite samples
+    and DeepSpeed's ZeRO-3 optimizer skips its step on one, no whole run reaches it here."""
+    engine = make_engine("per_layer")
+    finite = [torch.ones(3), torch.zeros(2)]
+    engine._check_finite(finite)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(NonFiniteGradientError, match="non-finite gradient reached the DP step"):
+            engine._check_finite([torch.ones(3), torch.tensor([0.0, bad])])

@@ -15,6 +15,7 @@ class DPEmbeddingFunction(torch.autograd.Function):
     def forward(ctx, ids, weight, padding_idx, clipper: PerSampleClipper, module: nn.Module):
         ctx.save_for_backward(ids, weight)
         ctx.clipper, ctx.mode, ctx.padding_idx, ctx.module = clipper, clipper.mode, padding_idx, module
+        ctx.params = (weight,) if clipper.mode is ClipMode.BOOKKEEP else None  # the Parameter, for deferred_grads
         return F.embedding(ids, weight, padding_idx)
 
     @staticmethod
@@ -29,9 +30,15 @@ class DPEmbeddingFunction(torch.autograd.Function):
         if ctx.mode is ClipMode.NORMS:
             ctx.clipper.add_sq_norms(sq)
             return None, None, None, None, None
-        factors = ctx.clipper.layer_factors(sq, weight.dtype)
-        grad = per_sample.embedding_clipped_grad(ids_BT, g_BTD, factors, weight.shape[0], ctx.padding_idx)
-        return None, grad.to(weight.dtype), None, None, None
+        rows, dtype, padding_idx = weight.shape[0], weight.dtype, ctx.padding_idx
+
+        def clipped_sums(factors):
+            return (per_sample.embedding_clipped_grad(ids_BT, g_BTD, factors, rows, padding_idx).to(dtype),)
+
+        if ctx.mode is ClipMode.BOOKKEEP:
+            ctx.clipper.defer(sq, ctx.params, clipped_sums)
+            return None, None, None, None, None
+        return (None, *clipped_sums(ctx.clipper.layer_factors(sq, dtype)), None, None, None)
 
 
 def dp_embedding(module: nn.Embedding, clipper: PerSampleClipper, ids: torch.Tensor) -> torch.Tensor:

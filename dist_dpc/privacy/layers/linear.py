@@ -17,6 +17,8 @@ class DPLinearFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.clipper, ctx.mode, ctx.transposed, ctx.module = clipper, clipper.mode, transposed, module
         ctx.has_bias = bias is not None
+        # BOOKKEEP hands the Parameters themselves to deferred_grads (autograd's unpacked copies need not be them)
+        ctx.params = (weight, bias) if clipper.mode is ClipMode.BOOKKEEP else None
         w = weight.t() if transposed else weight
         return F.linear(x, w, bias)
 
@@ -37,13 +39,19 @@ class DPLinearFunction(torch.autograd.Function):
         if ctx.mode is ClipMode.NORMS:
             ctx.clipper.add_sq_norms(sq)
             return grad_x, None, None, None, None, None
-        factors = ctx.clipper.layer_factors(sq, weight.dtype)
-        grad_w, grad_b = per_sample.linear_clipped_grads(a_BTI, g_BTO, factors, weight_trainable, bias_trainable)
-        if grad_w is not None:
-            grad_w = (grad_w.t() if ctx.transposed else grad_w).to(weight.dtype)
-        if grad_b is not None:
-            grad_b = grad_b.to(weight.dtype)
-        return grad_x, grad_w, grad_b, None, None, None
+        transposed, dtype = ctx.transposed, weight.dtype
+
+        def clipped_sums(factors):
+            grad_w, grad_b = per_sample.linear_clipped_grads(a_BTI, g_BTO, factors, weight_trainable, bias_trainable)
+            if grad_w is not None:
+                grad_w = (grad_w.t() if transposed else grad_w).to(dtype)
+            return grad_w, grad_b.to(dtype) if grad_b is not None else None
+
+        if ctx.mode is ClipMode.BOOKKEEP:
+            ctx.clipper.defer(sq, (ctx.params[0] if weight_trainable else None, ctx.params[1] if bias_trainable else None),
+                              clipped_sums)
+            return grad_x, None, None, None, None, None
+        return (grad_x, *clipped_sums(ctx.clipper.layer_factors(sq, dtype)), None, None, None)
 
 
 def dp_linear(module: nn.Linear, clipper: PerSampleClipper, x: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ class DPAffineFunction(torch.autograd.Function):
     def forward(ctx, xhat, weight, bias, clipper: PerSampleClipper):
         ctx.save_for_backward(xhat, weight)
         ctx.clipper, ctx.mode, ctx.has_bias = clipper, clipper.mode, bias is not None
+        ctx.params = (weight, bias) if clipper.mode is ClipMode.BOOKKEEP else None  # the Parameters, for deferred_grads
         out = xhat * weight
         return out + bias if bias is not None else out
 
@@ -37,11 +38,18 @@ class DPAffineFunction(torch.autograd.Function):
         if ctx.mode is ClipMode.NORMS:
             ctx.clipper.add_sq_norms(sq)
             return grad_xhat, None, None, None
-        factors = ctx.clipper.layer_factors(sq, weight.dtype)
-        gw, gb = per_sample.affine_clipped_grads(xhat_BTD, g_BTD, factors, weight_trainable, bias_trainable)
-        gw = gw.reshape(weight.shape).to(weight.dtype) if gw is not None else None
-        gb = gb.reshape(weight.shape).to(weight.dtype) if gb is not None else None
-        return grad_xhat, gw, gb, None
+        shape, dtype = weight.shape, weight.dtype
+
+        def clipped_sums(factors):
+            gw, gb = per_sample.affine_clipped_grads(xhat_BTD, g_BTD, factors, weight_trainable, bias_trainable)
+            return (gw.reshape(shape).to(dtype) if gw is not None else None,
+                    gb.reshape(shape).to(dtype) if gb is not None else None)
+
+        if ctx.mode is ClipMode.BOOKKEEP:
+            ctx.clipper.defer(sq, (ctx.params[0] if weight_trainable else None, ctx.params[1] if bias_trainable else None),
+                              clipped_sums)
+            return grad_xhat, None, None, None
+        return (grad_xhat, *clipped_sums(ctx.clipper.layer_factors(sq, dtype)), None)
 
 
 def dp_affine(clipper: PerSampleClipper, xhat: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:

@@ -1,0 +1,112 @@
+"""Flat clipping in one forward and one backward (book-keeping).
+
+The clipper's BOOKKEEP pass against explicit per-example gradients (float64), for BERT-, GPT-2- and
+Llama-style layers (Linear, Conv1D, Embedding, LayerNorm, RMSNorm); and the engine at ZeRO 0-2 runs
+one forward per micro-batch for flat clipping (ZeRO 3 keeps the two-pass form). The engine's
+update against the per-example reference at every stage and world is tests/engine/test_equivalence.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dist_dpc.engine import DPEngine, build_ds_config, init_distributed
+from dist_dpc.engine.losses import sequence_classification_loss
+from dist_dpc.models import ModelConfig, load_causal_lm, load_sequence_classifier
+from dist_dpc.privacy import PrivacyConfig, ReusedLayerError
+from dist_dpc.privacy.clipper import ClipMode, PerSampleClipper
+from dist_dpc.privacy.randomness import SecretKey
+from tests.engine.dp_worker import lm_batch, logical_batch
+from tests.reference import classifier_loss, clipped_sum, lm_loss, per_example_grads
+
+MAX_GRAD_NORM = 0.05  # most samples clipped
+
+
+@pytest.mark.parametrize("name", ["tiny-bert", "tiny-gpt2", "tiny-llama"])
+def test_bookkeeping_pass_equals_per_example_flat_clipping(name):
+    causal = name != "tiny-bert"
+    config = ModelConfig(name=name, dropout=0.0)
+    model = (load_causal_lm(config, seed=2) if causal else load_sequence_classifier(config, num_labels=2, seed=2)).double()
+    batch = lm_batch(model.config.vocab_size, 5, 8, 4) if causal else logical_batch(model.config.vocab_size, 5, 8, 4)
+    loss = lm_loss if causal else classifier_loss
+    expected = clipped_sum(model, per_example_grads(model, batch, loss), MAX_GRAD_NORM, "flat")
+
+    clipper = PerSampleClipper(model, MAX_GRAD_NORM).attach()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    with clipper.pass_mode(ClipMode.BOOKKEEP, 5):
+        grads = torch.autograd.grad(loss(model, batch).sum(), trainable, allow_unused=True)
+        assert all(g is None for g in grads), "the book-keeping backward returns no weight gradient"
+        factors = clipper.flat_factors(clipper.sq_norms)
+        pairs = clipper.deferred_grads(factors)
+    assert clipper._deferred == [], "what the pass kept is released"
+    by_param = {id(p): g for p, g in pairs}
+    assert len(by_param) == len(pairs) == len(trainable), "one clipped sum per trainable parameter"
+    assert bool((factors < 1).any()), "some samples are clipped, so the test can tell flat from unclipped"
+    for n, p in model.named_parameters():
+        assert torch.allclose(by_param[id(p)], expected[n], rtol=1e-9, atol=1e-12), n
+
+
+def test_deferred_grads_only_inside_a_bookkeeping_pass():
+    model = load_sequence_classifier(ModelConfig(name="tiny-bert", dropout=0.0), num_labels=2, seed=0)
+    clipper = PerSampleClipper(model, 1.0).attach()
+    with pytest.raises(RuntimeError, match="BOOKKEEP"):
+        clipper.deferred_grads(torch.ones(2))
+
+
+@pytest.fixture(scope="module")
+def world():
+    return init_distributed()
+
+
+@pytest.mark.parametrize("stage, passes", [(0, 1), (1, 1), (2, 1), (3, 2)])
+def test_flat_forward_passes_per_micro_batch(world, stage, passes):
+    model = load_sequence_classifier(ModelConfig(name="tiny-bert", dropout=0.0), num_labels=2, seed=1)
+    ds = build_ds_config({"zero_optimization": {"stage3_param_persistence_threshold": 0}}, micro_batch_size=4,
+                         world_size=1, zero_stage=stage, lr=0.1, weight_decay=0.0, optimizer="sgd", bf16=False)
+    privacy = PrivacyConfig(target_epsilon=None, noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-4, clipping="flat")
+    engine = DPEngine(model, ds, privacy, dataset_size=1000, expected_batch_size=8, planned_steps=3,
+                      loss_fn=sequence_classification_loss, world=world, key=SecretKey.from_seed(0))
+    forwards = []
+    engine.module.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    micro = [{**logical_batch(model.config.vocab_size, 4, 6, s), "sample_mask": torch.ones(4)} for s in (1, 2)]
+    engine.train_step(micro, logical_batch_size=8)  # the first step also runs the bypass self-test
+    forwards.clear()
+    engine.train_step(micro, logical_batch_size=8)
+    assert len(forwards) == passes * len(micro)
+
+
+def _loss_with_its_own_backward(forward, batch):
+    """A loss_fn that computes a gradient itself (a logged diagnostic): in the one-backward pass every
+    layer on its path would keep a second clipped sum, and a sample would count sqrt(2) C."""
+    per_sample = torch.nn.functional.cross_entropy(forward(batch["x"]), batch["y"], reduction="none")
+    torch.autograd.grad(per_sample.sum(), [p for p in forward.parameters() if p.requires_grad], retain_graph=True,
+                        allow_unused=True)
+    return per_sample
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_a_layer_backward_twice_in_one_pass_is_refused(world, stage):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    ds = build_ds_config({}, micro_batch_size=1, world_size=1, zero_stage=stage, lr=1.0, weight_decay=0.0,
+                         optimizer="sgd", bf16=False)
+    privacy = PrivacyConfig(target_epsilon=None, noise_multiplier=0.0, max_grad_norm=1.0, delta=1e-4, clipping="flat")
+    engine = DPEngine(model, ds, privacy, dataset_size=1000, expected_batch_size=1, planned_steps=1,
+                      loss_fn=_loss_with_its_own_backward, world=world, key=SecretKey.from_seed(0))
+    before = [p.detach().clone() for p in engine.module.parameters()]
+    batch = {"x": torch.randn(1, 4) * 10, "y": torch.tensor([2]), "sample_mask": torch.ones(1)}
+    with pytest.raises(ReusedLayerError, match="backward ran twice in one flat-clipping pass"):
+        engine.train_step([batch], 1)
+    assert all(torch.equal(a, b) for a, b in zip(before, engine.module.parameters()))
+    assert engine.steps_done == 0 and engine.accountant.steps == 0
+
+
+def test_wall_clock_breakdown_refused_with_flat():
+    model = load_sequence_classifier(ModelConfig(name="tiny-bert", dropout=0.0), num_labels=2, seed=1)
+    ds = build_ds_config({"wall_clock_breakdown": True}, micro_batch_size=4, world_size=1, zero_stage=2, lr=0.1,
+                         weight_decay=0.0, optimizer="sgd", bf16=False)
+    flat = PrivacyConfig(target_epsilon=None, noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-4, clipping="flat")
+    with pytest.raises(ValueError, match="wall_clock_breakdown=true is not supported with privacy.clipping=flat"):
+        DPEngine.check_settings(model, ds, flat)
+    DPEngine.check_settings(model, ds, PrivacyConfig(target_epsilon=None, noise_multiplier=1.0, delta=1e-4))
