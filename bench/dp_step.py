@@ -152,19 +152,21 @@ def run_deepspeed_mode(mode: str, stage: int, s: dict) -> dict:
     out = {"median_step_s": statistics.median(times), "peak_memory_bytes": peak_memory_bytes(device),
            "norm_methods": counts}
     if mode != "non-dp":
-        out["noise_s"] = time_noise(model, device)
+        # At ZeRO >= 1 each rank draws the noise of its own partition only (1/world of the model).
+        out["noise_s"] = time_noise(model, device, world.world_size if stage >= 1 else 1)
     return out
 
 
-def time_noise(model, device) -> float:
-    """Seconds to draw one step's Gaussian noise for every trainable coordinate (fp32, this rank's
-    whole model; at ZeRO >= 1 on one rank the partition is the model): the host-side draw
+def time_noise(model, device, shards: int = 1) -> float:
+    """Seconds to draw one step's Gaussian noise for this rank's share of the trainable coordinates
+    (fp32; 1/shards of the model: at ZeRO >= 1 a rank noises its own partition): the host-side draw
     (privacy.randomness.add_gaussian_) plus the copy to the device, timed on its own."""
     import torch
 
     from dist_dpc.privacy.randomness import SecretKey, add_gaussian_
 
     numel = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters() if p.requires_grad)
+    numel = -(-numel // shards)
     target = torch.zeros(numel, dtype=torch.float32, device=device)
     key = SecretKey.from_seed(1)
     add_gaussian_(target, 1.0, key, "warm-up")
