@@ -13,8 +13,9 @@ Model state per rank: the bytes of the parameters, optimizer partitions, Adam mo
 weights this rank holds between steps, counted from the tensors (what ZeRO shards). Peak memory per
 rank: on a GPU, the peak of torch.cuda.max_memory_allocated; on the CPU, the peak resident
 set size minus the resident size just before the models are built (imports and the process itself
-excluded), which counts every tensor the phase creates, the whole-model loading included (models are
-still loaded whole on each rank before DeepSpeed partitions them; see docs/compression.md).
+excluded), which counts every tensor the phase creates, the loading included. Models are loaded
+from saved directories as the pipeline's phases load them: at ZeRO 3 built under ``zero.Init``
+(never whole on a rank), the student cut from the teacher's files (compress/layer_files.py).
 """
 
 from __future__ import annotations
@@ -58,10 +59,35 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def worker(workload: str, stage: int, s: dict) -> dict:
+def save_models(s: dict, directory: Path) -> None:
+    """The teacher and its half-depth student (every other layer, cut from the teacher's files)."""
+    from dist_dpc.compress.distill import every_other_layer
+    from dist_dpc.compress.layer_files import write_kept_layers
+
+    build_teacher(s).save_pretrained(directory / "teacher")
+    write_kept_layers(directory / "teacher", directory / "student", every_other_layer(s["layers"]))
+
+
+def load(path: Path, ds_config: dict, stage: int):
+    """As the pipeline's phases load a model (pipeline/trainer.py load_for_phase): at ZeRO 3 inside
+    deepspeed.zero.Init through transformers' HfDeepSpeedConfig, else whole."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    if stage != 3:
+        return AutoModelForSequenceClassification.from_pretrained(path, use_kernels=False)
+    setting = HfDeepSpeedConfig(ds_config)
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(path, use_kernels=False)
+    finally:
+        unset_hf_deepspeed_config()
+        del setting
+
+
+def worker(workload: str, stage: int, s: dict, models: Path) -> dict:
     import torch
 
-    from dist_dpc.compress.distill import DistillationLoss, student_from_teacher
+    from dist_dpc.compress.distill import DistillationLoss
     from dist_dpc.compress.pruning import MaskEnforcer, apply_masks, compute_masks
     from dist_dpc.engine import DPEngine, build_ds_config, init_distributed
     from dist_dpc.engine.frozen import partition_frozen
@@ -72,11 +98,14 @@ def worker(workload: str, stage: int, s: dict) -> dict:
     world = init_distributed()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", world.local_rank) if cuda else torch.device("cpu")
+    ds = build_ds_config({"zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}},
+                         micro_batch_size=s["batch"], world_size=world.world_size, zero_stage=stage, lr=1e-4,
+                         weight_decay=0.0, optimizer="adamw", bf16=s["bf16"] and stage > 0)
     base = rss_bytes()
-    teacher = build_teacher(s)
+    teacher = load(models / "teacher", ds, stage)
     enforcer = None
     if workload == "distill":
-        model = student_from_teacher(teacher)
+        model = load(models / "student", ds, stage)
         frozen = partition_frozen(teacher, micro_batch_size=s["batch"], bf16=s["bf16"]) if stage == 3 else \
             teacher.requires_grad_(False).eval().to(device)
         loss_fn = DistillationLoss(frozen, alpha=0.5, temperature=2.0)
@@ -86,9 +115,6 @@ def worker(workload: str, stage: int, s: dict) -> dict:
         apply_masks(model, masks)
         enforcer = MaskEnforcer(model, masks)
         loss_fn = sequence_classification_loss
-    ds = build_ds_config({"zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}},
-                         micro_batch_size=s["batch"], world_size=world.world_size, zero_stage=stage, lr=1e-4,
-                         weight_decay=0.0, optimizer="adamw", bf16=s["bf16"] and stage > 0)
     total = s["steps"] + s["warmup"]
     engine = DPEngine(model, ds, PrivacyConfig(target_epsilon=None, noise_multiplier=1.0, delta=1e-7),
                       dataset_size=10**6, expected_batch_size=s["batch"] * world.world_size, planned_steps=total,
@@ -163,13 +189,13 @@ def model_state_bytes(engine, loss_fn) -> int:
     return total
 
 
-def run(workload: str, stage: int, gpu: bool, ranks: int) -> dict:
+def run(workload: str, stage: int, gpu: bool, ranks: int, models: Path) -> dict:
     from tests.engine.launch import _free_port
 
     env = dict(os.environ, PYTHONPATH=str(ROOT), DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cuda" if gpu else "cpu"))
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // ranks)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
-           str(_free_port()), __file__, "--worker", workload, "--stage", str(stage)] + (["--gpu"] if gpu else [])
+           str(_free_port()), __file__, "--worker", workload, "--stage", str(stage), "--models", str(models)] + (["--gpu"] if gpu else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -185,14 +211,19 @@ def main() -> None:
     parser.add_argument("--json", help="write the records to this JSON file")
     parser.add_argument("--worker", choices=("distill", "prune"), help=argparse.SUPPRESS)
     parser.add_argument("--stage", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--models", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     s = settings(args.gpu)
     if args.worker:
-        out = worker(args.worker, args.stage, s)
+        out = worker(args.worker, args.stage, s, args.models)
         if int(os.environ.get("RANK", "0")) == 0:
             print("RESULT " + json.dumps(out), flush=True)
         return
     stages = [int(x) for x in args.stages.split(",")]
+    import tempfile
+
+    models = Path(tempfile.mkdtemp(prefix="compress_zero_"))
+    save_models(s, models)
     records = []
     print(f"shape: {s}, {args.ranks} ranks")
     print("| workload | ZeRO | step s | vs ZeRO 0 | model state/rank MB | vs ZeRO 0 | peak memory/rank MB | vs ZeRO 0 |")
@@ -200,7 +231,7 @@ def main() -> None:
     for workload in ("distill", "prune"):
         first = None
         for stage in stages:
-            r = run(workload, stage, args.gpu, args.ranks)
+            r = run(workload, stage, args.gpu, args.ranks, models)
             first = first or r
             records.append({"workload": workload, "stage": stage, **r})
             print(f"| {workload} | {stage} | {r['median_step_s']:.3f} | {r['median_step_s'] / first['median_step_s']:.2f}x "

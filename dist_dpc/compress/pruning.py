@@ -16,6 +16,7 @@ from torch import nn
 from dist_dpc.compress.distill import student_from_teacher, transformer_layers
 from dist_dpc.compress.layer_files import choose_layers
 from dist_dpc.engine.distributed import collective_device
+from dist_dpc.engine.partitioned import full_numel, full_shape, one_at_a_time, whole
 
 PATTERNS = ("unstructured", "2:4")
 
@@ -50,7 +51,7 @@ def global_magnitude_masks(weights: dict[str, torch.Tensor], sparsity: float,
     if not 0 <= sparsity < 1:
         raise ValueError(f"prune.target_sparsity={sparsity!r} is invalid: must be in [0, 1)")
     names = list(weights)
-    sizes = [weights[n].numel() for n in names]
+    sizes = [full_numel(weights[n]) for n in names]
     total = sum(sizes)
     num_pruned = int(round(sparsity * total))
     rank, world = _rank_world()
@@ -58,7 +59,7 @@ def global_magnitude_masks(weights: dict[str, torch.Tensor], sparsity: float,
     keys = _magnitude_keys(weights, previous, names, begin, end)
     pruned = _threshold_search(keys, num_pruned, rank, world)
     keep = _all_gather_slices(~pruned, total, world)
-    return {n: piece.view_as(weights[n]) for n, piece in zip(names, keep.split(sizes))}
+    return {n: piece.view(full_shape(weights[n])) for n, piece in zip(names, keep.split(sizes))}
 
 
 def _rank_world() -> tuple[int, int]:
@@ -70,10 +71,10 @@ def _rank_world() -> tuple[int, int]:
 def _magnitude_keys(weights, previous, names, begin: int, end: int) -> torch.Tensor:
     """int64 keys ordered like |w| over coordinates [begin, end) of the concatenated matrices: the
     bits of |w| as float32 (non-negative floats order like their bit patterns, so the search over
-    integers is exact), and -1 where an earlier round pruned (those go first)."""
+    integers is exact), and -1 where an earlier round pruned (those go first). A ZeRO-3 partitioned
+    weight is gathered on its own (every rank, in turn: a collective) and released before the next."""
     pieces, offset = [], 0
-    for name in names:
-        w = weights[name]
+    for name, w in one_at_a_time((n, weights[n]) for n in names):
         lo, hi = max(begin, offset), min(end, offset + w.numel())
         if lo < hi:
             flat = w.detach().reshape(-1)[lo - offset:hi - offset].float().abs()
@@ -139,7 +140,7 @@ def two_four_masks(weights: dict[str, torch.Tensor], input_dim: dict[str, int]) 
     """In every group of four consecutive weights along the input dimension keep the two largest |w|
     (the pattern torch's semi-structured sparse kernels accelerate)."""
     masks = {}
-    for name, w in weights.items():
+    for name, w in one_at_a_time(weights.items()):  # ZeRO 3: one weight gathered at a time
         dim = input_dim[name]
         moved = w.detach().abs().float().movedim(dim, -1)
         if moved.shape[-1] % 4:
@@ -171,7 +172,8 @@ def compute_masks(model: nn.Module, pattern: str, sparsity: float,
 def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     params = dict(model.named_parameters())
     for name, mask in masks.items():
-        params[name].mul_(mask.to(params[name].device, params[name].dtype))
+        with whole([params[name]], modify=True):  # ZeRO 3: gathered, masked, re-partitioned
+            params[name].mul_(mask.to(params[name].device, params[name].dtype))
 
 
 class MaskEnforcer:
@@ -235,12 +237,15 @@ class MaskEnforcer:
 
 
 def sparsity_stats(model: nn.Module) -> dict:
-    """Zeros among the prunable matrices, and over all parameters."""
-    weights = prunable_weights(model)
-    prunable = sum(w.numel() for w in weights.values())
-    zeros = sum(int((w == 0).sum()) for w in weights.values())
-    total = sum(p.numel() for p in model.parameters())
-    nonzero = sum(int((p != 0).sum()) for p in model.parameters())
+    """Zeros among the prunable matrices, and over all parameters (ZeRO 3: gathered one at a time)."""
+    prunable_names = set(prunable_weights(model))
+    prunable = zeros = total = nonzero = 0
+    for name, p in one_at_a_time(model.named_parameters()):
+        total += p.numel()
+        nonzero += int((p != 0).sum())
+        if name in prunable_names:
+            prunable += p.numel()
+            zeros += int((p == 0).sum())
     return {"prunable_sparsity": zeros / max(1, prunable), "parameters": total, "nonzero_parameters": nonzero}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from dist_dpc.engine.partitioned import full_shape
 from dist_dpc.models.config import ModelConfig
 
 DEBUG_MODELS = ("tiny-bert", "tiny-gpt2", "tiny-llama")
@@ -133,7 +134,7 @@ def load_sequence_classifier(cfg: ModelConfig, num_labels: int, tokenizer=None, 
     if label_names is not None and len(label_names) == model.config.num_labels:
         model.config.id2label = dict(enumerate(label_names))
         model.config.label2id = {name: i for i, name in enumerate(label_names)}
-    return _select_trainable(model, cfg, head=LORA_HEAD)
+    return _select_trainable(model, cfg, head=LORA_HEAD, seed=seed)
 
 
 def load_causal_lm(cfg: ModelConfig, tokenizer=None, seed: int = 0):
@@ -161,10 +162,11 @@ def load_causal_lm(cfg: ModelConfig, tokenizer=None, seed: int = 0):
         except ValueError as exc:  # e.g. an encoder-only checkpoint
             raise ValueError(f"model.name={cfg.name!r} has no causal-LM head for model.task=causal_lm ({exc}); use "
                              "a GPT-2 / Llama / Mistral / Qwen2 style model") from exc
-    if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        raise ValueError(f"model.tokenizer: {len(tokenizer)} tokens but {cfg.name!r} embeds only "
-                         f"{model.get_input_embeddings().weight.shape[0]}: use the model's own tokenizer")
-    return _select_trainable(model, cfg, head=())
+    embedded = full_shape(model.get_input_embeddings().weight)[0]  # built under zero.Init: a placeholder
+    if tokenizer is not None and len(tokenizer) > embedded:
+        raise ValueError(f"model.tokenizer: {len(tokenizer)} tokens but {cfg.name!r} embeds only {embedded}: use the "
+                         "model's own tokenizer")
+    return _select_trainable(model, cfg, head=(), seed=seed)
 
 
 def _pretrained_config(cfg: ModelConfig, name: str):
@@ -178,7 +180,9 @@ def _pretrained_config(cfg: ModelConfig, name: str):
 
 
 def _debug_model(auto_class, config, cfg: ModelConfig, seed: int):
-    """A debug model of ``auto_class`` built from ``config`` (model.dropout applied), seeded."""
+    """A debug model of ``auto_class`` built from ``config`` (model.dropout applied), seeded. At ZeRO 3
+    transformers initialises it under zero.Init, in another order: the same seed gives other weights
+    than a whole build (a saved directory loads the same weights either way)."""
     import torch
 
     _apply_dropout(config, cfg.dropout)
@@ -186,12 +190,15 @@ def _debug_model(auto_class, config, cfg: ModelConfig, seed: int):
     return auto_class.from_config(config)
 
 
-def _select_trainable(model, cfg: ModelConfig, head):
+def _select_trainable(model, cfg: ModelConfig, head, seed: int):
     """Adapters (model.lora, with ``head`` training beside them unless model.trainable says otherwise),
     or model.freeze_embeddings and model.trainable on the plain model."""
     import torch
 
     if cfg.lora is not None:
+        # The adapters' random init from the run's seed, not from whatever loading left in torch's
+        # generator (which differs when transformers builds the model under zero.Init at ZeRO 3).
+        torch.manual_seed(seed)
         return _with_lora(model, cfg, head)
     if cfg.freeze_embeddings:
         for module in model.modules():

@@ -40,7 +40,8 @@ from dist_dpc.engine.distributed import init_distributed
 from dist_dpc.engine.dp_engine import DPEngine, StepStats
 from dist_dpc.engine.ds_config import build_ds_config, read_ds_config
 from dist_dpc.engine.losses import classification_losses, next_token_losses
-from dist_dpc.pipeline.trainer import _from_rank0, gathered
+from dist_dpc.engine.partitioned import gathered_state_dict
+from dist_dpc.pipeline.trainer import _from_rank0
 from dist_dpc.privacy.accounting import check_delta, delta_default
 from dist_dpc.privacy.budget import PhaseBudget
 from dist_dpc.privacy.config import PrivacyConfig
@@ -209,23 +210,23 @@ class PrivateEngine:
 
         directory = Path(directory)
         module = self.dp.module
-        with gathered(self.dp):
-            if self.dp.world.is_main:
-                # Written beside the target and renamed into place: never new weights with an old lineage.
-                tmp = directory.with_name(directory.name + ".tmp")
-                shutil.rmtree(tmp, ignore_errors=True)
-                state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-                module.save_pretrained(str(tmp), state_dict=state)
-                if tokenizer is not None:
-                    tokenizer.save_pretrained(str(tmp))
-                write_lineage(tmp, self.ledger, phase=self.budget.entry if self.budget else "train")
-                # Into place file by file, the lineage first: a crash in between leaves the new (larger)
-                # cost beside the old weights, never the old cost beside new weights. Other files stay.
-                directory.mkdir(parents=True, exist_ok=True)
-                files = sorted(tmp.iterdir(), key=lambda path: path.name != LINEAGE_FILE)
-                for path in files:
-                    os.replace(path, directory / path.name)
-                tmp.rmdir()
+        # One tensor gathered at a time (ZeRO 3) into rank 0's CPU copy: never the whole model on a device.
+        state = gathered_state_dict(module, keep=self.dp.world.is_main)
+        if self.dp.world.is_main:
+            # Written beside the target and renamed into place: never new weights with an old lineage.
+            tmp = directory.with_name(directory.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            module.save_pretrained(str(tmp), state_dict=state)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+            write_lineage(tmp, self.ledger, phase=self.budget.entry if self.budget else "train")
+            # Into place file by file, the lineage first: a crash in between leaves the new (larger)
+            # cost beside the old weights, never the old cost beside new weights. Other files stay.
+            directory.mkdir(parents=True, exist_ok=True)
+            files = sorted(tmp.iterdir(), key=lambda path: path.name != LINEAGE_FILE)
+            for path in files:
+                os.replace(path, directory / path.name)
+            tmp.rmdir()
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
 

@@ -23,6 +23,7 @@ import torch
 from dist_dpc.data import collate
 from dist_dpc.engine.distributed import collective_device
 from dist_dpc.engine.losses import model_inputs
+from dist_dpc.engine.partitioned import gathered_forward, model_is_partitioned, whole
 from dist_dpc.models.heads import centre_pooler_, cls_hidden, has_pooled_head, pool, pooled_head, set_classifier_
 from dist_dpc.pipeline.config import HeadInitConfig
 from dist_dpc.pipeline.trainer import local_device, planned_steps, steps_per_epoch
@@ -90,17 +91,35 @@ def initialise_head(ctx, model: torch.nn.Module, h: HeadInitConfig, *, directory
     if h.centre_pooler and h.freeze_pooler_weight:
         head.pooler.dense.weight.requires_grad_(False)
     saved = Path(directory) / FILE
+    # At ZeRO 3 (a model built under zero.Init) the head's few tensors are gathered whole while it is
+    # set, and rank 0's values become every rank's partition on leaving (whole(..., modify=True)).
+    head_params = [*head.pooler.parameters(), *head.classifier.parameters()]
     if saved.is_file():
         state = torch.load(saved, weights_only=True)
-        head.pooler.load_state_dict(state["pooler"])
-        head.classifier.load_state_dict(state["classifier"])
+        with whole(head_params, modify=True):
+            head.pooler.load_state_dict(state["pooler"])
+            head.classifier.load_state_dict(state["classifier"])
         log(ctx.world, f"[{ctx.phase}] head_init: reloaded {saved} (the private data is not read again)")
         return released_info(state["info"], ctx.cfg.privacy)
+    cls, labels, teacher_logits = _features(ctx, model, head, teacher)
+    with whole(head_params, modify=True):
+        info = _fit_head(ctx, head, h, cls, labels, teacher_logits, steps=steps, key=key, alpha=alpha,
+                         temperature=temperature)
+        if ctx.world.is_main:
+            state = {"pooler": head.pooler.state_dict(), "classifier": head.classifier.state_dict(), "info": info}
+            atomic_write(saved, lambda tmp: torch.save(state, tmp))
+    torch.distributed.barrier()
+    log(ctx.world, f"[{ctx.phase}] head_init: {info}")
+    return info
+
+
+def _fit_head(ctx, head, h: HeadInitConfig, cls, labels, teacher_logits, *, steps: int, key: SecretKey,
+              alpha: float, temperature: float) -> dict:
+    """The DP mean and the probe on the gathered features; the head set in place on every rank."""
     private = ctx.cfg.privacy.enabled
     budget = ctx.budget if private else None
     noise_multiplier = budget.noise_multiplier if budget is not None else 0.0
     sample_rate = budget.sample_rate if budget is not None else phase_sample_rate(ctx)
-    cls, labels, teacher_logits = _features(ctx, model, head, teacher)
     info: dict = {}
     if h.centre_pooler:
         sigma = h.mean_noise_multiplier if private else 0.0
@@ -127,11 +146,6 @@ def initialise_head(ctx, model: torch.nn.Module, h: HeadInitConfig, *, directory
     # only ones anyway, so replicas cannot drift apart by a rounding difference.
     for tensor in [*head.pooler.parameters(), *head.classifier.parameters()]:
         _broadcast(tensor)
-    if ctx.world.is_main:
-        state = {"pooler": head.pooler.state_dict(), "classifier": head.classifier.state_dict(), "info": info}
-        atomic_write(saved, lambda tmp: torch.save(state, tmp))
-    torch.distributed.barrier()
-    log(ctx.world, f"[{ctx.phase}] head_init: {info}")
     return info
 
 
@@ -150,7 +164,9 @@ def _features(ctx, model, head, teacher):
     world, data, pad = ctx.world, ctx.train_set, ctx.tokenizer.pad_token_id
     mine = list(range(world.rank, len(data), world.world_size))
     was_training = model.training
-    model.eval().to(device)
+    model.eval()
+    if not model_is_partitioned(model):  # zero.Init placed the partitions already
+        model.to(device)
     if teacher is not None and not hasattr(teacher, "ds_inference"):
         teacher.eval().to(device)
     cls_parts, logit_parts = [], []
@@ -162,8 +178,10 @@ def _features(ctx, model, head, teacher):
         rows = mine[b * batch_size:(b + 1) * batch_size]
         batch = collate([data[i] for i in (rows or mine[:1] or [0])], pad)
         batch = {k: v.to(device) for k, v in batch.items()}
+        with gathered_forward(head.encoder):  # ZeRO 3: one module's weights whole at a time
+            states = cls_hidden(head, batch).float().cpu()
         if rows:
-            cls_parts.append(cls_hidden(head, batch).float().cpu())
+            cls_parts.append(states)
         if teacher is not None:
             with torch.no_grad():
                 logits = teacher(**model_inputs(batch)).logits.float().cpu()

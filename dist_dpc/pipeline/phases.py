@@ -19,17 +19,18 @@ from pathlib import Path
 
 import torch
 
-from dist_dpc.compress.distill import DistillationLoss, every_other_layer, student_from_teacher, transformer_layers
+from dist_dpc.compress.distill import DistillationLoss, every_other_layer, transformer_layers
 from dist_dpc.compress.layer_files import choose_layers, layer_importance_on_disk, write_kept_layers
 from dist_dpc.compress.pruning import (MaskEnforcer, apply_masks, compute_masks, depth_schedule,
                                        sparsity_schedule, sparsity_stats)
 from dist_dpc.models import ModelConfig
+from dist_dpc.engine.partitioned import full_numel
 from dist_dpc.models.loading import set_trainable
 from dist_dpc.pipeline.config import ALL_PHASES, MODEL_PHASES, Config
 from dist_dpc.pipeline.head_init import HeadStart
 from dist_dpc.pipeline.lineage import import_lineage
-from dist_dpc.pipeline.trainer import (PhaseContext, evaluate_engine, finish_phase, frozen_for_phase, gathered,
-                                       local_device, check_before_spending, open_phase, open_tracker, phase_privacy, phase_results,
+from dist_dpc.pipeline.trainer import (PhaseContext, evaluate_engine, finish_phase, frozen_for_phase,
+                                       load_for_phase, local_device, check_before_spending, open_phase, open_tracker, phase_privacy, phase_results,
                                        planned_steps,
                                        _from_rank0, root_of, run_train, save_model, steps_per_epoch, train_dp)
 from dist_dpc.privacy.ledger import PrivacyLedger
@@ -71,14 +72,21 @@ def source_model(cfg: Config, phase: str, reference: str) -> Path:
 
 
 def load_model_dir(path: Path, ctx: PhaseContext, trainable: list[str] | None = None,
-                   field: str = "model.trainable"):
+                   field: str = "model.trainable", *, what: str | None = None):
     """A saved model of an earlier phase (plain: adapters were merged on saving); ``trainable`` is the
-    phase's choice of what trains (phase_trainable), ``field`` the setting it came from."""
+    phase's choice of what trains (phase_trainable), ``field`` the setting it came from. ``what``
+    (a model the phase trains or runs): built partitioned at ZeRO 3 (load_for_phase); without it
+    whole (eval, export)."""
     cfg = ctx.cfg
     model_cfg = ModelConfig(name=str(path), task=cfg.model.task, tokenizer=cfg.model.tokenizer,
                             num_labels=cfg.model.num_labels, dropout=cfg.model.dropout,
                             freeze_embeddings=cfg.model.freeze_embeddings)
-    model = ctx.task.load_model(model_cfg, ctx.tokenizer, num_labels=ctx.num_labels, label_names=None, seed=cfg.run.seed)
+
+    def load():
+        return ctx.task.load_model(model_cfg, ctx.tokenizer, num_labels=ctx.num_labels, label_names=None,
+                                   seed=cfg.run.seed)
+
+    model = load() if what is None else load_for_phase(ctx, load, what)
     set_trainable(model, trainable, field)
     return model
 
@@ -112,29 +120,33 @@ def run_distill(cfg: Config) -> dict:
     teacher_dir = Path(d.teacher) if d.teacher else source_model(cfg, "distill", "teacher")
     ctx = open_phase(cfg, "distill")
     import_lineage(ctx, teacher_dir, role="distill.teacher")
-    teacher = load_model_dir(teacher_dir, ctx)  # frozen by DistillationLoss
+    teacher = load_model_dir(teacher_dir, ctx, what="teacher")  # frozen by DistillationLoss
     if d.student == "from_teacher":
-        layers, _ = transformer_layers(teacher)
-        layer_map = d.layer_map if d.layer_map is not None else every_other_layer(len(layers))
-        # Copying the DP teacher's layers is post-processing of a DP model: no privacy cost. What
-        # trains is chosen on the student's own parameter names (its layers renumbered 0, 1, ...).
-        student = student_from_teacher(teacher, layer_map)
-        set_trainable(student, trainable, trainable_field)
+        depth = len(layer_importance_on_disk(teacher_dir))
+        layer_map = d.layer_map if d.layer_map is not None else every_other_layer(depth)
+        if not layer_map or len(set(layer_map)) != len(layer_map) or any(not 0 <= i < depth for i in layer_map):
+            raise ValueError(f"distill.layer_map={layer_map} is invalid: distinct teacher layer indices in [0, {depth})")
+        # Copying the DP teacher's layers is post-processing of a DP model: no privacy cost. They are
+        # cut from its files (as structured pruning does) and the student is built from them, so at
+        # ZeRO 3 it is partitioned from the start. What trains is chosen on the student's own
+        # parameter names (its layers renumbered 0, 1, ...).
+        _write_layers(ctx, teacher_dir, ctx.directory / "student_init", layer_map,
+                      record=ctx.directory / "student_layers.json")
+        student = load_model_dir(ctx.directory / "student_init", ctx, trainable, trainable_field, what="student")
         init = f"teacher layers {layer_map}"
     else:
         layer_map = None
         import_lineage(ctx, d.student, role="distill.student")
-        student = ctx.task.load_model(ModelConfig(name=d.student, task=cfg.model.task, num_labels=cfg.model.num_labels,
-                                                  dropout=cfg.model.dropout, trainable=trainable,
-                                                  freeze_embeddings=cfg.model.freeze_embeddings),
-                                      ctx.tokenizer, num_labels=ctx.num_labels, label_names=ctx.label_names,
-                                      seed=cfg.run.seed)
+        student = load_for_phase(ctx, lambda: ctx.task.load_model(
+            ModelConfig(name=d.student, task=cfg.model.task, num_labels=cfg.model.num_labels, dropout=cfg.model.dropout,
+                        trainable=trainable, freeze_embeddings=cfg.model.freeze_embeddings),
+            ctx.tokenizer, num_labels=ctx.num_labels, label_names=ctx.label_names, seed=cfg.run.seed), "student")
         if student.config.vocab_size != teacher.config.vocab_size:
             raise ValueError(f"distill.student={d.student!r} has a vocabulary of {student.config.vocab_size}, the "
                              f"teacher {teacher.config.vocab_size}: distillation on the same batch needs one tokenizer")
         init = f"pre-trained {d.student}"
     # At ZeRO 3 the teacher is partitioned like the student (each rank 1/world of it, no optimizer state).
-    whole = sum(p.numel() for p in teacher.parameters())
+    whole = sum(full_numel(p) for p in teacher.parameters())
     teacher = frozen_for_phase(ctx, teacher)
     if hasattr(teacher, "ds_inference"):
         from dist_dpc.engine.frozen import local_numel
@@ -189,9 +201,9 @@ def run_prune(cfg: Config) -> dict:
         target_layers = p.target_layers or math.ceil(start_depth / 2)
         depths = depth_schedule(start_depth, target_layers, p.rounds)
         first_keep = _cut_layers(ctx, source, ctx.directory / "round1" / "input", depths[0], p.keep_last_layer)
-        model = load_model_dir(ctx.directory / "round1" / "input", ctx, trainable, trainable_field)
+        model = load_model_dir(ctx.directory / "round1" / "input", ctx, trainable, trainable_field, what="model")
     else:
-        model = load_model_dir(source, ctx, trainable, trainable_field)
+        model = load_model_dir(source, ctx, trainable, trainable_field, what="model")
     check_before_spending(ctx, model, steps=steps_per_round, lr=p.lr)
     start = HeadStart.plan(ctx, model)  # pruning keeps the head: the same settings every round
     privacy = phase_privacy(ctx, total_steps + start.probe_steps * p.rounds, fixed=start.fixed * p.rounds)
@@ -206,7 +218,7 @@ def run_prune(cfg: Config) -> dict:
         if (round_dir / "done.json").is_file() and r + 1 < p.rounds:
             # A resumed phase skips finished rounds: their model is the next round's input. (The
             # last round is replayed from its checkpoint: its engine is needed for evaluation.)
-            model = load_model_dir(done, ctx, trainable, trainable_field)
+            model = load_model_dir(done, ctx, trainable, trainable_field, what="model")
             state = json.loads((round_dir / "done.json").read_text())
             kept_layers = state["kept_layers"]
             masks = _load_masks(round_dir) if p.method != "structured" else None
@@ -220,7 +232,7 @@ def run_prune(cfg: Config) -> dict:
                 gc.collect()
                 keep = _cut_layers(ctx, ctx.directory / f"round{r}" / "model", round_dir / "input", depths[r],
                                    p.keep_last_layer)
-                model = load_model_dir(round_dir / "input", ctx, trainable, trainable_field)
+                model = load_model_dir(round_dir / "input", ctx, trainable, trainable_field, what="model")
             kept_layers = [kept_layers[i] for i in keep]
             log(ctx.world, f"[prune] round {r + 1}/{p.rounds}: kept layers {kept_layers} of the source's {start_depth}")
         else:
@@ -256,11 +268,10 @@ def run_prune(cfg: Config) -> dict:
             # The next round starts from the saved weights: a fresh module without this engine's hooks.
             del engine
             gc.collect()
-            model = load_model_dir(done, ctx, trainable, trainable_field)
+            model = load_model_dir(done, ctx, trainable, trainable_field, what="model")
             engine = None
     metrics = evaluate_engine(engine, ctx)
-    with gathered(engine):
-        stats = sparsity_stats(engine.module)  # the whole model's (ZeRO 3 holds placeholders)
+    stats = sparsity_stats(engine.module)  # the whole model's, one tensor gathered at a time at ZeRO 3
     results = phase_results(ctx, engine, metrics, total_steps, method=p.method, rounds=p.rounds,
                             kept_layers=kept_layers if p.method == "structured" else None,
                             prunable_sparsity=stats["prunable_sparsity"],
@@ -274,21 +285,26 @@ def run_prune(cfg: Config) -> dict:
 
 
 def _cut_layers(ctx: PhaseContext, source: Path, target: Path, depth: int, keep_last: bool) -> list[int]:
-    """Rank ``source``'s layers from its files, write the ``depth`` kept ones to ``target`` (the main
-    rank; the others wait for it) and return their indices. Every rank ranks the same bytes, so all
-    agree; the main rank also records the choice beside the weights."""
+    """Rank ``source``'s layers from its files, write the ``depth`` kept ones to ``target`` and return
+    their indices. Every rank ranks the same bytes, so all agree."""
     keep = choose_layers(layer_importance_on_disk(source), depth, keep_last)
+    _write_layers(ctx, source, target, keep, record=target.parent / "kept_layers.json")
+    return keep
+
+
+def _write_layers(ctx: PhaseContext, source: Path, target: Path, keep: list[int], record: Path) -> None:
+    """``target``: the saved model ``source`` with only the layers ``keep`` (write_kept_layers), written
+    by the main rank while the others wait; the choice is recorded in ``record``."""
     failure = None
     if ctx.is_main:
         try:
             write_kept_layers(source, target, keep)
-            ctx.run.write_json(target.parent / "kept_layers.json", {"source": str(source), "kept": keep})
+            ctx.run.write_json(record, {"source": str(source), "kept": keep})
         except (OSError, ValueError) as err:  # every rank raises, none waits for a rank that gave up
             failure = f"{type(err).__name__}: {err}"
     failure = _from_rank0(failure)
     if failure:
-        raise RuntimeError(f"prune: writing the kept layers {keep} of {source} to {target} failed on rank 0: {failure}")
-    return keep
+        raise RuntimeError(f"{ctx.phase}: writing the layers {keep} of {source} to {target} failed on rank 0: {failure}")
 
 
 def _round_key(key, r: int):

@@ -19,6 +19,7 @@ import torch
 
 from dist_dpc.engine import DPEngine, build_ds_config, init_distributed
 from dist_dpc.engine.lr_schedule import make_lr_schedule
+from dist_dpc.engine.partitioned import gathered_state_dict
 from dist_dpc.engine.distributed import WorldInfo
 from dist_dpc.models import load_tokenizer
 from dist_dpc.pipeline.checkpoints import Checkpoints
@@ -321,6 +322,34 @@ def frozen_for_phase(ctx: PhaseContext, model: torch.nn.Module) -> torch.nn.Modu
     return model.requires_grad_(False).eval().to(local_device())
 
 
+def load_for_phase(ctx: PhaseContext, load: Callable[[], torch.nn.Module], what: str = "model") -> torch.nn.Module:
+    """``load()`` (a from_pretrained / from_config inside) placed for this phase: at ZeRO 3 transformers
+    builds the model inside ``deepspeed.zero.Init`` (its HfDeepSpeedConfig seam, as the HF Trainer
+    does), so each rank only ever holds 1/world of its weights, even while loading; at ZeRO 0-2 whole.
+    The setting is removed again on return: later loads (eval, export, a CPU copy to merge adapters)
+    build whole models."""
+    if phase_zero_stage(ctx) != 3:
+        return load()
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    from dist_dpc.engine.partitioned import full_numel, is_partitioned
+
+    ds_config = _phase_ds_config(ctx.cfg, ctx.world, None, ctx.cfg.privacy.enabled)
+    hf_setting = HfDeepSpeedConfig(ds_config)  # transformers keeps only a weak reference to it
+    try:
+        model = load()
+    finally:
+        unset_hf_deepspeed_config()
+        del hf_setting
+    params = list(model.parameters())
+    partitioned = [p for p in params if is_partitioned(p)]
+    local = sum(p.ds_tensor.numel() if is_partitioned(p) else p.numel() for p in params)
+    log(ctx.world, f"[{ctx.phase}] {what} built partitioned over {ctx.world.world_size} ranks (zero.Init): rank 0 "
+                   f"holds {local:,} of its {sum(full_numel(p) for p in params):,} parameters "
+                   f"({len(partitioned)} of {len(params)} tensors partitioned)")
+    return model
+
+
 def _phase_ds_config(cfg: Config, world: WorldInfo, lr: float | None, dp_enabled: bool) -> dict:
     return build_ds_config(cfg.train.deepspeed_config, micro_batch_size=cfg.train.micro_batch_size,
                            world_size=world.world_size, zero_stage=cfg.train.zero_stage, lr=lr or cfg.train.lr,
@@ -530,27 +559,27 @@ def save_model(ctx: PhaseContext, engine: DPEngine, directory: Path) -> None:
     from dist_dpc.pipeline.lineage import write_lineage
 
     tokenizer, world, module = ctx.tokenizer, ctx.world, engine.module
-    with gathered(engine):
-        if world.is_main:
-            state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-            tmp = directory.with_name(directory.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            if is_peft(module):
-                # A CPU copy of the same architecture holds the gathered weights; merging it leaves the
-                # engine's (possibly partitioned) module untouched.
-                copy = ctx.task.load_model(ctx.cfg.model, tokenizer, num_labels=ctx.num_labels,
-                                           label_names=ctx.label_names, seed=ctx.cfg.run.seed)
-                copy.load_state_dict(state)
-                copy.save_pretrained(str(tmp / "adapter"))
-                plain = copy.merge_and_unload()
-                plain.save_pretrained(str(tmp), state_dict={k: v.detach().clone() for k, v in plain.state_dict().items()})
-            else:
-                module.save_pretrained(str(tmp), state_dict=state)
-            tokenizer.save_pretrained(str(tmp))
-            write_lineage(tmp, ctx.ledger, phase=ctx.phase)
-            if directory.exists():
-                shutil.rmtree(directory)
-            tmp.rename(directory)
+    # One tensor gathered at a time (ZeRO 3), copied to rank 0's CPU: never the whole model on a device.
+    state = gathered_state_dict(module, keep=world.is_main)
+    if world.is_main:
+        tmp = directory.with_name(directory.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_peft(module):
+            # A CPU copy of the same architecture holds the gathered weights; merging it leaves the
+            # engine's (possibly partitioned) module untouched.
+            copy = ctx.task.load_model(ctx.cfg.model, tokenizer, num_labels=ctx.num_labels,
+                                       label_names=ctx.label_names, seed=ctx.cfg.run.seed)
+            copy.load_state_dict(state)
+            copy.save_pretrained(str(tmp / "adapter"))
+            plain = copy.merge_and_unload()
+            plain.save_pretrained(str(tmp), state_dict={k: v.detach().clone() for k, v in plain.state_dict().items()})
+        else:
+            module.save_pretrained(str(tmp), state_dict=state)
+        tokenizer.save_pretrained(str(tmp))
+        write_lineage(tmp, ctx.ledger, phase=ctx.phase)
+        if directory.exists():
+            shutil.rmtree(directory)
+        tmp.rename(directory)
     torch.distributed.barrier()
 
 
@@ -665,8 +694,8 @@ def run_train(cfg: Config, phase: str = "train", evaluate_splits: bool = True,
     import_lineage(ctx, cfg.model.name, role="model.name")
     if not cfg.privacy.enabled:
         warn_loudly(ctx.world, "privacy.enabled=false: training WITHOUT differential privacy; the model may leak its data")
-    model = ctx.task.load_model(cfg.model, ctx.tokenizer, num_labels=ctx.num_labels, label_names=ctx.label_names,
-                                seed=cfg.run.seed)
+    model = load_for_phase(ctx, lambda: ctx.task.load_model(cfg.model, ctx.tokenizer, num_labels=ctx.num_labels,
+                                                            label_names=ctx.label_names, seed=cfg.run.seed))
     steps = planned_steps(cfg.train.epochs, cfg.train.max_steps, steps_per_epoch(ctx))
     check_before_spending(ctx, model, steps=steps)
     start = HeadStart.plan(ctx, model)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from dist_dpc.models import ModelConfig, load_tokenizer
+from dist_dpc.models.loading import load_causal_lm
 from tests.pipeline.test_train import ROOT, dpc
 
 # Layer i's matrices are scaled by SCALE[i], so the importance ranking (mean |w|) has wide margins:
@@ -59,6 +60,24 @@ def predictions(model_dir: Path) -> torch.Tensor:
         return model(**batch).logits
 
 
+def assert_built_partitioned(out: str, stage: int, where: list[str]) -> None:
+    """At ZeRO 3 every model a phase trains or runs was built under zero.Init (never whole on a rank):
+    rank 0 held about half of it from the start; at ZeRO 0 none was."""
+    import re
+
+    built = re.findall(r"\[([a-z_]+)\] (model|teacher|student) built partitioned over 2 ranks \(zero.Init\): rank 0 "
+                       r"holds ([\d,]+) of its ([\d,]+) parameters", out)
+    if stage != 3:
+        assert not built
+        return
+    for label in where:
+        phase, _, what = label.partition("] ")
+        found = [(int(a.replace(",", "")), int(b.replace(",", ""))) for p, w, a, b in built
+                 if p == phase and (not what or w == what)]
+        assert found, (label, out[-3000:])
+        assert all(local < 0.6 * whole for local, whole in found), (label, found)
+
+
 @pytest.mark.timeout(900)
 def test_the_chain_at_zero3_on_two_ranks_exports_what_the_zero0_chain_exports(tmp_path):
     from tests.engine.launch import torchrun
@@ -66,9 +85,10 @@ def test_the_chain_at_zero3_on_two_ranks_exports_what_the_zero0_chain_exports(tm
     model = four_layer_classifier(tmp_path / "base")
     runs = {}
     for stage in (0, 3):  # without noise, the two runs differ only by summation order
-        torchrun("dist_dpc/cli.py", chain_args(tmp_path, f"z{stage}", model, stage, private=False), world_size=2,
-                 timeout=400)
+        out = torchrun("dist_dpc/cli.py", chain_args(tmp_path, f"z{stage}", model, stage, private=False), world_size=2,
+                       timeout=400).stdout
         runs[stage] = tmp_path / f"z{stage}"
+        assert_built_partitioned(out, stage, ["teacher", "distill] teacher", "distill] student", "prune"])
     for stage, run in runs.items():
         prune = json.loads((run / "prune" / "results.json").read_text())
         assert prune["kept_layers"] == KEPT, (stage, prune["kept_layers"])
@@ -109,15 +129,23 @@ def test_the_causal_lm_chain_at_zero3_on_two_ranks_exports_what_the_zero0_chain_
 
     from tests.engine.launch import torchrun
 
+    # A saved model, as a user starts from: a debug model built from its config at ZeRO 3 is initialised
+    # under zero.Init, in another order than a whole build (other random weights from the same seed).
+    base = tmp_path / "base"
+    tok = load_tokenizer(ModelConfig(name="tiny-llama", task="causal_lm"), log=None)
+    load_causal_lm(ModelConfig(name="tiny-llama", task="causal_lm", dropout=0.0), tok, seed=0).save_pretrained(base)
+    tok.save_pretrained(base)
     for stage in (0, 3):
-        torchrun("dist_dpc/cli.py", [
+        out = torchrun("dist_dpc/cli.py", [
             "pipeline", str(ROOT / "configs" / "debug_lm.yaml"), f"run.output_dir={tmp_path}", f"run.name=z{stage}",
+            f"model.name={base}", f"privacy.public_model_dirs=[{base}]",
             "model.dropout=0", "data.synthetic_size=240", "data.max_length=24", "train.batch_size=24",
             "train.micro_batch_size=12", "train.max_steps=4", "privacy.enabled=false",
             "privacy.randomness=insecure_reproducible", "privacy.noise_seed=11", "pipeline.budget_split={}",
             f"train.zero_stage={stage}", "pipeline.phases=[teacher, distill, prune, eval, export]",
             "distill.hidden_weight=0.2", "prune.method=unstructured", "prune.target_sparsity=0.5", "prune.rounds=2",
-            "prune.source=teacher"], world_size=2, timeout=400)
+            "prune.source=teacher"], world_size=2, timeout=400).stdout
+        assert_built_partitioned(out, stage, ["teacher", "distill] teacher", "distill] student", "prune"])
     ids = torch.tensor([[1, 70, 105, 110, 101, 32, 102, 111, 111, 100]])
     logits = {}
     for stage in (0, 3):
