@@ -348,10 +348,10 @@ def _print(results: dict) -> None:
     what = "white-box gradient canaries" if a["kind"] == "white_box" else "black-box input canaries"
     how = "f-DP test, Mahloujifar et al." if a.get("test") == "f_dp" else "(epsilon, delta) test, Steinke et al."
     lines = ["", "=" * 72, f"privacy audit ({what}, one run, {how})",
-             (f"empirical epsilon_lb = {a['epsilon_lb']:.3f} (the run leaks more than DP-SGD with its q and steps at this "
-              f"epsilon) at {a['confidence']:.0%} confidence " if a.get("test") == "f_dp" else
-              f"empirical lower bound epsilon_lb = {a['epsilon_lb']:.3f} at {a['confidence']:.0%} confidence ") +
-             f"(delta {a['delta']:.3g}); claimed epsilon = {claimed}",
+             f"empirical lower bound epsilon_lb = {a['epsilon_lb']:.3f} at {a['confidence']:.0%} confidence "
+             f"(delta {a['delta']:.3g}); claimed epsilon = {claimed}" +
+             ("; f-DP: below epsilon_lb, the canaries show the run leaks more than DP-SGD at its q and steps would"
+              if a.get("test") == "f_dp" else ""),
              f"{a['canaries']} canaries, {a['included']} included; best test: {a['best_score']}, "
              f"{a['best_fraction']} of the canaries guessed (Bonferroni over {len(a['tests'])} tests); "
              f"the most this audit can show: {a['ceiling']:.2f}",
