@@ -9,6 +9,9 @@ Prints median step time and memory per rank with ratios to ZeRO 0, and writes JS
   python bench/compress_zero.py            # CPU: BERT width 512, 4 layers, 2 ranks x 8 x 64 tokens
   python bench/compress_zero.py --gpu      # one GPU node: BERT-base size, bf16 at ZeRO 2/3
 
+Loaded per rank: the resident size after the models are loaded (and masked), before DeepSpeed
+builds anything, minus the size just before loading (host memory: at ZeRO 3 transformers reads the
+whole checkpoint on rank 0's host and copies it in layer by layer).
 Model state per rank: the bytes of the parameters, optimizer partitions, Adam moments and teacher
 weights this rank holds between steps, counted from the tensors (what ZeRO shards). Peak memory per
 rank: on a GPU, the peak of torch.cuda.max_memory_allocated; on the CPU, the peak resident
@@ -115,6 +118,7 @@ def worker(workload: str, stage: int, s: dict, models: Path) -> dict:
         apply_masks(model, masks)
         enforcer = MaskEnforcer(model, masks)
         loss_fn = sequence_classification_loss
+    loaded = rss_bytes() - base  # the models as loaded (and masked), before DeepSpeed's buffers
     total = s["steps"] + s["warmup"]
     engine = DPEngine(model, ds, PrivacyConfig(target_epsilon=None, noise_multiplier=1.0, delta=1e-7),
                       dataset_size=10**6, expected_batch_size=s["batch"] * world.world_size, planned_steps=total,
@@ -146,11 +150,12 @@ def worker(workload: str, stage: int, s: dict, models: Path) -> dict:
     if enforcer is not None:
         assert enforcer.violations() == 0
     state = model_state_bytes(engine, loss_fn)
-    out = torch.tensor([statistics.median(times), float(memory), float(state)], dtype=torch.float64)
+    out = torch.tensor([statistics.median(times), float(memory), float(state), float(loaded)], dtype=torch.float64)
     every = [torch.zeros_like(out) for _ in range(world.world_size)]
     torch.distributed.all_gather(every, out.to(device) if cuda else out)
     return {"median_step_s": max(float(e[0]) for e in every), "memory_bytes_per_rank": max(float(e[1]) for e in every),
-            "state_bytes_per_rank": max(float(e[2]) for e in every)}
+            "state_bytes_per_rank": max(float(e[2]) for e in every),
+            "loaded_bytes_per_rank": max(float(e[3]) for e in every)}
 
 
 def model_state_bytes(engine, loss_fn) -> int:
@@ -226,8 +231,9 @@ def main() -> None:
     save_models(s, models)
     records = []
     print(f"shape: {s}, {args.ranks} ranks")
-    print("| workload | ZeRO | step s | vs ZeRO 0 | model state/rank MB | vs ZeRO 0 | peak memory/rank MB | vs ZeRO 0 |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| workload | ZeRO | step s | vs ZeRO 0 | model state/rank MB | vs ZeRO 0 | loaded/rank MB | vs ZeRO 0 "
+          "| peak memory/rank MB | vs ZeRO 0 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for workload in ("distill", "prune"):
         first = None
         for stage in stages:
@@ -236,6 +242,8 @@ def main() -> None:
             records.append({"workload": workload, "stage": stage, **r})
             print(f"| {workload} | {stage} | {r['median_step_s']:.3f} | {r['median_step_s'] / first['median_step_s']:.2f}x "
                   f"| {r['state_bytes_per_rank'] / 2**20:.0f} | {r['state_bytes_per_rank'] / first['state_bytes_per_rank']:.2f}x "
+                  f"| {r['loaded_bytes_per_rank'] / 2**20:.0f} | "
+                  f"{r['loaded_bytes_per_rank'] / first['loaded_bytes_per_rank']:.2f}x "
                   f"| {r['memory_bytes_per_rank'] / 2**20:.0f} | "
                   f"{r['memory_bytes_per_rank'] / first['memory_bytes_per_rank']:.2f}x |", flush=True)
     if args.json:

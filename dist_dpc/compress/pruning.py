@@ -73,19 +73,25 @@ def _magnitude_keys(weights, previous, names, begin: int, end: int) -> torch.Ten
     bits of |w| as float32 (non-negative floats order like their bit patterns, so the search over
     integers is exact), and -1 where an earlier round pruned (those go first). A ZeRO-3 partitioned
     weight is gathered on its own (every rank, in turn: a collective) and released before the next."""
-    pieces, offset = [], 0
+    pieces, offset, broken = [], 0, []
     for name, w in one_at_a_time((n, weights[n]) for n in names):
         lo, hi = max(begin, offset), min(end, offset + w.numel())
         if lo < hi:
             flat = w.detach().reshape(-1)[lo - offset:hi - offset].float().abs()
             if not torch.isfinite(flat).all():
-                raise ValueError(f"{name}: non-finite weights cannot be ranked by magnitude; the model is broken")
+                broken.append(name)  # raised after the loop: the other ranks are still gathering
             key = flat.view(torch.int32).long()
             if previous is not None and name in previous:
                 kept_before = previous[name].reshape(-1)[lo - offset:hi - offset].to(key.device).bool()
                 key = torch.where(kept_before, key, torch.full_like(key, -1))
             pieces.append(key.cpu())
         offset += w.numel()
+    count = torch.tensor([len(broken)], dtype=torch.int64, device=collective_device())
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(count)  # every rank raises, none waits in a collective
+    if int(count.item()):
+        raise ValueError(f"{', '.join(broken) or 'weights on another rank'}: non-finite weights cannot be ranked by "
+                         "magnitude; the model is broken")
     return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64)
 
 

@@ -104,4 +104,7 @@ def gathered_state_dict(module: nn.Module, *, keep: bool) -> dict[str, torch.Ten
         with whole([tensor]):
             if keep:
                 out[name] = tensor.detach().cpu().clone()
+                if out[name].numel() != full_numel(tensor):  # a placeholder no parameter name reached
+                    raise RuntimeError(f"{name}: state_dict entry with no matching parameter; its ZeRO-3 "
+                                       "partitions could not be gathered")
     return out if keep else None

@@ -58,9 +58,12 @@ def cls_hidden(head: PooledHead, batch: dict) -> torch.Tensor:
 
 @torch.no_grad()
 def pool(head: PooledHead, cls: torch.Tensor) -> torch.Tensor:
-    """What the classifier sees (before dropout) for these [CLS] states."""
+    """What the classifier sees (before dropout) for these [CLS] states: in float32, where ``cls`` lies
+    (head_init keeps the features on the CPU; the head may sit on a GPU, and in bf16 at ZeRO 3)."""
     dense = head.pooler.dense
-    return head.pooler.activation(cls.to(dense.weight.dtype) @ dense.weight.T + dense.bias)
+    weight = dense.weight.detach().to(cls.device, torch.float32)
+    bias = dense.bias.detach().to(cls.device, torch.float32)
+    return head.pooler.activation(cls.float() @ weight.T + bias)
 
 
 @torch.no_grad()

@@ -166,3 +166,39 @@ def test_the_causal_lm_chain_at_zero3_on_two_ranks_exports_what_the_zero0_chain_
     assert masks and all(torch.count_nonzero(exported[name][~mask]) == 0 for name, mask in masks.items())
     assert sum(int((~mask).sum()) for mask in masks.values()) / sum(m.numel() for m in masks.values()) == \
         pytest.approx(0.5, abs=0.01)
+
+
+@pytest.mark.timeout(600)
+def test_head_init_at_zero3_sets_the_head_zero0_sets_and_training_starts_from_it(tmp_path):
+    """head_init on a model built partitioned (its [CLS] pass gathered module by module, the head set
+    inside GatheredParameters) gives the ZeRO-0 head bit for bit, on uneven shares of the rows (129
+    over 2 ranks), and DeepSpeed's fp32 masters start from it: with a vanishing learning rate the
+    trained model's head is the head_init head, not the pre-trained one."""
+    from safetensors.torch import load_file
+
+    from tests.engine.launch import torchrun
+
+    model = four_layer_classifier(tmp_path / "base")
+    base = load_file(model / "model.safetensors")
+    heads = {}
+    for stage in (0, 3):
+        out = torchrun("dist_dpc/cli.py", [
+            "train", str(ROOT / "configs" / "debug.yaml"), f"run.output_dir={tmp_path}", f"run.name=z{stage}",
+            f"model.name={model}", f"privacy.public_model_dirs=[{model}]", "model.dropout=0", "data.synthetic_size=129",
+            "data.max_length=16", "train.batch_size=24", "train.micro_batch_size=12", "train.lr=1e-12",
+            "train.max_steps=1", "privacy.randomness=insecure_reproducible", "privacy.noise_seed=11",
+            "head_init.centre_pooler=true", "head_init.probe_epochs=1", "wandb.mode=disabled",
+            f"train.zero_stage={stage}"], world_size=2, timeout=300).stdout
+        assert_built_partitioned(out, stage, ["train"])
+        run = tmp_path / f"z{stage}"
+        heads[stage] = torch.load(run / "head_init.pt", weights_only=True)
+        trained = load_file(run / "model" / "model.safetensors")
+        for part, prefix in (("pooler", "bert.pooler."), ("classifier", "classifier.")):
+            for name, value in heads[stage][part].items():
+                key = prefix + name
+                torch.testing.assert_close(trained[key], value, rtol=0, atol=1e-6, msg=f"ZeRO {stage}: {key}")
+                if part == "classifier":  # head_init moved it: the comparison above has teeth
+                    assert (value - base[key]).abs().max() > 1e-2, key
+    for part in ("pooler", "classifier"):
+        for name, value in heads[0][part].items():
+            torch.testing.assert_close(heads[3][part][name], value, rtol=0, atol=0, msg=f"{part}.{name}")
