@@ -122,6 +122,7 @@ class PrivateEngine:
         self.dp, self.budget, self.ledger = dp, budget, ledger
         self.finished = False
         self.loaded_steps = 0  # the step a checkpoint loaded before training brought
+        self.run_lock = None   # rank 0: held until finish() (initialize's _hold_run_lock)
 
     # -- training -------------------------------------------------------------------------------
     def train_batch(self, batch: LogicalBatch) -> StepStats | None:
@@ -158,6 +159,8 @@ class PrivateEngine:
             self.budget.release(self.budget.dp_sgd(self.dp.steps_started + self.loaded_steps))
             self.budget.complete()
         self.finished = True
+        _release_run_lock(self.run_lock)
+        self.run_lock = None
         return self.epsilon()
 
     # -- what a DeepSpeed engine offers -------------------------------------------------------------
@@ -188,7 +191,20 @@ class PrivateEngine:
         return self.ledger.total_epsilon() if self.ledger is not None else None
 
     def save_checkpoint(self, directory: str | Path, tag: str, client_state: dict | None = None) -> None:
+        """DeepSpeed's checkpoint, plus ``<directory>/<tag>/dist_dpc_entry.json``: the ledger entry and
+        plan it belongs to, which ``initialize(resume_from=...)`` checks before continuing that entry."""
+        if self.budget is not None and self.budget.writer:  # checkpoints may leave the machine: an output too
+            self.ledger.note_output(self.budget.entry, self.dp.steps_started + self.loaded_steps)
         self.dp.save_checkpoint(directory, tag, client_state)
+        if self.budget is not None and self.dp.world.is_main:
+            import json
+
+            entry = {"ledger_id": self.ledger.ledger_id, "entry": self.budget.entry, "step": self.dp.steps_done,
+                     "noise_multiplier": self.budget.noise_multiplier, "sample_rate": self.budget.sample_rate,
+                     "planned_steps": self.budget.steps}
+            (Path(directory) / tag / ENTRY_FILE).write_text(json.dumps(entry, indent=1))
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
 
     def load_checkpoint(self, directory: str | Path, tag: str | None = None) -> dict:
         """Only before the first step: loading later would rewind the step count over steps whose
@@ -210,6 +226,9 @@ class PrivateEngine:
 
         directory = Path(directory)
         module = self.dp.module
+        if self.budget is not None and self.budget.writer:
+            # Before anything is written: a resume may not restart this entry from an earlier checkpoint.
+            self.ledger.note_output(self.budget.entry, self.dp.steps_started + self.loaded_steps)
         # One tensor gathered at a time (ZeRO 3) into rank 0's CPU copy: never the whole model on a device.
         state = gathered_state_dict(module, keep=self.dp.world.is_main)
         if self.dp.world.is_main:
@@ -236,7 +255,8 @@ def initialize(*, model: torch.nn.Module, config: dict | str | Path, privacy: Pr
                loss_fn: Callable | None = None, steps: int | None = None, epochs: float | None = None,
                ledger: str | Path, name: str = "train", key: SecretKey | None = None,
                lr_schedule: Callable[[int], float] | None = None, model_parameters=None, optimizer=None,
-               lr_scheduler=None, args=None) -> tuple[PrivateEngine, torch.optim.Optimizer, PoissonBatches, None]:
+               lr_scheduler=None, args=None, resume_from: str | Path | None = None,
+               resume_tag: str | None = None) -> tuple[PrivateEngine, torch.optim.Optimizer, PoissonBatches, None]:
     """DP-SGD for a user's loop, returning (engine, optimizer, training_dataloader, lr_scheduler) as
     ``deepspeed.initialize`` does (the scheduler is None: DeepSpeed's "scheduler" block or
     ``lr_schedule(step) -> factor`` set the learning rate).
@@ -254,6 +274,11 @@ def initialize(*, model: torch.nn.Module, config: dict | str | Path, privacy: Pr
         (a rerun after finish() appends name#2 ...; while an entry runs, another run needs another name).
     key: the secret key of noise and sampling (default: drawn from the OS on rank 0, never written).
     model_parameters: if given, only these parameters train (the others are frozen, never noised).
+    resume_from: a checkpoint directory engine.save_checkpoint wrote in a run of this entry that stopped
+        before finish() (killed, preempted): this run continues that entry (same sigma, same plan, no
+        second reservation) from the checkpoint (``resume_tag``, default DeepSpeed's ``latest``), and
+        finish() counts the entry's steps once. Refused if the entry finished, if the plan differs, or
+        if that run saved a model after the checkpoint's step.
     """
     if optimizer is not None or lr_scheduler is not None:
         raise ValueError("dist_dpc.initialize: pass the optimizer and scheduler in the DeepSpeed config's \"optimizer\" "
@@ -296,25 +321,142 @@ def initialize(*, model: torch.nn.Module, config: dict | str | Path, privacy: Pr
                       "noised or recorded in a ledger", stacklevel=2)
     delta = privacy.delta if privacy.delta is not None else delta_default(n)
     check_delta(delta, n)
+    run_lock = None
     if privacy.enabled:
         book = PrivacyLedger(ledger, privacy.target_epsilon, delta, n, accountant=privacy.accountant)
-    _import_starting_model(model, privacy, book, world, name)  # before the reservation: it composes with it
-    if privacy.enabled:
-        budget, ledger_id = _reserve(book, name, world, sample_rate=q, steps=planned, privacy=privacy, batch_size=batch_size)
-        # Keyed by the ledger and the entry: a rerun (name#2) or another name never replays an earlier
-        # run's noise or batches, even with the same key= (the same draw under two sigmas would expose
-        # the clipped sum).
-        key = key.derive("ledger", ledger_id or "", "entry", budget.entry)
-        privacy = dataclasses.replace(privacy, noise_multiplier=budget.noise_multiplier, delta=book.delta)
-    dp = DPEngine(model, ds_config, privacy, dataset_size=n, expected_batch_size=batch_size, planned_steps=planned,
-                  loss_fn=loss_fn or default_loss, world=world, key=key.derive("dp-sgd"),
-                  poisson_sampling=privacy.sampling == "poisson", prior=budget.prior() if budget else (),
-                  phase=budget.entry if budget else name, lr_schedule=lr_schedule)
-    sampler = make_sampler(privacy.sampling, dataset_size=n, expected_batch_size=batch_size, micro_batch_size=micro,
-                           rank=world.rank, world_size=world.world_size, key=key.derive("sampling"))
-    loader = PoissonBatches(training_data, sampler, collate_fn or torch.utils.data.default_collate, micro, planned,
-                            start=lambda: dp.steps_done)
-    return PrivateEngine(dp, budget, book), dp.optimizer, loader, None
+        run_lock = _hold_run_lock(book, name, world, resuming=resume_from is not None)
+    try:
+        _import_starting_model(model, privacy, book, world, name)  # before the reservation: it composes with it
+        resume = _resume_point(resume_from, resume_tag, book, name, world, sample_rate=q, steps=planned,
+                               noise_multiplier=privacy.noise_multiplier) if resume_from is not None else None
+        if privacy.enabled:
+            budget, ledger_id = _reserve(book, name, world, sample_rate=q, steps=planned, privacy=privacy,
+                                         batch_size=batch_size, resume=resume)
+            # Keyed by the ledger and the entry: a rerun (name#2) or another name never replays an earlier
+            # run's noise or batches, even with the same key= (the same draw under two sigmas would expose
+            # the clipped sum).
+            key = key.derive("ledger", ledger_id or "", "entry", budget.entry)
+            privacy = dataclasses.replace(privacy, noise_multiplier=budget.noise_multiplier, delta=book.delta)
+        dp = DPEngine(model, ds_config, privacy, dataset_size=n, expected_batch_size=batch_size, planned_steps=planned,
+                      loss_fn=loss_fn or default_loss, world=world, key=key.derive("dp-sgd"),
+                      poisson_sampling=privacy.sampling == "poisson", prior=budget.prior() if budget else (),
+                      phase=budget.entry if budget else name, lr_schedule=lr_schedule)
+        sampler = make_sampler(privacy.sampling, dataset_size=n, expected_batch_size=batch_size, micro_batch_size=micro,
+                               rank=world.rank, world_size=world.world_size, key=key.derive("sampling"))
+        loader = PoissonBatches(training_data, sampler, collate_fn or torch.utils.data.default_collate, micro, planned,
+                                start=lambda: dp.steps_done)
+        engine = PrivateEngine(dp, budget, book)
+        engine.run_lock = run_lock
+        if resume is not None:
+            engine.load_checkpoint(resume_from, resume["tag"])
+            if dp.steps_done != resume["step"]:
+                raise RuntimeError(f"dist_dpc.initialize: {resume_from} tag {resume['tag']} loaded step {dp.steps_done}, "
+                                   f"its {ENTRY_FILE} says {resume['step']}: the checkpoint is inconsistent")
+        return engine, dp.optimizer, loader, None
+    except BaseException:
+        _release_run_lock(run_lock)  # a refused or failed start leaves no lock behind
+        raise
+
+
+ENTRY_FILE = "dist_dpc_entry.json"
+_RUN_LOCKS: dict[str, Any] = {}
+
+
+def _hold_run_lock(book: PrivacyLedger, name: str, world, *, resuming: bool):
+    """Rank 0 holds ``<ledger>.<name>.run.lock`` from initialize to finish() (the OS drops it when the
+    process dies): a run that resumes an entry proves so that the run it continues is gone, since two
+    live runs in one entry would be counted as one trajectory."""
+    import fcntl
+
+    outcome, handle = None, None
+    if world.is_main:
+        path = f"{book.path}.{name}.run.lock"
+        if path in _RUN_LOCKS:
+            outcome = "this process" if resuming else None  # a second run here: refused by the ledger's fresh check
+        else:
+            handle = open(path, "a")
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                _RUN_LOCKS[path] = handle
+            except BlockingIOError:
+                handle.close()
+                handle, outcome = None, "another process"
+    outcome = _from_rank0(outcome)
+    if outcome is not None:
+        raise ValueError(f"dist_dpc.initialize: the run of entry {name!r} in {book.path} is still running in {outcome} "
+                         f"(it holds {book.path}.{name}.run.lock): let it finish or stop it first")
+    return handle
+
+
+def _release_run_lock(handle) -> None:
+    if handle is None:
+        return
+    for path, held in list(_RUN_LOCKS.items()):
+        if held is handle:
+            del _RUN_LOCKS[path]
+    handle.close()
+
+
+def _resume_point(directory: str | Path, tag: str | None, book: PrivacyLedger | None, name: str, world, *,
+                  sample_rate: float, steps: int, noise_multiplier: float | None) -> dict:
+    """What ``resume_from`` may continue (checked on rank 0, its verdict on every rank): the checkpoint's
+    entry is ``name``'s latest attempt in this very ledger, still running, with this plan, and its run
+    published nothing after the checkpoint's step."""
+    import json
+
+    def check() -> dict:
+        directory_ = Path(directory)
+        tag_ = tag
+        if tag_ is None:
+            latest = directory_ / "latest"
+            if not latest.is_file():
+                raise FileNotFoundError(f"resume_from={str(directory)!r}: no 'latest' file; pass resume_tag=")
+            tag_ = latest.read_text().strip()
+        record = directory_ / tag_ / ENTRY_FILE
+        if not record.is_file():
+            raise FileNotFoundError(f"resume_from={str(directory)!r}, tag {tag_!r}: no {ENTRY_FILE} (a checkpoint of "
+                                    "engine.save_checkpoint in a private run): start a new entry instead")
+        saved = json.loads(record.read_text())
+        if book is None:
+            raise ValueError("resume_from continues a ledger entry; with privacy.enabled=false there is none")
+        if saved["ledger_id"] != book.ledger_id:
+            raise ValueError(f"resume_from: the checkpoint belongs to another ledger ({saved['ledger_id']}), not "
+                             f"{book.path} ({book.ledger_id}): resume with the ledger that run used")
+        latest_entry = book.latest_attempt(name)
+        if saved["entry"] != latest_entry:
+            raise ValueError(f"resume_from: the checkpoint belongs to entry {saved['entry']!r}, but name={name!r}'s "
+                             f"latest entry is {latest_entry!r}: pass the name that run used")
+        entry = book.entry(saved["entry"])
+        if entry["status"] != "running":
+            raise ValueError(f"resume_from: entry {saved['entry']!r} is {entry['status']} (finish() was called): its "
+                             "steps are counted; train on with a new entry (load_checkpoint without resume_from)")
+        if saved["sample_rate"] != sample_rate or saved["planned_steps"] != steps:
+            raise ValueError(f"resume_from: that run planned {saved['planned_steps']} steps at q={saved['sample_rate']},"
+                             f" this one {steps} at q={sample_rate}: resume with the same data, batch size and steps")
+        reserved = (entry.get("reservation") or {}).get("noise_multiplier")
+        if reserved != saved["noise_multiplier"] or noise_multiplier not in (None, saved["noise_multiplier"]):
+            raise ValueError(f"resume_from: that run used sigma {saved['noise_multiplier']} (the entry reserves "
+                             f"{reserved}), this one asks for {noise_multiplier}: resume with the privacy settings of "
+                             "that run (leave noise_multiplier unset to take the entry's)")
+        if int(entry.get("output_at_step", 0)) > int(saved["step"]):
+            raise ValueError(f"resume_from: that run wrote a model or checkpoint after {entry['output_at_step']} steps, "
+                             f"later than this checkpoint (step {saved['step']}): resuming here would count those steps "
+                             "once for two different trajectories. Resume from its latest checkpoint (if no model was "
+                             "saved after it), or start a new entry")
+        return {**saved, "tag": tag_}
+
+    outcome, error = None, None
+    if world.is_main:
+        try:
+            outcome = ["ok", check()]
+        except (OSError, ValueError, KeyError) as err:
+            outcome, error = ["refused", f"{type(err).__name__}: {err}"], err
+    outcome = _from_rank0(outcome)
+    if error is not None:
+        raise error
+    if outcome[0] != "ok":
+        raise ValueError(outcome[1])
+    return outcome[1]
 
 
 def _import_starting_model(model: torch.nn.Module, privacy: PrivacyConfig, book: PrivacyLedger | None, world,
@@ -363,14 +505,20 @@ def planned_steps(steps: int | None, epochs: float | None, q: float) -> int:
 
 
 def _reserve(ledger: PrivacyLedger, name: str, world, *, sample_rate: float, steps: int, privacy: PrivacyConfig,
-             batch_size: int) -> tuple[PhaseBudget, str]:
-    """Rank 0 reserves under the ledger's lock; the others join its entry (as the pipeline's phases do)."""
+             batch_size: int, resume: dict | None = None) -> tuple[PhaseBudget, str]:
+    """Rank 0 reserves under the ledger's lock; the others join its entry (as the pipeline's phases do).
+    ``resume``: continue that running entry (its reservation, hence its sigma) instead of a new one."""
     outcome, error = None, None
     if world.is_main:
         try:
-            budget = PhaseBudget.reserve(ledger, name, sample_rate=sample_rate, steps=steps, fresh=True,
+            budget = PhaseBudget.reserve(ledger, name, sample_rate=sample_rate, steps=steps, fresh=resume is None,
                                          target_epsilon=privacy.target_epsilon, noise_multiplier=privacy.noise_multiplier,
                                          expected_batch_size=batch_size, max_effective_noise=privacy.max_effective_noise)
+            if resume is not None and (budget.entry != resume["entry"]
+                                       or budget.noise_multiplier != resume["noise_multiplier"]):
+                raise ValueError(f"resume_from: the ledger gave entry {budget.entry!r} at sigma {budget.noise_multiplier},"
+                                 f" the checkpoint was made in {resume['entry']!r} at sigma {resume['noise_multiplier']}:"
+                                 " resume with the privacy settings of that run")
             outcome = ["ok", budget.entry, budget.noise_multiplier, ledger.ledger_id]
         except Exception as err:  # every rank stops with rank 0's reason
             outcome, error = ["refused", str(err)], err

@@ -208,6 +208,19 @@ class PrivacyLedger:
                 self._commit(phases)
             return [mechanism_from_dict({**m, "phase": entry}) for m in e["mechanisms"]]
 
+    def note_output(self, entry: str, step: int) -> None:
+        """Entry ``entry``'s run published something computed from its state after ``step`` steps (a
+        saved model). A resumed run may not restart from a checkpoint before it: the steps in between
+        would be counted once for two different published trajectories."""
+        with self._lock():
+            phases = self._locked_phases()
+            if entry not in phases:
+                raise KeyError(f"no ledger entry {entry!r}")
+            e = dict(phases[entry])
+            e["output_at_step"] = max(int(e.get("output_at_step", 0)), int(step))
+            phases[entry] = e
+            self._commit(phases)
+
     def released(self, entry: str) -> list[Mechanism]:
         """What entry ``entry`` has released so far (in release order)."""
         self._refresh()
@@ -408,7 +421,7 @@ def _entry_from_json(name: str, entry: dict) -> dict:
     if released is None:
         released = out["mechanisms"] if out["status"] == "completed" else []
     out["released"] = [mechanism_from_dict(m).to_dict() for m in released]
-    for key in ("reservation", "planned_total_epsilon", "source"):
+    for key in ("reservation", "planned_total_epsilon", "source", "output_at_step"):
         if key in entry:
             out[key] = entry[key]
     return out

@@ -355,3 +355,80 @@ def test_a_starting_model_from_an_earlier_dp_run_brings_its_cost(tmp_path):
         privacy=dist_dpc.PrivacyConfig(target_epsilon=4.0, public_model_dirs=[str(tmp_path / "unknown")]))
     engine4.finish()
     assert any(k.startswith("public:") for k in json.loads((tmp_path / "declared.json").read_text())["phases"])
+
+
+def _crashed_run(tmp_path, ledger, save_model: bool):
+    """A real process that trains 3 of 6 planned steps, checkpoints at step 2 and dies without finish()."""
+    import os
+    import sys
+
+    out = tmp_path / "crashed_model"
+    proc = subprocess.run([sys.executable, "-m", "tests.pipeline.api_resume_worker", str(ledger), str(tmp_path / "ckpt"),
+                           str(tmp_path / "at_step2.pt"), str(out) if save_model else "-"],
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    entry = json.loads(ledger.read_text())["phases"]["train"]
+    assert entry["status"] == "running" and entry["mechanisms"][0]["steps"] == 6  # the whole plan stays counted
+    return entry
+
+
+def _resume(ledger, ckpt, steps=6, **privacy):
+    return dist_dpc.initialize(model=model(), config=config(), training_data=examples(), steps=steps, ledger=ledger,
+                               privacy=dist_dpc.PrivacyConfig(target_epsilon=4.0, max_effective_noise=None, **privacy),
+                               resume_from=ckpt)
+
+
+def test_a_killed_run_resumes_its_own_ledger_entry_from_its_checkpoint(tmp_path):
+    """The entry of a run killed after its checkpoint is continued, not duplicated: same sigma, the
+    weights of the checkpoint, the remaining steps, and at finish() the entry counts the 6 steps of
+    the trajectory once -- the ledger an uninterrupted run of 6 steps leaves."""
+    ledger = tmp_path / "ledger.json"
+    crashed = _crashed_run(tmp_path, ledger, save_model=False)
+    engine, _, loader, _ = _resume(ledger, tmp_path / "ckpt")
+    assert engine.steps_done == 2 and len(loader) == 4 and engine.noise_multiplier == \
+        crashed["reservation"]["noise_multiplier"]
+    at_two = torch.load(tmp_path / "at_step2.pt")
+    for name, value in engine.module.named_parameters():
+        torch.testing.assert_close(value.detach(), at_two[name], rtol=0, atol=0, msg=name)
+    with pytest.raises(ValueError, match="still running in this process"):
+        _resume(ledger, tmp_path / "ckpt")  # two live runs in one entry would count as one trajectory
+    for batch in loader:
+        engine.train_batch(batch)
+    epsilon = engine.finish()
+    phases = json.loads(ledger.read_text())["phases"]
+    assert list(phases) == ["train"] and phases["train"]["status"] == "completed"
+
+    uninterrupted = tmp_path / "uninterrupted.json"
+    other, _, other_loader, _ = dist_dpc.initialize(
+        model=model(), config=config(), training_data=examples(), steps=6, ledger=uninterrupted,
+        privacy=dist_dpc.PrivacyConfig(target_epsilon=4.0, max_effective_noise=None))
+    for batch in other_loader:
+        other.train_batch(batch)
+    assert other.finish() == pytest.approx(epsilon, rel=1e-9)
+    reference = json.loads(uninterrupted.read_text())["phases"]["train"]
+    assert phases["train"]["mechanisms"] == reference["mechanisms"]  # 6 steps at the same sigma, once
+    with pytest.raises(ValueError, match="is completed"):
+        _resume(ledger, tmp_path / "ckpt")  # a finished entry is not reopened
+
+
+def test_resume_is_refused_where_it_would_undercount(tmp_path):
+    """A model saved after the checkpoint (step 3 > 2): resuming at 2 would count steps 3.. once for
+    two published trajectories. Another plan or sigma, another ledger: refused, the entry untouched."""
+    ledger = tmp_path / "ledger.json"
+    _crashed_run(tmp_path, ledger, save_model=True)
+    before = ledger.read_text()
+    with pytest.raises(ValueError, match="after 3 steps, later than this checkpoint"):
+        _resume(ledger, tmp_path / "ckpt")
+    assert json.loads(ledger.read_text())["phases"] == json.loads(before)["phases"]
+
+    ledger2 = tmp_path / "ledger2.json"
+    _crashed_run(tmp_path, ledger2, save_model=False)
+    before = ledger2.read_text()
+    with pytest.raises(ValueError, match="planned 6 steps"):
+        _resume(ledger2, tmp_path / "ckpt", steps=8)
+    with pytest.raises(ValueError, match="resume with the privacy settings of that run"):
+        _resume(ledger2, tmp_path / "ckpt", noise_multiplier=5.0)
+    with pytest.raises(ValueError, match="belongs to another ledger"):
+        _resume(tmp_path / "fresh.json", tmp_path / "ckpt")
+    assert json.loads(ledger2.read_text())["phases"] == json.loads(before)["phases"]
