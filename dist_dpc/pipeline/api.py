@@ -123,6 +123,7 @@ class PrivateEngine:
         self.finished = False
         self.loaded_steps = 0  # the step a checkpoint loaded before training brought
         self.run_lock = None   # rank 0: held until finish() (initialize's _hold_run_lock)
+        self.loaded = False    # a checkpoint was loaded (at most one, before any step)
 
     # -- training -------------------------------------------------------------------------------
     def train_batch(self, batch: LogicalBatch) -> StepStats | None:
@@ -201,7 +202,8 @@ class PrivateEngine:
 
             entry = {"ledger_id": self.ledger.ledger_id, "entry": self.budget.entry, "step": self.dp.steps_done,
                      "noise_multiplier": self.budget.noise_multiplier, "sample_rate": self.budget.sample_rate,
-                     "planned_steps": self.budget.steps}
+                     "planned_steps": self.budget.steps, "max_grad_norm": self.dp.privacy.max_grad_norm,
+                     "clipping": self.dp.privacy.clipping}
             (Path(directory) / tag / ENTRY_FILE).write_text(json.dumps(entry, indent=1))
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
@@ -212,8 +214,12 @@ class PrivateEngine:
         if self.dp.steps_started:
             raise RuntimeError(f"engine.load_checkpoint after {self.dp.steps_started} steps of this engine: load before "
                                "training (a new initialize), never to rewind one")
+        if self.loaded:
+            raise RuntimeError("engine.load_checkpoint: this engine already loaded a checkpoint (or resumed its entry "
+                               "from one); a second load could rewind past what was written since: use a new initialize")
         state = self.dp.load_checkpoint(directory, tag)
         self.loaded_steps = self.dp.steps_done
+        self.loaded = True
         return state
 
     def save_pretrained(self, directory: str | Path, tokenizer=None) -> None:
@@ -328,14 +334,14 @@ def initialize(*, model: torch.nn.Module, config: dict | str | Path, privacy: Pr
     try:
         _import_starting_model(model, privacy, book, world, name)  # before the reservation: it composes with it
         resume = _resume_point(resume_from, resume_tag, book, name, world, sample_rate=q, steps=planned,
-                               noise_multiplier=privacy.noise_multiplier) if resume_from is not None else None
+                               privacy=privacy) if resume_from is not None else None
         if privacy.enabled:
-            budget, ledger_id = _reserve(book, name, world, sample_rate=q, steps=planned, privacy=privacy,
-                                         batch_size=batch_size, resume=resume)
-            # Keyed by the ledger and the entry: a rerun (name#2) or another name never replays an earlier
-            # run's noise or batches, even with the same key= (the same draw under two sigmas would expose
-            # the clipped sum).
-            key = key.derive("ledger", ledger_id or "", "entry", budget.entry)
+            budget, ledger_id, run_number = _reserve(book, name, world, sample_rate=q, steps=planned, privacy=privacy,
+                                                     batch_size=batch_size, resume=resume)
+            # Keyed by the ledger, the entry and the run within it: a rerun (name#2), another name or a
+            # resume never replays an earlier run's noise or batches, even with the same key= (the same
+            # draw under two settings would expose the clipped sum).
+            key = key.derive("ledger", ledger_id or "", "entry", budget.entry, "run", run_number)
             privacy = dataclasses.replace(privacy, noise_multiplier=budget.noise_multiplier, delta=book.delta)
         dp = DPEngine(model, ds_config, privacy, dataset_size=n, expected_batch_size=batch_size, planned_steps=planned,
                       loss_fn=loss_fn or default_loss, world=world, key=key.derive("dp-sgd"),
@@ -348,7 +354,7 @@ def initialize(*, model: torch.nn.Module, config: dict | str | Path, privacy: Pr
         engine = PrivateEngine(dp, budget, book)
         engine.run_lock = run_lock
         if resume is not None:
-            engine.load_checkpoint(resume_from, resume["tag"])
+            engine.load_checkpoint(resume_from, resume["tag"])  # the only load this engine allows
             if dp.steps_done != resume["step"]:
                 raise RuntimeError(f"dist_dpc.initialize: {resume_from} tag {resume['tag']} loaded step {dp.steps_done}, "
                                    f"its {ENTRY_FILE} says {resume['step']}: the checkpoint is inconsistent")
@@ -368,23 +374,29 @@ def _hold_run_lock(book: PrivacyLedger, name: str, world, *, resuming: bool):
     live runs in one entry would be counted as one trajectory."""
     import fcntl
 
+    import hashlib
+
+    # The name hashed: any name (a '/' included) gives a file beside the ledger.
+    path = f"{book.path}.run-{hashlib.sha256(name.encode()).hexdigest()[:16]}.lock"
     outcome, handle = None, None
     if world.is_main:
-        path = f"{book.path}.{name}.run.lock"
         if path in _RUN_LOCKS:
-            outcome = "this process" if resuming else None  # a second run here: refused by the ledger's fresh check
+            outcome = "is still running in this process" if resuming else None  # else: the ledger's fresh check
         else:
-            handle = open(path, "a")
             try:
+                handle = open(path, "a")
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
                 _RUN_LOCKS[path] = handle
             except BlockingIOError:
                 handle.close()
-                handle, outcome = None, "another process"
+                handle, outcome = None, "is still running in another process"
+            except OSError as err:
+                handle, outcome = None, f"cannot be locked ({err})"
     outcome = _from_rank0(outcome)
     if outcome is not None:
-        raise ValueError(f"dist_dpc.initialize: the run of entry {name!r} in {book.path} is still running in {outcome} "
-                         f"(it holds {book.path}.{name}.run.lock): let it finish or stop it first")
+        hint = ("let it finish or stop it first" if resuming else
+                f"let it finish, or start this run under another name (e.g. name='{name}-2')")
+        raise ValueError(f"dist_dpc.initialize: the run of entry {name!r} in {book.path} {outcome} (lock {path}): {hint}")
     return handle
 
 
@@ -398,7 +410,7 @@ def _release_run_lock(handle) -> None:
 
 
 def _resume_point(directory: str | Path, tag: str | None, book: PrivacyLedger | None, name: str, world, *,
-                  sample_rate: float, steps: int, noise_multiplier: float | None) -> dict:
+                  sample_rate: float, steps: int, privacy: PrivacyConfig) -> dict:
     """What ``resume_from`` may continue (checked on rank 0, its verdict on every rank): the checkpoint's
     entry is ``name``'s latest attempt in this very ledger, still running, with this plan, and its run
     published nothing after the checkpoint's step."""
@@ -434,10 +446,14 @@ def _resume_point(directory: str | Path, tag: str | None, book: PrivacyLedger | 
             raise ValueError(f"resume_from: that run planned {saved['planned_steps']} steps at q={saved['sample_rate']},"
                              f" this one {steps} at q={sample_rate}: resume with the same data, batch size and steps")
         reserved = (entry.get("reservation") or {}).get("noise_multiplier")
-        if reserved != saved["noise_multiplier"] or noise_multiplier not in (None, saved["noise_multiplier"]):
+        if reserved != saved["noise_multiplier"] or privacy.noise_multiplier not in (None, saved["noise_multiplier"]):
             raise ValueError(f"resume_from: that run used sigma {saved['noise_multiplier']} (the entry reserves "
-                             f"{reserved}), this one asks for {noise_multiplier}: resume with the privacy settings of "
-                             "that run (leave noise_multiplier unset to take the entry's)")
+                             f"{reserved}), this one asks for {privacy.noise_multiplier}: resume with the privacy "
+                             "settings of that run (leave noise_multiplier unset to take the entry's)")
+        for field in ("max_grad_norm", "clipping"):
+            if saved.get(field) != getattr(privacy, field):
+                raise ValueError(f"resume_from: that run used {field}={saved.get(field)!r}, this one "
+                                 f"{getattr(privacy, field)!r}: resume with the privacy settings of that run")
         if int(entry.get("output_at_step", 0)) > int(saved["step"]):
             raise ValueError(f"resume_from: that run wrote a model or checkpoint after {entry['output_at_step']} steps, "
                              f"later than this checkpoint (step {saved['step']}): resuming here would count those steps "
@@ -519,7 +535,8 @@ def _reserve(ledger: PrivacyLedger, name: str, world, *, sample_rate: float, ste
                 raise ValueError(f"resume_from: the ledger gave entry {budget.entry!r} at sigma {budget.noise_multiplier},"
                                  f" the checkpoint was made in {resume['entry']!r} at sigma {resume['noise_multiplier']}:"
                                  " resume with the privacy settings of that run")
-            outcome = ["ok", budget.entry, budget.noise_multiplier, ledger.ledger_id]
+            run_number = ledger.start_run(budget.entry)
+            outcome = ["ok", budget.entry, budget.noise_multiplier, ledger.ledger_id, run_number]
         except Exception as err:  # every rank stops with rank 0's reason
             outcome, error = ["refused", str(err)], err
     outcome = _from_rank0(outcome)  # sigma and the entry from rank 0, not from each rank's view of the file
@@ -527,5 +544,5 @@ def _reserve(ledger: PrivacyLedger, name: str, world, *, sample_rate: float, ste
         raise error
     if outcome[0] != "ok":
         raise ValueError(outcome[1])
-    _, entry, sigma, ledger_id = outcome
-    return PhaseBudget(ledger, entry, name, float(sigma), sample_rate, steps, writer=world.is_main), ledger_id
+    _, entry, sigma, ledger_id, run_number = outcome
+    return PhaseBudget(ledger, entry, name, float(sigma), sample_rate, steps, writer=world.is_main), ledger_id, run_number

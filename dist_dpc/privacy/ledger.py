@@ -44,7 +44,7 @@ except ImportError:  # pragma: no cover
     fcntl = None
 
 STATUSES = ("planned", "running", "completed")
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: entries may carry output_at_step and runs (dist_dpc.initialize's resume)
 ATTEMPT_SEPARATOR = "#"
 RELATIVE_SLACK = 1e-6  # budget checks allow this much relative excess (float noise in the accountants)
 
@@ -79,6 +79,10 @@ class PrivacyLedger:
             return None
         try:
             data = json.loads(text)
+            if int(data.get("version", 1)) > FORMAT_VERSION:
+                raise RuntimeError(f"the privacy ledger {self.path} has format {data['version']}, newer than this "
+                                   f"dist-dpc reads ({FORMAT_VERSION}): it could drop fields the newer one relies on. "
+                                   "Use the dist-dpc version that wrote it, or a newer one")
             stored_delta, stored_n = float(data["delta"]), int(data["dataset_size"])
             self._id = data.get("ledger_id", self._id)
             phases = {str(name): _entry_from_json(str(name), entry) for name, entry in data["phases"].items()}
@@ -220,6 +224,19 @@ class PrivacyLedger:
             e["output_at_step"] = max(int(e.get("output_at_step", 0)), int(step))
             phases[entry] = e
             self._commit(phases)
+
+    def start_run(self, entry: str) -> int:
+        """Count one more process training in entry ``entry`` (the first run, then each resume) and return
+        its number: each run draws its own noise (dist_dpc.initialize keys it by this number)."""
+        with self._lock():
+            phases = self._locked_phases()
+            if entry not in phases:
+                raise KeyError(f"no ledger entry {entry!r}")
+            e = dict(phases[entry])
+            e["runs"] = int(e.get("runs", 0)) + 1
+            phases[entry] = e
+            self._commit(phases)
+            return e["runs"]
 
     def released(self, entry: str) -> list[Mechanism]:
         """What entry ``entry`` has released so far (in release order)."""
@@ -421,7 +438,7 @@ def _entry_from_json(name: str, entry: dict) -> dict:
     if released is None:
         released = out["mechanisms"] if out["status"] == "completed" else []
     out["released"] = [mechanism_from_dict(m).to_dict() for m in released]
-    for key in ("reservation", "planned_total_epsilon", "source", "output_at_step"):
+    for key in ("reservation", "planned_total_epsilon", "source", "output_at_step", "runs"):
         if key in entry:
             out[key] = entry[key]
     return out

@@ -357,47 +357,60 @@ def test_a_starting_model_from_an_earlier_dp_run_brings_its_cost(tmp_path):
     assert any(k.startswith("public:") for k in json.loads((tmp_path / "declared.json").read_text())["phases"])
 
 
-def _crashed_run(tmp_path, ledger, save_model: bool):
-    """A real process that trains 3 of 6 planned steps, checkpoints at step 2 and dies without finish()."""
+def _worker(tmp_path, ledger, mode: str):
     import os
     import sys
 
-    out = tmp_path / "crashed_model"
-    proc = subprocess.run([sys.executable, "-m", "tests.pipeline.api_resume_worker", str(ledger), str(tmp_path / "ckpt"),
-                           str(tmp_path / "at_step2.pt"), str(out) if save_model else "-"],
-                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
-                          timeout=300)
+    return [sys.executable, "-m", "tests.pipeline.api_resume_worker", str(ledger), str(tmp_path / "ckpt"), str(tmp_path),
+            mode], {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def _crashed_run(tmp_path, ledger, mode: str = "plain"):
+    """A real process that trains 3 of 6 planned steps, checkpoints at step 2 and dies without finish()."""
+    cmd, environment = _worker(tmp_path, ledger, mode)
+    proc = subprocess.run(cmd, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 3, proc.stderr[-3000:]
     entry = json.loads(ledger.read_text())["phases"]["train"]
     assert entry["status"] == "running" and entry["mechanisms"][0]["steps"] == 6  # the whole plan stays counted
     return entry
 
 
-def _resume(ledger, ckpt, steps=6, **privacy):
+def _resume(ledger, ckpt, steps=6, tag=None, key=None, **privacy):
     return dist_dpc.initialize(model=model(), config=config(), training_data=examples(), steps=steps, ledger=ledger,
                                privacy=dist_dpc.PrivacyConfig(target_epsilon=4.0, max_effective_noise=None, **privacy),
-                               resume_from=ckpt)
+                               resume_from=ckpt, resume_tag=tag, key=key)
 
 
 def test_a_killed_run_resumes_its_own_ledger_entry_from_its_checkpoint(tmp_path):
     """The entry of a run killed after its checkpoint is continued, not duplicated: same sigma, the
-    weights of the checkpoint, the remaining steps, and at finish() the entry counts the 6 steps of
-    the trajectory once -- the ledger an uninterrupted run of 6 steps leaves."""
+    weights of the checkpoint, fresh noise even under the same key=, the remaining steps, and at
+    finish() the entry counts the 6 steps of the trajectory once -- the ledger an uninterrupted run
+    of 6 steps leaves."""
+    from tests.pipeline.api_resume_worker import KEY_SEED
+
     ledger = tmp_path / "ledger.json"
-    crashed = _crashed_run(tmp_path, ledger, save_model=False)
-    engine, _, loader, _ = _resume(ledger, tmp_path / "ckpt")
+    crashed = _crashed_run(tmp_path, ledger)
+    engine, _, loader, _ = _resume(ledger, tmp_path / "ckpt", key=SecretKey.from_seed(KEY_SEED))
     assert engine.steps_done == 2 and len(loader) == 4 and engine.noise_multiplier == \
         crashed["reservation"]["noise_multiplier"]
-    at_two = torch.load(tmp_path / "at_step2.pt")
+    at_two, at_three = torch.load(tmp_path / "at_step2.pt"), torch.load(tmp_path / "at_step3.pt")
     for name, value in engine.module.named_parameters():
         torch.testing.assert_close(value.detach(), at_two[name], rtol=0, atol=0, msg=name)
     with pytest.raises(ValueError, match="still running in this process"):
         _resume(ledger, tmp_path / "ckpt")  # two live runs in one entry would count as one trajectory
-    for batch in loader:
+    with pytest.raises(RuntimeError, match="already loaded a checkpoint"):
+        engine.load_checkpoint(tmp_path / "ckpt", "two")  # a second load could rewind past later outputs
+    batches = iter(loader)
+    engine.train_batch(next(batches))
+    # The killed run's step 3 was drawn from the same key= and the same state: the resume's run number
+    # keys fresh noise and batches, so step 3 is not a replay (a replay under other settings, e.g.
+    # another C, would cancel the noise between the two).
+    assert any(not torch.allclose(p.detach(), at_three[n]) for n, p in engine.module.named_parameters())
+    for batch in batches:
         engine.train_batch(batch)
     epsilon = engine.finish()
     phases = json.loads(ledger.read_text())["phases"]
-    assert list(phases) == ["train"] and phases["train"]["status"] == "completed"
+    assert list(phases) == ["train"] and phases["train"]["status"] == "completed" and phases["train"]["runs"] == 2
 
     uninterrupted = tmp_path / "uninterrupted.json"
     other, _, other_loader, _ = dist_dpc.initialize(
@@ -412,23 +425,52 @@ def test_a_killed_run_resumes_its_own_ledger_entry_from_its_checkpoint(tmp_path)
         _resume(ledger, tmp_path / "ckpt")  # a finished entry is not reopened
 
 
-def test_resume_is_refused_where_it_would_undercount(tmp_path):
-    """A model saved after the checkpoint (step 3 > 2): resuming at 2 would count steps 3.. once for
-    two published trajectories. Another plan or sigma, another ledger: refused, the entry untouched."""
+def test_resume_waits_for_the_run_that_holds_the_entry(tmp_path):
+    """A resume while the first run's process is alive is refused (it could still train and save);
+    once the process is gone the OS drops its lock and the same resume goes ahead."""
     ledger = tmp_path / "ledger.json"
-    _crashed_run(tmp_path, ledger, save_model=True)
-    before = ledger.read_text()
-    with pytest.raises(ValueError, match="after 3 steps, later than this checkpoint"):
-        _resume(ledger, tmp_path / "ckpt")
-    assert json.loads(ledger.read_text())["phases"] == json.loads(before)["phases"]
+    cmd, environment = _worker(tmp_path, ledger, "hold")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        lines = iter(proc.stdout.readline, "")
+        assert any(line.strip() == "READY" for line in lines)  # other lines: DeepSpeed's own messages
+        with pytest.raises(ValueError, match="still running in another process"):
+            _resume(ledger, tmp_path / "ckpt")
+    finally:
+        proc.kill()
+        proc.wait()
+    engine, _, loader, _ = _resume(ledger, tmp_path / "ckpt")
+    assert engine.steps_done == 2 and len(loader) == 4
+
+
+def test_resume_is_refused_where_it_would_undercount(tmp_path):
+    """A model or a checkpoint written after the checkpoint resumed from (step 3 > 2): resuming at 2
+    would count steps 3.. once for two trajectories. Another plan, sigma, C or ledger, or a checkpoint
+    whose record does not match what it loads: refused, the entry's count untouched."""
+    def counted(path):
+        return {name: e["mechanisms"] for name, e in json.loads(path.read_text())["phases"].items()}
+
+    for mode in ("model", "checkpoint"):
+        ledger = tmp_path / f"{mode}.json"
+        _crashed_run(tmp_path, ledger, mode)
+        before = counted(ledger)
+        with pytest.raises(ValueError, match="after 3 steps, later than this checkpoint"):
+            _resume(ledger, tmp_path / "ckpt", tag="two")
+        assert counted(ledger) == before
 
     ledger2 = tmp_path / "ledger2.json"
-    _crashed_run(tmp_path, ledger2, save_model=False)
-    before = ledger2.read_text()
+    _crashed_run(tmp_path, ledger2)
+    before = counted(ledger2)
     with pytest.raises(ValueError, match="planned 6 steps"):
         _resume(ledger2, tmp_path / "ckpt", steps=8)
     with pytest.raises(ValueError, match="resume with the privacy settings of that run"):
         _resume(ledger2, tmp_path / "ckpt", noise_multiplier=5.0)
+    with pytest.raises(ValueError, match="max_grad_norm=1.0, this one 2.0"):
+        _resume(ledger2, tmp_path / "ckpt", max_grad_norm=2.0)
     with pytest.raises(ValueError, match="belongs to another ledger"):
         _resume(tmp_path / "fresh.json", tmp_path / "ckpt")
-    assert json.loads(ledger2.read_text())["phases"] == json.loads(before)["phases"]
+    record = tmp_path / "ckpt" / "two" / "dist_dpc_entry.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "step": 3}))
+    with pytest.raises(RuntimeError, match="the checkpoint is inconsistent"):
+        _resume(ledger2, tmp_path / "ckpt")
+    assert counted(ledger2) == before
