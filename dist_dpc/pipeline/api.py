@@ -124,6 +124,7 @@ class PrivateEngine:
         self.loaded_steps = 0  # the step a checkpoint loaded before training brought
         self.run_lock = None   # rank 0: held until finish() (initialize's _hold_run_lock)
         self.loaded = False    # a checkpoint was loaded (at most one, before any step)
+        self.run_number = 0    # this run's number in its ledger entry (its noise and batches are keyed by it)
 
     # -- training -------------------------------------------------------------------------------
     def train_batch(self, batch: LogicalBatch) -> StepStats | None:
@@ -203,7 +204,7 @@ class PrivateEngine:
             entry = {"ledger_id": self.ledger.ledger_id, "entry": self.budget.entry, "step": self.dp.steps_done,
                      "noise_multiplier": self.budget.noise_multiplier, "sample_rate": self.budget.sample_rate,
                      "planned_steps": self.budget.steps, "max_grad_norm": self.dp.privacy.max_grad_norm,
-                     "clipping": self.dp.privacy.clipping}
+                     "clipping": self.dp.privacy.clipping, "run": self.run_number}
             (Path(directory) / tag / ENTRY_FILE).write_text(json.dumps(entry, indent=1))
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
@@ -284,7 +285,7 @@ def initialize(*, model: torch.nn.Module, config: dict | str | Path, privacy: Pr
         before finish() (killed, preempted): this run continues that entry (same sigma, same plan, no
         second reservation) from the checkpoint (``resume_tag``, default DeepSpeed's ``latest``), and
         finish() counts the entry's steps once. Refused if the entry finished, if the plan differs, or
-        if that run saved a model after the checkpoint's step.
+        if that run saved a model or a checkpoint after the checkpoint's step.
     """
     if optimizer is not None or lr_scheduler is not None:
         raise ValueError("dist_dpc.initialize: pass the optimizer and scheduler in the DeepSpeed config's \"optimizer\" "
@@ -353,6 +354,7 @@ def initialize(*, model: torch.nn.Module, config: dict | str | Path, privacy: Pr
                                 start=lambda: dp.steps_done)
         engine = PrivateEngine(dp, budget, book)
         engine.run_lock = run_lock
+        engine.run_number = run_number if privacy.enabled else 0
         if resume is not None:
             engine.load_checkpoint(resume_from, resume["tag"])  # the only load this engine allows
             if dp.steps_done != resume["step"]:
@@ -369,9 +371,9 @@ _RUN_LOCKS: dict[str, Any] = {}
 
 
 def _hold_run_lock(book: PrivacyLedger, name: str, world, *, resuming: bool):
-    """Rank 0 holds ``<ledger>.<name>.run.lock`` from initialize to finish() (the OS drops it when the
-    process dies): a run that resumes an entry proves so that the run it continues is gone, since two
-    live runs in one entry would be counted as one trajectory."""
+    """Rank 0 holds ``<ledger>.run-<hash of name>.lock`` from initialize to finish() (the OS drops it
+    when the process dies): a run that resumes an entry proves so that the run it continues is gone,
+    since two live runs in one entry would be counted as one trajectory."""
     import fcntl
 
     import hashlib
@@ -450,6 +452,9 @@ def _resume_point(directory: str | Path, tag: str | None, book: PrivacyLedger | 
             raise ValueError(f"resume_from: that run used sigma {saved['noise_multiplier']} (the entry reserves "
                              f"{reserved}), this one asks for {privacy.noise_multiplier}: resume with the privacy "
                              "settings of that run (leave noise_multiplier unset to take the entry's)")
+        if "run" not in saved:
+            raise ValueError(f"resume_from: {record} was written by an older dist-dpc (no run number, C or clipping "
+                             "mode): it cannot be checked, so start a new entry (load_checkpoint without resume_from)")
         for field in ("max_grad_norm", "clipping"):
             if saved.get(field) != getattr(privacy, field):
                 raise ValueError(f"resume_from: that run used {field}={saved.get(field)!r}, this one "
@@ -536,6 +541,12 @@ def _reserve(ledger: PrivacyLedger, name: str, world, *, sample_rate: float, ste
                                  f" the checkpoint was made in {resume['entry']!r} at sigma {resume['noise_multiplier']}:"
                                  " resume with the privacy settings of that run")
             run_number = ledger.start_run(budget.entry)
+            if resume is not None and run_number <= int(resume["run"]):
+                # The ledger lost its run count (restored from a copy, or rewritten by an older dist-dpc):
+                # this run's number would key the killed run's noise and batches again.
+                raise ValueError(f"resume_from: the ledger numbers this run {run_number}, but the checkpoint was written "
+                                 f"by run {resume['run']} of entry {budget.entry!r}: the ledger's run count was reset, "
+                                 "so fresh noise is not guaranteed. Start a new entry instead")
             outcome = ["ok", budget.entry, budget.noise_multiplier, ledger.ledger_id, run_number]
         except Exception as err:  # every rank stops with rank 0's reason
             outcome, error = ["refused", str(err)], err

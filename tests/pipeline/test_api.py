@@ -362,7 +362,9 @@ def _worker(tmp_path, ledger, mode: str):
     import sys
 
     return [sys.executable, "-m", "tests.pipeline.api_resume_worker", str(ledger), str(tmp_path / "ckpt"), str(tmp_path),
-            mode], {**os.environ, "PYTHONPATH": str(ROOT)}
+            mode], {**{k: v for k, v in os.environ.items()  # this process's rendezvous is not the child's
+                       if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")},
+                    "PYTHONPATH": str(ROOT)}
 
 
 def _crashed_run(tmp_path, ledger, mode: str = "plain"):
@@ -423,6 +425,19 @@ def test_a_killed_run_resumes_its_own_ledger_entry_from_its_checkpoint(tmp_path)
     assert phases["train"]["mechanisms"] == reference["mechanisms"]  # 6 steps at the same sigma, once
     with pytest.raises(ValueError, match="is completed"):
         _resume(ledger, tmp_path / "ckpt")  # a finished entry is not reopened
+
+
+def test_a_resume_on_a_ledger_whose_run_count_was_reset_is_refused(tmp_path):
+    """An older dist-dpc (or a restored copy) rewriting the ledger drops the entry's run count; the
+    next run would be numbered 1 again and draw the killed run's noise and batches under the same key=.
+    The checkpoint records its run's number: a resume numbered no higher is refused."""
+    ledger = tmp_path / "ledger.json"
+    _crashed_run(tmp_path, ledger)
+    data = json.loads(ledger.read_text())
+    del data["phases"]["train"]["runs"]
+    ledger.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="run count was reset"):
+        _resume(ledger, tmp_path / "ckpt")
 
 
 def test_resume_waits_for_the_run_that_holds_the_entry(tmp_path):

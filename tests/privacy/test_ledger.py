@@ -122,3 +122,21 @@ def test_crash_mid_write_keeps_the_previous_ledger(tmp_path, monkeypatch):
     assert led.total_epsilon() == before_total  # ... and the failed record is not half-applied
     reloaded = ledger(path)
     assert list(reloaded.phases()) == ["teacher"] and reloaded.total_epsilon() == before_total
+
+
+def test_a_ledger_of_a_newer_format_is_refused_not_rewritten(tmp_path):
+    """A newer dist-dpc may store fields this one would drop on rewriting (format 3 added the run count
+    and output_at_step that keep a resume from undercounting or replaying noise)."""
+    path = tmp_path / "ledger.json"
+    ledger = PrivacyLedger(path, 4.0, 1e-5, 1000)
+    ledger.record("train", [Mechanism(1.0, 0.01, 10)])
+    ledger.start_run("train")
+    ledger.note_output("train", 7)
+    entry = PrivacyLedger(path, 4.0, 1e-5, 1000).entry("train")  # kept by a reader of this format
+    assert entry["runs"] == 1 and entry["output_at_step"] == 7
+    data = json.loads(path.read_text())
+    data["version"] += 1
+    path.write_text(json.dumps(data))
+    with pytest.raises(RuntimeError, match="newer than this dist-dpc reads"):
+        PrivacyLedger(path, 4.0, 1e-5, 1000)
+    assert json.loads(path.read_text()) == data
