@@ -180,9 +180,9 @@ def _pretrained_config(cfg: ModelConfig, name: str):
 
 
 def _debug_model(auto_class, config, cfg: ModelConfig, seed: int):
-    """A debug model of ``auto_class`` built from ``config`` (model.dropout applied), seeded. At ZeRO 3
-    transformers initialises it under zero.Init, in another order: the same seed gives other weights
-    than a whole build (a saved directory loads the same weights either way)."""
+    """A debug model of ``auto_class`` built from ``config`` (model.dropout applied), seeded. (Under
+    zero.Init transformers would initialise it on rank 0 in another order: the pipeline builds debug
+    models whole, pipeline/trainer.py load_for_phase.)"""
     import torch
 
     _apply_dropout(config, cfg.dropout)

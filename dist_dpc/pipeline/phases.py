@@ -140,7 +140,8 @@ def run_distill(cfg: Config) -> dict:
         student = load_for_phase(ctx, lambda: ctx.task.load_model(
             ModelConfig(name=d.student, task=cfg.model.task, num_labels=cfg.model.num_labels, dropout=cfg.model.dropout,
                         trainable=trainable, freeze_embeddings=cfg.model.freeze_embeddings),
-            ctx.tokenizer, num_labels=ctx.num_labels, label_names=ctx.label_names, seed=cfg.run.seed), "student")
+            ctx.tokenizer, num_labels=ctx.num_labels, label_names=ctx.label_names, seed=cfg.run.seed), "student",
+            name=d.student)
         if student.config.vocab_size != teacher.config.vocab_size:
             raise ValueError(f"distill.student={d.student!r} has a vocabulary of {student.config.vocab_size}, the "
                              f"teacher {teacher.config.vocab_size}: distillation on the same batch needs one tokenizer")

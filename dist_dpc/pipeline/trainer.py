@@ -22,6 +22,7 @@ from dist_dpc.engine.lr_schedule import make_lr_schedule
 from dist_dpc.engine.partitioned import gathered_state_dict
 from dist_dpc.engine.distributed import WorldInfo
 from dist_dpc.models import load_tokenizer
+from dist_dpc.models.loading import DEBUG_MODELS
 from dist_dpc.pipeline.checkpoints import Checkpoints
 from dist_dpc.pipeline.preemption import PreemptionGuard
 from dist_dpc.pipeline.config import Config, user_config
@@ -322,13 +323,16 @@ def frozen_for_phase(ctx: PhaseContext, model: torch.nn.Module) -> torch.nn.Modu
     return model.requires_grad_(False).eval().to(local_device())
 
 
-def load_for_phase(ctx: PhaseContext, load: Callable[[], torch.nn.Module], what: str = "model") -> torch.nn.Module:
+def load_for_phase(ctx: PhaseContext, load: Callable[[], torch.nn.Module], what: str = "model",
+                   name: str | None = None) -> torch.nn.Module:
     """``load()`` (a from_pretrained / from_config inside) placed for this phase: at ZeRO 3 transformers
     builds the model inside ``deepspeed.zero.Init`` (its HfDeepSpeedConfig seam, as the HF Trainer
     does), so each rank only ever holds 1/world of its weights, even while loading; at ZeRO 0-2 whole.
     The setting is removed again on return: later loads (eval, export, a CPU copy to merge adapters)
-    build whole models."""
-    if phase_zero_stage(ctx) != 3:
+    build whole models. A debug model (``name`` in DEBUG_MODELS) is built whole: it is tiny, and under
+    zero.Init transformers would initialise it on rank 0 in another order, so the same seed would give
+    other weights at ZeRO 3 than at ZeRO 0-2."""
+    if phase_zero_stage(ctx) != 3 or name in DEBUG_MODELS:
         return load()
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
@@ -695,7 +699,8 @@ def run_train(cfg: Config, phase: str = "train", evaluate_splits: bool = True,
     if not cfg.privacy.enabled:
         warn_loudly(ctx.world, "privacy.enabled=false: training WITHOUT differential privacy; the model may leak its data")
     model = load_for_phase(ctx, lambda: ctx.task.load_model(cfg.model, ctx.tokenizer, num_labels=ctx.num_labels,
-                                                            label_names=ctx.label_names, seed=cfg.run.seed))
+                                                            label_names=ctx.label_names, seed=cfg.run.seed),
+                           name=cfg.model.name)
     steps = planned_steps(cfg.train.epochs, cfg.train.max_steps, steps_per_epoch(ctx))
     check_before_spending(ctx, model, steps=steps)
     start = HeadStart.plan(ctx, model)

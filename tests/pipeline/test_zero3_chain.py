@@ -129,8 +129,8 @@ def test_the_causal_lm_chain_at_zero3_on_two_ranks_exports_what_the_zero0_chain_
 
     from tests.engine.launch import torchrun
 
-    # A saved model, as a user starts from: a debug model built from its config at ZeRO 3 is initialised
-    # under zero.Init, in another order than a whole build (other random weights from the same seed).
+    # A saved model, as a user starts from (the pipeline builds a debug model from its config whole, so
+    # the teacher would not be built partitioned).
     base = tmp_path / "base"
     tok = load_tokenizer(ModelConfig(name="tiny-llama", task="causal_lm"), log=None)
     load_causal_lm(ModelConfig(name="tiny-llama", task="causal_lm", dropout=0.0), tok, seed=0).save_pretrained(base)
