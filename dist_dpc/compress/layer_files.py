@@ -79,6 +79,15 @@ def layer_importance_on_disk(directory: Path) -> list[float]:
     return [sums[i] / max(1, counts[i]) for i in range(depth)]
 
 
+def saved_depth(directory: Path) -> int:
+    """How many transformer layers a saved model has, from its config.json (no weights read)."""
+    config = json.loads((Path(directory) / "config.json").read_text())
+    for key in COUNT_KEYS:
+        if key in config:
+            return int(config[key])
+    raise ValueError(f"{directory}/config.json has none of {COUNT_KEYS}: cannot say how many layers it has")
+
+
 def choose_layers(scores: list[float], num_to_keep: int, keep_last: bool = True) -> list[int]:
     """The ``num_to_keep`` most important layers in their original order; with ``keep_last`` the last
     layer is kept whatever its score (see pruning.drop_layers). Ties go to the lower index."""

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from dist_dpc.compress.distill import DistillationLoss, every_other_layer, transformer_layers
-from dist_dpc.compress.layer_files import choose_layers, layer_importance_on_disk, write_kept_layers
+from dist_dpc.compress.layer_files import choose_layers, layer_importance_on_disk, saved_depth, write_kept_layers
 from dist_dpc.compress.pruning import (MaskEnforcer, apply_masks, compute_masks, depth_schedule,
                                        sparsity_schedule, sparsity_stats)
 from dist_dpc.models import ModelConfig
@@ -122,7 +122,7 @@ def run_distill(cfg: Config) -> dict:
     import_lineage(ctx, teacher_dir, role="distill.teacher")
     teacher = load_model_dir(teacher_dir, ctx, what="teacher")  # frozen by DistillationLoss
     if d.student == "from_teacher":
-        depth = len(layer_importance_on_disk(teacher_dir))
+        depth = saved_depth(teacher_dir)
         layer_map = d.layer_map if d.layer_map is not None else every_other_layer(depth)
         if not layer_map or len(set(layer_map)) != len(layer_map) or any(not 0 <= i < depth for i in layer_map):
             raise ValueError(f"distill.layer_map={layer_map} is invalid: distinct teacher layer indices in [0, {depth})")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dist_dpc.compress.distill import transformer_layers
-from dist_dpc.compress.layer_files import choose_layers, layer_importance_on_disk, write_kept_layers
+from dist_dpc.compress.layer_files import choose_layers, layer_importance_on_disk, saved_depth, write_kept_layers
 from dist_dpc.compress.pruning import drop_layers, layer_importance
 from dist_dpc.models import ModelConfig, load_causal_lm, load_sequence_classifier, load_tokenizer
 
@@ -43,6 +43,7 @@ def test_cut_on_disk_equals_the_in_memory_cut(tmp_path, name, shard):
         assert (tmp_path / "src" / "model.safetensors.index.json").is_file()
     scores = layer_importance_on_disk(tmp_path / "src")
     assert scores == pytest.approx(layer_importance(model), rel=1e-6)
+    assert saved_depth(tmp_path / "src") == depth == len(scores)
     keep_n = max(1, depth // 2)
     small, keep = drop_layers(model, keep_n)
     assert choose_layers(scores, keep_n) == keep
