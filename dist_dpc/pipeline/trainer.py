@@ -336,6 +336,7 @@ def load_for_phase(ctx: PhaseContext, load: Callable[[], torch.nn.Module], what:
         return load()
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
+    from dist_dpc.engine.frozen import local_numel
     from dist_dpc.engine.partitioned import full_numel, is_partitioned
 
     ds_config = _phase_ds_config(ctx.cfg, ctx.world, None, ctx.cfg.privacy.enabled)
@@ -347,9 +348,8 @@ def load_for_phase(ctx: PhaseContext, load: Callable[[], torch.nn.Module], what:
         del hf_setting
     params = list(model.parameters())
     partitioned = [p for p in params if is_partitioned(p)]
-    local = sum(p.ds_tensor.numel() if is_partitioned(p) else p.numel() for p in params)
     log(ctx.world, f"[{ctx.phase}] {what} built partitioned over {ctx.world.world_size} ranks (zero.Init): rank 0 "
-                   f"holds {local:,} of its {sum(full_numel(p) for p in params):,} parameters "
+                   f"holds {local_numel(model):,} of its {sum(full_numel(p) for p in params):,} parameters "
                    f"({len(partitioned)} of {len(params)} tensors partitioned)")
     return model
 
