@@ -12,8 +12,8 @@ the optimizer), which is the same in both steps or small. What DP adds, per trai
     output gradients: BTO more).
 
 So the floor of a per-layer-clipped step is non-DP + norms, and that of flat clipping in one
-backward (book-keeping) is the same; the two-pass flat step adds a forward and an input-gradient
-backward. ``bound_ratio`` is the floor over the non-DP step: what the arithmetic allows.
+backward (book-keeping, at every ZeRO stage) is the same. ``bound_ratio`` is the floor over the
+non-DP step: what the arithmetic allows.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def norm_flops(b: int, t: int, i: int, o: int) -> tuple[str, float]:
 
 
 def step_costs(s: Shape) -> dict:
-    """FLOPs of the non-DP step, of the DP norms, and of the two-pass flat step's extra pass."""
+    """FLOPs of the non-DP step and of the DP norms."""
     b, t = s.batch, s.length
     linear_fwd = sum(2.0 * b * t * i * o for i, o in linear_shapes(s))
     attention_fwd = 4.0 * b * t * t * s.hidden * s.layers
@@ -72,12 +72,9 @@ def step_costs(s: Shape) -> dict:
         method, flops = norm_flops(b, t, i, o)
         methods[method] = methods.get(method, 0) + 1
         norms += flops + b * t * o  # the per-sample factors on the output gradients
-    # flat at ZeRO 3: a norms-only pass (forward, input gradients, norms), then the ordinary step (at
-    # ZeRO 0-2 flat is one forward and one backward, book-keeping: its floor is per_layer's)
-    flat_two_pass = non_dp + 2 * linear_fwd + 3 * attention_fwd + norms
+    # flat is one forward and one backward (book-keeping): its floor is per_layer's
     return {"non_dp_flops": non_dp, "norm_flops": norms, "norm_methods": methods,
-            "per_layer_bound": (non_dp + norms) / non_dp, "flat_bound": (non_dp + norms) / non_dp,
-            "flat_two_pass_arithmetic": flat_two_pass / non_dp}
+            "per_layer_bound": (non_dp + norms) / non_dp, "flat_bound": (non_dp + norms) / non_dp}
 
 
 def bound_ratio(s: Shape, mode: str) -> float | None:

@@ -309,9 +309,7 @@ def main() -> None:
         # Opacus (plain torch, one process) only where its grad samplers cover the model: BERT's Linear,
         # Embedding and LayerNorm; GPT-2's Conv1D and Llama's RMSNorm have none.
         opacus = {} if args.skip_opacus or model != "bert" else {m: measure(m, 0) for m in OPACUS_MODES}
-        # Flat clipping is refused in bf16 (its factors come from a separate norms pass whose bf16
-        # rounding the real pass would not reproduce): only per_layer is measured there.
-        modes = [m for m in DS_MODES if not (s["bf16"] and m == "flat")]
+        modes = list(DS_MODES)
         for world in worlds:
             for stage in stages:
                 measured = {m: measure(m, stage, world) for m in modes}
@@ -359,7 +357,7 @@ def main() -> None:
         print(f"{model}: hidden {s['hidden']} x {s['layers']} layers, batch {s['batch']} x {s['length']} tokens per rank, "
               f"{'bf16' if s['bf16'] else 'fp32'}; cost model: non-DP {c['non_dp_flops'] / 1e9:.1f} GFLOP/step, norms "
               f"{c['norm_flops'] / 1e9:.2f} ({c['norm_methods']}); floor per_layer = flat (one backward) "
-              f"{c['per_layer_bound']:.3f}x; flat at ZeRO 3 (two passes) does {c['flat_two_pass_arithmetic']:.3f}x the arithmetic")
+              f"{c['per_layer_bound']:.3f}x")
     for r in records:
         if r["mode"] in ("flat", "per_layer") and r["world"] == 1:
             ref = next((o for o in records if o["mode"] == "opacus-ghost" and o["model"] == r["model"]

@@ -6,13 +6,12 @@ One logical step, for this rank's fixed-shape micro-batches (padding rows have s
      micro-batches and reduced across ranks by DeepSpeed exactly as in a non-DP step:
        per_layer: one forward + one backward; every layer clips its own per-sample gradient to
                   C / sqrt(L) inside the backward (dist_dpc.privacy.clipper);
-       flat:      ZeRO 0-2, book-keeping: one forward and one backward through the raw module in
-                  which every layer adds its per-sample norms and keeps its input and output
-                  gradient (no weight gradients, no DeepSpeed hooks); then each layer's sum of
-                  min(1, C / ||g_i||) g_i, handed to DeepSpeed by engine.backward on a node whose
-                  backward returns exactly those sums (its reduction hooks run as for any backward).
-                  ZeRO 3, where a layer's full weight exists only inside its own forward/backward:
-                  a norms-only pass, then the real pass with the loss re-weighted by the factors;
+       flat:      book-keeping, in one engine forward: the model's forward and an inner backward in
+                  which every layer adds its per-sample norms and keeps its input and output gradient
+                  (no weight gradients, no reduction); then each layer's module is called on a token
+                  whose backward, run by engine.backward, returns that layer's sum of
+                  min(1, C / ||g_i||) g_i: DeepSpeed treats it as any micro-batch and layer (ZeRO 3
+                  gathers the layer's weights around it; every stage reduces the sums);
   2. in a step pre-hook on the optimizer DeepSpeed finally steps (each rank's fp32 partition):
      undo DeepSpeed's mean over ranks, add N(0, sigma^2 C^2) once per coordinate, divide by the
      expected batch size;
@@ -114,7 +113,6 @@ class DPEngine:
             privacy, dataset_size=dataset_size, sample_rate=self.sample_rate, planned_steps=planned_steps, prior=prior)
         # Validated before DeepSpeed sees the model: unsupported or tied layers fail here.
         self.clipper = PerSampleClipper(model, privacy.max_grad_norm).attach() if privacy.enabled else None
-        _check_flat_precision(privacy, ds_config, model)
         _warn_bf16_sum_rounding(privacy, ds_config, model)
         trainable = [p for p in model.parameters() if p.requires_grad]
         # ds_numel: a model built under deepspeed.zero.Init (HF from_pretrained at ZeRO 3) arrives already
@@ -136,10 +134,6 @@ class DPEngine:
         self.accountant = PrivacyAccountant(accountant=privacy.accountant, delta=self.delta, prior=prior, phase=phase)
         self.steps_done = 0
         self._norm_sink = trainable
-        # Book-keeping flat clipping hands full-shape gradients to the parameters after the backward:
-        # at ZeRO 3 a parameter is a partition outside its module's forward/backward, so it keeps two passes.
-        self._bookkeeping = (self.clipper is not None and privacy.clipping == "flat"
-                             and self.ds.zero_optimization_stage() < 3)
         self.post_noise_hooks: list[Callable[[torch.optim.Optimizer], None]] = []  # e.g. pruning masks
 
     @staticmethod
@@ -148,7 +142,6 @@ class DPEngine:
         a caller runs them before anything reads the private data."""
         if privacy.enabled:
             PerSampleClipper(model, privacy.max_grad_norm)  # unsupported, reused or tied layers; not attached
-        _check_flat_precision(privacy, ds_config, model)
 
     # -- the DP step ----------------------------------------------------------------------------
     def train_step(self, micro_batches: list[dict], logical_batch_size: int) -> StepStats:
@@ -214,30 +207,19 @@ class DPEngine:
                 self.ds.backward((per_sample * mask).sum())
             _check_padding_silent(self.clipper.sq_norms, mask)
             return per_sample.detach(), self.clipper.sq_norms.sqrt(), self.clipper.clipped
-        if self._bookkeeping:
-            # flat in one backward: norms and kept tensors, then the clipped sums handed to DeepSpeed.
-            with self.clipper.pass_mode(ClipMode.BOOKKEEP, rows):
-                per_sample = self.loss_fn(self.ds.module, batch)
-                torch.autograd.grad((per_sample * mask).sum(), self._norm_sink, allow_unused=True)
-                factors = self.clipper.flat_factors(self.clipper.sq_norms)
-                _check_padding_silent(self.clipper.sq_norms, mask)
-                pairs = self.clipper.deferred_grads(factors)
-            handed = _HandOver.apply([g for _, g in pairs], *[p for p, _ in pairs])
-            del pairs  # the sums now live only in the node, which releases them as it returns them
-            self.ds.backward(handed)
-            return per_sample.detach(), self.clipper.sq_norms.sqrt(), self.clipper.clipped
-        # flat at ZeRO 3: norms first (raw module, nothing accumulated), then the re-weighted real pass.
-        rng = _RngSnapshot()
-        with self.clipper.pass_mode(ClipMode.NORMS, rows):
-            per_sample = self.loss_fn(self.ds.module, batch)
+        # flat in one backward (book-keeping), inside one engine forward (dist_dpc.privacy.clipper.flat_pass).
+        seen = {}
+
+        def norms_pass(model_forward):
+            per_sample = seen["losses"] = self.loss_fn(model_forward, batch)
             torch.autograd.grad((per_sample * mask).sum(), self._norm_sink, allow_unused=True)
-            factors = self.clipper.flat_factors(self.clipper.sq_norms)
             _check_padding_silent(self.clipper.sq_norms, mask)
-        rng.restore()  # same dropout masks in both passes, or the norms would be of another gradient
-        self.clipper.check_attached()  # the re-weighted pass runs the class forwards the norms were measured for
-        per_sample = self.loss_fn(self.ds, batch)
-        self.ds.backward((per_sample * (factors * mask).detach().to(per_sample.dtype)).sum())
-        return per_sample.detach(), self.clipper.sq_norms.sqrt(), self.clipper.clipped
+            return self.clipper.flat_factors(self.clipper.sq_norms)
+
+        with self.clipper.pass_mode(ClipMode.BOOKKEEP, rows):
+            handed = self.clipper.flat_pass(norms_pass, self.ds)
+        self.ds.backward(handed)
+        return seen["losses"].detach(), self.clipper.sq_norms.sqrt(), self.clipper.clipped
 
     def _check_no_stray_gradients(self) -> None:
         """Before the first micro-batch: no gradient may be waiting in the module's .grad. A backward
@@ -307,15 +289,14 @@ class DPEngine:
 
     def _check_finite(self, grads: list[torch.Tensor]) -> None:
         """Before noising: every gradient is finite. One isfinite reduction per tensor and one host
-        sync per hook call. per_layer clipping, and flat at ZeRO 0-2 (book-keeping), drop a sample with a
-        non-finite norm (factor 0, rows zeroed), so this should not fire there; flat's real pass at ZeRO 3
-        is an ordinary backward, where 0 * inf = NaN cannot be kept out, so the run must stop rather
-        than release a NaN model."""
+        sync per hook call. Both clipping modes drop a sample with a non-finite norm (factor 0, rows
+        zeroed), so this should not fire; if it does (a layer rule that lets a NaN through), the run
+        must stop rather than release a NaN model."""
         if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
             raise NonFiniteGradientError(
                 f"a non-finite gradient reached the DP step at step {self.steps_done} (privacy.clipping="
-                f"{self.privacy.clipping}): a sample produced NaN/inf. With clipping=per_layer such samples are "
-                "dropped (clip factor 0), and with flat at ZeRO 0-2; with flat at ZeRO 3 the run must stop. Stopping "
+                f"{self.privacy.clipping}): a sample produced NaN/inf. Both clipping modes drop such samples (clip "
+                "factor 0), so a layer rule let one through; the run stops "
                 "before the update"
                 + (" (ZeRO-3 sub-groups already stepped this step keep their update)" if self._hook_calls else ""))
 
@@ -459,28 +440,6 @@ def _check_padding_silent(sq_norms: torch.Tensor, mask: torch.Tensor) -> None:
                          "(shape (B,), e.g. cross_entropy(..., reduction='none'))")
 
 
-def _check_flat_precision(privacy: PrivacyConfig, ds_config: dict, model: torch.nn.Module) -> None:
-    """Refuse flat clipping in bf16/fp16: at ZeRO 3 its factors come from the norms pass, but the
-    gradient they scale is the real pass's ordinary low-precision backward, accumulated in that
-    precision, so no sample's contribution is bounded by C after rounding; the book-keeping pass of
-    ZeRO 0-2 has no rounding margin under C either. per_layer clips in float32 with a margin.
-    Also refuse ``wall_clock_breakdown`` with flat: the book-keeping pass hands its sums to
-    ``engine.backward`` without an ``engine.forward`` (its backward runs through the raw module), and
-    DeepSpeed's forward is what starts the timers that breakdown stops."""
-    if not privacy.enabled or privacy.clipping != "flat":
-        return
-    if ds_config.get("wall_clock_breakdown"):
-        raise ValueError("wall_clock_breakdown=true is not supported with privacy.clipping=flat: flat clipping's "
-                         "one-backward pass runs the model outside DeepSpeed's forward, whose timers the breakdown "
-                         "needs. Remove wall_clock_breakdown from the DeepSpeed config, or use privacy.clipping=per_layer")
-    low = {torch.bfloat16, torch.float16}
-    half_params = any(p.dtype in low for p in model.parameters() if p.requires_grad)
-    if half_params or any(ds_config.get(k, {}).get("enabled") for k in ("bf16", "fp16")):
-        raise ValueError("privacy.clipping=flat is not supported with bf16/fp16 training: its real pass computes and "
-                         "sums the re-weighted gradients in low precision, so a sample's clipped contribution can "
-                         "exceed max_grad_norm after rounding. Use privacy.clipping=per_layer, or train in fp32")
-
-
 _BF16_WARNED = False
 
 
@@ -497,24 +456,6 @@ def _warn_bf16_sum_rounding(privacy: PrivacyConfig, ds_config: dict, model: torc
                   "each micro-batch's clipped sum (relative 2^-8 of the sum per coordinate, which can exceed C_l) and its "
                   "accumulation are outside the privacy analysis; train in fp32 for a guarantee up to float32 rounding",
                   stacklevel=3)
-
-
-class _HandOver(torch.autograd.Function):
-    """A zero scalar whose backward gives each parameter a gradient computed beforehand: how the
-    book-keeping flat pass's clipped sums reach DeepSpeed through its public ``engine.backward``
-    (its loss scaling and reduction hooks apply to them as to any gradient). The forward never
-    reads the parameters; the incoming gradient (1, or DeepSpeed's loss scale) multiplies the sums
-    exactly as it would multiply a loss's gradient."""
-
-    @staticmethod
-    def forward(ctx, grads, *params):
-        ctx.grads = grads
-        return torch.zeros((), dtype=torch.float32, device=params[0].device if params else None)
-
-    @staticmethod
-    def backward(ctx, scale):
-        grads, ctx.grads = ctx.grads, None
-        return (None, *[g.mul_(scale.to(g.dtype)) for g in grads])  # the sums are this node's own tensors
 
 
 class _RngSnapshot:

@@ -23,7 +23,7 @@ def dp_rms_norm(module, clipper: PerSampleClipper, hidden: torch.Tensor) -> torc
     input_dtype = hidden.dtype
     h = hidden.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
-    return dp_affine(clipper, h.to(input_dtype), module.weight, None)
+    return dp_affine(module, clipper, h.to(input_dtype), module.weight, None)
 
 
 RMS_NORMS = [f"transformers.models.{m}.modeling_{m}.{c}RMSNorm" for m, c in

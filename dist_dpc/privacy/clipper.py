@@ -13,11 +13,15 @@ then, depending on the clipper's mode:
 * ``BOOKKEEP``  flat clipping in one backward (book-keeping, Bu et al. 2023): like ``NORMS`` it adds
                 the per-sample squared norms and returns no weight gradient, and it keeps what the
                 clipped sum needs (the layer's input and output gradient); once the backward is
-                done every sample's whole norm is known, and ``deferred_grads`` computes each
-                layer's sum of min(1, C / ||g_i||) g_i from what was kept.
+                done every sample's whole norm is known, and each layer's sum of
+                min(1, C / ||g_i||) g_i is computed from what was kept, in HAND_OVER;
+* ``HAND_OVER`` (after a BOOKKEEP backward, in ``flat_pass``) the layer's forward ignores
+                its input and returns a zero scalar whose backward gives the layer's parameters their
+                clipped sums. It is entered through the module's own call, so hooks on the module run
+                around it as for any use of the layer: at ZeRO 3, DeepSpeed gathers the layer's
+                partitioned weights before that backward and reduce-scatters the sums after it.
 
-In ``OFF`` mode the layer runs its ordinary forward (the second, re-weighted pass of flat clipping at
-ZeRO 3, where a layer's full weight exists only inside its own forward and backward).
+In ``OFF`` mode the layer runs its ordinary forward.
 In the DP modes each layer may run once per pass (``ReusedLayerError`` otherwise), and rules cover
 exact types; ``check_no_bypass`` catches weights used outside their module's forward.
 The Functions save the Parameter objects themselves, so DeepSpeed ZeRO-3's pre-backward gather
@@ -124,6 +128,7 @@ class ClipMode(enum.Enum):
     NORMS = "norms"
     PER_LAYER = "per_layer"
     BOOKKEEP = "bookkeep"
+    HAND_OVER = "hand_over"
 
 
 @dataclass
@@ -219,9 +224,10 @@ class PerSampleClipper:
         self.sq_norms: torch.Tensor | None = None  # (B,) sum over layers of squared norms (before clipping)
         self.clipped: torch.Tensor | None = None   # (B,) bool: some layer of this sample was clipped
         self._called: set[int] = set()             # id(module) of the DP layers run in this pass
-        # BOOKKEEP: per layer run, its trainable parameters and a function of the clip factors (B,)
-        # giving their clipped gradient sums (it holds the layer's input and output gradient).
-        self._deferred: list[tuple[tuple, Callable[[torch.Tensor], tuple]]] = []
+        # BOOKKEEP: per layer run, its module, its trainable parameters and a function of the clip
+        # factors (B,) giving their clipped gradient sums (it holds the layer's input and output gradient).
+        self._deferred: list[tuple[nn.Module, tuple, Callable[[torch.Tensor], tuple]]] = []
+        self._handing: dict[int, tuple[tuple, Callable[[], tuple]]] = {}  # HAND_OVER: id(module) -> its sums
         self._deferred_ids: set[int] = set()  # id() of the parameters deferred in this pass
         self._attached = False
         self._forwards: list[tuple[str, nn.Module, object, object]] = []  # every module's forward at attach()
@@ -283,6 +289,7 @@ class PerSampleClipper:
         finally:
             self.mode = ClipMode.OFF
             self._deferred, self._deferred_ids = [], set()  # what BOOKKEEP kept is freed with the pass
+            self._handing = {}
 
     def record_call(self, module: nn.Module) -> None:
         """Refuse a DP layer's second call in one pass, before its output (or any gradient) exists.
@@ -305,8 +312,9 @@ class PerSampleClipper:
     def add_sq_norms(self, sq_B: torch.Tensor) -> None:
         self.sq_norms = sq_B if self.sq_norms is None else self.sq_norms + sq_B
 
-    def defer(self, sq_B: torch.Tensor, params: tuple, clipped_sums: Callable[[torch.Tensor], tuple]) -> None:
-        """BOOKKEEP, from a layer's backward: count its per-sample squared norms and keep
+    def defer(self, module: nn.Module, sq_B: torch.Tensor, params: tuple,
+              clipped_sums: Callable[[torch.Tensor], tuple]) -> None:
+        """BOOKKEEP, from ``module``'s backward: count its per-sample squared norms and keep
         ``clipped_sums(factors) -> one gradient per entry of params`` (None for a frozen one)."""
         for param in params:
             if param is not None and id(param) in self._deferred_ids:
@@ -318,23 +326,72 @@ class PerSampleClipper:
             if param is not None:
                 self._deferred_ids.add(id(param))
         self.add_sq_norms(sq_B)
-        self._deferred.append((params, clipped_sums))
+        self._deferred.append((module, params, clipped_sums))
 
-    def deferred_grads(self, factors_B: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
-        """BOOKKEEP, after the backward: each kept layer's clipped gradient sums with the whole-sample
-        factors ``factors_B`` (from ``flat_factors``), as (parameter, gradient) pairs; what was kept
-        is released as it is used."""
+    def flat_pass(self, norms_pass: Callable[[Callable], torch.Tensor],
+                  call_model: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """Flat clipping in one forward and one backward, inside one call of the whole model.
+
+        ``call_model(token)`` (the DeepSpeed engine, so that its forward and backward book-keeping run as
+        for any micro-batch; the model itself by default) calls the model once, with, for that call
+        only, this forward:
+          1. ``norms_pass(model_forward) -> factors``: the model's own forward in BOOKKEEP mode and its
+             backward (every layer adds its per-sample norms and keeps its input and output gradient;
+             no weight gradient), then the whole-sample clip factors;
+          2. each kept layer's module called once on the token in HAND_OVER mode, which returns a zero
+             scalar whose backward gives the layer's parameters their clipped sums (computed there, one
+             layer at a time).
+        The sum of those scalars is returned; its backward (engine.backward) delivers the sums. Hooks on
+        the modules run as in any use of the layers: ZeRO 3 gathers a layer's weights around each of
+        its backwards, and every stage's reduction hooks take the sums; being one model call per
+        micro-batch, ZeRO 3's module trace is the same at every step. The token requires grad so that
+        the hooks' release after each module's backward runs."""
         if self.mode is not ClipMode.BOOKKEEP:
-            raise RuntimeError("deferred_grads is called inside pass_mode(ClipMode.BOOKKEEP), after its backward")
-        out, deferred, self._deferred = [], self._deferred, []
-        while deferred:
-            params, clipped_sums = deferred.pop()
-            for param, grad in zip(params, clipped_sums(factors_B)):
-                if param is not None and grad is not None:
-                    out.append((param, grad))
-        if len({id(p) for p, _ in out}) != len(out):  # defer() refuses repeats; autograd would add them up
-            raise ReusedLayerError("a parameter got two clipped sums in one flat-clipping pass")
-        return out
+            raise RuntimeError("flat_pass runs inside pass_mode(ClipMode.BOOKKEEP)")
+        root = self.model
+        own_forward = root.__dict__.get("forward")  # e.g. the root's DP forward if it is a DP layer itself
+
+        model_forward = _InnerForward(root, own_forward)
+        def forward_once(token: torch.Tensor, *_, **__) -> torch.Tensor:
+            factors_B = norms_pass(model_forward).detach()
+            return self._hand_over(factors_B, token, own_forward)
+
+        token = torch.zeros((), dtype=torch.float32, device=_device_of(root)).requires_grad_()
+        root.forward = forward_once  # an instance attribute for this one call, removed below
+        try:
+            return (call_model or root)(token)
+        finally:
+            self.mode = ClipMode.BOOKKEEP
+            self._handing = {}
+            if own_forward is None:
+                del root.forward
+            else:
+                root.forward = own_forward
+
+    def _hand_over(self, factors_B: torch.Tensor, token: torch.Tensor, own_forward) -> torch.Tensor:
+        deferred, self._deferred = self._deferred, []
+        self._handing = {}
+        for module, params, clipped_sums in deferred:
+            if id(module) in self._handing:  # defer() refuses repeated parameters; a module twice is one too
+                raise ReusedLayerError("a DP layer kept two clipped sums in one flat-clipping pass")
+            self._handing[id(module)] = (params, lambda fn=clipped_sums: fn(factors_B))
+        total = token.new_zeros(())
+        self.mode = ClipMode.HAND_OVER
+        for module, _, _ in deferred:
+            # The root is being called already (its hooks ran): its own DP forward, not a second call.
+            total = total + (own_forward(token) if module is self.model else module(token))
+        self.mode = ClipMode.BOOKKEEP
+        if self._handing:
+            names = [layer.name or "<root>" for layer in self.layers if id(layer.module) in self._handing]
+            raise RuntimeError(f"the clipped sums of {', '.join(names)} were not handed over: the model call did not "
+                               "reach their DP forward")
+        return total
+
+    def take_hand_over(self, module: nn.Module) -> tuple[tuple, Callable[[], tuple]]:
+        """HAND_OVER, from the module's DP forward: its parameters and the function of its clipped sums."""
+        if id(module) not in self._handing:
+            raise ReusedLayerError("a DP layer was called twice while the clipped sums were handed over")
+        return self._handing.pop(id(module))
 
     def layer_factors(self, sq_B: torch.Tensor, grad_dtype: torch.dtype) -> torch.Tensor:
         """Clip factors min(1, C_l' / ||g_i,l||) for one layer, in at least float32; records norms
@@ -348,11 +405,16 @@ class PerSampleClipper:
         return _finite_factors((threshold / (norms + 1e-6)).clamp(max=1.0), finite)
 
     def flat_factors(self, sq_B: torch.Tensor) -> torch.Tensor:
-        """Clip factors min(1, C / ||g_i||) from the whole per-sample norm (flat clipping)."""
+        """Clip factors min(1, C' / ||g_i||) from the whole per-sample norm (flat clipping), in at least
+        float32. C' is C less the rounding margin of the lowest-precision trainable parameter: each
+        layer's clipped sum is cast to its parameter's dtype, which rounds every layer's share, hence
+        the whole norm, by at most that dtype's unit roundoff."""
         norms = sq_B.sqrt()
         finite = torch.isfinite(sq_B)
         self.clipped = (norms > self.max_grad_norm) | ~finite
-        return _finite_factors((self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0), finite)
+        margin = max(_rounding_margin(p.dtype) for layer in self.layers for _, p in _own_trainable(layer.module))
+        threshold = self.max_grad_norm * (1 - margin)
+        return _finite_factors((threshold / (norms + 1e-6)).clamp(max=1.0), finite)
 
     def check_batch_dim(self, module: nn.Module, x: torch.Tensor, what: str = "input") -> None:
         """Refuse a DP layer applied to a tensor whose first dimension is not the micro-batch (a
@@ -371,6 +433,29 @@ class PerSampleClipper:
 
     def method_summary(self) -> dict[str, dict]:
         return {layer.name: dict(layer.methods) for layer in self.layers}
+
+
+class _InnerForward:
+    """The model's own forward, for use inside a call of the model already under way (hooks on the
+    model already ran; calling the model again would run them twice, and at ZeRO 3 restart its
+    module trace). Otherwise it stands for the model: loss functions may read its attributes."""
+
+    def __init__(self, model: nn.Module, own_forward):
+        self._model, self._own_forward = model, own_forward
+
+    def __call__(self, *args, **kwargs):
+        if self._own_forward is not None:
+            return self._own_forward(*args, **kwargs)
+        return type(self._model).forward(self._model, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    """Where the model's tensors live (a ZeRO-3 partition placeholder still has its device)."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
 
 
 def _refuse_hub_kernels(model: nn.Module) -> None:
@@ -411,8 +496,29 @@ class _BoundDPForward:
     def __call__(self, *args, **kwargs):
         if self.clipper.mode is ClipMode.OFF:
             return type(self.module_ref).forward(self.module_ref, *args, **kwargs)
+        if self.clipper.mode is ClipMode.HAND_OVER:
+            params, clipped_sums = self.clipper.take_hand_over(self.module_ref)
+            return _HandOverSums.apply(args[0], clipped_sums, *params)
         self.clipper.record_call(self.module_ref)
         return self.fn(self.module_ref, self.clipper, *args, **kwargs)
+
+
+class _HandOverSums(torch.autograd.Function):
+    """HAND_OVER: a zero scalar whose backward returns a layer's clipped sums as its parameters'
+    gradients, computed there (one layer's sums alive at a time). The forward never reads the
+    parameters; they are inputs so that autograd routes the sums to them (and to their hooks). The
+    incoming gradient (1, or a loss scale) multiplies the sums as it would a loss's gradient."""
+
+    @staticmethod
+    def forward(ctx, token, clipped_sums, *params):
+        ctx.clipped_sums = clipped_sums
+        return token.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, scale):
+        clipped_sums, ctx.clipped_sums = ctx.clipped_sums, None  # what the layer kept is freed with its sums
+        grads = [None if g is None else g.mul_(scale.to(g.dtype)) for g in clipped_sums()]  # one per param, own tensors
+        return (torch.zeros_like(scale), None, *grads)
 
 
 def check_no_bypass(clipper: PerSampleClipper, model: nn.Module, summed_loss: Callable[[], torch.Tensor],

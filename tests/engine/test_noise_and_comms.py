@@ -21,8 +21,10 @@ def comm_cases():
     out = []
     for stage in (0, 1, 2, 3):
         for private, clipping in ((False, "per_layer"), (True, "per_layer"), (True, "flat")):
+            # 3 steps, the last one counted: at ZeRO 3 the first step's bypass self-test is a pass of another
+            # module order than flat's, so DeepSpeed re-records its module trace once (a few broadcasts) in step 2.
             out.append(dict(BASE, stage=stage, clipping=clipping, noise_multiplier=0.5, batch_size=11, comms=True,
-                            steps=2, private=private, kind="comms"))
+                            steps=3, private=private, kind="comms"))
     return out
 
 
@@ -80,13 +82,7 @@ def test_dp_step_issues_the_same_collectives_as_a_non_dp_step(two_ranks):
             by_stage.setdefault(case["stage"], {})[label] = result["comms"]
     for stage, comms in by_stage.items():
         assert comms["non-dp"], f"stage {stage}: the comms logger recorded nothing"
-        # per_layer: one forward + one backward, exactly DeepSpeed's own collectives (same ops, same sizes).
+        # One forward + one backward per micro-batch in both modes (flat's hand-over runs inside the same
+        # engine forward and backward): exactly DeepSpeed's own collectives (same ops, same sizes).
         assert comms["per_layer"] == comms["non-dp"], (stage, comms)
-        if stage < 3:
-            assert comms["flat"] == comms["non-dp"], (stage, comms)
-        else:
-            # flat at ZeRO-3: the norms pass gathers the partitioned parameters a second time; nothing else.
-            extra = {k: v for k, v in comms["flat"].items() if comms["non-dp"].get(k) != v}
-            assert set(extra) == {"all_gather_into_tensor"}, (stage, comms)
-            volume = {k: sum(s * c for s, c in comms[k]["all_gather_into_tensor"]) for k in ("flat", "non-dp")}
-            assert volume["non-dp"] < volume["flat"] <= 2 * volume["non-dp"], volume
+        assert comms["flat"] == comms["non-dp"], (stage, comms)

@@ -15,7 +15,7 @@ class DPEmbeddingFunction(torch.autograd.Function):
     def forward(ctx, ids, weight, padding_idx, clipper: PerSampleClipper, module: nn.Module):
         ctx.save_for_backward(ids, weight)
         ctx.clipper, ctx.mode, ctx.padding_idx, ctx.module = clipper, clipper.mode, padding_idx, module
-        ctx.params = (weight,) if clipper.mode is ClipMode.BOOKKEEP else None  # the Parameter, for deferred_grads
+        ctx.params = (weight,) if clipper.mode is ClipMode.BOOKKEEP else None  # the Parameter, for the hand-over
         return F.embedding(ids, weight, padding_idx)
 
     @staticmethod
@@ -36,7 +36,7 @@ class DPEmbeddingFunction(torch.autograd.Function):
             return (per_sample.embedding_clipped_grad(ids_BT, g_BTD, factors, rows, padding_idx).to(dtype),)
 
         if ctx.mode is ClipMode.BOOKKEEP:
-            ctx.clipper.defer(sq, ctx.params, clipped_sums)
+            ctx.clipper.defer(ctx.module, sq, ctx.params, clipped_sums)
             return None, None, None, None, None
         return (None, *clipped_sums(ctx.clipper.layer_factors(sq, dtype)), None, None, None)
 

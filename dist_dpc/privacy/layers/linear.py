@@ -17,7 +17,7 @@ class DPLinearFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.clipper, ctx.mode, ctx.transposed, ctx.module = clipper, clipper.mode, transposed, module
         ctx.has_bias = bias is not None
-        # BOOKKEEP hands the Parameters themselves to deferred_grads (autograd's unpacked copies need not be them)
+        # BOOKKEEP hands the Parameters themselves to the hand-over (autograd's unpacked copies need not be them)
         ctx.params = (weight, bias) if clipper.mode is ClipMode.BOOKKEEP else None
         w = weight.t() if transposed else weight
         return F.linear(x, w, bias)
@@ -48,7 +48,7 @@ class DPLinearFunction(torch.autograd.Function):
             return grad_w, grad_b.to(dtype) if grad_b is not None else None
 
         if ctx.mode is ClipMode.BOOKKEEP:
-            ctx.clipper.defer(sq, (ctx.params[0] if weight_trainable else None, ctx.params[1] if bias_trainable else None),
+            ctx.clipper.defer(ctx.module, sq, (ctx.params[0] if weight_trainable else None, ctx.params[1] if bias_trainable else None),
                               clipped_sums)
             return grad_x, None, None, None, None, None
         return (grad_x, *clipped_sums(ctx.clipper.layer_factors(sq, dtype)), None, None, None)
