@@ -34,7 +34,7 @@ import torch
 from dist_dpc.engine import deepspeed_seam
 from dist_dpc.engine.distributed import WorldInfo
 from dist_dpc.privacy.accounting import Mechanism, PrivacyAccountant, calibrate_noise_multiplier, compute_epsilon
-from dist_dpc.privacy.clipper import ClipMode, PerSampleClipper, check_no_bypass
+from dist_dpc.privacy.clipper import BypassedLayerError, ClipMode, PerSampleClipper, check_no_bypass
 from dist_dpc.privacy.config import PrivacyConfig
 from dist_dpc.privacy.accounting import check_delta, delta_default
 from dist_dpc.privacy.noise import add_gaussian_noise_
@@ -212,13 +212,17 @@ class DPEngine:
 
         def norms_pass(model_forward):
             per_sample = seen["losses"] = self.loss_fn(model_forward, batch)
-            torch.autograd.grad((per_sample * mask).sum(), self._norm_sink, allow_unused=True)
+            grads = torch.autograd.grad((per_sample * mask).sum(), self._norm_sink, allow_unused=True)
+            if any(g is not None for g in grads):  # a rule without BOOKKEEP: its gradient would be dropped
+                raise BypassedLayerError("a DP layer rule returned a weight gradient in flat clipping's book-keeping "
+                                         "pass (it does not implement ClipMode.BOOKKEEP); use privacy.clipping=per_layer")
             _check_padding_silent(self.clipper.sq_norms, mask)
             return self.clipper.flat_factors(self.clipper.sq_norms)
 
         with self.clipper.pass_mode(ClipMode.BOOKKEEP, rows):
             handed = self.clipper.flat_pass(norms_pass, self.ds)
         self.ds.backward(handed)
+        self.clipper.check_handed_over()  # a hook that scaled or dropped the sums stops the step (train_step: broken)
         return seen["losses"].detach(), self.clipper.sq_norms.sqrt(), self.clipper.clipped
 
     def _check_no_stray_gradients(self) -> None:
@@ -452,14 +456,14 @@ def _warn_bf16_sum_rounding(privacy: PrivacyConfig, ds_config: dict, model: torc
     if not (half or ds_config.get("bf16", {}).get("enabled")):
         return
     _BF16_WARNED = True
-    warnings.warn("bf16 under DP: each sample's clipped contribution is <= C_l before the sum, but the bf16 rounding of "
-                  "each micro-batch's clipped sum (relative 2^-8 of the sum per coordinate, which can exceed C_l) and its "
+    warnings.warn("bf16 under DP: each sample's clipped contribution is <= C_l (flat: C) before the sum, but the bf16 "
+                  "rounding of each micro-batch's clipped sum (relative 2^-8 of the sum per coordinate, which can exceed C_l) and its "
                   "accumulation are outside the privacy analysis; train in fp32 for a guarantee up to float32 rounding",
                   stacklevel=3)
 
 
 class _RngSnapshot:
-    """CPU (and current CUDA device) RNG state, to replay dropout in the second flat pass."""
+    """CPU (and current CUDA device) RNG state, to replay dropout after the start-up self-test's pass."""
 
     def __init__(self):
         self.cpu = torch.get_rng_state()

@@ -107,6 +107,11 @@ class BypassedLayerError(ValueError):
     """A trainable parameter got a gradient outside the DP layers, so that gradient is not clipped."""
 
 
+class AlteredHandOverError(BypassedLayerError):
+    """Flat clipping's clipped sums did not reach the parameters exactly as computed: a forward hook
+    on the model or a layer scaled, replaced or detached the output of the hand-over call."""
+
+
 class DetachedLayerError(BypassedLayerError):
     """A DP layer's forward was removed or replaced after attach() (e.g. by a library that swaps
     module forwards for kernels): the layer would run its plain forward and its gradient would not
@@ -228,6 +233,9 @@ class PerSampleClipper:
         # factors (B,) giving their clipped gradient sums (it holds the layer's input and output gradient).
         self._deferred: list[tuple[nn.Module, tuple, Callable[[torch.Tensor], tuple]]] = []
         self._handing: dict[int, tuple[tuple, Callable[[], tuple]]] = {}  # HAND_OVER: id(module) -> its sums
+        # What the hand-over's backward saw: how many layers' sums it returned and how far the gradient
+        # it received strayed from 1 (anything else means a hook altered the call; check_handed_over).
+        self._handed_expected, self._handed, self._scale_error = 0, 0, None
         self._deferred_ids: set[int] = set()  # id() of the parameters deferred in this pass
         self._attached = False
         self._forwards: list[tuple[str, nn.Module, object, object]] = []  # every module's forward at attach()
@@ -371,6 +379,7 @@ class PerSampleClipper:
     def _hand_over(self, factors_B: torch.Tensor, token: torch.Tensor, own_forward) -> torch.Tensor:
         deferred, self._deferred = self._deferred, []
         self._handing = {}
+        self._handed_expected, self._handed, self._scale_error = len(deferred), 0, None
         for module, params, clipped_sums in deferred:
             if id(module) in self._handing:  # defer() refuses repeated parameters; a module twice is one too
                 raise ReusedLayerError("a DP layer kept two clipped sums in one flat-clipping pass")
@@ -386,6 +395,29 @@ class PerSampleClipper:
             raise RuntimeError(f"the clipped sums of {', '.join(names)} were not handed over: the model call did not "
                                "reach their DP forward")
         return total
+
+    def note_handed(self, scale: torch.Tensor) -> None:
+        """From a hand-over backward: one layer's sums returned, under incoming gradient ``scale``."""
+        self._handed += 1
+        error = (scale.detach().float() - 1).abs()
+        self._scale_error = error if self._scale_error is None else torch.maximum(self._scale_error, error)
+
+    def check_handed_over(self) -> None:
+        """After the backward of ``flat_pass``'s scalar: every kept layer's sums reached its parameters,
+        each under an incoming gradient of exactly 1 (DeepSpeed applies no loss scale in fp32/bf16 and
+        its accumulation steps are 1). A forward hook on the model or on a layer also runs on the
+        hand-over call; one that scales its output would scale clipped sums past C, one that detaches
+        or replaces it would drop them. One host sync."""
+        missing = self._handed_expected - self._handed
+        scaled = self._scale_error is not None and bool(self._scale_error != 0)
+        if missing or scaled:
+            what = (f"the clipped sums of {missing} of {self._handed_expected} layers never reached their parameters"
+                    if missing else "the clipped sums were scaled on their way to the parameters")
+            raise AlteredHandOverError(
+                f"flat clipping: {what}. Flat clipping hands each layer's clipped sum over through one more call of the "
+                "model and of each layer (on a 0-d token), and a forward hook on the model or on a layer that scales, "
+                "replaces or detaches the output altered it, which would break the max_grad_norm bound. Remove such "
+                "forward hooks, or use privacy.clipping=per_layer")
 
     def take_hand_over(self, module: nn.Module) -> tuple[tuple, Callable[[], tuple]]:
         """HAND_OVER, from the module's DP forward: its parameters and the function of its clipped sums."""
@@ -448,6 +480,9 @@ class _InnerForward:
             return self._own_forward(*args, **kwargs)
         return type(self._model).forward(self._model, *args, **kwargs)
 
+    def forward(self, *args, **kwargs):  # not the model's temporary forward (that would recurse)
+        return self(*args, **kwargs)
+
     def __getattr__(self, name):
         return getattr(self._model, name)
 
@@ -498,7 +533,7 @@ class _BoundDPForward:
             return type(self.module_ref).forward(self.module_ref, *args, **kwargs)
         if self.clipper.mode is ClipMode.HAND_OVER:
             params, clipped_sums = self.clipper.take_hand_over(self.module_ref)
-            return _HandOverSums.apply(args[0], clipped_sums, *params)
+            return _HandOverSums.apply(args[0], clipped_sums, self.clipper, *params)
         self.clipper.record_call(self.module_ref)
         return self.fn(self.module_ref, self.clipper, *args, **kwargs)
 
@@ -507,18 +542,19 @@ class _HandOverSums(torch.autograd.Function):
     """HAND_OVER: a zero scalar whose backward returns a layer's clipped sums as its parameters'
     gradients, computed there (one layer's sums alive at a time). The forward never reads the
     parameters; they are inputs so that autograd routes the sums to them (and to their hooks). The
-    incoming gradient (1, or a loss scale) multiplies the sums as it would a loss's gradient."""
+    incoming gradient multiplies the sums as it would a loss's gradient; the clipper checks it was 1."""
 
     @staticmethod
-    def forward(ctx, token, clipped_sums, *params):
-        ctx.clipped_sums = clipped_sums
+    def forward(ctx, token, clipped_sums, clipper, *params):
+        ctx.clipped_sums, ctx.clipper = clipped_sums, clipper
         return token.new_zeros(())
 
     @staticmethod
     def backward(ctx, scale):
         clipped_sums, ctx.clipped_sums = ctx.clipped_sums, None  # what the layer kept is freed with its sums
+        ctx.clipper.note_handed(scale)  # must be exactly 1: check_handed_over
         grads = [None if g is None else g.mul_(scale.to(g.dtype)) for g in clipped_sums()]  # one per param, own tensors
-        return (torch.zeros_like(scale), None, *grads)
+        return (torch.zeros_like(scale), None, None, *grads)
 
 
 def check_no_bypass(clipper: PerSampleClipper, model: nn.Module, summed_loss: Callable[[], torch.Tensor],
