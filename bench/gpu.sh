@@ -30,9 +30,10 @@ case ${1:-run} in
     { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
       python3 -c "import torch, transformers, deepspeed, opacus; print('torch', torch.__version__, 'transformers', \
 transformers.__version__, 'deepspeed', deepspeed.__version__, 'opacus', opacus.__version__)"; } 2>&1 | tee "$OUT/gpu.txt"
-    # ~6 minutes: 3 shapes x 2 stages x (non-DP, per_layer) + Opacus on BERT, each a fresh process with
-    # its own warm-up (flat is refused in bf16). The JSON is rewritten after every stage, so a run cut
-    # short keeps what it measured; one failed mode is recorded and the rest go on.
+    # 3 shapes x 2 stages x (non-DP, flat, per_layer) + Opacus on BERT, each a fresh process with its own
+    # warm-up: about 6 minutes estimated for the first 14 processes, so the 20 may reach the timeout and
+    # lose Llama's last ZeRO-3 rows. The JSON is rewritten after every stage, so a run cut short keeps
+    # what it measured; one failed mode is recorded and the rest go on.
     timeout 470 python3 bench/dp_step.py --models bert,gpt2,llama --stages 2,3 --child-timeout 150 \
         --json "$OUT/gpu_bench.json" 2>&1 | tee "$OUT/gpu_bench.log" ;;
   *) echo "usage: bench/gpu.sh wheels | run [OUT]" >&2; exit 2 ;;
