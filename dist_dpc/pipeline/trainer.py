@@ -295,7 +295,7 @@ def _clear_stale_attempt(ctx: PhaseContext) -> None:
 
 
 def check_before_spending(ctx: PhaseContext, model: torch.nn.Module, *, steps: int, lr: float | None = None) -> None:
-    """What train_dp refuses on the settings and the model alone (the DeepSpeed config, a clashing scheduler, layers the DP engine cannot clip, flat clipping in low precision),
+    """What train_dp refuses on the settings and the model alone (the DeepSpeed config, a clashing scheduler, layers the DP engine cannot clip),
     checked before the phase reserves budget and before head_init reads the private data: a refusal
     then spends nothing."""
     cfg = ctx.cfg

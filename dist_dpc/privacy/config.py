@@ -20,8 +20,8 @@ class PrivacyConfig:
     max_grad_norm: float = 1.0
     """Per-sample clipping threshold C (the L2 sensitivity of the summed gradient)."""
     clipping: Literal["flat", "per_layer"] = "per_layer"
-    """flat: one norm over all parameters (papers' semantics; one forward and one backward at ZeRO 0-2,
-    two passes at ZeRO 3; fp32 only).
+    """flat: one norm over all parameters (papers' semantics; one forward and one backward at every
+    ZeRO stage, book-keeping).
     per_layer: thresholds C_l = C/sqrt(L) for each of the L layers, one forward and one backward."""
     sampling: Literal["poisson", "shuffle"] = "poisson"
     """poisson: each example joins a logical batch independently with probability q (what the
