@@ -360,6 +360,7 @@ class PerSampleClipper:
         own_forward = root.__dict__.get("forward")  # e.g. the root's DP forward if it is a DP layer itself
 
         model_forward = _InnerForward(root, own_forward)
+
         def forward_once(token: torch.Tensor, *_, **__) -> torch.Tensor:
             factors_B = norms_pass(model_forward).detach()
             return self._hand_over(factors_B, token, own_forward)
