@@ -239,7 +239,11 @@ def test_misuse_cannot_spend_more_than_the_ledger_says(tmp_path):
     third_batches = iter(third_loader)
     third.train_batch(next(third_batches))
     stray = next(third_batches)
-    default_loss(third.module, stray.micro_batches[0]).sum().backward()
+    # At lr 1000 the first step can saturate the logits, so the loss alone may have an exactly zero gradient
+    # (nothing then rides on the noise, and nothing is refused): the sum of the weights makes it non-zero.
+    trainable = [p for p in third.module.parameters() if p.requires_grad]
+    (default_loss(third.module, stray.micro_batches[0]).sum() + sum(p.sum() for p in trainable)).backward()
+    assert any(bool(p.grad.any()) for p in trainable)  # the premise: an unclipped gradient is waiting
     with pytest.raises(RuntimeError, match="holds a gradient before step 2"):
         third.train_batch(stray)
     with pytest.raises(RuntimeError, match="this engine stopped"):
