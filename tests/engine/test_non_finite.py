@@ -73,8 +73,24 @@ def test_the_noise_hook_refuses_a_non_finite_gradient():
     """The hook's own check, reached directly: since both clipping modes drop non-finite samples, no
     whole run reaches it here."""
     engine = make_engine("per_layer")
-    finite = [torch.ones(3), torch.zeros(2)]
+    finite = [torch.ones(3), torch.zeros(2), torch.full((5,), -1e30), torch.ones(4, dtype=torch.bfloat16),
+              torch.full((4096,), 16.0, dtype=torch.float16)]  # its fp16 sum would overflow to inf: not a NaN
     engine._check_finite(finite)
-    for bad in (float("nan"), float("inf")):
-        with pytest.raises(NonFiniteGradientError, match="non-finite gradient reached the DP step"):
-            engine._check_finite([torch.ones(3), torch.tensor([0.0, bad])])
+    nan, inf = float("nan"), float("inf")
+    # The check sums each tensor: every non-finite pattern must still surface, including infinities
+    # of both signs in one tensor (their sum is NaN) and one bad value among a million finite ones.
+    big = torch.randn(1_000_000)
+    big[654_321] = nan
+    for bad in ([0.0, nan], [0.0, inf], [-inf, 1.0], [inf, -inf], [nan, inf, -inf]):
+        for dtype in (torch.float32, torch.bfloat16, torch.float64):
+            with pytest.raises(NonFiniteGradientError, match="non-finite gradient reached the DP step"):
+                engine._check_finite([torch.ones(3), torch.tensor(bad, dtype=dtype)])
+    with pytest.raises(NonFiniteGradientError):
+        engine._check_finite([big])
+    strided = torch.ones(6, 4).t()[:, ::2].clone().t()  # non-contiguous views with a NaN
+    strided[1, 2] = nan
+    for bad in (torch.ones(6, 4)[:, 1:].masked_fill(torch.eye(6, 3, dtype=torch.bool), inf), strided.t(),
+                torch.tensor(nan).expand(5), torch.tensor(-inf), torch.ones(3, dtype=torch.float16).masked_fill(
+                    torch.tensor([False, True, False]), nan)):
+        with pytest.raises(NonFiniteGradientError):
+            engine._check_finite([torch.ones(2), bad])
