@@ -5,6 +5,12 @@ Modes, each in its own process so peak memory is its own: non-DP DeepSpeed, DP `
 (plain torch: Opacus has no DeepSpeed integration). Prints a table of median step time and peak
 memory with ratios to the non-DP step of the same stage, and writes JSON with ``--json PATH``.
 
+Peak memory: on a GPU torch.cuda.max_memory_allocated; on the CPU the peak RSS of two more steps with
+glibc returning freed tensors to the OS (``host_peak_without_retention``; the plain ru_maxrss, which
+also counts what the allocator kept, is in the JSON as ``peak_rss_default_malloc_bytes``), and
+``model_memory_ratio``: what each mode adds to the process before its model is built, over the same
+for the non-DP step (the code and libraries, about 1 GB in every mode, dilute the plain ratio).
+
   python bench/dp_step.py --quick            # CPU, tiny BERT, under 3 minutes
   python bench/dp_step.py --wide             # CPU, width 1024 x 2 layers, batch 8 x 128 tokens
   python bench/dp_step.py --wide --models bert,gpt2,llama --worlds 1,2    # causal LMs, 2 ranks (gloo)
@@ -110,6 +116,44 @@ def peak_memory_bytes(device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def host_peak_without_retention(step, steps: int = 2) -> int | None:
+    """Peak RSS of ``steps`` more steps with glibc returning every freed tensor to the OS, or None
+    where that cannot be set up (not glibc, or /proc/self/clear_refs not writable).
+
+    The plain peak RSS (ru_maxrss) also counts memory that glibc keeps after a tensor is freed: its
+    mmap threshold rises to the largest block freed so far (up to 32 MiB), after which such blocks
+    come from heaps that are trimmed only at their top, so RSS reflects the order of allocations, not
+    what a step needs. Here, after the timed steps (whose times this does not touch), the threshold is
+    fixed at 64 KiB (every tensor above it is its own mapping, unmapped when freed), free heap memory is
+    returned (malloc_trim), the kernel's high-water mark is reset (clear_refs 5), and the steps are run
+    again: the resulting peak is that of the live allocations, as torch.cuda.max_memory_allocated is
+    on a GPU (plus the process's code and libraries, in every mode alike)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_MMAP_THRESHOLD = -3
+        if libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024) != 1:
+            return None
+        libc.malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    for _ in range(steps):
+        step()
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
 def run_deepspeed_mode(mode: str, stage: int, s: dict) -> dict:
     import torch
 
@@ -121,6 +165,7 @@ def run_deepspeed_mode(mode: str, stage: int, s: dict) -> dict:
 
     world = init_distributed()
     device = torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    rss0 = _rss_bytes()  # the process before the model: code, libraries, the process group
     with device:  # built where it runs: a 1B model's random init on the host would dominate a GPU run
         model = build_model(s)
     ds_config = build_ds_config({"zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}},
@@ -131,7 +176,7 @@ def run_deepspeed_mode(mode: str, stage: int, s: dict) -> dict:
                             clipping="flat" if mode == "flat" else "per_layer")
     total = s["steps"] + s["warmup"]
     engine = DPEngine(model, ds_config, privacy, dataset_size=10**6, expected_batch_size=s["batch"],
-                      planned_steps=total, world=world, key=SecretKey.from_seed(0),  # the bench's noise needs no secret
+                      planned_steps=total + 2, world=world, key=SecretKey.from_seed(0),  # the bench's noise needs no secret
                       loss_fn=sequence_classification_loss if s["model"] == "bert" else causal_lm_loss)
     batch = make_batch(s, device)
     if device.type == "cuda":
@@ -144,13 +189,18 @@ def run_deepspeed_mode(mode: str, stage: int, s: dict) -> dict:
         _sync(device)
         if i >= s["warmup"]:
             times.append(time.perf_counter() - start)
+    out_memory = {"peak_memory_bytes": peak_memory_bytes(device)}
+    if device.type == "cpu":
+        out_memory = {"peak_rss_default_malloc_bytes": out_memory["peak_memory_bytes"], "rss_before_model_bytes": rss0,
+                      "peak_memory_bytes": host_peak_without_retention(
+                          lambda: engine.train_step([batch], logical_batch_size=s["batch"] * world.world_size))
+                      or out_memory["peak_memory_bytes"]}
     methods = engine.clipper.method_summary() if engine.clipper else {}
     counts = {}
     for m in methods.values():
         for k, v in m.items():
             counts[k] = counts.get(k, 0) + v
-    out = {"median_step_s": statistics.median(times), "peak_memory_bytes": peak_memory_bytes(device),
-           "norm_methods": counts}
+    out = {"median_step_s": statistics.median(times), **out_memory, "norm_methods": counts}
     if mode != "non-dp":
         # At ZeRO >= 1 each rank draws the noise of its own partition only (1/world of the model).
         out["noise_s"] = time_noise(model, device, world.world_size if stage >= 1 else 1)
@@ -182,6 +232,7 @@ def run_opacus_mode(mode: str, s: dict) -> dict:
     from opacus import PrivacyEngine
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    rss0 = _rss_bytes()
     with device:
         model = build_model(s)
     if s["bf16"]:
@@ -200,19 +251,26 @@ def run_opacus_mode(mode: str, s: dict) -> dict:
     criterion = made[2] if mode == "opacus-ghost" else criterion
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(s["steps"] + s["warmup"]):
-        _sync(device)
-        start = time.perf_counter()
+    def step():
         optimizer.zero_grad()
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        token_type_ids=batch["token_type_ids"], position_ids=position_ids).logits
         loss = criterion(logits.float(), batch["labels"])
         loss.backward()
         optimizer.step()
+
+    times = []
+    for i in range(s["steps"] + s["warmup"]):
+        _sync(device)
+        start = time.perf_counter()
+        step()
         _sync(device)
         if i >= s["warmup"]:
             times.append(time.perf_counter() - start)
+    if device.type == "cpu":
+        return {"median_step_s": statistics.median(times), "peak_rss_default_malloc_bytes": peak_memory_bytes(device),
+                "rss_before_model_bytes": rss0,
+                "peak_memory_bytes": host_peak_without_retention(step) or peak_memory_bytes(device)}
     return {"median_step_s": statistics.median(times), "peak_memory_bytes": peak_memory_bytes(device)}
 
 
@@ -327,6 +385,14 @@ def main() -> None:
                            "samples_per_s": s["batch"] * world / r["median_step_s"],
                            "norm_methods": r.get("norm_methods", {}), "bound_ratio": bound_ratio(shape, mode),
                            "noise_s": r.get("noise_s")}
+                    if r.get("peak_rss_default_malloc_bytes") is not None:
+                        # CPU: the plain peak RSS too (glibc's retention included), and the ratio of what each
+                        # mode adds to the process before its model (code and libraries dilute the plain ratio).
+                        rec["peak_rss_default_malloc_bytes"] = r["peak_rss_default_malloc_bytes"]
+                        rec["peak_rss_default_malloc_ratio"] = (r["peak_rss_default_malloc_bytes"]
+                                                                / base["peak_rss_default_malloc_bytes"])
+                        rec["model_memory_ratio"] = ((r["peak_memory_bytes"] - r["rss_before_model_bytes"])
+                                                     / (base["peak_memory_bytes"] - base["rss_before_model_bytes"]))
                     rec["measured_over_bound"] = (rec["step_time_ratio"] / rec["bound_ratio"]
                                                   if rec["bound_ratio"] is not None else None)
                     # The noise draw is O(parameters) per step, outside the FLOP model: measured on its
@@ -342,13 +408,16 @@ def main() -> None:
     print(f"\nDP step benchmark - {platform.node()} {device}, {time.strftime('%Y-%m-%d')}; ratios to the non-DP step "
           "of the same model, world and stage, measured side by side; Opacus runs plain torch (no ZeRO), one process")
     print(f"{'model':<6} {'world':>5} {'ZeRO':>4}  {'mode':<13} {'step (ms)':>10} {'x non-DP':>9} {'bound':>6} "
-          f"{'/bound':>7} {'peak MB':>9} {'x non-DP':>9} {'samples/s':>10} {'noise (ms)':>10} {'+noise':>7} {'/+noise':>8}")
+          f"{'/bound':>7} {'peak MB':>9} {'x non-DP':>9} {'model x':>8} {'rss x':>6} {'samples/s':>10} {'noise (ms)':>10} "
+          f"{'+noise':>7} {'/+noise':>8}")
     for r in records:
         bound = "" if r["bound_ratio"] is None else f"{r['bound_ratio']:.3f}"
         over = "" if r["measured_over_bound"] is None else f"{r['measured_over_bound']:.3f}"
         print(f"{r['model']:<6} {r['world']:>5} {r['zero_stage']:>4}  {r['mode']:<13} {r['median_step_s'] * 1e3:>10.1f} "
               f"{r['step_time_ratio']:>9.2f} {bound:>6} {over:>7} {r['peak_memory_bytes'] / 2**20:>9.0f} "
-              f"{r['peak_memory_ratio']:>9.2f} {r['samples_per_s']:>10.1f} "
+              f"{r['peak_memory_ratio']:>9.2f} {format(r['model_memory_ratio'], '.2f') if 'model_memory_ratio' in r else '':>8} "
+              f"{format(r['peak_rss_default_malloc_ratio'], '.2f') if 'model_memory_ratio' in r else '':>6} "
+              f"{r['samples_per_s']:>10.1f} "
               f"{'' if r['noise_s'] is None else format(r['noise_s'] * 1e3, '.1f'):>10} "
               f"{format(r['bound_with_noise'], '.3f') if 'bound_with_noise' in r else '':>7} "
               f"{format(r['measured_over_bound_with_noise'], '.3f') if 'bound_with_noise' in r else '':>8}")
