@@ -540,7 +540,10 @@ class _HandOverSums(torch.autograd.Function):
     """HAND_OVER: a zero scalar whose backward returns a layer's clipped sums as its parameters'
     gradients, computed there (one layer's sums alive at a time). The forward never reads the
     parameters; they are inputs so that autograd routes the sums to them (and to their hooks). The
-    incoming gradient multiplies the sums as it would a loss's gradient; the clipper checks it was 1."""
+    incoming gradient must be exactly 1 (no loss scale, one accumulation step): the clipper records it
+    and check_handed_over refuses the step otherwise. The sums are returned as computed, never
+    multiplied by it: a hook that scales the call's output cannot scale them, and no pass over every
+    gradient is spent multiplying by 1."""
 
     @staticmethod
     def forward(ctx, token, clipped_sums, clipper, *params):
@@ -551,8 +554,7 @@ class _HandOverSums(torch.autograd.Function):
     def backward(ctx, scale):
         clipped_sums, ctx.clipped_sums = ctx.clipped_sums, None  # what the layer kept is freed with its sums
         ctx.clipper.note_handed(scale)  # must be exactly 1: check_handed_over
-        grads = [None if g is None else g.mul_(scale.to(g.dtype)) for g in clipped_sums()]  # one per param, own tensors
-        return (torch.zeros_like(scale), None, None, *grads)
+        return (torch.zeros_like(scale), None, None, *clipped_sums())  # one per param
 
 
 def check_no_bypass(clipper: PerSampleClipper, model: nn.Module, summed_loss: Callable[[], torch.Tensor],

@@ -55,10 +55,12 @@ def test_bookkeeping_pass_equals_per_example_flat_clipping(name):
     assert sorted(map(id, seen["calls"])) == sorted(id(layer.module) for layer in clipper.layers), \
         "each layer's sums enter through one call of its own module (where ZeRO 3's hooks gather its weights)"
     assert all(p.grad is None for p in trainable), "nothing is computed before the hand-over's backward"
-    (handed * 3.0).backward()  # the incoming gradient (a loss scale) multiplies the sums
+    (handed * 3.0).backward()  # an incoming gradient other than 1 (a loss scale) ...
     assert bool((factors < 1).any()), "some samples are clipped, so the test can tell flat from unclipped"
-    for n, p in model.named_parameters():
-        assert torch.allclose(p.grad, 3.0 * expected[n], rtol=1e-9, atol=1e-12), n
+    for n, p in model.named_parameters():  # ... never multiplies the sums
+        assert torch.allclose(p.grad, expected[n], rtol=1e-9, atol=1e-12), n
+    with pytest.raises(AlteredHandOverError, match="were scaled"):  # and the step is refused
+        clipper.check_handed_over()
 
 
 def test_flat_pass_only_in_a_bookkeeping_pass():
