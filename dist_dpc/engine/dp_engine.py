@@ -34,7 +34,8 @@ import torch
 from dist_dpc.engine import deepspeed_seam
 from dist_dpc.engine.distributed import WorldInfo
 from dist_dpc.privacy.accounting import Mechanism, PrivacyAccountant, calibrate_noise_multiplier, compute_epsilon
-from dist_dpc.privacy.clipper import BypassedLayerError, ClipMode, PerSampleClipper, check_no_bypass
+from dist_dpc.privacy.clipper import (BypassedLayerError, ClipMode, PerSampleClipper, check_no_bypass, gradient_hooks,
+                                      refuse_gradient_hooks)
 from dist_dpc.privacy.config import PrivacyConfig
 from dist_dpc.privacy.accounting import check_delta, delta_default
 from dist_dpc.privacy.noise import add_gaussian_noise_
@@ -118,7 +119,10 @@ class DPEngine:
         # ds_numel: a model built under deepspeed.zero.Init (HF from_pretrained at ZeRO 3) arrives already
         # partitioned, its tensors empty placeholders whose numel() is 0 -- which would disarm the check.
         trainable_numel = sum(getattr(p, "ds_numel", p.numel()) for p in trainable)
+        if privacy.enabled:
+            refuse_gradient_hooks(model)  # a user's hook on a gradient would see the clipped sum before the noise
         self.ds, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
+        self._gradient_hooks = gradient_hooks(model)  # DeepSpeed's own (its reduction); any other is refused per step
         self._check_loss_scale()
         self.optimizer = deepspeed_seam.inner_torch_optimizer(self.ds)
         self.optimizer.register_step_pre_hook(self._noise_and_normalise)
@@ -142,6 +146,7 @@ class DPEngine:
         a caller runs them before anything reads the private data."""
         if privacy.enabled:
             PerSampleClipper(model, privacy.max_grad_norm)  # unsupported, reused or tied layers; not attached
+            refuse_gradient_hooks(model)
 
     # -- the DP step ----------------------------------------------------------------------------
     def train_step(self, micro_batches: list[dict], logical_batch_size: int) -> StepStats:
@@ -152,6 +157,8 @@ class DPEngine:
             raise PrivacyBudgetError(
                 f"step {self.steps_done + 1} would exceed the privacy budget (epsilon calibrated for "
                 f"{self.max_steps} steps); raise privacy.target_epsilon or stop training here")
+        if self.clipper is not None:  # before anything runs: nothing is computed, the engine stays usable
+            refuse_gradient_hooks(self.ds.module, self._gradient_hooks)
         try:
             return self._train_step(micro_batches, logical_batch_size)
         except BaseException as err:

@@ -112,6 +112,10 @@ class AlteredHandOverError(BypassedLayerError):
     on the model or a layer scaled, replaced or detached the output of the hand-over call."""
 
 
+class GradientHookError(BypassedLayerError):
+    """A hook on a trainable parameter's gradient would run on the clipped sum before the noise."""
+
+
 class DetachedLayerError(BypassedLayerError):
     """A DP layer's forward was removed or replaced after attach() (e.g. by a library that swaps
     module forwards for kernels): the layer would run its plain forward and its gradient would not
@@ -581,6 +585,39 @@ def check_no_bypass(clipper: PerSampleClipper, model: nn.Module, summed_loss: Ca
             f"{', '.join(bypassed)}. Their module's forward is bypassed (e.g. nn.MultiheadAttention reads "
             "out_proj.weight directly, or a parent module reads a child's weight). Freeze them "
             "(requires_grad=False) or replace the module by one whose forward uses its own weights")
+
+
+def gradient_hooks(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Trainable parameter name -> ids of the hooks on its gradient, for parameters that have any.
+
+    Hooks registered with ``Tensor.register_hook`` run on a parameter's gradient before it is
+    accumulated, ``register_post_accumulate_grad_hook`` ones after; both see the clipped sum before
+    the noise and could scale it (or add to it) beyond max_grad_norm. DeepSpeed's own reduction
+    hooks are of the second kind. torch keeps them in the private ``Tensor._backward_hooks`` and
+    ``Tensor._post_accumulate_grad_hooks``: this is the one place that reads them, and
+    tests/privacy/test_gradient_hooks.py fails if a torch version moves them."""
+    hooks = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        found = tuple(id(fn) for store in (getattr(p, "_backward_hooks", None), getattr(p, "_post_accumulate_grad_hooks", None))
+                      if store for fn in store.values())
+        if found:
+            hooks[name] = found
+    return hooks
+
+
+def refuse_gradient_hooks(model: nn.Module, allowed: dict[str, tuple[int, ...]] | None = None) -> None:
+    """Refuse hooks on trainable parameters' gradients other than ``allowed`` (DeepSpeed's, recorded
+    right after deepspeed.initialize; before it, none is allowed)."""
+    added = sorted(name for name, ids in gradient_hooks(model).items() if ids != (allowed or {}).get(name, ()))
+    if added:
+        raise GradientHookError(
+            f"{len(added)} trainable parameter(s) ({', '.join(added[:5])}{', ...' if len(added) > 5 else ''}) have a hook "
+            "on their gradient (Tensor.register_hook or register_post_accumulate_grad_hook) that dist-dpc did not put "
+            "there: it would run on the clipped gradient sum before the noise and could scale it, or add to it, beyond "
+            "max_grad_norm. Remove the hook; to transform the gradient, do it after the noise (an optimizer step "
+            "pre-hook registered after the engine's, or engine.post_noise_hooks)")
 
 
 def record_method(clipper: PerSampleClipper, module: nn.Module, method: str) -> None:
