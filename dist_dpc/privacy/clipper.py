@@ -296,6 +296,7 @@ class PerSampleClipper:
         self.clipped = None
         self._called = set()
         self._deferred, self._deferred_ids = [], set()
+        self._handed_expected, self._handed, self._scale_error = 0, 0, None  # no count carried from a past pass
         try:
             yield self
         finally:
