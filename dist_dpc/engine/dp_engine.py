@@ -34,8 +34,8 @@ import torch
 from dist_dpc.engine import deepspeed_seam
 from dist_dpc.engine.distributed import WorldInfo
 from dist_dpc.privacy.accounting import Mechanism, PrivacyAccountant, calibrate_noise_multiplier, compute_epsilon
-from dist_dpc.privacy.clipper import (BypassedLayerError, ClipMode, PerSampleClipper, check_no_bypass, gradient_hooks,
-                                      refuse_gradient_hooks)
+from dist_dpc.privacy.clipper import (BypassedLayerError, ClipMode, GradientHookError, PerSampleClipper, check_no_bypass,
+                                      gradient_hooks, refuse_gradient_hooks)
 from dist_dpc.privacy.config import PrivacyConfig
 from dist_dpc.privacy.accounting import check_delta, delta_default
 from dist_dpc.privacy.noise import add_gaussian_noise_
@@ -283,6 +283,12 @@ class DPEngine:
                                "through train_step (dist_dpc.initialize: engine.train_batch)")
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if self.clipper is not None:
+            try:  # again here: a hook added during the step (from loss_fn, a forward hook) ran on the sums
+                refuse_gradient_hooks(self.ds.module, self._gradient_hooks)
+            except GradientHookError as err:
+                self.broken = f"a gradient hook was added during step {self.steps_done + 1}"
+                raise GradientHookError(f"{err} (it was added during step {self.steps_done + 1}, whose gradients it "
+                                        "may have altered: the engine stops before the update)") from None
             self._count_noised(params)
         grads = [p.grad for p in params if p.grad is not None]
         if self.clipper is not None:

@@ -588,37 +588,57 @@ def check_no_bypass(clipper: PerSampleClipper, model: nn.Module, summed_loss: Ca
             "(requires_grad=False) or replace the module by one whose forward uses its own weights")
 
 
-def gradient_hooks(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    """Trainable parameter name -> ids of the hooks on its gradient, for parameters that have any.
+def gradient_hooks(model: nn.Module) -> dict[str, tuple]:
+    """Trainable parameter name -> the hooks on its gradient (the callables), for parameters with any.
 
     Hooks registered with ``Tensor.register_hook`` run on a parameter's gradient before it is
     accumulated, ``register_post_accumulate_grad_hook`` ones after; both see the clipped sum before
     the noise and could scale it (or add to it) beyond max_grad_norm. DeepSpeed's own reduction
     hooks are of the second kind. torch keeps them in the private ``Tensor._backward_hooks`` and
-    ``Tensor._post_accumulate_grad_hooks``: this is the one place that reads them, and
-    tests/privacy/test_gradient_hooks.py fails if a torch version moves them."""
+    ``Tensor._post_accumulate_grad_hooks``; with ``global_optimizer_pre_hooks`` this is the one place
+    that reads torch's hook registries, and tests/engine/test_gradient_hooks.py fails if a torch
+    version moves them. The callables themselves, compared by identity: an id() could be reused by a
+    new hook once an old one is freed."""
     hooks = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        found = tuple(id(fn) for store in (getattr(p, "_backward_hooks", None), getattr(p, "_post_accumulate_grad_hooks", None))
+        found = tuple(fn for store in (getattr(p, "_backward_hooks", None), getattr(p, "_post_accumulate_grad_hooks", None))
                       if store for fn in store.values())
         if found:
             hooks[name] = found
     return hooks
 
 
-def refuse_gradient_hooks(model: nn.Module, allowed: dict[str, tuple[int, ...]] | None = None) -> None:
+def global_optimizer_pre_hooks() -> tuple:
+    """Hooks registered with torch.optim.optimizer.register_optimizer_step_pre_hook: they run before
+    every optimizer's own pre-hooks, the engine's noise hook included, so they see the clipped sum
+    before the noise (torch keeps them in the private ``_global_optimizer_pre_hooks``)."""
+    from torch.optim import optimizer
+
+    return tuple(getattr(optimizer, "_global_optimizer_pre_hooks", {}).values())
+
+
+def refuse_gradient_hooks(model: nn.Module, allowed: dict[str, tuple] | None = None) -> None:
     """Refuse hooks on trainable parameters' gradients other than ``allowed`` (DeepSpeed's, recorded
-    right after deepspeed.initialize; before it, none is allowed)."""
-    added = sorted(name for name, ids in gradient_hooks(model).items() if ids != (allowed or {}).get(name, ()))
+    right after deepspeed.initialize; before it, none is allowed), and global optimizer pre-hooks."""
+    allowed = allowed or {}
+    added = sorted(name for name, fns in gradient_hooks(model).items()
+                   if len(fns) != len(allowed.get(name, ())) or any(a is not b for a, b in zip(fns, allowed[name])))
     if added:
         raise GradientHookError(
             f"{len(added)} trainable parameter(s) ({', '.join(added[:5])}{', ...' if len(added) > 5 else ''}) have a hook "
-            "on their gradient (Tensor.register_hook or register_post_accumulate_grad_hook) that dist-dpc did not put "
-            "there: it would run on the clipped gradient sum before the noise and could scale it, or add to it, beyond "
-            "max_grad_norm. Remove the hook; to transform the gradient, do it after the noise (an optimizer step "
-            "pre-hook registered after the engine's, or engine.post_noise_hooks)")
+            "on their gradient (Tensor.register_hook or register_post_accumulate_grad_hook) other than DeepSpeed's own "
+            "for this engine (a hook of yours, or of an earlier engine built on the same model): it would run on the "
+            "clipped gradient sum before the noise and could scale it, or add to it, beyond max_grad_norm. Remove the "
+            "hook (or build the model anew); to transform the gradient, do it after the noise (an optimizer step "
+            "pre-hook registered on the engine's optimizer, or engine.post_noise_hooks)")
+    if global_optimizer_pre_hooks():
+        raise GradientHookError(
+            "a global optimizer step pre-hook is registered (torch.optim.optimizer.register_optimizer_step_pre_hook): "
+            "it runs before the engine's noise hook, on the clipped gradient sum before the noise, and could scale it "
+            "beyond max_grad_norm. Remove it; register a pre-hook on the engine's optimizer instead, which runs after "
+            "the noise")
 
 
 def record_method(clipper: PerSampleClipper, module: nn.Module, method: str) -> None:
