@@ -65,8 +65,8 @@ def weights(engine):
 @pytest.mark.parametrize("clipping", ["per_layer", "flat"])
 @pytest.mark.parametrize("stage", [0, 2, 3])
 def test_hooks_that_see_the_clipped_sum_are_refused(stage, clipping):
-    """A hook multiplying a gradient by 1000 would move the weights 1000 times further than
-    max_grad_norm allows: refused before the engine is built and, if added later, before each step."""
+    """A hook multiplying a gradient by 1000 would scale the clipped sum, hence the noise-free
+    update, by 1000: refused before the engine is built and, if added later, before each step."""
     model = nn.Sequential(nn.Linear(3, 1))
     handle = model[0].weight.register_hook(lambda g: g * 1000)
     with pytest.raises(GradientHookError, match="0.weight"):
