@@ -154,6 +154,17 @@ def host_peak_without_retention(step, steps: int = 2) -> int | None:
     return None
 
 
+def memory_fields(device, rss_before_model: int, step) -> dict:
+    """The record's memory: on a GPU the allocator's peak; on the CPU the peak without allocator
+    retention (the plain one if that cannot be set up), the plain peak RSS and the RSS before the
+    model. Called after the timed steps; ``step`` runs one more step."""
+    peak = peak_memory_bytes(device)
+    if device.type != "cpu":
+        return {"peak_memory_bytes": peak}
+    return {"peak_rss_default_malloc_bytes": peak, "rss_before_model_bytes": rss_before_model,
+            "peak_memory_bytes": host_peak_without_retention(step) or peak}
+
+
 def run_deepspeed_mode(mode: str, stage: int, s: dict) -> dict:
     import torch
 
@@ -189,12 +200,8 @@ def run_deepspeed_mode(mode: str, stage: int, s: dict) -> dict:
         _sync(device)
         if i >= s["warmup"]:
             times.append(time.perf_counter() - start)
-    out_memory = {"peak_memory_bytes": peak_memory_bytes(device)}
-    if device.type == "cpu":
-        out_memory = {"peak_rss_default_malloc_bytes": out_memory["peak_memory_bytes"], "rss_before_model_bytes": rss0,
-                      "peak_memory_bytes": host_peak_without_retention(
-                          lambda: engine.train_step([batch], logical_batch_size=s["batch"] * world.world_size))
-                      or out_memory["peak_memory_bytes"]}
+    out_memory = memory_fields(device, rss0,
+                               lambda: engine.train_step([batch], logical_batch_size=s["batch"] * world.world_size))
     methods = engine.clipper.method_summary() if engine.clipper else {}
     counts = {}
     for m in methods.values():
@@ -267,11 +274,7 @@ def run_opacus_mode(mode: str, s: dict) -> dict:
         _sync(device)
         if i >= s["warmup"]:
             times.append(time.perf_counter() - start)
-    if device.type == "cpu":
-        return {"median_step_s": statistics.median(times), "peak_rss_default_malloc_bytes": peak_memory_bytes(device),
-                "rss_before_model_bytes": rss0,
-                "peak_memory_bytes": host_peak_without_retention(step) or peak_memory_bytes(device)}
-    return {"median_step_s": statistics.median(times), "peak_memory_bytes": peak_memory_bytes(device)}
+    return {"median_step_s": statistics.median(times), **memory_fields(device, rss0, step)}
 
 
 def _sync(device) -> None:
