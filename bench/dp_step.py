@@ -210,14 +210,16 @@ def run_deepspeed_mode(mode: str, stage: int, s: dict) -> dict:
     out = {"median_step_s": statistics.median(times), **out_memory, "norm_methods": counts}
     if mode != "non-dp":
         # At ZeRO >= 1 each rank draws the noise of its own partition only (1/world of the model).
-        out["noise_s"] = time_noise(model, device, world.world_size if stage >= 1 else 1)
+        out["noise_s"] = time_noise(model, device, world.world_size if stage >= 1 else 1, engine.noise_on_device)
+        out["noise_sampler"] = "device" if engine.noise_on_device else "host"
     return out
 
 
-def time_noise(model, device, shards: int = 1) -> float:
+def time_noise(model, device, shards: int = 1, on_device: bool = False) -> float:
     """Seconds to draw one step's Gaussian noise for this rank's share of the trainable coordinates
-    (fp32; 1/shards of the model: at ZeRO >= 1 a rank noises its own partition): the host-side draw
-    (privacy.randomness.add_gaussian_) plus the copy to the device, timed on its own."""
+    (fp32; 1/shards of the model: at ZeRO >= 1 a rank noises its own partition), timed on its own
+    with the engine's sampler: the host draw (privacy.randomness.add_gaussian_) plus the copy to the
+    device, or the draw on the device (add_gaussian_cuda_)."""
     import torch
 
     from dist_dpc.privacy.randomness import SecretKey, add_gaussian_
@@ -226,10 +228,10 @@ def time_noise(model, device, shards: int = 1) -> float:
     numel = -(-numel // shards)
     target = torch.zeros(numel, dtype=torch.float32, device=device)
     key = SecretKey.from_seed(1)
-    add_gaussian_(target, 1.0, key, "warm-up")
+    add_gaussian_(target, 1.0, key, "warm-up", on_device=on_device)
     _sync(device)
     start = time.perf_counter()
-    add_gaussian_(target, 1.0, key, "timed")
+    add_gaussian_(target, 1.0, key, "timed", on_device=on_device)
     _sync(device)
     return time.perf_counter() - start
 
@@ -387,7 +389,7 @@ def main() -> None:
                            "peak_memory_ratio": r["peak_memory_bytes"] / base["peak_memory_bytes"],
                            "samples_per_s": s["batch"] * world / r["median_step_s"],
                            "norm_methods": r.get("norm_methods", {}), "bound_ratio": bound_ratio(shape, mode),
-                           "noise_s": r.get("noise_s")}
+                           "noise_s": r.get("noise_s"), "noise_sampler": r.get("noise_sampler")}
                     if r.get("peak_rss_default_malloc_bytes") is not None:
                         # CPU: the plain peak RSS too (glibc's retention included), and the ratio of what each
                         # mode adds to the process before its model (code and libraries dilute the plain ratio).

@@ -38,7 +38,7 @@ from dist_dpc.privacy.clipper import (BypassedLayerError, ClipMode, GradientHook
                                       gradient_hooks, refuse_gradient_hooks)
 from dist_dpc.privacy.config import PrivacyConfig
 from dist_dpc.privacy.accounting import check_delta, delta_default
-from dist_dpc.privacy.noise import add_gaussian_noise_
+from dist_dpc.privacy.noise import add_gaussian_noise_, choose_noise_sampler
 from dist_dpc.privacy.randomness import SecretKey
 
 # loss_fn(forward, micro_batch) -> per-sample losses (B,); ``forward`` is the DeepSpeed engine or
@@ -135,6 +135,10 @@ class DPEngine:
         self.lr_schedule = lr_schedule
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.noise_stream = world.rank if deepspeed_seam.partitions_are_disjoint(self.ds) else 0
+        # Drawn on the GPU that holds the partition, or on the host (privacy.noise_sampler; refusals there).
+        self.noise_on_device = privacy.enabled and choose_noise_sampler(
+            privacy.noise_sampler, self._partitions, replicated=not deepspeed_seam.partitions_are_disjoint(self.ds),
+            world_size=world.world_size, key=key)
         self.accountant = PrivacyAccountant(accountant=privacy.accountant, delta=self.delta, prior=prior, phase=phase)
         self.steps_done = 0
         self._norm_sink = trainable
@@ -298,7 +302,8 @@ class DPEngine:
                 g.mul_(self.world.world_size)  # DeepSpeed averaged over ranks; DP-SGD wants the sum
         if self.clipper is not None:
             std = self.noise_multiplier * self.privacy.max_grad_norm
-            add_gaussian_noise_(grads, std, self._key, "dp-sgd", self.steps_done, self.noise_stream, self._hook_calls)
+            add_gaussian_noise_(grads, std, self._key, "dp-sgd", self.steps_done, self.noise_stream, self._hook_calls,
+                                on_device=self.noise_on_device)
         self._hook_calls += 1
         for g in grads:
             g.div_(self.expected_batch_size)

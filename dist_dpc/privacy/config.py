@@ -37,6 +37,13 @@ class PrivacyConfig:
     insecure_reproducible: the key is derived from privacy.noise_seed, or from a seed drawn once and
     kept in the run tree's noise_seed.json, so a resumed run is bit-identical. It WEAKENS the guarantee:
     anyone who reads noise_seed.json or knows privacy.noise_seed can regenerate and subtract the noise."""
+    noise_sampler: Literal["auto", "host", "device"] = "auto"
+    """Where DP-SGD's Gaussian noise is drawn. host: numpy Philox with 128-bit keys on the CPU, then
+    copied to the gradients' device (the same draws on any hardware). device: on the CUDA device that
+    holds the optimizer partition, torch's Philox, each value the sum of two draws under independent
+    64-bit keys (dist_dpc.privacy.randomness.add_gaussian_cuda_): a billion-parameter model's noise in
+    milliseconds instead of seconds of host time. auto: device where the partition is on a GPU (and,
+    at ZeRO 0 with several ranks, every rank's GPU draws identically), else host."""
     noise_seed: int | None = None
     """Only with randomness=insecure_reproducible: the seed the key is derived from (null: drawn once
     and kept in RUN/noise_seed.json). Knowing it removes all privacy."""
@@ -82,6 +89,9 @@ class PrivacyConfig:
         if self.randomness not in ("secure", "insecure_reproducible"):
             raise ValueError(f"privacy.randomness={self.randomness!r} is invalid: allowed values are 'secure', "
                              "'insecure_reproducible'")
+        if self.noise_sampler not in ("auto", "host", "device"):
+            raise ValueError(f"privacy.noise_sampler={self.noise_sampler!r} is invalid: allowed values are 'auto', "
+                             "'host', 'device'")
         if self.enabled and self.sampling != "poisson":
             raise ValueError(f"privacy.sampling={self.sampling!r} with privacy.enabled=true is refused: the "
                              "accountant's epsilon holds for Poisson sampling only, not for fixed-size shuffled "

@@ -5,19 +5,97 @@ Each tensor's draws come from Philox generators keyed by (phase key, labels, ten
 names its draws exactly. The DP engine's labels are (step, stream, call): ``stream`` separates ranks
 that own disjoint partitions (ZeRO >= 1: independent noise per partition); ranks that each hold a
 full replica (ZeRO 0) use the same stream so they apply identical noise.
+
+Where the draws are made (privacy.noise_sampler): on the host (numpy Philox, 128-bit keys; the draws
+do not depend on the hardware), or on the CUDA device that holds the gradients (torch's Philox, two
+64-bit keys per draw; randomness.add_gaussian_cuda_), which ``choose_noise_sampler`` decides once per
+engine.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import torch
 
-from dist_dpc.privacy.randomness import SecretKey, add_gaussian_
+from dist_dpc.privacy.randomness import SecretKey, add_gaussian_, cuda_fingerprint
 
 
-def add_gaussian_noise_(tensors: list[torch.Tensor], std: float, key: SecretKey, *labels: int | str) -> None:
+def add_gaussian_noise_(tensors: list[torch.Tensor], std: float, key: SecretKey, *labels: int | str,
+                        on_device: bool = False) -> None:
     """In place: t += N(0, std^2), independently per coordinate and per tensor; the draws are a
-    function of (key, labels, tensor index) alone."""
+    function of (key, labels, tensor index) alone (and, on the device, of the device's fingerprint)."""
     if std == 0:
         return
     for index, t in enumerate(tensors):
-        add_gaussian_(t, std, key, "gaussian-noise", *labels, index)
+        add_gaussian_(t, std, key, "gaussian-noise", *labels, index, on_device=on_device)
+
+
+class NoiseSamplerError(ValueError):
+    """privacy.noise_sampler asks for something this run's tensors or ranks cannot do."""
+
+
+def choose_noise_sampler(requested: str, tensors: list[torch.Tensor], *, replicated: bool, world_size: int,
+                         key: SecretKey) -> bool:
+    """Once per engine, on every rank (collective when ``replicated`` on CUDA): True to draw on the device.
+
+    auto: on the device when every tensor is on a CUDA device and, for replicas that must apply
+    identical noise (ZeRO 0, more than one rank), every rank's device draws identically; else the host.
+    device: the same conditions, refused when they fail. host: always the host. A device sampler
+    passes ``check_device_sampler`` before it is used."""
+    if requested == "host" or not tensors:
+        return False
+    on_cuda = all(t.is_cuda for t in tensors)
+    if not on_cuda:
+        if requested == "device":
+            devices = sorted({str(t.device) for t in tensors})
+            raise NoiseSamplerError(
+                f"privacy.noise_sampler=device, but this rank's optimizer partition is on {', '.join(devices)} (a CPU run "
+                "or ZeRO-Offload of the optimizer): set privacy.noise_sampler=auto or host")
+        return False
+    device = tensors[0].device
+    if replicated and world_size > 1:
+        fingerprints = [None] * world_size
+        torch.distributed.all_gather_object(fingerprints, cuda_fingerprint(device))
+        differing = replica_fingerprints_differ(fingerprints)
+        if differing:
+            message = ("ZeRO 0 replicas must apply identical noise, and torch's CUDA sampler draws differently on "
+                       f"these ranks' devices ({differing})")
+            if requested == "device":
+                raise NoiseSamplerError(f"privacy.noise_sampler=device: {message}; set privacy.noise_sampler=auto "
+                                        "(draws on the host then) or host, or use zero_optimization.stage >= 1")
+            warnings.warn(f"{message}: the noise is drawn on the host (privacy.noise_sampler=auto)", stacklevel=2)
+            return False
+    check_device_sampler(device, key)
+    return True
+
+
+def replica_fingerprints_differ(fingerprints: list[str]) -> str:
+    """'' when all ranks' CUDA fingerprints agree, else which ranks differ from rank 0 and how."""
+    return "; ".join(f"rank {rank}: {fp} vs rank 0: {fingerprints[0]}"
+                     for rank, fp in enumerate(fingerprints) if fp != fingerprints[0])
+
+
+def check_device_sampler(device: torch.device, key: SecretKey, count: int = 1 << 22) -> None:
+    """Before a device sampler noises anything: 4 M draws under a label no step uses must look like
+    N(0, 1) -- mean, standard deviation and the mass beyond 3 within about 8 standard errors (a
+    sampler that returned zeros, half the variance or a uniform would fail by hundreds). A guard
+    against a broken kernel or generator, not a proof of normality."""
+    values = torch.zeros(count, dtype=torch.float32, device=device)
+    add_gaussian_(values, 1.0, key, "device-sampler-self-test", on_device=True)
+    values = values.double()
+    mean, std = float(values.mean()), float(values.std())
+    tail = float((values.abs() > 3).double().mean())
+    expected_tail = math.erfc(3 / math.sqrt(2))  # 0.0027
+    tail_se = math.sqrt(expected_tail * (1 - expected_tail) / count)
+    problems = []
+    if abs(mean) > 8 / math.sqrt(count):
+        problems.append(f"mean {mean:.5f}")
+    if abs(std - 1) > 8 / math.sqrt(2 * count):
+        problems.append(f"standard deviation {std:.5f}")
+    if abs(tail - expected_tail) > 8 * tail_se:
+        problems.append(f"mass beyond 3: {tail:.5f} against {expected_tail:.5f}")
+    if problems:
+        raise NoiseSamplerError(f"the CUDA noise sampler on {device} failed its self-test ({', '.join(problems)} for "
+                                f"{count} draws of N(0, 1)): set privacy.noise_sampler=host")

@@ -16,6 +16,7 @@ it cannot end up in a checkpoint, config.yaml, W&B or a log by accident. Ranks r
 from __future__ import annotations
 
 import hashlib
+import math
 import secrets
 
 import numpy as np
@@ -69,6 +70,10 @@ class SecretKey:
         """A Philox generator keyed by 128 bits derived from (key, labels)."""
         return np.random.Generator(np.random.Philox(key=int.from_bytes(self._digest(labels, 16), "little")))
 
+    def uint64(self, *labels: int | str) -> int:
+        """64 key bits for one CUDA Philox generator (dist_dpc.privacy.randomness.add_gaussian_, on_device)."""
+        return int.from_bytes(self._digest(labels, 8), "little")
+
     def seed64(self, *labels: int | str) -> int:
         """A 63-bit seed for randomness that protects nothing (dropout masks); reveals nothing of the key."""
         return int.from_bytes(self._digest(labels, 8), "little") & (2**63 - 1)
@@ -109,14 +114,19 @@ def broadcast_key(key: SecretKey | None, world_size: int) -> SecretKey:
     return received
 
 
-def add_gaussian_(tensor: torch.Tensor, std: float, key: "SecretKey", *labels: int | str) -> None:
+def add_gaussian_(tensor: torch.Tensor, std: float, key: "SecretKey", *labels: int | str,
+                  on_device: bool = False) -> None:
     """In place: tensor += N(0, std^2) per coordinate, drawn in float32 on the host and moved to the
-    tensor's device (the draws do not depend on the device, so replicas stay identical).
+    tensor's device (the draws do not depend on the device, so replicas stay identical); with
+    ``on_device``, drawn on the tensor's CUDA device instead (add_gaussian_cuda_).
 
     The tensor is cut into chunks of CHUNK values, each with its own generator keyed by (labels, chunk
     index), and the chunks are drawn by a pool of threads (numpy releases the GIL while it fills an
     array): drawing is the host's work, and it scales with its cores. The draws depend only on
     (key, labels), never on the number of threads."""
+    if on_device:
+        add_gaussian_cuda_(tensor, std, key, *labels)
+        return
     contiguous = tensor.is_contiguous()
     target = tensor.view(-1) if contiguous else torch.zeros(tensor.numel(), dtype=tensor.dtype, device=tensor.device)
     numel = target.numel()
@@ -149,3 +159,55 @@ def _noise_pool():
 
         _POOL = ThreadPoolExecutor(max_workers=max(1, min(16, os.cpu_count() or 1)), thread_name_prefix="dp-noise")
     return _POOL
+
+
+# -- on the device ------------------------------------------------------------------------------
+DEVICE_CHUNK = 1 << 24  # values drawn per CUDA chunk: two float32 buffers of 64 MiB on the device
+
+
+def add_gaussian_cuda_(tensor: torch.Tensor, std: float, key: SecretKey, *labels: int | str) -> None:
+    """In place, on the tensor's CUDA device: tensor += std * (Z_a + Z_b) / sqrt(2), Z_a and Z_b
+    standard normal from two torch CUDA Philox generators with independent 64-bit keys.
+
+    Why: a GPU step is tens of milliseconds, and drawing a billion-parameter model's noise on the host
+    (about 12 ns a value) and copying it over would cost many steps' time. Why two generators: torch's
+    CUDA generator is Philox4x32-10, whose key is its 64-bit seed; one such key could be searched
+    (2^64 tries, each a few Philox calls, is within reach of a large GPU cluster) to find and subtract
+    the noise. The sum is N(0, 2): removing it needs both keys at once, 128 bits, and the two halves
+    cannot be matched separately (a meet-in-the-middle would store 2^64 vectors). It also widens the
+    support of torch's float32 Box-Muller sampler, whose single draw never exceeds about 6.7.
+    Keys are derived per (labels, chunk, half), so no two draws share a generator. The draws depend
+    on the device (torch's kernel grid follows the multiprocessor count: ``cuda_fingerprint``), so
+    replicas that must apply identical noise need identical devices (dist_dpc.privacy.noise)."""
+    if not tensor.is_cuda:
+        raise ValueError(f"add_gaussian_cuda_ draws on a CUDA device; this tensor is on {tensor.device}")
+    contiguous = tensor.is_contiguous()
+    target = tensor.view(-1) if contiguous else torch.zeros(tensor.numel(), dtype=tensor.dtype, device=tensor.device)
+    numel, scale = target.numel(), std / math.sqrt(2.0)
+    for chunk in range((numel + DEVICE_CHUNK - 1) // DEVICE_CHUNK):
+        start = chunk * DEVICE_CHUNK
+        count = min(DEVICE_CHUNK, numel - start)
+        draws = torch.empty(count, dtype=torch.float32, device=tensor.device)
+        other = torch.empty_like(draws)
+        draws.normal_(generator=_cuda_generator(tensor.device, key.uint64(*labels, "cuda-chunk", chunk, "a")))
+        other.normal_(generator=_cuda_generator(tensor.device, key.uint64(*labels, "cuda-chunk", chunk, "b")))
+        draws.add_(other).mul_(scale)
+        del other
+        target[start:start + count].add_(draws.to(target.dtype))
+    if not contiguous:
+        tensor.add_(target.view(tensor.shape))
+
+
+def _cuda_generator(device: torch.device, seed: int) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)  # all 64 bits: Philox4x32-10's key
+    return generator
+
+
+def cuda_fingerprint(device: torch.device) -> str:
+    """What torch's CUDA normal kernel's draws depend on besides the key: the torch build and the
+    launch grid, which follows the device's multiprocessors and threads per multiprocessor."""
+    props = torch.cuda.get_device_properties(device)
+    return "|".join(str(part) for part in (
+        torch.__version__, torch.version.cuda, props.name, props.multi_processor_count,
+        getattr(props, "max_threads_per_multi_processor", "?")))

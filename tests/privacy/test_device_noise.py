@@ -1,0 +1,193 @@
+"""privacy.noise_sampler: DP-SGD noise drawn on the CUDA device (two 64-bit-keyed Philox draws per value).
+
+What runs on the CPU: the choice of sampler, its refusals, and the device sampler's start-up self-test
+(fed by the host sampler and by broken samplers). What needs a GPU (skipped without one; bench/gpu.sh
+runs this file there): the draws themselves and one DP step whose noise is rebuilt from the key.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from dist_dpc.privacy import PrivacyConfig
+from dist_dpc.privacy import noise as noise_module
+from dist_dpc.privacy import randomness
+from dist_dpc.privacy.noise import (NoiseSamplerError, add_gaussian_noise_, check_device_sampler, choose_noise_sampler,
+                                    replica_fingerprints_differ)
+from dist_dpc.privacy.randomness import SecretKey, add_gaussian_, add_gaussian_cuda_
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (bench/gpu.sh runs this file on one)")
+
+
+# -- on the CPU --------------------------------------------------------------------------------
+def test_unknown_sampler_is_refused_with_the_allowed_values():
+    with pytest.raises(ValueError, match=r"privacy.noise_sampler='gpu' is invalid: allowed values are 'auto', 'host', 'device'"):
+        PrivacyConfig(noise_sampler="gpu")
+
+
+def test_cpu_tensors_use_the_host_and_device_is_refused_naming_the_field():
+    key = SecretKey.generate()
+    cpu = [torch.zeros(10)]
+    assert choose_noise_sampler("auto", cpu, replicated=False, world_size=1, key=key) is False
+    assert choose_noise_sampler("host", cpu, replicated=True, world_size=2, key=key) is False
+    with pytest.raises(NoiseSamplerError, match=r"privacy.noise_sampler=device, but this rank's optimizer partition is "
+                                                r"on cpu .*set privacy.noise_sampler=auto or host"):
+        choose_noise_sampler("device", cpu, replicated=False, world_size=1, key=key)
+
+
+def test_the_cuda_draw_refuses_a_host_tensor():
+    with pytest.raises(ValueError, match="draws on a CUDA device; this tensor is on cpu"):
+        add_gaussian_cuda_(torch.zeros(4), 1.0, SecretKey.generate(), "x")
+
+
+def test_replica_fingerprints_name_the_rank_that_differs():
+    assert replica_fingerprints_differ(["t|12.8|H100|132|2048"] * 3) == ""
+    differing = replica_fingerprints_differ(["t|12.8|H100|132|2048", "t|12.8|H100|132|2048", "t|12.8|H100 MIG|16|2048"])
+    assert differing.startswith("rank 2: t|12.8|H100 MIG|16|2048 vs rank 0") and "rank 1" not in differing
+
+
+def _host_sampler(values, std, key, *labels, on_device):
+    assert on_device
+    add_gaussian_(values, std, key, *labels)  # numpy Philox: a sampler known to be N(0, std^2)
+
+
+@pytest.mark.parametrize("name, broken", [
+    ("zeros", lambda values, *a, **k: None),
+    ("half the variance", lambda values, std, key, *labels, on_device: add_gaussian_(values, std / math.sqrt(2), key, *labels)),
+    ("variance 1.01", lambda values, std, key, *labels, on_device: add_gaussian_(values, std * 1.005, key, *labels)),
+    ("uniform of variance 1", lambda values, *a, **k: values.uniform_(-math.sqrt(3), math.sqrt(3))),
+    ("shifted by 0.01", lambda values, std, key, *labels, on_device: (add_gaussian_(values, std, key, *labels),
+                                                                       values.add_(0.01))),
+])
+def test_the_self_test_passes_a_normal_sampler_and_fails_broken_ones(monkeypatch, name, broken):
+    key = SecretKey.from_seed(3)
+    monkeypatch.setattr(noise_module, "add_gaussian_", _host_sampler)
+    check_device_sampler(torch.device("cpu"), key)  # the real N(0, 1) passes
+    monkeypatch.setattr(noise_module, "add_gaussian_", broken)
+    with pytest.raises(NoiseSamplerError, match=r"failed its self-test .*set privacy.noise_sampler=host"):
+        check_device_sampler(torch.device("cpu"), key)
+
+
+def test_a_cpu_engine_draws_on_the_host_and_refuses_device():
+    from dist_dpc.engine import DPEngine, build_ds_config, init_distributed
+    from dist_dpc.engine.losses import sequence_classification_loss
+    from dist_dpc.models import ModelConfig, load_sequence_classifier
+
+    world = init_distributed()
+
+    def engine(sampler):
+        model = load_sequence_classifier(ModelConfig(name="tiny-bert"), num_labels=2)
+        ds = build_ds_config(None, micro_batch_size=4, world_size=1, zero_stage=0, lr=1e-3, weight_decay=0.0,
+                             optimizer="adamw", bf16=False)
+        return DPEngine(model, ds, PrivacyConfig(target_epsilon=None, noise_multiplier=1.0, noise_sampler=sampler),
+                        dataset_size=1000, expected_batch_size=10, planned_steps=5, loss_fn=sequence_classification_loss,
+                        world=world, key=SecretKey.generate())
+
+    assert engine("auto").noise_on_device is False
+    with pytest.raises(NoiseSamplerError, match="privacy.noise_sampler=device, but this rank's optimizer partition is on cpu"):
+        engine("device")
+
+
+# -- on a GPU ----------------------------------------------------------------------------------
+@needs_cuda
+def test_device_draws_are_normal_with_the_requested_std_and_pass_the_self_test():
+    key = SecretKey.generate()
+    check_device_sampler(torch.device("cuda"), key)
+    values = torch.zeros(1 << 23, device="cuda")
+    add_gaussian_(values, 0.3, key, "moments", on_device=True)
+    v = values.double() / 0.3
+    n = v.numel()
+    assert abs(float(v.mean())) < 6 / math.sqrt(n)
+    assert abs(float(v.std()) - 1) < 6 / math.sqrt(2 * n)
+    assert abs(float((v ** 4).mean()) - 3) < 6 * math.sqrt(96 / n)  # kurtosis of N(0, 1): 3, variance of z^4 96
+    for k in (1, 2, 3, 4):  # tail masses against erfc, within 6 binomial standard errors
+        p = math.erfc(k / math.sqrt(2))
+        assert abs(float((v.abs() > k).double().mean()) - p) < 6 * math.sqrt(p * (1 - p) / n) + 1e-7, k
+
+
+@needs_cuda
+def test_device_draws_are_the_sum_of_two_independently_keyed_generators():
+    key = SecretKey.generate()
+    values = torch.zeros(4096, device="cuda")
+    add_gaussian_(values, 2.0, key, "pin", 7, on_device=True)
+    halves = []
+    for half in ("a", "b"):
+        generator = torch.Generator(device="cuda")
+        generator.manual_seed(key.uint64("pin", 7, "cuda-chunk", 0, half))
+        halves.append(torch.empty(4096, device="cuda").normal_(generator=generator))
+    rebuilt = (halves[0] + halves[1]) * (2.0 / math.sqrt(2.0))
+    torch.testing.assert_close(values, rebuilt, rtol=1e-6, atol=1e-6)
+    for h in halves:  # neither key alone gives the noise
+        assert float((values - h * 2.0).abs().max()) > 1.0
+
+
+@needs_cuda
+def test_device_draws_depend_on_key_and_labels_only(monkeypatch):
+    key = SecretKey.generate()
+
+    def draw(k, *labels, numel=10_000, dtype=torch.float32):
+        t = torch.zeros(numel, device="cuda", dtype=dtype)
+        add_gaussian_(t, 1.0, k, *labels, on_device=True)
+        return t
+
+    assert torch.equal(draw(key, "a", 1), draw(key, "a", 1))
+    for other in (draw(key, "a", 2), draw(SecretKey.generate(), "a", 1)):
+        corr = torch.corrcoef(torch.stack([draw(key, "a", 1), other]))[0, 1]
+        assert abs(float(corr)) < 5 / math.sqrt(10_000)
+    # Chunks get their own generators: no value of one chunk reappears in another.
+    monkeypatch.setattr(randomness, "DEVICE_CHUNK", 1000)
+    chunked = draw(key, "c", numel=2500)
+    assert torch.unique(chunked).numel() == 2500
+    # bf16 targets get the float32 draw rounded once; a non-contiguous target is noised in place.
+    bf16 = draw(key, "c", numel=2500, dtype=torch.bfloat16)
+    torch.testing.assert_close(bf16, chunked.to(torch.bfloat16))
+    strided = torch.zeros(50, 40, device="cuda").t()
+    add_gaussian_(strided, 1.0, key, "c", on_device=True)
+    torch.testing.assert_close(strided.reshape(-1), chunked[:2000])
+
+
+@needs_cuda
+def test_several_tensors_get_independent_draws():
+    key = SecretKey.generate()
+    tensors = [torch.zeros(5000, device="cuda"), torch.zeros(5000, device="cuda")]
+    add_gaussian_noise_(tensors, 1.0, key, "dp-sgd", 0, 0, 0, on_device=True)
+    corr = torch.corrcoef(torch.stack(tensors))[0, 1]
+    assert abs(float(corr)) < 5 / math.sqrt(5000)
+
+
+@needs_cuda
+@pytest.mark.skipif(os.environ.get("DS_ACCELERATOR") != "cuda", reason="DeepSpeed on the GPU: DS_ACCELERATOR=cuda")
+@pytest.mark.parametrize("sampler", ["auto", "host"])
+def test_one_dp_step_on_the_gpu_applies_the_keyed_draws_once(sampler):
+    """ZeRO 0, one rank, SGD at lr 1, a batch of padding rows only: the clipped sum is exactly zero, so
+    the update is -(noise / B), and the noise is rebuilt from the key with the engine's labels."""
+    from dist_dpc.engine import DPEngine, build_ds_config, init_distributed
+    from dist_dpc.engine.losses import sequence_classification_loss
+    from dist_dpc.models import ModelConfig, load_sequence_classifier
+    from tests.engine.dp_worker import logical_batch, rank_micro_batches
+
+    world = init_distributed()
+    torch.manual_seed(0)
+    model = load_sequence_classifier(ModelConfig(name="tiny-bert"), num_labels=2).cuda()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    initial = [p.detach().clone() for p in trainable]
+    ds = build_ds_config({"optimizer": {"type": "SGD", "params": {"lr": 1.0}}}, micro_batch_size=4, world_size=1,
+                         zero_stage=0, lr=1.0, weight_decay=0.0, optimizer="sgd", bf16=False)
+    sigma, c, b = 1.5, 0.5, 8
+    key = SecretKey.generate()
+    engine = DPEngine(model, ds, PrivacyConfig(target_epsilon=None, noise_multiplier=sigma, max_grad_norm=c,
+                                               noise_sampler=sampler),
+                      dataset_size=1000, expected_batch_size=b, planned_steps=1, loss_fn=sequence_classification_loss,
+                      world=world, key=key)
+    assert engine.noise_on_device is (sampler == "auto")
+    batch = logical_batch(model.config.vocab_size, 0, 9, 1)
+    engine.train_step(rank_micro_batches(batch, 0, 1, 4, 1), logical_batch_size=0)
+    expected = [torch.zeros_like(p) for p in initial]
+    add_gaussian_noise_(expected, sigma * c, key, "dp-sgd", 0, 0, 0, on_device=engine.noise_on_device)
+    for p, p0, noise in zip(trainable, initial, expected):
+        torch.testing.assert_close(p.detach() - p0, -noise / b, rtol=1e-5, atol=1e-6)
