@@ -40,10 +40,12 @@ class PrivacyConfig:
     noise_sampler: Literal["auto", "host", "device"] = "auto"
     """Where DP-SGD's Gaussian noise is drawn. host: numpy Philox with 128-bit keys on the CPU, then
     copied to the gradients' device (the same draws on any hardware). device: on the CUDA device that
-    holds the optimizer partition, torch's Philox, each value the sum of two draws under independent
-    64-bit keys (dist_dpc.privacy.randomness.add_gaussian_cuda_): a billion-parameter model's noise in
-    milliseconds instead of seconds of host time. auto: device where the partition is on a GPU (and,
-    at ZeRO 0 with several ranks, every rank's GPU draws identically), else host."""
+    holds the optimizer partition, from torch's Philox, the bits of three independently keyed streams
+    XOR-ed (dist_dpc.privacy.randomness.add_gaussian_cuda_): a billion-parameter model's noise in
+    milliseconds instead of seconds of host time. auto: device where every rank's partition is on a
+    GPU and its sampler passes a start-up self-test (and, at ZeRO 0 with several ranks, every rank's
+    GPU draws identically), else host. With randomness=insecure_reproducible a resumed run repeats its
+    noise only on the same sampler, GPU model and torch build: set host to repeat it anywhere."""
     noise_seed: int | None = None
     """Only with randomness=insecure_reproducible: the seed the key is derived from (null: drawn once
     and kept in RUN/noise_seed.json). Knowing it removes all privacy."""

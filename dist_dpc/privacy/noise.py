@@ -7,13 +7,14 @@ that own disjoint partitions (ZeRO >= 1: independent noise per partition); ranks
 full replica (ZeRO 0) use the same stream so they apply identical noise.
 
 Where the draws are made (privacy.noise_sampler): on the host (numpy Philox, 128-bit keys; the draws
-do not depend on the hardware), or on the CUDA device that holds the gradients (torch's Philox, two
-64-bit keys per draw; randomness.add_gaussian_cuda_), which ``choose_noise_sampler`` decides once per
-engine.
+do not depend on the hardware), or on the CUDA device that holds the gradients (torch's Philox, the
+XOR of three independently keyed streams; randomness.add_gaussian_cuda_), which ``choose_noise_sampler``
+decides once per engine, all ranks together.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 
@@ -38,37 +39,54 @@ class NoiseSamplerError(ValueError):
 
 def choose_noise_sampler(requested: str, tensors: list[torch.Tensor], *, replicated: bool, world_size: int,
                          key: SecretKey) -> bool:
-    """Once per engine, on every rank (collective when ``replicated`` on CUDA): True to draw on the device.
+    """Once per engine, on every rank (collective unless ``requested`` is host): True to draw on the device.
 
-    auto: on the device when every tensor is on a CUDA device and, for replicas that must apply
-    identical noise (ZeRO 0, more than one rank), every rank's device draws identically; else the host.
-    device: the same conditions, refused when they fail. host: always the host. A device sampler
-    passes ``check_device_sampler`` before it is used."""
-    if requested == "host" or not tensors:
+    auto: on the device when, on every rank, the optimizer partition is on a CUDA device and the device
+    sampler passes ``check_device_sampler``, and, for replicas that must apply identical noise (ZeRO 0,
+    several ranks), every rank's self-test draws are bit-identical; else the host, on every rank.
+    device: the same conditions, refused when one fails. host: always the host. The ranks decide
+    together, so a failure on one rank is the same answer (or the same error) on all of them, never
+    one rank in a collective the others skipped."""
+    if requested == "host":
         return False
-    on_cuda = all(t.is_cuda for t in tensors)
-    if not on_cuda:
-        if requested == "device":
-            devices = sorted({str(t.device) for t in tensors})
-            raise NoiseSamplerError(
-                f"privacy.noise_sampler=device, but this rank's optimizer partition is on {', '.join(devices)} (a CPU run "
-                "or ZeRO-Offload of the optimizer): set privacy.noise_sampler=auto or host")
-        return False
+    local = _device_status(tensors, key)
+    statuses = [local]
+    if world_size > 1:
+        statuses = [None] * world_size
+        torch.distributed.all_gather_object(statuses, local)
+    problems = [f"rank {rank}: {status['problem']}" for rank, status in enumerate(statuses) if status["problem"]]
+    if not problems and replicated and len({status["digest"] for status in statuses}) > 1:
+        fingerprints = [status["fingerprint"] for status in statuses]
+        problems.append("ZeRO 0 replicas must apply identical noise, and torch's CUDA generator draws differently on "
+                        f"these ranks' devices ({replica_fingerprints_differ(fingerprints) or 'same fingerprint'})")
+    if not problems:
+        return True
+    if requested == "device":
+        raise NoiseSamplerError(f"privacy.noise_sampler=device: {'; '.join(problems)}. Set privacy.noise_sampler=auto "
+                                "(the host draws the noise then) or host")
+    if any(status["on_cuda"] for status in statuses):
+        warnings.warn(f"the noise is drawn on the host (privacy.noise_sampler=auto): {'; '.join(problems)}",
+                      stacklevel=2)
+    return False
+
+
+def _device_status(tensors: list[torch.Tensor], key: SecretKey) -> dict:
+    """This rank's part of choose_noise_sampler's decision (picklable, nothing secret: the digest is a
+    hash of draws under a label no step uses)."""
+    devices = sorted({str(t.device) for t in tensors})
+    if not tensors or not all(t.is_cuda for t in tensors):
+        return {"on_cuda": False, "fingerprint": None, "digest": None,
+                "problem": f"the optimizer partition is on {', '.join(devices) or 'no device (empty)'} (a CPU run or "
+                           "ZeRO-Offload of the optimizer), not on a GPU"}
+    if len(devices) > 1:
+        return {"on_cuda": True, "fingerprint": None, "digest": None,
+                "problem": f"the optimizer partition spans several devices ({', '.join(devices)})"}
     device = tensors[0].device
-    if replicated and world_size > 1:
-        fingerprints = [None] * world_size
-        torch.distributed.all_gather_object(fingerprints, cuda_fingerprint(device))
-        differing = replica_fingerprints_differ(fingerprints)
-        if differing:
-            message = ("ZeRO 0 replicas must apply identical noise, and torch's CUDA sampler draws differently on "
-                       f"these ranks' devices ({differing})")
-            if requested == "device":
-                raise NoiseSamplerError(f"privacy.noise_sampler=device: {message}; set privacy.noise_sampler=auto "
-                                        "(draws on the host then) or host, or use zero_optimization.stage >= 1")
-            warnings.warn(f"{message}: the noise is drawn on the host (privacy.noise_sampler=auto)", stacklevel=2)
-            return False
-    check_device_sampler(device, key)
-    return True
+    try:
+        digest = check_device_sampler(device, key)
+    except NoiseSamplerError as err:
+        return {"on_cuda": True, "fingerprint": cuda_fingerprint(device), "digest": None, "problem": str(err)}
+    return {"on_cuda": True, "fingerprint": cuda_fingerprint(device), "digest": digest, "problem": ""}
 
 
 def replica_fingerprints_differ(fingerprints: list[str]) -> str:
@@ -77,13 +95,15 @@ def replica_fingerprints_differ(fingerprints: list[str]) -> str:
                      for rank, fp in enumerate(fingerprints) if fp != fingerprints[0])
 
 
-def check_device_sampler(device: torch.device, key: SecretKey, count: int = 1 << 22) -> None:
+def check_device_sampler(device: torch.device, key: SecretKey, count: int = 1 << 22) -> str:
     """Before a device sampler noises anything: 4 M draws under a label no step uses must look like
     N(0, 1) -- mean, standard deviation and the mass beyond 3 within about 8 standard errors (a
     sampler that returned zeros, half the variance or a uniform would fail by hundreds). A guard
-    against a broken kernel or generator, not a proof of normality."""
+    against a broken kernel or generator, not a proof of normality. Returns a hash of the draws
+    (replicas compare it: identical noise needs identical draws)."""
     values = torch.zeros(count, dtype=torch.float32, device=device)
     add_gaussian_(values, 1.0, key, "device-sampler-self-test", on_device=True)
+    digest = hashlib.sha256(values.cpu().numpy().tobytes()).hexdigest()
     values = values.double()
     mean, std = float(values.mean()), float(values.std())
     tail = float((values.abs() > 3).double().mean())
@@ -99,3 +119,4 @@ def check_device_sampler(device: torch.device, key: SecretKey, count: int = 1 <<
     if problems:
         raise NoiseSamplerError(f"the CUDA noise sampler on {device} failed its self-test ({', '.join(problems)} for "
                                 f"{count} draws of N(0, 1)): set privacy.noise_sampler=host")
+    return digest

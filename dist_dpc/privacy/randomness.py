@@ -162,46 +162,61 @@ def _noise_pool():
 
 
 # -- on the device ------------------------------------------------------------------------------
-DEVICE_CHUNK = 1 << 24  # values drawn per CUDA chunk: two float32 buffers of 64 MiB on the device
+DEVICE_CHUNK = 1 << 23  # values drawn per chunk on the device (about 0.3 GiB of temporaries)
+DEVICE_STREAMS = 3      # independently keyed generators whose bits are XOR-ed (see add_gaussian_cuda_)
 
 
 def add_gaussian_cuda_(tensor: torch.Tensor, std: float, key: SecretKey, *labels: int | str) -> None:
-    """In place, on the tensor's CUDA device: tensor += std * (Z_a + Z_b) / sqrt(2), Z_a and Z_b
-    standard normal from two torch CUDA Philox generators with independent 64-bit keys.
+    """In place, on the tensor's CUDA device: tensor += N(0, std^2) per coordinate.
 
-    Why: a GPU step is tens of milliseconds, and drawing a billion-parameter model's noise on the host
-    (about 12 ns a value) and copying it over would cost many steps' time. Why two generators: torch's
-    CUDA generator is Philox4x32-10, whose key is its 64-bit seed; one such key could be searched
-    (2^64 tries, each a few Philox calls, is within reach of a large GPU cluster) to find and subtract
-    the noise. The sum is N(0, 2): removing it needs both keys at once, 128 bits, and the two halves
-    cannot be matched separately (a meet-in-the-middle would store 2^64 vectors). It also widens the
-    support of torch's float32 Box-Muller sampler, whose single draw never exceeds about 6.7.
-    Keys are derived per (labels, chunk, half), so no two draws share a generator. The draws depend
-    on the device (torch's kernel grid follows the multiprocessor count: ``cuda_fingerprint``), so
-    replicas that must apply identical noise need identical devices (dist_dpc.privacy.noise)."""
+    Why on the device: a GPU step takes tens of milliseconds, and drawing a billion-parameter model's
+    noise on the host (about 12 ns a value) and copying it over would cost many steps' time.
+
+    How: torch's CUDA generator is Philox4x32-10, whose key is its 64-bit seed, and a single 64-bit
+    key can be searched. So each value's uniform bits are the XOR of DEVICE_STREAMS = 3 streams of
+    63 random bits, each from its own generator, keyed by 64 bits derived from the secret and
+    (labels, chunk, stream); a Box-Muller transform in float64 turns pairs of 53-bit uniforms into
+    pairs of normals. While any one stream's key is unknown the XOR is uniform whatever the others
+    are (a one-time pad), so no key or pair of keys can be tested on its own: an attacker must find
+    all three together, and a meet-in-the-middle split still costs about 2^128 time with 2^64
+    memory. (Adding the normals of two generators instead would not do: the sum correlates with
+    each half, so each 64-bit key could be found by its own scan.) A collision of two derived keys
+    (birthday bound) repeats nothing unless all three streams of two chunks collide.
+    The draws are a function of (key, labels) and of the device: torch's kernel grid follows the
+    GPU's multiprocessor count (``cuda_fingerprint``), so replicas that must apply identical noise
+    need identical devices (dist_dpc.privacy.noise)."""
     if not tensor.is_cuda:
         raise ValueError(f"add_gaussian_cuda_ draws on a CUDA device; this tensor is on {tensor.device}")
+    _add_keyed_box_muller_(tensor, std, key, *labels)
+
+
+def _add_keyed_box_muller_(tensor: torch.Tensor, std: float, key: SecretKey, *labels: int | str) -> None:
+    """add_gaussian_cuda_'s construction on any device (on the CPU torch's generator is mt19937, which
+    keeps 32 bits of a seed: there it is for tests of the construction only, never for noise)."""
     contiguous = tensor.is_contiguous()
     target = tensor.view(-1) if contiguous else torch.zeros(tensor.numel(), dtype=tensor.dtype, device=tensor.device)
-    numel, scale = target.numel(), std / math.sqrt(2.0)
+    numel = target.numel()
     for chunk in range((numel + DEVICE_CHUNK - 1) // DEVICE_CHUNK):
         start = chunk * DEVICE_CHUNK
         count = min(DEVICE_CHUNK, numel - start)
-        draws = torch.empty(count, dtype=torch.float32, device=tensor.device)
-        other = torch.empty_like(draws)
-        draws.normal_(generator=_cuda_generator(tensor.device, key.uint64(*labels, "cuda-chunk", chunk, "a")))
-        other.normal_(generator=_cuda_generator(tensor.device, key.uint64(*labels, "cuda-chunk", chunk, "b")))
-        draws.add_(other).mul_(scale)
-        del other
-        target[start:start + count].add_(draws.to(target.dtype))
+        pairs = (count + 1) // 2
+        bits = torch.zeros(2 * pairs, dtype=torch.int64, device=tensor.device)
+        stream_bits = torch.empty_like(bits)
+        for stream in range(DEVICE_STREAMS):
+            generator = torch.Generator(device=tensor.device)
+            generator.manual_seed(key.uint64(*labels, "device-chunk", chunk, "stream", stream))  # all 64 bits
+            bits.bitwise_xor_(stream_bits.random_(generator=generator))  # uniform on [0, 2^63)
+        del stream_bits
+        # The top 53 of the 63 bits, centred: u in (0, 1), never 0 (log) nor 1.
+        uniform = bits.bitwise_right_shift_(10).to(torch.float64).add_(0.5).mul_(2.0 ** -53)
+        del bits
+        radius = uniform[:pairs].log_().mul_(-2.0).sqrt_()
+        angle = uniform[pairs:].mul_(2 * math.pi)
+        normal = torch.cat([radius * torch.cos(angle), radius.mul_(torch.sin(angle))])[:count]
+        del uniform, radius, angle
+        target[start:start + count].add_(normal.mul_(std).to(target.dtype))
     if not contiguous:
         tensor.add_(target.view(tensor.shape))
-
-
-def _cuda_generator(device: torch.device, seed: int) -> torch.Generator:
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)  # all 64 bits: Philox4x32-10's key
-    return generator
 
 
 def cuda_fingerprint(device: torch.device) -> str:

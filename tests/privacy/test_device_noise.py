@@ -1,15 +1,19 @@
-"""privacy.noise_sampler: DP-SGD noise drawn on the CUDA device (two 64-bit-keyed Philox draws per value).
+"""privacy.noise_sampler: DP-SGD noise drawn on the CUDA device (three keyed Philox streams, XOR-ed).
 
-What runs on the CPU: the choice of sampler, its refusals, and the device sampler's start-up self-test
-(fed by the host sampler and by broken samplers). What needs a GPU (skipped without one; bench/gpu.sh
-runs this file there): the draws themselves and one DP step whose noise is rebuilt from the key.
+What runs on the CPU: the choice of sampler and its refusals, the device sampler's start-up self-test
+(fed by the host sampler and by broken samplers), and the construction itself on torch's CPU generator
+(against a numpy reimplementation, and the review's single-key attack). What needs a GPU (skipped
+without one; bench/gpu.sh runs this file there): the CUDA draws and one DP step whose noise is rebuilt
+from the key.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -33,10 +37,12 @@ def test_unknown_sampler_is_refused_with_the_allowed_values():
 def test_cpu_tensors_use_the_host_and_device_is_refused_naming_the_field():
     key = SecretKey.generate()
     cpu = [torch.zeros(10)]
-    assert choose_noise_sampler("auto", cpu, replicated=False, world_size=1, key=key) is False
-    assert choose_noise_sampler("host", cpu, replicated=True, world_size=2, key=key) is False
-    with pytest.raises(NoiseSamplerError, match=r"privacy.noise_sampler=device, but this rank's optimizer partition is "
-                                                r"on cpu .*set privacy.noise_sampler=auto or host"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a CPU run is not a degraded GPU run: no warning
+        assert choose_noise_sampler("auto", cpu, replicated=False, world_size=1, key=key) is False
+    assert choose_noise_sampler("host", cpu, replicated=True, world_size=2, key=key) is False  # no collective
+    with pytest.raises(NoiseSamplerError, match=r"privacy.noise_sampler=device: rank 0: the optimizer partition is on "
+                                                r"cpu .*Set privacy.noise_sampler=auto \(the host draws the noise then\) or host"):
         choose_noise_sampler("device", cpu, replicated=False, world_size=1, key=key)
 
 
@@ -49,6 +55,80 @@ def test_replica_fingerprints_name_the_rank_that_differs():
     assert replica_fingerprints_differ(["t|12.8|H100|132|2048"] * 3) == ""
     differing = replica_fingerprints_differ(["t|12.8|H100|132|2048", "t|12.8|H100|132|2048", "t|12.8|H100 MIG|16|2048"])
     assert differing.startswith("rank 2: t|12.8|H100 MIG|16|2048 vs rank 0") and "rank 1" not in differing
+
+
+# The device construction (XOR of three keyed streams, Box-Muller in float64) runs on any device; on the
+# CPU torch's generator is mt19937 instead of Philox, which is enough to test everything but the kernel.
+def _stream_bits(key, labels, chunk, stream, words):
+    generator = torch.Generator()
+    generator.manual_seed(key.uint64(*labels, "device-chunk", chunk, "stream", stream))
+    return torch.empty(words, dtype=torch.int64).random_(generator=generator).numpy().astype(np.uint64)
+
+
+def _box_muller(bits: np.ndarray, count: int) -> np.ndarray:
+    """A second implementation, in numpy: 53-bit uniforms in (0, 1), pairs (first half, second half)."""
+    u = ((bits >> np.uint64(10)).astype(np.float64) + 0.5) / 2.0 ** 53
+    half = len(u) // 2
+    r, theta = np.sqrt(-2 * np.log(u[:half])), 2 * np.pi * u[half:]
+    return np.concatenate([r * np.cos(theta), r * np.sin(theta)])[:count]
+
+
+def test_construction_is_the_xor_of_three_keyed_streams_through_box_muller():
+    key, labels, count = SecretKey.generate(), ("dp-sgd", 3, 0, 1), 10_001
+    values = torch.zeros(count, dtype=torch.float64)
+    randomness._add_keyed_box_muller_(values, 0.7, key, *labels)
+    words = 2 * ((count + 1) // 2)
+    bits = [_stream_bits(key, labels, 0, s, words) for s in range(3)]
+    np.testing.assert_allclose(values.numpy(), 0.7 * _box_muller(bits[0] ^ bits[1] ^ bits[2], count), rtol=1e-12, atol=1e-12)
+    assert bool(torch.isfinite(values).all())
+
+
+def test_no_single_stream_or_pair_of_streams_can_be_scored_on_its_own():
+    """The review's attack on a sum of two keyed normals: the noise correlated ~0.71 with each half, so
+    each 64-bit key could be found by its own scan. With the XOR, every part short of all three
+    streams is independent of the noise: correlation within 5 standard errors of 0."""
+    key, labels, count = SecretKey.generate(), ("dp-sgd", 0, 0, 0), 200_000
+    noise = torch.zeros(count, dtype=torch.float64)
+    randomness._add_keyed_box_muller_(noise, 1.0, key, *labels)
+    bits = [_stream_bits(key, labels, 0, s, count) for s in range(3)]
+    for name, part in (("a", bits[0]), ("b", bits[1]), ("c", bits[2]), ("a^b", bits[0] ^ bits[1]),
+                       ("b^c", bits[1] ^ bits[2]), ("a^c", bits[0] ^ bits[2])):
+        guess = _box_muller(part, count)
+        corr = float(np.corrcoef(noise.numpy(), guess)[0, 1])
+        assert abs(corr) < 5 / math.sqrt(count), (name, corr)
+    full = _box_muller(bits[0] ^ bits[1] ^ bits[2], count)
+    assert float(np.corrcoef(noise.numpy(), full)[0, 1]) > 0.999999
+
+
+def test_construction_gives_n0_std2_and_depends_on_key_labels_and_chunk(monkeypatch):
+    key = SecretKey.generate()
+
+    def draw(k, *labels, numel=1 << 20, dtype=torch.float32, std=1.0):
+        t = torch.zeros(numel, dtype=dtype)
+        randomness._add_keyed_box_muller_(t, std, k, *labels)
+        return t
+
+    v = draw(key, "moments", std=0.3).double() / 0.3
+    n = v.numel()
+    assert abs(float(v.mean())) < 6 / math.sqrt(n)
+    assert abs(float(v.std()) - 1) < 6 / math.sqrt(2 * n)
+    assert abs(float((v ** 4).mean()) - 3) < 6 * math.sqrt(96 / n)  # z^4: mean 3, variance 96
+    for k in (1, 2, 3, 4):
+        p = math.erfc(k / math.sqrt(2))
+        assert abs(float((v.abs() > k).double().mean()) - p) < 6 * math.sqrt(p * (1 - p) / n) + 1e-6, k
+    assert torch.equal(draw(key, "a", 1, numel=10_000), draw(key, "a", 1, numel=10_000))
+    for other in (draw(key, "a", 2, numel=10_000), draw(SecretKey.generate(), "a", 1, numel=10_000)):
+        corr = torch.corrcoef(torch.stack([draw(key, "a", 1, numel=10_000), other]))[0, 1]
+        assert abs(float(corr)) < 5 / math.sqrt(10_000)
+    # Chunks get their own generators: no value of one chunk reappears in another.
+    monkeypatch.setattr(randomness, "DEVICE_CHUNK", 1000)
+    chunked = draw(key, "c", numel=2500)
+    assert torch.unique(chunked).numel() == 2500
+    # bf16 targets get the float32 draw rounded once; a non-contiguous target is noised in place.
+    torch.testing.assert_close(draw(key, "c", numel=2500, dtype=torch.bfloat16), chunked.to(torch.bfloat16))
+    strided = torch.zeros(50, 40).t()
+    randomness._add_keyed_box_muller_(strided, 1.0, key, "c")
+    torch.testing.assert_close(strided.reshape(-1), chunked[:2000])
 
 
 def _host_sampler(values, std, key, *labels, on_device):
@@ -89,7 +169,7 @@ def test_a_cpu_engine_draws_on_the_host_and_refuses_device():
                         world=world, key=SecretKey.generate())
 
     assert engine("auto").noise_on_device is False
-    with pytest.raises(NoiseSamplerError, match="privacy.noise_sampler=device, but this rank's optimizer partition is on cpu"):
+    with pytest.raises(NoiseSamplerError, match="privacy.noise_sampler=device: rank 0: the optimizer partition is on cpu"):
         engine("device")
 
 
@@ -111,27 +191,11 @@ def test_device_draws_are_normal_with_the_requested_std_and_pass_the_self_test()
 
 
 @needs_cuda
-def test_device_draws_are_the_sum_of_two_independently_keyed_generators():
-    key = SecretKey.generate()
-    values = torch.zeros(4096, device="cuda")
-    add_gaussian_(values, 2.0, key, "pin", 7, on_device=True)
-    halves = []
-    for half in ("a", "b"):
-        generator = torch.Generator(device="cuda")
-        generator.manual_seed(key.uint64("pin", 7, "cuda-chunk", 0, half))
-        halves.append(torch.empty(4096, device="cuda").normal_(generator=generator))
-    rebuilt = (halves[0] + halves[1]) * (2.0 / math.sqrt(2.0))
-    torch.testing.assert_close(values, rebuilt, rtol=1e-6, atol=1e-6)
-    for h in halves:  # neither key alone gives the noise
-        assert float((values - h * 2.0).abs().max()) > 1.0
-
-
-@needs_cuda
-def test_device_draws_depend_on_key_and_labels_only(monkeypatch):
+def test_device_draws_depend_on_key_and_labels_only():
     key = SecretKey.generate()
 
-    def draw(k, *labels, numel=10_000, dtype=torch.float32):
-        t = torch.zeros(numel, device="cuda", dtype=dtype)
+    def draw(k, *labels, numel=10_000):
+        t = torch.zeros(numel, device="cuda")
         add_gaussian_(t, 1.0, k, *labels, on_device=True)
         return t
 
@@ -139,16 +203,6 @@ def test_device_draws_depend_on_key_and_labels_only(monkeypatch):
     for other in (draw(key, "a", 2), draw(SecretKey.generate(), "a", 1)):
         corr = torch.corrcoef(torch.stack([draw(key, "a", 1), other]))[0, 1]
         assert abs(float(corr)) < 5 / math.sqrt(10_000)
-    # Chunks get their own generators: no value of one chunk reappears in another.
-    monkeypatch.setattr(randomness, "DEVICE_CHUNK", 1000)
-    chunked = draw(key, "c", numel=2500)
-    assert torch.unique(chunked).numel() == 2500
-    # bf16 targets get the float32 draw rounded once; a non-contiguous target is noised in place.
-    bf16 = draw(key, "c", numel=2500, dtype=torch.bfloat16)
-    torch.testing.assert_close(bf16, chunked.to(torch.bfloat16))
-    strided = torch.zeros(50, 40, device="cuda").t()
-    add_gaussian_(strided, 1.0, key, "c", on_device=True)
-    torch.testing.assert_close(strided.reshape(-1), chunked[:2000])
 
 
 @needs_cuda
