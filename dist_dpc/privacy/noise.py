@@ -54,6 +54,12 @@ def choose_noise_sampler(requested: str, tensors: list[torch.Tensor], *, replica
     if world_size > 1:
         statuses = [None] * world_size
         torch.distributed.all_gather_object(statuses, local)
+    return decide_noise_sampler(requested, statuses, replicated=replicated)
+
+
+def decide_noise_sampler(requested: str, statuses: list[dict], *, replicated: bool) -> bool:
+    """choose_noise_sampler's decision from every rank's status (the same list on every rank, so the
+    same answer or the same error everywhere)."""
     problems = [f"rank {rank}: {status['problem']}" for rank, status in enumerate(statuses) if status["problem"]]
     if not problems and replicated and len({status["digest"] for status in statuses}) > 1:
         fingerprints = [status["fingerprint"] for status in statuses]
@@ -66,7 +72,7 @@ def choose_noise_sampler(requested: str, tensors: list[torch.Tensor], *, replica
                                 "(the host draws the noise then) or host")
     if any(status["on_cuda"] for status in statuses):
         warnings.warn(f"the noise is drawn on the host (privacy.noise_sampler=auto): {'; '.join(problems)}",
-                      stacklevel=2)
+                      stacklevel=3)
     return False
 
 
@@ -82,11 +88,13 @@ def _device_status(tensors: list[torch.Tensor], key: SecretKey) -> dict:
         return {"on_cuda": True, "fingerprint": None, "digest": None,
                 "problem": f"the optimizer partition spans several devices ({', '.join(devices)})"}
     device = tensors[0].device
-    try:
+    try:  # any failure (the self-test, out of memory, a kernel image missing) is this rank's status: the
+        # other ranks are about to wait in all_gather_object for it, so raising here would hang them
+        fingerprint = cuda_fingerprint(device)
         digest = check_device_sampler(device, key)
-    except NoiseSamplerError as err:
-        return {"on_cuda": True, "fingerprint": cuda_fingerprint(device), "digest": None, "problem": str(err)}
-    return {"on_cuda": True, "fingerprint": cuda_fingerprint(device), "digest": digest, "problem": ""}
+    except Exception as err:  # noqa: BLE001 -- reported to every rank and decided together
+        return {"on_cuda": True, "fingerprint": None, "digest": None, "problem": f"{type(err).__name__}: {err}"}
+    return {"on_cuda": True, "fingerprint": fingerprint, "digest": digest, "problem": ""}
 
 
 def replica_fingerprints_differ(fingerprints: list[str]) -> str:

@@ -176,12 +176,17 @@ def add_gaussian_cuda_(tensor: torch.Tensor, std: float, key: SecretKey, *labels
     key can be searched. So each value's uniform bits are the XOR of DEVICE_STREAMS = 3 streams of
     63 random bits, each from its own generator, keyed by 64 bits derived from the secret and
     (labels, chunk, stream); a Box-Muller transform in float64 turns pairs of 53-bit uniforms into
-    pairs of normals. While any one stream's key is unknown the XOR is uniform whatever the others
-    are (a one-time pad), so no key or pair of keys can be tested on its own: an attacker must find
-    all three together, and a meet-in-the-middle split still costs about 2^128 time with 2^64
-    memory. (Adding the normals of two generators instead would not do: the sum correlates with
-    each half, so each 64-bit key could be found by its own scan.) A collision of two derived keys
-    (birthday bound) repeats nothing unless all three streams of two chunks collide.
+    pairs of normals. Assuming Philox4x32-10 behaves as a pseudo-random function (as the host path
+    assumes of Philox4x64-10; its designers claim statistical, not cryptographic, strength), while
+    any one stream's key is unknown the XOR is uniform whatever the others are (a one-time pad), so
+    no key or pair of keys can be tested on its own: an attacker must find all three of a chunk
+    together, and a meet-in-the-middle split still costs about 2^128 time with 2^64 memory per chunk
+    (one table of Philox outputs serves every chunk: with N chunks observed, time x memory about
+    2^192 / N). Adding the normals of two generators instead would not do: the sum correlates with
+    each half, so each 64-bit key could be found by its own scan. Derived keys collide with
+    probability about 2^-64 per pair: across chunks that repeats nothing unless all three streams
+    collide; two streams of one chunk colliding cancel, leaving one 64-bit key (about 3 x 2^-64 per
+    chunk).
     The draws are a function of (key, labels) and of the device: torch's kernel grid follows the
     GPU's multiprocessor count (``cuda_fingerprint``), so replicas that must apply identical noise
     need identical devices (dist_dpc.privacy.noise)."""
@@ -203,20 +208,31 @@ def _add_keyed_box_muller_(tensor: torch.Tensor, std: float, key: SecretKey, *la
         bits = torch.zeros(2 * pairs, dtype=torch.int64, device=tensor.device)
         stream_bits = torch.empty_like(bits)
         for stream in range(DEVICE_STREAMS):
-            generator = torch.Generator(device=tensor.device)
-            generator.manual_seed(key.uint64(*labels, "device-chunk", chunk, "stream", stream))  # all 64 bits
+            generator = stream_generator(tensor.device, key.uint64(*labels, "device-chunk", chunk, "stream", stream))
             bits.bitwise_xor_(stream_bits.random_(generator=generator))  # uniform on [0, 2^63)
         del stream_bits
-        # The top 53 of the 63 bits, centred: u in (0, 1), never 0 (log) nor 1.
-        uniform = bits.bitwise_right_shift_(10).to(torch.float64).add_(0.5).mul_(2.0 ** -53)
-        del bits
-        radius = uniform[:pairs].log_().mul_(-2.0).sqrt_()
-        angle = uniform[pairs:].mul_(2 * math.pi)
-        normal = torch.cat([radius * torch.cos(angle), radius.mul_(torch.sin(angle))])[:count]
-        del uniform, radius, angle
-        target[start:start + count].add_(normal.mul_(std).to(target.dtype))
+        target[start:start + count].add_(box_muller_(bits)[:count].mul_(std).to(target.dtype))
     if not contiguous:
         tensor.add_(target.view(tensor.shape))
+
+
+def stream_generator(device: torch.device, seed: int) -> torch.Generator:
+    """One stream's generator: all 64 bits of ``seed`` are Philox4x32-10's key on a CUDA device."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+def box_muller_(bits: torch.Tensor) -> torch.Tensor:
+    """Pairs of standard normals (float64) from an even number of 63-bit words (int64 in [0, 2^63)),
+    overwriting ``bits``: word i of the first half gives the radius, word i of the second the angle.
+    u = (top 53 bits + 1/2) / 2^53 lies in (0, 1] (the largest word rounds to 1.0, radius 0), never 0,
+    so no draw is infinite: |z| <= sqrt(-2 ln(2^-54)) = 8.65."""
+    pairs = bits.numel() // 2
+    uniform = bits.bitwise_right_shift_(10).to(torch.float64).add_(0.5).mul_(2.0 ** -53)
+    radius = uniform[:pairs].log_().mul_(-2.0).sqrt_()
+    angle = uniform[pairs:].mul_(2 * math.pi)
+    return torch.cat([radius * torch.cos(angle), radius.mul_(torch.sin(angle))])
 
 
 def cuda_fingerprint(device: torch.device) -> str:

@@ -21,7 +21,7 @@ from dist_dpc.privacy import PrivacyConfig
 from dist_dpc.privacy import noise as noise_module
 from dist_dpc.privacy import randomness
 from dist_dpc.privacy.noise import (NoiseSamplerError, add_gaussian_noise_, check_device_sampler, choose_noise_sampler,
-                                    replica_fingerprints_differ)
+                                    decide_noise_sampler, replica_fingerprints_differ)
 from dist_dpc.privacy.randomness import SecretKey, add_gaussian_, add_gaussian_cuda_
 
 CUDA = torch.cuda.is_available()
@@ -131,6 +131,55 @@ def test_construction_gives_n0_std2_and_depends_on_key_labels_and_chunk(monkeypa
     torch.testing.assert_close(strided.reshape(-1), chunked[:2000])
 
 
+def _status(problem="", digest="d", fingerprint="t|12.8|H100|132|2048", on_cuda=True):
+    return {"on_cuda": on_cuda, "fingerprint": fingerprint, "digest": digest, "problem": problem}
+
+
+def test_the_ranks_decide_together_and_name_the_rank_that_cannot():
+    good = [_status(), _status()]
+    assert decide_noise_sampler("auto", good, replicated=True) is True
+    assert decide_noise_sampler("device", good, replicated=False) is True
+    one_bad = [_status(), _status(problem="NoiseSamplerError: failed its self-test")]
+    with pytest.warns(UserWarning, match=r"drawn on the host \(privacy.noise_sampler=auto\): rank 1: NoiseSamplerError"):
+        assert decide_noise_sampler("auto", one_bad, replicated=False) is False
+    with pytest.raises(NoiseSamplerError, match=r"privacy.noise_sampler=device: rank 1: NoiseSamplerError"):
+        decide_noise_sampler("device", one_bad, replicated=False)
+    # ZeRO 0 replicas whose self-test draws differ: the host for all (auto), refused (device). Disjoint
+    # partitions (ZeRO >= 1) do not need identical draws.
+    differ = [_status(digest="x"), _status(digest="y", fingerprint="t|12.8|H100 MIG|16|2048")]
+    with pytest.warns(UserWarning, match=r"ZeRO 0 replicas must apply identical noise.*rank 1: t\|12.8\|H100 MIG"):
+        assert decide_noise_sampler("auto", differ, replicated=True) is False
+    with pytest.raises(NoiseSamplerError, match="ZeRO 0 replicas must apply identical noise"):
+        decide_noise_sampler("device", differ, replicated=True)
+    assert decide_noise_sampler("auto", differ, replicated=False) is True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every rank on the CPU: the host, silently
+        assert decide_noise_sampler("auto", [_status(problem="on cpu", on_cuda=False)] * 2, replicated=True) is False
+
+
+def test_every_stream_is_keyed_by_all_64_bits_of_its_derived_key(monkeypatch):
+    """The weakness that started the review is a short key; mt19937 (the CPU stand-in) keeps 32 bits
+    of a seed, so the seeds themselves are checked: each generator gets key.uint64 of its labels."""
+    key, seen = SecretKey.generate(), []
+    real = randomness.stream_generator
+    monkeypatch.setattr(randomness, "stream_generator", lambda device, seed: (seen.append(seed), real(device, seed))[1])
+    monkeypatch.setattr(randomness, "DEVICE_CHUNK", 100)
+    randomness._add_keyed_box_muller_(torch.zeros(1000), 1.0, key, "dp-sgd", 4, 1, 0)
+    expected = [key.uint64("dp-sgd", 4, 1, 0, "device-chunk", chunk, "stream", stream)
+                for chunk in range(10) for stream in range(3)]
+    assert seen == expected and len(set(seen)) == 30
+    assert max(seen) >= 2 ** 63 and max(seen) < 2 ** 64  # 30 uniform 64-bit keys: all below 2^63 has p = 1e-9
+    seed = max(seen)
+    assert real(torch.device("cpu"), seed).initial_seed() == seed
+
+
+def test_box_muller_is_finite_at_the_extreme_words():
+    extremes = torch.tensor([0, 2 ** 63 - 1, 0, 2 ** 63 - 1], dtype=torch.int64)  # radius words, then angle words
+    z = randomness.box_muller_(extremes.clone())
+    assert bool(torch.isfinite(z).all()) and float(z.abs().max()) <= math.sqrt(-2 * math.log(2.0 ** -54)) + 1e-9
+    assert float(z.abs().max()) > 8.6  # the smallest uniform, 2^-54, gives the largest radius
+
+
 def _host_sampler(values, std, key, *labels, on_device):
     assert on_device
     add_gaussian_(values, std, key, *labels)  # numpy Philox: a sampler known to be N(0, std^2)
@@ -188,6 +237,58 @@ def test_device_draws_are_normal_with_the_requested_std_and_pass_the_self_test()
     for k in (1, 2, 3, 4):  # tail masses against erfc, within 6 binomial standard errors
         p = math.erfc(k / math.sqrt(2))
         assert abs(float((v.abs() > k).double().mean()) - p) < 6 * math.sqrt(p * (1 - p) / n) + 1e-7, k
+
+
+# Philox4x32-10 (Salmon et al. 2011), the generator behind torch's CUDA random_, written out in numpy as
+# an independent reference; the known-answer vectors are Random123's.
+PHILOX_M, PHILOX_W, MASK32 = (0xD2511F53, 0xCD9E8D57), (0x9E3779B9, 0xBB67AE85), np.uint64(0xFFFFFFFF)
+
+
+def philox4x32_10(counter, key):
+    c0, c1, c2, c3 = (np.asarray(c, dtype=np.uint64) for c in counter)
+    k0, k1 = np.uint64(key[0]), np.uint64(key[1])
+    for _ in range(10):
+        p0, p1 = np.uint64(PHILOX_M[0]) * c0, np.uint64(PHILOX_M[1]) * c2
+        c0, c1, c2, c3 = (p1 >> np.uint64(32)) ^ c1 ^ k0, p1 & MASK32, (p0 >> np.uint64(32)) ^ c3 ^ k1, p0 & MASK32
+        k0, k1 = (k0 + np.uint64(PHILOX_W[0])) & MASK32, (k1 + np.uint64(PHILOX_W[1])) & MASK32
+    return c0, c1, c2, c3
+
+
+def test_the_philox_reference_matches_random123s_known_answers():
+    for counter, key, answer in (
+            ((0, 0, 0, 0), (0, 0), (0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8)),
+            ((0xffffffff,) * 4, (0xffffffff,) * 2, (0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd)),
+            ((0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344), (0xa4093822, 0x299f31d0),
+             (0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1))):
+        assert tuple(int(v) for v in philox4x32_10(counter, key)) == answer
+
+
+def cuda_words(seed: int, count: int) -> np.ndarray:
+    """What torch's CUDA random_ writes into a fresh int64 tensor of ``count`` <= 512 elements (one thread
+    per element, grid of 256-thread blocks, offset 0): thread i's first curand4 (x, y, z, w) of counter
+    (0, 0, i, 0) under key (seed low 32 bits, seed high 32 bits), ((x << 32) | y) mod 2^63."""
+    i = np.arange(count, dtype=np.uint64)
+    zero = np.zeros(count, dtype=np.uint64)
+    x, y, _, _ = philox4x32_10((zero, zero, i, zero), (seed & 0xFFFFFFFF, seed >> 32))
+    return ((x << np.uint64(32)) | y) & np.uint64(2 ** 63 - 1)
+
+
+@needs_cuda
+def test_cuda_draws_equal_the_independent_philox_reference():
+    seed = 0xF00DFACE_12345678  # >= 2^63: the high key word matters
+    generator = randomness.stream_generator(torch.device("cuda"), seed)
+    assert generator.initial_seed() == seed
+    words = torch.empty(512, dtype=torch.int64, device="cuda").random_(generator=generator).cpu().numpy().astype(np.uint64)
+    np.testing.assert_array_equal(words, cuda_words(seed, 512))
+    assert not np.array_equal(cuda_words(seed, 512), cuda_words(seed ^ (1 << 40), 512))  # the high word is key
+    # The whole device sampler, 512 values: the XOR of three keyed streams through Box-Muller.
+    key, labels = SecretKey.generate(), ("dp-sgd", 2, 0, 0, 1)
+    values = torch.zeros(512, device="cuda", dtype=torch.float64)
+    add_gaussian_(values, 0.25, key, *labels, on_device=True)
+    bits = np.zeros(512, dtype=np.uint64)
+    for stream in range(3):
+        bits ^= cuda_words(key.uint64(*labels, "device-chunk", 0, "stream", stream), 512)
+    np.testing.assert_allclose(values.cpu().numpy(), 0.25 * _box_muller(bits, 512), rtol=1e-12, atol=1e-12)
 
 
 @needs_cuda
