@@ -18,6 +18,12 @@ for the non-DP step (the code and libraries, about 1 GB in every mode, dilute th
 
 Next to each measured ratio: the bound the arithmetic allows (bench/cost_model.py: the non-DP
 step's matrix products plus the per-sample norms) and measured / bound.
+
+How far the batch can grow (``--batch-capacity``): each mode is measured once more at twice the
+batch (memory only), its peak fitted as fixed + per_sample x batch, and the largest batch that fits
+a memory budget extrapolated (``--memory-budget-gib``; default the GPU's memory, on the CPU this
+machine's RAM, a stand-in): records gain per_sample_memory_bytes, max_batch and max_batch_ratio (to
+the non-DP step's).
 """
 
 from __future__ import annotations
@@ -288,6 +294,10 @@ def _sync(device) -> None:
 
 def child(args) -> None:
     s = settings(args.quick, args.wide, args.model, args.bf16)
+    if args.batch:
+        s["batch"] = args.batch
+    if args.memory_only:  # the capacity fit reads only the peak: one timed step after one warm-up
+        s["steps"], s["warmup"] = 1, 1
     if args.mode in OPACUS_MODES:
         out = run_opacus_mode(args.mode, s)
     else:
@@ -297,12 +307,13 @@ def child(args) -> None:
 
 
 def run_child(mode: str, stage: int, quick: bool, timeout: int, wide: bool = False, model: str = "bert",
-              world: int = 1, bf16: bool = False) -> dict:
+              world: int = 1, bf16: bool = False, batch: int | None = None, memory_only: bool = False) -> dict:
     """One mode in its own process (or ``world`` ranks under torchrun: gloo on CPU, NCCL on GPUs)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda"))
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
     args = ["--child", "--mode", mode, "--stage", str(stage), "--model", model] + (["--quick"] if quick else []) \
-        + (["--wide"] if wide else []) + (["--bf16"] if bf16 else [])
+        + (["--wide"] if wide else []) + (["--bf16"] if bf16 else []) + (["--batch", str(batch)] if batch else []) \
+        + (["--memory-only"] if memory_only else [])
     if world > 1:
         import socket
 
@@ -341,6 +352,12 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="bf16 on every shape (the GPU shapes always are)")
     parser.add_argument("--child-timeout", type=int, help="seconds per measured process (default 600 on the CPU "
                         "shapes, 1800 on the GPU ones)")
+    parser.add_argument("--batch-capacity", action="store_true",
+                        help="also measure each mode at twice the batch and extrapolate the largest batch that fits")
+    parser.add_argument("--memory-budget-gib", type=float,
+                        help="memory budget of --batch-capacity (default: the GPU's memory; on the CPU this machine's RAM)")
+    parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--model", default="bert", help=argparse.SUPPRESS)
@@ -359,10 +376,11 @@ def main() -> None:
         shape = shape_of(s)
         all_settings[model], costs_by_model[model] = s, step_costs(shape)
 
-        def measure(mode: str, stage: int, world: int = 1):
+        def measure(mode: str, stage: int, world: int = 1, batch: int | None = None):
             """One mode's result, or None with the failure kept (one failed mode never loses the rest)."""
             try:
-                return run_child(mode, stage, args.quick, timeout, args.wide, model, world, args.bf16)
+                return run_child(mode, stage, args.quick, timeout, args.wide, model, world, args.bf16, batch,
+                                 memory_only=batch is not None)
             except Exception as err:  # noqa: BLE001  (a timeout or a crash: recorded, the bench goes on)
                 failures.append({"model": model, "world": world, "zero_stage": stage, "mode": mode,
                                  "error": str(err)[-3000:]})
@@ -407,6 +425,11 @@ def main() -> None:
                         rec["bound_with_noise"] = rec["bound_ratio"] + rec["noise_share"]
                         rec["measured_over_bound_with_noise"] = rec["step_time_ratio"] / rec["bound_with_noise"]
                     records.append(rec)
+                if args.batch_capacity:
+                    add_batch_capacity([r for r in records if r["model"] == model and r["world"] == world
+                                        and r["zero_stage"] == stage], s["batch"], memory_budget(args),
+                                       lambda mode: measure(mode, 0 if mode in OPACUS_MODES else stage, world,
+                                                            2 * s["batch"]))
                 if args.json:  # after every stage: a run cut short keeps what it measured
                     write_json(args.json, records, all_settings, costs_by_model, failures)
     device = "GPU" if _has_cuda() else "CPU"
@@ -439,6 +462,15 @@ def main() -> None:
             if ref is not None:
                 print(f"{r['model']} ZeRO {r['zero_stage']}: {r['mode']} throughput = "
                       f"{r['samples_per_s'] / ref['samples_per_s']:.2f}x Opacus ghost clipping")
+    if args.batch_capacity:
+        print(f"\nBatch capacity (peak fitted at batch B and 2B, per rank; budget {memory_budget(args) / 2**30:.1f} GiB)")
+        print(f"{'model':<6} {'world':>5} {'ZeRO':>4}  {'mode':<13} {'fixed MB':>9} {'MB/sample':>10} {'max batch':>10} "
+              f"{'x non-DP':>9}")
+        for r in records:
+            if r.get("max_batch") is not None:
+                print(f"{r['model']:<6} {r['world']:>5} {r['zero_stage']:>4}  {r['mode']:<13} "
+                      f"{r['fixed_memory_bytes'] / 2**20:>9.0f} {r['per_sample_memory_bytes'] / 2**20:>10.2f} "
+                      f"{r['max_batch']:>10} {format(r['max_batch_ratio'], '.2f') if r.get('max_batch_ratio') else '':>9}")
     for f in failures:
         print(f"FAILED: {f['model']} {f['mode']} ZeRO {f['zero_stage']} world {f['world']} (error in the JSON)")
     if args.json:
@@ -446,6 +478,37 @@ def main() -> None:
         print(f"wrote {args.json}")
     if failures:
         sys.exit(1)
+
+
+def memory_budget(args) -> int:
+    """Bytes the capacity fit may fill: the flag, else the GPU's memory, else this machine's RAM."""
+    if args.memory_budget_gib:
+        return int(args.memory_budget_gib * 2**30)
+    if _has_cuda():
+        import torch
+
+        return int(torch.cuda.get_device_properties(0).total_memory)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def add_batch_capacity(stage_records: list, batch: int, budget: int, measure_double) -> None:
+    """Per record: its peak at ``batch`` and (measured now) at 2 x batch give fixed + per_sample x batch;
+    the largest batch under ``budget`` follows, and its ratio to the non-DP step's. Linear in the batch:
+    activations, per-sample norms and book-keeping tensors all grow with it, weights and optimizer state
+    do not."""
+    for rec in stage_records:
+        doubled = measure_double(rec["mode"])
+        if doubled is None:
+            continue
+        per_sample = (doubled["peak_memory_bytes"] - rec["peak_memory_bytes"]) / batch
+        fixed = rec["peak_memory_bytes"] - per_sample * batch
+        rec.update({"peak_memory_bytes_2x_batch": doubled["peak_memory_bytes"], "per_sample_memory_bytes": per_sample,
+                    "fixed_memory_bytes": fixed, "memory_budget_bytes": budget,
+                    "max_batch": int((budget - fixed) // per_sample) if per_sample > 0 else None})
+    base = next((r for r in stage_records if r["mode"] == "non-dp" and r.get("max_batch")), None)
+    for rec in stage_records:
+        if base is not None and rec.get("max_batch"):
+            rec["max_batch_ratio"] = rec["max_batch"] / base["max_batch"]
 
 
 def write_json(path: str, records: list, all_settings: dict, costs_by_model: dict, failures: list) -> None:
