@@ -19,11 +19,14 @@ for the non-DP step (the code and libraries, about 1 GB in every mode, dilute th
 Next to each measured ratio: the bound the arithmetic allows (bench/cost_model.py: the non-DP
 step's matrix products plus the per-sample norms) and measured / bound.
 
-How far the batch can grow (``--batch-capacity``): each mode is measured once more at twice the
-batch (memory only), its peak fitted as fixed + per_sample x batch, and the largest batch that fits
-a memory budget extrapolated (``--memory-budget-gib``; default the GPU's memory, on the CPU this
-machine's RAM, a stand-in): records gain per_sample_memory_bytes, max_batch and max_batch_ratio (to
-the non-DP step's).
+How far the batch can grow (``--batch-capacity``): each mode is measured again, memory only, at two
+larger batches (``--capacity-batches``, multiples of the shape's batch; default 4 and 8), its peak
+fitted through them as fixed + per_sample x batch, and the largest batch that fits a memory budget
+extrapolated (``--memory-budget-gib``; default the GPU's memory, on the CPU this machine's RAM, a
+stand-in): records gain per_sample_memory_bytes, max_batch and max_batch_ratio (to the non-DP
+step's). At small batches the peak is the optimizer step's (weights, gradients, Adam state: the
+same at any batch), so a fit there says nothing; a fit whose peak grows by less than 5 % between the
+two batches is reported as not in the linear regime (max_batch null).
 """
 
 from __future__ import annotations
@@ -354,6 +357,8 @@ def main() -> None:
                         "shapes, 1800 on the GPU ones)")
     parser.add_argument("--batch-capacity", action="store_true",
                         help="also measure each mode at twice the batch and extrapolate the largest batch that fits")
+    parser.add_argument("--capacity-batches", default="4,8",
+                        help="the two multiples of the shape's batch that --batch-capacity fits through")
     parser.add_argument("--memory-budget-gib", type=float,
                         help="memory budget of --batch-capacity (default: the GPU's memory; on the CPU this machine's RAM)")
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
@@ -426,10 +431,11 @@ def main() -> None:
                         rec["measured_over_bound_with_noise"] = rec["step_time_ratio"] / rec["bound_with_noise"]
                     records.append(rec)
                 if args.batch_capacity:
+                    batches = [int(k) * s["batch"] for k in args.capacity_batches.split(",")]
                     add_batch_capacity([r for r in records if r["model"] == model and r["world"] == world
-                                        and r["zero_stage"] == stage], s["batch"], memory_budget(args),
-                                       lambda mode: measure(mode, 0 if mode in OPACUS_MODES else stage, world,
-                                                            2 * s["batch"]))
+                                        and r["zero_stage"] == stage], batches, memory_budget(args),
+                                       lambda mode, batch: measure(mode, 0 if mode in OPACUS_MODES else stage, world,
+                                                                   batch))
                 if args.json:  # after every stage: a run cut short keeps what it measured
                     write_json(args.json, records, all_settings, costs_by_model, failures)
     device = "GPU" if _has_cuda() else "CPU"
@@ -463,14 +469,16 @@ def main() -> None:
                 print(f"{r['model']} ZeRO {r['zero_stage']}: {r['mode']} throughput = "
                       f"{r['samples_per_s'] / ref['samples_per_s']:.2f}x Opacus ghost clipping")
     if args.batch_capacity:
-        print(f"\nBatch capacity (peak fitted at batch B and 2B, per rank; budget {memory_budget(args) / 2**30:.1f} GiB)")
+        print(f"\nBatch capacity (peak fitted through batches {args.capacity_batches} x B, per rank; budget "
+              f"{memory_budget(args) / 2**30:.1f} GiB; '-': the peak grew < 5 %, not the linear regime)")
         print(f"{'model':<6} {'world':>5} {'ZeRO':>4}  {'mode':<13} {'fixed MB':>9} {'MB/sample':>10} {'max batch':>10} "
               f"{'x non-DP':>9}")
         for r in records:
-            if r.get("max_batch") is not None:
+            if "per_sample_memory_bytes" in r:
                 print(f"{r['model']:<6} {r['world']:>5} {r['zero_stage']:>4}  {r['mode']:<13} "
                       f"{r['fixed_memory_bytes'] / 2**20:>9.0f} {r['per_sample_memory_bytes'] / 2**20:>10.2f} "
-                      f"{r['max_batch']:>10} {format(r['max_batch_ratio'], '.2f') if r.get('max_batch_ratio') else '':>9}")
+                      f"{r['max_batch'] if r['max_batch'] is not None else '-':>10} "
+                      f"{format(r['max_batch_ratio'], '.2f') if r.get('max_batch_ratio') else '':>9}")
     for f in failures:
         print(f"FAILED: {f['model']} {f['mode']} ZeRO {f['zero_stage']} world {f['world']} (error in the JSON)")
     if args.json:
@@ -491,20 +499,24 @@ def memory_budget(args) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def add_batch_capacity(stage_records: list, batch: int, budget: int, measure_double) -> None:
-    """Per record: its peak at ``batch`` and (measured now) at 2 x batch give fixed + per_sample x batch;
-    the largest batch under ``budget`` follows, and its ratio to the non-DP step's. Linear in the batch:
-    activations, per-sample norms and book-keeping tensors all grow with it, weights and optimizer state
-    do not."""
+def add_batch_capacity(stage_records: list, batches: list[int], budget: int, measure_at) -> None:
+    """Per record: its peak measured now at two larger batches gives fixed + per_sample x batch; the
+    largest batch under ``budget`` follows, and its ratio to the non-DP step's. Linear in the batch once
+    activations, per-sample norms and book-keeping tensors (all growing with it) set the peak; below
+    that the optimizer step's batch-independent peak hides them, and the record says so."""
+    small, large = batches
     for rec in stage_records:
-        doubled = measure_double(rec["mode"])
-        if doubled is None:
+        peaks = [measure_at(rec["mode"], small), measure_at(rec["mode"], large)]
+        if any(p is None for p in peaks):
             continue
-        per_sample = (doubled["peak_memory_bytes"] - rec["peak_memory_bytes"]) / batch
-        fixed = rec["peak_memory_bytes"] - per_sample * batch
-        rec.update({"peak_memory_bytes_2x_batch": doubled["peak_memory_bytes"], "per_sample_memory_bytes": per_sample,
-                    "fixed_memory_bytes": fixed, "memory_budget_bytes": budget,
-                    "max_batch": int((budget - fixed) // per_sample) if per_sample > 0 else None})
+        low, high = (p["peak_memory_bytes"] for p in peaks)
+        per_sample = (high - low) / (large - small)
+        linear = high >= 1.05 * low
+        fixed = low - per_sample * small
+        rec.update({"capacity_batches": batches, "capacity_peaks_bytes": [low, high],
+                    "per_sample_memory_bytes": per_sample, "fixed_memory_bytes": fixed, "memory_budget_bytes": budget,
+                    "capacity_linear": linear,
+                    "max_batch": int((budget - fixed) // per_sample) if linear and per_sample > 0 else None})
     base = next((r for r in stage_records if r["mode"] == "non-dp" and r.get("max_batch")), None)
     for rec in stage_records:
         if base is not None and rec.get("max_batch"):
