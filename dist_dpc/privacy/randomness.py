@@ -162,7 +162,7 @@ def _noise_pool():
 
 
 # -- on the device ------------------------------------------------------------------------------
-DEVICE_CHUNK = 1 << 23  # values drawn per chunk on the device (about 0.3 GiB of temporaries)
+DEVICE_CHUNK = 1 << 23  # values drawn per chunk on the device (about 0.2 GiB of temporaries at the peak)
 DEVICE_STREAMS = 3      # independently keyed generators whose bits are XOR-ed (see add_gaussian_cuda_)
 
 
@@ -236,7 +236,7 @@ def box_muller_(bits: torch.Tensor) -> torch.Tensor:
 
 
 def cuda_fingerprint(device: torch.device) -> str:
-    """What torch's CUDA normal kernel's draws depend on besides the key: the torch build and the
+    """What torch's CUDA random_ kernel's draws depend on besides the key: the torch build and the
     launch grid, which follows the device's multiprocessors and threads per multiprocessor."""
     props = torch.cuda.get_device_properties(device)
     return "|".join(str(part) for part in (
