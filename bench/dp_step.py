@@ -356,7 +356,7 @@ def main() -> None:
     parser.add_argument("--child-timeout", type=int, help="seconds per measured process (default 600 on the CPU "
                         "shapes, 1800 on the GPU ones)")
     parser.add_argument("--batch-capacity", action="store_true",
-                        help="also measure each mode at twice the batch and extrapolate the largest batch that fits")
+                        help="also measure each mode at two larger batches and extrapolate the largest batch that fits")
     parser.add_argument("--capacity-batches", default="4,8",
                         help="the two multiples of the shape's batch that --batch-capacity fits through")
     parser.add_argument("--memory-budget-gib", type=float,
