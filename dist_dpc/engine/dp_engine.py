@@ -134,10 +134,11 @@ class DPEngine:
         # lr of step s = base lr * lr_schedule(s), a function of the step count alone (resume-safe).
         self.lr_schedule = lr_schedule
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
-        self.noise_stream = world.rank if deepspeed_seam.partitions_are_disjoint(self.ds) else 0
+        disjoint = deepspeed_seam.partitions_are_disjoint(self.ds)
+        self.noise_stream = world.rank if disjoint else 0
         # Drawn on the GPU that holds the partition, or on the host (privacy.noise_sampler; refusals there).
         self.noise_on_device = privacy.enabled and choose_noise_sampler(
-            privacy.noise_sampler, self._partitions, replicated=not deepspeed_seam.partitions_are_disjoint(self.ds),
+            privacy.noise_sampler, self._partitions, replicated=not disjoint,
             world_size=world.world_size, key=key)
         self.accountant = PrivacyAccountant(accountant=privacy.accountant, delta=self.delta, prior=prior, phase=phase)
         self.steps_done = 0

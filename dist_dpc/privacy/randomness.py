@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import math
 import secrets
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -127,22 +128,33 @@ def add_gaussian_(tensor: torch.Tensor, std: float, key: "SecretKey", *labels: i
     if on_device:
         add_gaussian_cuda_(tensor, std, key, *labels)
         return
+
+    def draw(target: torch.Tensor, chunk: int) -> None:
+        values = key.generator(*labels, "chunk", chunk).standard_normal(target.numel(), dtype=np.float32)
+        target.add_(torch.from_numpy(values).to(target.device).mul_(std).to(target.dtype))
+
+    _add_by_chunks_(tensor, CHUNK, draw, parallel=True)
+
+
+def _add_by_chunks_(tensor: torch.Tensor, chunk_size: int, add_chunk: Callable[[torch.Tensor, int], None],
+                    parallel: bool = False) -> None:
+    """In place: ``add_chunk(view, chunk)`` adds to each ``chunk_size`` slice of the tensor's flat view
+    (a non-contiguous tensor goes through a flat temporary, added back at the end). With ``parallel``
+    the chunks are handed to the noise threads; what each chunk gets depends only on its index."""
     contiguous = tensor.is_contiguous()
     target = tensor.view(-1) if contiguous else torch.zeros(tensor.numel(), dtype=tensor.dtype, device=tensor.device)
     numel = target.numel()
 
-    def draw(chunk: int) -> None:
-        start = chunk * CHUNK
-        count = min(CHUNK, numel - start)
-        values = key.generator(*labels, "chunk", chunk).standard_normal(count, dtype=np.float32)
-        target[start:start + count].add_(torch.from_numpy(values).to(target.device).mul_(std).to(target.dtype))
+    def one(chunk: int) -> None:
+        start = chunk * chunk_size
+        add_chunk(target[start:start + min(chunk_size, numel - start)], chunk)
 
-    chunks = range((numel + CHUNK - 1) // CHUNK)
-    if len(chunks) <= 1:
-        for chunk in chunks:
-            draw(chunk)
+    chunks = range((numel + chunk_size - 1) // chunk_size)
+    if parallel and len(chunks) > 1:
+        list(_noise_pool().map(one, chunks))
     else:
-        list(_noise_pool().map(draw, chunks))
+        for chunk in chunks:
+            one(chunk)
     if not contiguous:
         tensor.add_(target.view(tensor.shape))
 
@@ -198,22 +210,18 @@ def add_gaussian_cuda_(tensor: torch.Tensor, std: float, key: SecretKey, *labels
 def _add_keyed_box_muller_(tensor: torch.Tensor, std: float, key: SecretKey, *labels: int | str) -> None:
     """add_gaussian_cuda_'s construction on any device (on the CPU torch's generator is mt19937, which
     keeps 32 bits of a seed: there it is for tests of the construction only, never for noise)."""
-    contiguous = tensor.is_contiguous()
-    target = tensor.view(-1) if contiguous else torch.zeros(tensor.numel(), dtype=tensor.dtype, device=tensor.device)
-    numel = target.numel()
-    for chunk in range((numel + DEVICE_CHUNK - 1) // DEVICE_CHUNK):
-        start = chunk * DEVICE_CHUNK
-        count = min(DEVICE_CHUNK, numel - start)
-        pairs = (count + 1) // 2
-        bits = torch.zeros(2 * pairs, dtype=torch.int64, device=tensor.device)
+
+    def draw(target: torch.Tensor, chunk: int) -> None:
+        count = target.numel()
+        bits = torch.zeros(2 * ((count + 1) // 2), dtype=torch.int64, device=target.device)
         stream_bits = torch.empty_like(bits)
         for stream in range(DEVICE_STREAMS):
-            generator = stream_generator(tensor.device, key.uint64(*labels, "device-chunk", chunk, "stream", stream))
+            generator = stream_generator(target.device, key.uint64(*labels, "device-chunk", chunk, "stream", stream))
             bits.bitwise_xor_(stream_bits.random_(generator=generator))  # uniform on [0, 2^63)
         del stream_bits
-        target[start:start + count].add_(box_muller_(bits)[:count].mul_(std).to(target.dtype))
-    if not contiguous:
-        tensor.add_(target.view(tensor.shape))
+        target.add_(box_muller_(bits)[:count].mul_(std).to(target.dtype))
+
+    _add_by_chunks_(tensor, DEVICE_CHUNK, draw)
 
 
 def stream_generator(device: torch.device, seed: int) -> torch.Generator:
