@@ -16,7 +16,12 @@ Model state per rank: the bytes of the parameters, optimizer partitions, Adam mo
 weights this rank holds between steps, counted from the tensors (what ZeRO shards). Peak memory per
 rank: on a GPU, the peak of torch.cuda.max_memory_allocated; on the CPU, the peak resident
 set size minus the resident size just before the models are built (imports and the process itself
-excluded), which counts every tensor the phase creates, the loading included. Models are loaded
+excluded), which counts every tensor the phase creates, the loading included. Training peak per
+rank: on the CPU, the peak of two more steps after glibc has returned freed memory to the OS and the
+kernel's high-water mark is reset (dp_step.host_peak_without_retention), minus the same base: what
+the phase holds while it trains, the CPU's stand-in for the GPU's max_memory_allocated (on a GPU, the
+same number as the peak). Training peak minus model state is what the step needs on top of the
+sharded state: activations, gradients and buffers. Models are loaded
 from saved directories as the pipeline's phases load them: at ZeRO 3 built under ``zero.Init``
 (never whole on a rank), the student cut from the teacher's files (compress/layer_files.py).
 """
@@ -101,7 +106,12 @@ def worker(workload: str, stage: int, s: dict, models: Path) -> dict:
     world = init_distributed()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", world.local_rank) if cuda else torch.device("cpu")
-    ds = build_ds_config({"zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}},
+    # Buckets sized from the width as HF's templates' "auto" sizes them (DeepSpeed's default reduce
+    # bucket, 5e8 elements allocated whole, would dominate a GPU's peak at this size); every parameter
+    # partitioned at ZeRO 3.
+    zero = {"stage": stage, "stage3_param_persistence_threshold": 0, "reduce_bucket_size": "auto",
+            "stage3_prefetch_bucket_size": "auto"}
+    ds = build_ds_config({"zero_optimization": zero},
                          micro_batch_size=s["batch"], world_size=world.world_size, zero_stage=stage, lr=1e-4,
                          weight_decay=0.0, optimizer="adamw", bf16=s["bf16"] and stage > 0)
     base = rss_bytes()
@@ -121,7 +131,7 @@ def worker(workload: str, stage: int, s: dict, models: Path) -> dict:
     loaded = rss_bytes() - base  # the models as loaded (and masked), before DeepSpeed's buffers
     total = s["steps"] + s["warmup"]
     engine = DPEngine(model, ds, PrivacyConfig(target_epsilon=None, noise_multiplier=1.0, delta=1e-7),
-                      dataset_size=10**6, expected_batch_size=s["batch"] * world.world_size, planned_steps=total,
+                      dataset_size=10**6, expected_batch_size=s["batch"] * world.world_size, planned_steps=total + 2,
                       loss_fn=loss_fn, world=world, key=SecretKey.generate())
     if enforcer is not None:
         enforcer.bind(engine)
@@ -145,17 +155,26 @@ def worker(workload: str, stage: int, s: dict, models: Path) -> dict:
             times.append(time.perf_counter() - start)
     if cuda:
         memory = int(torch.cuda.max_memory_allocated())
+        step_peak = memory
     else:
         memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        # The peak of two more steps with freed memory returned to the OS and the high-water mark reset
+        # after loading: what the phase needs while it trains (dp_step.host_peak_without_retention).
+        from dp_step import host_peak_without_retention
+
+        hwm = host_peak_without_retention(lambda: engine.train_step([batch], logical_batch_size=b * world.world_size))
+        step_peak = (hwm - base) if hwm is not None else memory
     if enforcer is not None:
         assert enforcer.violations() == 0
     state = model_state_bytes(engine, loss_fn)
-    out = torch.tensor([statistics.median(times), float(memory), float(state), float(loaded)], dtype=torch.float64)
+    out = torch.tensor([statistics.median(times), float(memory), float(state), float(loaded), float(step_peak)],
+                       dtype=torch.float64)
     every = [torch.zeros_like(out) for _ in range(world.world_size)]
     torch.distributed.all_gather(every, out.to(device) if cuda else out)
     return {"median_step_s": max(float(e[0]) for e in every), "memory_bytes_per_rank": max(float(e[1]) for e in every),
             "state_bytes_per_rank": max(float(e[2]) for e in every),
-            "loaded_bytes_per_rank": max(float(e[3]) for e in every)}
+            "loaded_bytes_per_rank": max(float(e[3]) for e in every),
+            "step_peak_bytes_per_rank": max(float(e[4]) for e in every)}
 
 
 def model_state_bytes(engine, loss_fn) -> int:
@@ -232,8 +251,8 @@ def main() -> None:
     records = []
     print(f"shape: {s}, {args.ranks} ranks")
     print("| workload | ZeRO | step s | vs ZeRO 0 | model state/rank MB | vs ZeRO 0 | loaded/rank MB | vs ZeRO 0 "
-          "| peak memory/rank MB | vs ZeRO 0 |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| peak memory/rank MB | vs ZeRO 0 | training peak/rank MB | vs ZeRO 0 | training peak - model state MB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for workload in ("distill", "prune"):
         first = None
         for stage in stages:
@@ -245,7 +264,10 @@ def main() -> None:
                   f"| {r['loaded_bytes_per_rank'] / 2**20:.0f} | "
                   f"{r['loaded_bytes_per_rank'] / first['loaded_bytes_per_rank']:.2f}x "
                   f"| {r['memory_bytes_per_rank'] / 2**20:.0f} | "
-                  f"{r['memory_bytes_per_rank'] / first['memory_bytes_per_rank']:.2f}x |", flush=True)
+                  f"{r['memory_bytes_per_rank'] / first['memory_bytes_per_rank']:.2f}x "
+                  f"| {r['step_peak_bytes_per_rank'] / 2**20:.0f} | "
+                  f"{r['step_peak_bytes_per_rank'] / first['step_peak_bytes_per_rank']:.2f}x "
+                  f"| {(r['step_peak_bytes_per_rank'] - r['state_bytes_per_rank']) / 2**20:.0f} |", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"settings": s, "ranks": args.ranks, "records": records}, indent=1))
 

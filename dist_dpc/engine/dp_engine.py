@@ -33,6 +33,7 @@ import torch
 
 from dist_dpc.engine import deepspeed_seam
 from dist_dpc.engine.distributed import WorldInfo
+from dist_dpc.engine.ds_config import fill_width_autos, model_width
 from dist_dpc.privacy.accounting import Mechanism, PrivacyAccountant, calibrate_noise_multiplier, compute_epsilon
 from dist_dpc.privacy.clipper import (BypassedLayerError, ClipMode, GradientHookError, PerSampleClipper, check_no_bypass,
                                       gradient_hooks, refuse_gradient_hooks)
@@ -121,6 +122,7 @@ class DPEngine:
         trainable_numel = sum(getattr(p, "ds_numel", p.numel()) for p in trainable)
         if privacy.enabled:
             refuse_gradient_hooks(model)  # a user's hook on a gradient would see the clipped sum before the noise
+        ds_config = fill_width_autos(ds_config, model_width(model))  # HF templates' "auto" bucket sizes
         self.ds, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
         self._gradient_hooks = gradient_hooks(model)  # DeepSpeed's own (its reduction); any other is refused per step
         self._check_loss_scale()

@@ -192,3 +192,49 @@ def build_ds_config(user: dict | str | Path | None, *, micro_batch_size: int, wo
     ds.setdefault("gradient_clipping", 0.0)
     check_dp_safe(ds, dp_enabled)
     return ds
+
+
+# The zero_optimization keys that HF's DeepSpeed templates leave "auto", sized from the model's width
+# (transformers' HfTrainerDeepSpeedConfig.trainer_config_finalize applies the same rule). Left to
+# DeepSpeed, "auto" means its defaults: a 5e8-element reduce bucket, 2 GB per rank in fp32 whatever
+# the model's size.
+_WIDTH_KEYS = ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold")
+
+
+def model_width(model: Any) -> int | None:
+    """The hidden size of an HF-style model (``config.hidden_size``, the largest of ``hidden_sizes``,
+    or those of ``config.text_config``), or None."""
+    config = getattr(model, "config", None)
+    for source in (config, getattr(config, "text_config", None)):
+        if source is None:
+            continue
+        if isinstance(getattr(source, "hidden_size", None), int):
+            return source.hidden_size
+        if getattr(source, "hidden_sizes", None):
+            return max(source.hidden_sizes)
+    return None
+
+
+def fill_width_autos(ds: dict, width: int | None) -> dict:
+    """A copy of ``ds`` whose "auto" bucket sizes follow HF's rule: reduce_bucket_size = width^2; at
+    ZeRO 3 stage3_prefetch_bucket_size = 0.9 width^2 and stage3_param_persistence_threshold = 10 width.
+    Other "auto" entries of zero_optimization are removed (DeepSpeed's defaults)."""
+    zero = ds.get("zero_optimization")
+    if not isinstance(zero, dict) or "auto" not in zero.values():
+        return ds
+    zero = dict(zero)
+    stage3 = zero.get("stage") == 3
+    wanted = [k for k in _WIDTH_KEYS if zero.get(k) == "auto" and (stage3 or k == "reduce_bucket_size")]
+    if wanted and width is None:
+        raise ValueError(f"zero_optimization.{wanted[0]}=\"auto\" is sized from the model's hidden size, and this "
+                         "model has no config.hidden_size: set " + ", ".join(f"zero_optimization.{k}" for k in wanted)
+                         + " to numbers in the DeepSpeed config")
+    sizes = {} if width is None else {"reduce_bucket_size": width * width,
+                                      "stage3_prefetch_bucket_size": int(0.9 * width * width),
+                                      "stage3_param_persistence_threshold": 10 * width}
+    for key in [k for k, v in zero.items() if v == "auto"]:
+        if key in wanted:
+            zero[key] = sizes[key]
+        else:
+            del zero[key]
+    return {**ds, "zero_optimization": zero}

@@ -18,7 +18,8 @@ logging of what is not private). How the arguments map:
   (or fill its "auto" values); lr_scheduler_type constant/linear and warmup_steps -> the schedule;
 - gradient_clipping "auto" -> 0 (DP-SGD clips per sample to privacy.max_grad_norm instead; a clip of
   the noisy sum would be a second, unaccounted change of the gradient: a number there is refused);
-- bf16 "auto" -> args.bf16; other "auto" entries of zero_optimization -> DeepSpeed's defaults.
+- bf16 "auto" -> args.bf16; zero_optimization's "auto" bucket sizes -> from the model's hidden size, as the
+  Trainer sizes them (dist_dpc.engine.ds_config.fill_width_autos); its other "auto" entries -> DeepSpeed's defaults.
 The training loss is never logged: it is an exact statistic of the private batch. ``ledger=`` names
 the privacy ledger of the private data set (the same file for every run on it); the model is saved
 to output_dir with its privacy lineage at the end of ``train``.
@@ -141,9 +142,6 @@ def deepspeed_json(args, world: int) -> dict:
         ds["bf16"]["enabled"] = bool(args.bf16)
     if isinstance(ds.get("fp16"), dict) and ds["fp16"].get("enabled") == "auto":
         ds["fp16"]["enabled"] = bool(args.fp16)
-    zero = ds.get("zero_optimization") or {}
-    for key in [k for k, v in zero.items() if v == "auto"]:
-        del zero[key]
     adamw = {"lr": args.learning_rate, "weight_decay": args.weight_decay, "betas": [args.adam_beta1, args.adam_beta2],
              "eps": args.adam_epsilon, "torch_adam": True}
     if "optimizer" not in ds:
