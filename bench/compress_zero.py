@@ -16,25 +16,25 @@ Model state per rank: the bytes of the parameters, optimizer partitions, Adam mo
 weights this rank holds between steps, counted from the tensors (what ZeRO shards). Peak memory per
 rank: on a GPU, the peak of torch.cuda.max_memory_allocated; on the CPU, the peak resident
 set size minus the resident size just before the models are built (imports and the process itself
-excluded), which counts every tensor the phase creates, the loading included. Training peak per
-rank: on the CPU, the peak of two more steps after glibc has returned freed memory to the OS and the
-kernel's high-water mark is reset (dp_step.host_peak_without_retention), minus the same base: what
-the phase holds while it trains, the CPU's stand-in for the GPU's max_memory_allocated (on a GPU, the
-same number as the peak). Training peak minus model state is what the step needs on top of the
-sharded state: activations, gradients and buffers. Models are loaded
-from saved directories as the pipeline's phases load them: at ZeRO 3 built under ``zero.Init``
-(never whole on a rank), the student cut from the teacher's files (compress/layer_files.py).
+excluded), which counts every tensor the phase creates, the loading included. Allocated peak per rank:
+on the CPU, the most glibc's malloc has handed out during one more step (mallinfo2, sampled every
+0.1 ms) minus the same before the models were built: the CPU's stand-in for the GPU's
+max_memory_allocated (tensors counted whole as allocated, no library code, nothing the allocator
+keeps after a free; on a GPU, the same number as the peak). Allocated peak minus model state is
+what the step needs on top of the sharded state: activations, gradients and buffers.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -83,7 +83,12 @@ def load(path: Path, ds_config: dict, stage: int):
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
     if stage != 3:
-        return AutoModelForSequenceClassification.from_pretrained(path, use_kernels=False)
+        model = AutoModelForSequenceClassification.from_pretrained(path, use_kernels=False)
+        # Copied out of the file's memory map into allocated memory, as moving it to a GPU would: the
+        # CPU's allocated peak then counts the weights at every stage (ZeRO 3 copies them into its partitions).
+        for p in model.parameters():
+            p.data = p.data.clone()
+        return model
     setting = HfDeepSpeedConfig(ds_config)
     try:
         return AutoModelForSequenceClassification.from_pretrained(path, use_kernels=False)
@@ -92,7 +97,7 @@ def load(path: Path, ds_config: dict, stage: int):
         del setting
 
 
-def worker(workload: str, stage: int, s: dict, models: Path) -> dict:
+def worker(workload: str, stage: int, s: dict, models: Path, lean: bool = False) -> dict:
     import torch
 
     from dist_dpc.compress.distill import DistillationLoss
@@ -111,15 +116,17 @@ def worker(workload: str, stage: int, s: dict, models: Path) -> dict:
     # partitioned at ZeRO 3.
     zero = {"stage": stage, "stage3_param_persistence_threshold": 0, "reduce_bucket_size": "auto",
             "stage3_prefetch_bucket_size": "auto"}
+    if lean:  # ZeRO 3 releases each gathered layer after use (DeepSpeed keeps up to 1e9 elements live by default)
+        zero.update(stage3_max_live_parameters=s["hidden"] ** 2, stage3_max_reuse_distance=0)
     ds = build_ds_config({"zero_optimization": zero},
                          micro_batch_size=s["batch"], world_size=world.world_size, zero_stage=stage, lr=1e-4,
                          weight_decay=0.0, optimizer="adamw", bf16=s["bf16"] and stage > 0)
-    base = rss_bytes()
+    base, allocated_base = rss_bytes(), malloc_in_use()
     teacher = load(models / "teacher", ds, stage)
     enforcer = None
     if workload == "distill":
         model = load(models / "student", ds, stage)
-        frozen = partition_frozen(teacher, micro_batch_size=s["batch"], bf16=s["bf16"]) if stage == 3 else \
+        frozen = partition_frozen(teacher, micro_batch_size=s["batch"], bf16=s["bf16"], zero=zero) if stage == 3 else \
             teacher.requires_grad_(False).eval().to(device)
         loss_fn = DistillationLoss(frozen, alpha=0.5, temperature=2.0)
     else:
@@ -131,7 +138,7 @@ def worker(workload: str, stage: int, s: dict, models: Path) -> dict:
     loaded = rss_bytes() - base  # the models as loaded (and masked), before DeepSpeed's buffers
     total = s["steps"] + s["warmup"]
     engine = DPEngine(model, ds, PrivacyConfig(target_epsilon=None, noise_multiplier=1.0, delta=1e-7),
-                      dataset_size=10**6, expected_batch_size=s["batch"] * world.world_size, planned_steps=total + 2,
+                      dataset_size=10**6, expected_batch_size=s["batch"] * world.world_size, planned_steps=total + 1,
                       loss_fn=loss_fn, world=world, key=SecretKey.generate())
     if enforcer is not None:
         enforcer.bind(engine)
@@ -155,26 +162,68 @@ def worker(workload: str, stage: int, s: dict, models: Path) -> dict:
             times.append(time.perf_counter() - start)
     if cuda:
         memory = int(torch.cuda.max_memory_allocated())
-        step_peak = memory
+        peak_allocated = memory
     else:
         memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-        # The peak of two more steps with freed memory returned to the OS and the high-water mark reset
-        # after loading: what the phase needs while it trains (dp_step.host_peak_without_retention).
-        from dp_step import host_peak_without_retention
-
-        hwm = host_peak_without_retention(lambda: engine.train_step([batch], logical_batch_size=b * world.world_size))
-        step_peak = (hwm - base) if hwm is not None else memory
+        peak_allocated = allocated_peak(lambda: engine.train_step([batch], logical_batch_size=b * world.world_size),
+                                     allocated_base)
+        peak_allocated = memory if peak_allocated is None else peak_allocated
     if enforcer is not None:
         assert enforcer.violations() == 0
     state = model_state_bytes(engine, loss_fn)
-    out = torch.tensor([statistics.median(times), float(memory), float(state), float(loaded), float(step_peak)],
+    out = torch.tensor([statistics.median(times), float(memory), float(state), float(loaded), float(peak_allocated)],
                        dtype=torch.float64)
     every = [torch.zeros_like(out) for _ in range(world.world_size)]
     torch.distributed.all_gather(every, out.to(device) if cuda else out)
     return {"median_step_s": max(float(e[0]) for e in every), "memory_bytes_per_rank": max(float(e[1]) for e in every),
             "state_bytes_per_rank": max(float(e[2]) for e in every),
             "loaded_bytes_per_rank": max(float(e[3]) for e in every),
-            "step_peak_bytes_per_rank": max(float(e[4]) for e in every)}
+            "allocated_peak_bytes_per_rank": max(float(e[4]) for e in every)}
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def malloc_in_use() -> int | None:
+    """Bytes glibc's malloc has handed out and not yet had back (every arena, mmap-ed blocks included):
+    torch's CPU tensors are allocated there, whole, whether or not their pages were touched, and
+    nothing freed or any library's code counts. None where glibc (>= 2.33) is not there."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _Mallinfo2
+    except (OSError, AttributeError):
+        return None
+    info = libc.mallinfo2()
+    return int(info.uordblks + info.hblkhd)
+
+
+def allocated_peak(step, base: int) -> int | None:
+    """The CPU's torch.cuda.max_memory_allocated over one more ``step``: the most malloc_in_use reaches,
+    sampled every 0.1 ms by a thread while the step runs (torch's kernels release the GIL; a block
+    that lives for less than a sample can be missed), minus ``base`` (the same measure before the
+    models were built)."""
+    if malloc_in_use() is None:
+        return None
+    peak, done = [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], malloc_in_use())
+            time.sleep(1e-4)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # the sampler gets the GIL within 10 us of asking (default: 5 ms)
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        step()
+    finally:
+        done.set()
+        sampler.join()
+        sys.setswitchinterval(interval)
+    return max(peak[0], malloc_in_use()) - base
 
 
 def model_state_bytes(engine, loss_fn) -> int:
@@ -213,13 +262,13 @@ def model_state_bytes(engine, loss_fn) -> int:
     return total
 
 
-def run(workload: str, stage: int, gpu: bool, ranks: int, models: Path) -> dict:
+def run(workload: str, stage: int, gpu: bool, ranks: int, models: Path, lean: bool = False) -> dict:
     from tests.engine.launch import _free_port
 
     env = dict(os.environ, PYTHONPATH=str(ROOT), DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cuda" if gpu else "cpu"))
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // ranks)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
-           str(_free_port()), __file__, "--worker", workload, "--stage", str(stage), "--models", str(models)] + (["--gpu"] if gpu else [])
+           str(_free_port()), __file__, "--worker", workload, "--stage", str(stage), "--models", str(models)] + (["--gpu"] if gpu else []) + (["--lean"] if lean else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -233,13 +282,17 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--stages", default="0,2,3")
     parser.add_argument("--json", help="write the records to this JSON file")
+    parser.add_argument("--workloads", default="distill,prune")
+    parser.add_argument("--lean", action="store_true",
+                        help="ZeRO 3 releases every gathered layer after its use (stage3_max_live_parameters = "
+                             "hidden^2, stage3_max_reuse_distance = 0): memory over speed")
     parser.add_argument("--worker", choices=("distill", "prune"), help=argparse.SUPPRESS)
     parser.add_argument("--stage", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--models", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     s = settings(args.gpu)
     if args.worker:
-        out = worker(args.worker, args.stage, s, args.models)
+        out = worker(args.worker, args.stage, s, args.models, args.lean)
         if int(os.environ.get("RANK", "0")) == 0:
             print("RESULT " + json.dumps(out), flush=True)
         return
@@ -251,12 +304,12 @@ def main() -> None:
     records = []
     print(f"shape: {s}, {args.ranks} ranks")
     print("| workload | ZeRO | step s | vs ZeRO 0 | model state/rank MB | vs ZeRO 0 | loaded/rank MB | vs ZeRO 0 "
-          "| peak memory/rank MB | vs ZeRO 0 | training peak/rank MB | vs ZeRO 0 | training peak - model state MB |")
+          "| peak memory/rank MB | vs ZeRO 0 | allocated peak/rank MB | vs ZeRO 0 | allocated peak - model state MB |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for workload in ("distill", "prune"):
+    for workload in args.workloads.split(","):
         first = None
         for stage in stages:
-            r = run(workload, stage, args.gpu, args.ranks, models)
+            r = run(workload, stage, args.gpu, args.ranks, models, args.lean)
             first = first or r
             records.append({"workload": workload, "stage": stage, **r})
             print(f"| {workload} | {stage} | {r['median_step_s']:.3f} | {r['median_step_s'] / first['median_step_s']:.2f}x "
@@ -265,11 +318,11 @@ def main() -> None:
                   f"{r['loaded_bytes_per_rank'] / first['loaded_bytes_per_rank']:.2f}x "
                   f"| {r['memory_bytes_per_rank'] / 2**20:.0f} | "
                   f"{r['memory_bytes_per_rank'] / first['memory_bytes_per_rank']:.2f}x "
-                  f"| {r['step_peak_bytes_per_rank'] / 2**20:.0f} | "
-                  f"{r['step_peak_bytes_per_rank'] / first['step_peak_bytes_per_rank']:.2f}x "
-                  f"| {(r['step_peak_bytes_per_rank'] - r['state_bytes_per_rank']) / 2**20:.0f} |", flush=True)
+                  f"| {r['allocated_peak_bytes_per_rank'] / 2**20:.0f} | "
+                  f"{r['allocated_peak_bytes_per_rank'] / first['allocated_peak_bytes_per_rank']:.2f}x "
+                  f"| {(r['allocated_peak_bytes_per_rank'] - r['state_bytes_per_rank']) / 2**20:.0f} |", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"settings": s, "ranks": args.ranks, "records": records}, indent=1))
+        Path(args.json).write_text(json.dumps({"settings": s, "ranks": args.ranks, "lean": args.lean, "records": records}, indent=1))
 
 
 if __name__ == "__main__":

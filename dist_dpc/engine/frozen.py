@@ -12,16 +12,27 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dist_dpc.engine.ds_config import fill_width_autos, model_width
 
-def partition_frozen(module: nn.Module, *, micro_batch_size: int, bf16: bool) -> nn.Module:
+
+# How many gathered parameters ZeRO 3 keeps live, and what it prefetches: the training config's
+# choice applies to the frozen model too (DeepSpeed's defaults keep up to 1e9 elements gathered).
+GATHER_SETTINGS = ("stage3_max_live_parameters", "stage3_max_reuse_distance", "stage3_prefetch_bucket_size")
+
+
+def partition_frozen(module: nn.Module, *, micro_batch_size: int, bf16: bool, zero: dict | None = None) -> nn.Module:
     """``module`` frozen, in eval mode, its parameters partitioned over the ranks (ZeRO 3); call it as
-    before. The DeepSpeed engine that owns the partitioning is kept on the module (``ds_inference``)."""
+    before. ``zero``: the training config's zero_optimization block, whose gather settings
+    (GATHER_SETTINGS; "auto" sized from the frozen model's width) the frozen model follows too. The DeepSpeed engine that owns the
+    partitioning is kept on the module (``ds_inference``)."""
     import deepspeed
 
     module.requires_grad_(False).eval()
+    inherited = {k: v for k, v in (zero or {}).items() if k in GATHER_SETTINGS}
     config = {"train_micro_batch_size_per_gpu": micro_batch_size, "gradient_accumulation_steps": 1,
-              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0, **inherited},
               "bf16": {"enabled": bool(bf16)}}
+    config = fill_width_autos(config, model_width(module))  # "auto" sized from the frozen model's own width
     engine, *_ = deepspeed.initialize(model=module, config=config)
     engine.eval()
     inner = engine.module

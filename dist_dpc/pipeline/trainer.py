@@ -316,10 +316,12 @@ def _zero_stage(ds_config: dict) -> int:
 def frozen_for_phase(ctx: PhaseContext, model: torch.nn.Module) -> torch.nn.Module:
     """A frozen model the phase only runs forward (DPKD's teacher), placed like the model that trains:
     partitioned over the ranks at ZeRO 3 (engine.frozen), else whole on this rank's device."""
-    if phase_zero_stage(ctx) == 3:
+    ds_config = _phase_ds_config(ctx.cfg, ctx.world, None, ctx.cfg.privacy.enabled)
+    if _zero_stage(ds_config) == 3:
         from dist_dpc.engine.frozen import partition_frozen
 
-        return partition_frozen(model, micro_batch_size=ctx.cfg.train.micro_batch_size, bf16=ctx.cfg.train.bf16)
+        return partition_frozen(model, micro_batch_size=ctx.cfg.train.micro_batch_size, bf16=ctx.cfg.train.bf16,
+                                zero=ds_config.get("zero_optimization"))
     return model.requires_grad_(False).eval().to(local_device())
 
 

@@ -1,4 +1,4 @@
-"""HF DeepSpeed templates' "auto" bucket sizes: filled from the model's width by the rule transformers'
+"""DeepSpeed settings derived for the user. HF DeepSpeed templates' "auto" bucket sizes: filled from the model's width by the rule transformers'
 Trainer applies (checked against transformers' own HfTrainerDeepSpeedConfig), reaching DeepSpeed's
 engine, and a clear error where the model has no width to size them from."""
 
@@ -81,3 +81,23 @@ def test_the_dp_engine_hands_the_filled_sizes_to_deepspeed():
     assert engine.ds.zero_reduce_bucket_size() == 48 * 48
     assert engine.ds.zero_prefetch_bucket_size() == int(0.9 * 48 * 48)
     assert engine.ds.zero_param_persistence_threshold() == 480
+
+
+def test_a_partitioned_teacher_follows_the_training_configs_gather_settings():
+    """DPKD's frozen teacher at ZeRO 3 keeps as many gathered parameters live as the user's JSON allows
+    the student (DeepSpeed's defaults would keep up to 1e9 elements gathered); "auto" is sized from the
+    teacher's own width."""
+    from dist_dpc.engine import init_distributed
+    from dist_dpc.engine.frozen import partition_frozen
+
+    init_distributed()
+    zero = {"stage": 3, "stage3_max_live_parameters": 1000, "stage3_max_reuse_distance": 0,
+            "stage3_prefetch_bucket_size": "auto", "reduce_bucket_size": 77}
+    teacher = partition_frozen(tiny_bert(32), micro_batch_size=2, bf16=False, zero=zero)
+    engine = teacher.ds_inference[0]
+    assert engine.zero_max_live_parameters() == 1000
+    assert engine.zero_max_reuse_distance() == 0
+    assert engine.zero_prefetch_bucket_size() == int(0.9 * 32 * 32)
+    assert engine.zero_reduce_bucket_size() != 77  # only the gather settings are inherited
+    default = partition_frozen(tiny_bert(32), micro_batch_size=2, bf16=False).ds_inference[0]
+    assert default.zero_max_live_parameters() == 1_000_000_000
