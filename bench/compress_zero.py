@@ -16,12 +16,12 @@ Model state per rank: the bytes of the parameters, optimizer partitions, Adam mo
 weights this rank holds between steps, counted from the tensors (what ZeRO shards). Peak memory per
 rank: on a GPU, the peak of torch.cuda.max_memory_allocated; on the CPU, the peak resident
 set size minus the resident size just before the models are built (imports and the process itself
-excluded), which counts every tensor the phase creates, the loading included. Allocated peak per rank:
-on the CPU, the most glibc's malloc has handed out during one more step (mallinfo2, sampled every
-0.1 ms) minus the same before the models were built: the CPU's stand-in for the GPU's
-max_memory_allocated (tensors counted whole as allocated, no library code, nothing the allocator
-keeps after a free; on a GPU, the same number as the peak). Allocated peak minus model state is
-what the step needs on top of the sharded state: activations, gradients and buffers.
+excluded), which counts every tensor the phase creates, the loading included. Allocated per rank (the CPU's
+stand-in for the GPU's memory_allocated / max_memory_allocated; on a GPU, those): what glibc's malloc
+has handed out (mallinfo2) minus the same before the models were built, between two steps, and at
+the peak of one more step (sampled every 0.1 ms). Tensors count whole as allocated; library code and
+memory the allocator keeps after a free do not. "A step adds" (peak minus between) is what a step
+needs on top of what the rank holds: activations, gradients, gathered layers and buffers.
 """
 
 from __future__ import annotations
@@ -162,23 +162,31 @@ def worker(workload: str, stage: int, s: dict, models: Path, lean: bool = False)
             times.append(time.perf_counter() - start)
     if cuda:
         memory = int(torch.cuda.max_memory_allocated())
-        peak_allocated = memory
+        peak_allocated, between = memory, int(torch.cuda.memory_allocated())
     else:
         memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        import gc
+
+        gc.collect()
+        between = malloc_in_use()
         peak_allocated = allocated_peak(lambda: engine.train_step([batch], logical_batch_size=b * world.world_size),
-                                     allocated_base)
+                                        allocated_base)
+        between = memory if between is None else between - allocated_base
         peak_allocated = memory if peak_allocated is None else peak_allocated
     if enforcer is not None:
         assert enforcer.violations() == 0
     state = model_state_bytes(engine, loss_fn)
-    out = torch.tensor([statistics.median(times), float(memory), float(state), float(loaded), float(peak_allocated)],
+    out = torch.tensor([statistics.median(times), float(memory), float(state), float(loaded), float(peak_allocated),
+                        float(between)],
                        dtype=torch.float64)
     every = [torch.zeros_like(out) for _ in range(world.world_size)]
     torch.distributed.all_gather(every, out.to(device) if cuda else out)
     return {"median_step_s": max(float(e[0]) for e in every), "memory_bytes_per_rank": max(float(e[1]) for e in every),
             "state_bytes_per_rank": max(float(e[2]) for e in every),
             "loaded_bytes_per_rank": max(float(e[3]) for e in every),
-            "allocated_peak_bytes_per_rank": max(float(e[4]) for e in every)}
+            "allocated_peak_bytes_per_rank": max(float(e[4]) for e in every),
+            "allocated_between_steps_bytes_per_rank": max(float(e[5]) for e in every),
+            "step_adds_bytes_per_rank": max(float(e[4] - e[5]) for e in every)}
 
 
 class _Mallinfo2(ctypes.Structure):
@@ -304,8 +312,8 @@ def main() -> None:
     records = []
     print(f"shape: {s}, {args.ranks} ranks")
     print("| workload | ZeRO | step s | vs ZeRO 0 | model state/rank MB | vs ZeRO 0 | loaded/rank MB | vs ZeRO 0 "
-          "| peak memory/rank MB | vs ZeRO 0 | allocated peak/rank MB | vs ZeRO 0 | allocated peak - model state MB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| peak memory/rank MB | vs ZeRO 0 | allocated between steps/rank MB | vs ZeRO 0 | a step adds MB | vs ZeRO 0 | allocated peak/rank MB | vs ZeRO 0 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for workload in args.workloads.split(","):
         first = None
         for stage in stages:
@@ -318,9 +326,9 @@ def main() -> None:
                   f"{r['loaded_bytes_per_rank'] / first['loaded_bytes_per_rank']:.2f}x "
                   f"| {r['memory_bytes_per_rank'] / 2**20:.0f} | "
                   f"{r['memory_bytes_per_rank'] / first['memory_bytes_per_rank']:.2f}x "
-                  f"| {r['allocated_peak_bytes_per_rank'] / 2**20:.0f} | "
-                  f"{r['allocated_peak_bytes_per_rank'] / first['allocated_peak_bytes_per_rank']:.2f}x "
-                  f"| {(r['allocated_peak_bytes_per_rank'] - r['state_bytes_per_rank']) / 2**20:.0f} |", flush=True)
+                  + "".join(f"| {r[k] / 2**20:.0f} | {r[k] / first[k]:.2f}x " for k in (
+                      "allocated_between_steps_bytes_per_rank", "step_adds_bytes_per_rank",
+                      "allocated_peak_bytes_per_rank")) + "|", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"settings": s, "ranks": args.ranks, "lean": args.lean, "records": records}, indent=1))
 

@@ -199,12 +199,12 @@ class MaskEnforcer:
         missing = [n for n in masks if n not in params]
         if missing:
             raise ValueError(f"masks name parameters the model does not have: {missing[:3]}")
-        # Frozen weights never receive a gradient: once zeroed they stay zero by themselves.
-        self.pairs = [(params[n], m.to(params[n].device, params[n].dtype)) for n, m in masks.items()
-                      if params[n].requires_grad]
-        self.frozen = [(params[n], m.to(params[n].device, params[n].dtype)) for n, m in masks.items()
-                       if not params[n].requires_grad]
+        # Frozen weights never receive a gradient: once zeroed they stay zero by themselves. Masks are
+        # kept as given, one byte a weight (bool), never as whole float copies on every rank.
+        self.pairs = [(params[n], m.bool()) for n, m in masks.items() if params[n].requires_grad]
+        self.frozen = [(params[n], m.bool()) for n, m in masks.items() if not params[n].requires_grad]
         self.partitions: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None  # id -> (fp32 partition, mask)
+        self.on_device: list[tuple[torch.Tensor, torch.Tensor]] = []  # ZeRO 0 fp32: (parameter, mask on its device)
 
     def bind(self, engine) -> None:
         """Follow the engine's optimizer (before its first step) and hook into its noise step."""
@@ -212,14 +212,16 @@ class MaskEnforcer:
 
         stepped = {id(p) for group in engine.optimizer.param_groups for p in group["params"]}
         if self.pairs and not all(id(p) in stepped for p, _ in self.pairs):  # partitions (or bf16: refused at ZeRO 0)
-            flat = partition_masks(engine.ds, {id(p): m.bool() for p, m in self.pairs})
+            flat = partition_masks(engine.ds, {id(p): m for p, m in self.pairs})
             self.partitions = {id(t): (t, flat[id(t)]) for t in hooked_partitions(engine.ds)}
+        else:
+            self.on_device = [(p, m.to(p.device)) for p, m in self.pairs]
         engine.post_noise_hooks.append(self)
 
     @torch.no_grad()
     def __call__(self, optimizer: torch.optim.Optimizer) -> None:
         if self.partitions is None:
-            for param, mask in self.pairs:
+            for param, mask in self.on_device:
                 if param.grad is not None:
                     param.grad.mul_(mask)
             return
@@ -238,7 +240,7 @@ class MaskEnforcer:
             count += sum(int((t[mask == 0] != 0).sum()) for t, mask in self.partitions.values())
         for p, m in self.pairs + self.frozen:
             if p.numel() == m.numel():  # ZeRO-3 leaves an empty placeholder on the module
-                count += int((p[~m.bool()] != 0).sum())
+                count += int((p[~m.to(p.device)] != 0).sum())
         return count
 
 

@@ -209,6 +209,9 @@ def test_masks_stay_exactly_zero_under_noisy_dp_steps():
     engine = _engine(model, zero_stage=0)
     enforcer.bind(engine)
     assert enforcer.partitions is None  # ZeRO 0 in fp32: the optimizer steps the module's own weights
+    # One byte a weight, the caller's own masks: no float copy of every mask per rank.
+    held = {id(m) for _, m in enforcer.pairs + enforcer.on_device}
+    assert held == {id(m) for m in masks.values()} and all(m.dtype == torch.bool for m in masks.values())
     batch = {"input_ids": torch.randint(0, 1000, (8, 6)), "attention_mask": torch.ones(8, 6, dtype=torch.long),
              "token_type_ids": torch.zeros(8, 6, dtype=torch.long), "labels": torch.randint(0, 2, (8,)),
              "sample_mask": torch.ones(8)}
