@@ -237,7 +237,7 @@ class MaskEnforcer:
         for the whole model)."""
         count = 0
         if self.partitions is not None:
-            count += sum(int((t[mask == 0] != 0).sum()) for t, mask in self.partitions.values())
+            count += sum(int((t[~mask] != 0).sum()) for t, mask in self.partitions.values())
         for p, m in self.pairs + self.frozen:
             if p.numel() == m.numel():  # ZeRO-3 leaves an empty placeholder on the module
                 count += int((p[~m.to(p.device)] != 0).sum())

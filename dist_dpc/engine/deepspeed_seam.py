@@ -59,8 +59,8 @@ def hooked_partitions(engine) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def partition_masks(engine, masks: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-    """For each fp32 tensor this rank's optimizer steps (hooked_partitions), a 0/1 mask of its
-    coordinates: 0 where ``masks`` ({id(module parameter): bool mask of its shape}) prunes, 1 elsewhere.
+    """For each fp32 tensor this rank's optimizer steps (hooked_partitions), a bool mask of its
+    coordinates: False where ``masks`` ({id(module parameter): bool mask of its shape}) prunes, True elsewhere.
 
     DeepSpeed maps parameters onto flat partitions in ways that differ by stage and precision; rather
     than reading its private maps, the masks are pushed through its public API: every trainable
@@ -100,7 +100,7 @@ def partition_masks(engine, masks: dict[int, torch.Tensor]) -> dict[int, torch.T
                 marker = torch.ones(p.shape, dtype=torch.float32) if mask is None else mask.reshape(p.shape).float()
                 expected_kept += int(marker.sum())
                 safe_set_full_fp32_param(p, marker.to(device))
-        out = {id(t): (t.detach() == 1).to(t.dtype) for t in partitions}
+        out = {id(t): t.detach() == 1 for t in partitions}  # bool: one byte a coordinate of the partition
     finally:
         markers = [t.detach().clone() for t in partitions]
         for t, copy in zip(partitions, saved):

@@ -43,7 +43,8 @@ def main() -> None:
     params = full_params(engine)
     if world.rank == 0:
         torch.save({"masks": masks, "params": params, "violations": int(violations.item()),
-                    "partitioned": enforcer.partitions is not None}, out)
+                    "partitioned": enforcer.partitions is not None,
+                    "partition_mask_dtypes": sorted({str(m.dtype) for _, m in (enforcer.partitions or {}).values()})}, out)
 
 
 if __name__ == "__main__":

@@ -259,6 +259,7 @@ def test_masks_follow_deepspeed_partitions_on_two_ranks(tmp_path, stage, bf16, m
              world_size=2, timeout=500)
     got = torch.load(out)
     assert got["partitioned"] and got["violations"] == 0
+    assert got["partition_mask_dtypes"] == ["torch.bool"]  # one byte a coordinate of the rank's partition
     reference = load_sequence_classifier(ModelConfig(name="tiny-bert", dropout=0.0), labels, None, seed=0)
     # Ranked by the two ranks together (each its half of the coordinates): the one-process masks.
     serial = compute_masks(reference, method, 0.5)
