@@ -29,7 +29,7 @@ from dist_dpc.data.lm import control_prefix
 from dist_dpc.models import ModelConfig, load_tokenizer
 from dist_dpc.pipeline.config import Config
 from dist_dpc.pipeline.lineage import import_lineage, read_lineage, write_lineage
-from dist_dpc.pipeline.trainer import finish_phase, local_device, open_phase, open_tracker, root_of
+from dist_dpc.pipeline.trainer import finish_phase, local_device, open_phase, open_tracker, phase_zero_stage, root_of
 from dist_dpc.tasks import make_task
 from dist_dpc.utils.atomic import atomic_write
 from dist_dpc.utils.logging import log
@@ -144,6 +144,10 @@ def run_distill_synthetic(cfg: Config) -> dict:
         student = task.load_model(student_cfg, ctx.tokenizer, num_labels=None, label_names=None, seed=cfg.run.seed)
         init = f"pre-trained {s.student}"
     student.requires_grad_(True)
+    if phase_zero_stage(ctx) > 0:  # said, not silently ignored: the student and teacher fit one rank or not at all
+        log(ctx.world, f"[distill_synthetic] ZeRO stage {phase_zero_stage(ctx)} is not applied in this phase: it "
+                       "trains data-parallel with the student and the teacher whole on every rank "
+                       "(docs/compression.md, 'Left whole')")
     device = local_device()
     objective = SyntheticKDObjective(student, teacher, alpha=s.kd_weight, temperature=s.temperature,
                                      hidden_weight=s.hidden_weight).to(device)
