@@ -221,9 +221,9 @@ class MaskEnforcer:
     @torch.no_grad()
     def __call__(self, optimizer: torch.optim.Optimizer) -> None:
         if self.partitions is None:
-            for param, mask in self.on_device:
+            for param, mask in self.on_device or self.pairs:  # (called before bind: the masks as given)
                 if param.grad is not None:
-                    param.grad.mul_(mask)
+                    param.grad.mul_(mask.to(param.grad.device))
             return
         for group in optimizer.param_groups:  # ZeRO-3: this call's sub-group only
             for tensor in group["params"]:

@@ -224,6 +224,15 @@ def test_masks_stay_exactly_zero_under_noisy_dp_steps():
         assert not torch.equal(after[n][m], before[n][m])       # kept: trained
 
 
+def test_an_enforcer_masks_gradients_before_it_is_bound():
+    layer = torch.nn.Linear(4, 4, bias=False)
+    mask = torch.rand(4, 4, generator=torch.Generator().manual_seed(0)) > 0.5
+    enforcer = MaskEnforcer(torch.nn.Sequential(layer), {"0.weight": mask})
+    layer.weight.grad = torch.ones(4, 4)
+    enforcer(torch.optim.SGD(layer.parameters(), lr=0.1))
+    assert torch.equal(layer.weight.grad, mask.float())
+
+
 def test_frozen_matrices_are_pruned_and_stay_zero():
     model = tiny()
     for name, p in model.named_parameters():
