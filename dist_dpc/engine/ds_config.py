@@ -204,7 +204,11 @@ _WIDTH_KEYS = ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_para
 def model_width(model: Any) -> int | None:
     """The hidden size of an HF-style model (``config.hidden_size``, the largest of ``hidden_sizes``,
     or those of ``config.text_config``), or None."""
-    config = getattr(model, "config", None)
+    return config_width(getattr(model, "config", None))
+
+
+def config_width(config: Any) -> int | None:
+    """model_width from an HF model config (AutoConfig), before the model exists."""
     for source in (config, getattr(config, "text_config", None)):
         if source is None:
             continue
@@ -213,6 +217,11 @@ def model_width(model: Any) -> int | None:
         if getattr(source, "hidden_sizes", None):
             return max(source.hidden_sizes)
     return None
+
+
+def has_width_autos(ds: dict) -> bool:
+    zero = ds.get("zero_optimization")
+    return isinstance(zero, dict) and any(zero.get(k) == "auto" for k in _WIDTH_KEYS)
 
 
 def fill_width_autos(ds: dict, width: int | None) -> dict:

@@ -86,7 +86,7 @@ def load_model_dir(path: Path, ctx: PhaseContext, trainable: list[str] | None = 
         return ctx.task.load_model(model_cfg, ctx.tokenizer, num_labels=ctx.num_labels, label_names=None,
                                    seed=cfg.run.seed)
 
-    model = load() if what is None else load_for_phase(ctx, load, what)
+    model = load() if what is None else load_for_phase(ctx, load, what, name=str(path))
     set_trainable(model, trainable, field)
     return model
 

@@ -21,6 +21,7 @@ from dist_dpc.engine import DPEngine, build_ds_config, init_distributed
 from dist_dpc.engine.lr_schedule import make_lr_schedule
 from dist_dpc.engine.partitioned import gathered_state_dict
 from dist_dpc.engine.distributed import WorldInfo
+from dist_dpc.engine.ds_config import config_width, fill_width_autos, has_width_autos
 from dist_dpc.models import load_tokenizer
 from dist_dpc.models.loading import DEBUG_MODELS
 from dist_dpc.pipeline.checkpoints import Checkpoints
@@ -341,7 +342,7 @@ def load_for_phase(ctx: PhaseContext, load: Callable[[], torch.nn.Module], what:
     from dist_dpc.engine.frozen import local_numel
     from dist_dpc.engine.partitioned import full_numel, is_partitioned
 
-    ds_config = _phase_ds_config(ctx.cfg, ctx.world, None, ctx.cfg.privacy.enabled)
+    ds_config = config_for_loading(_phase_ds_config(ctx.cfg, ctx.world, None, ctx.cfg.privacy.enabled), name)
     hf_setting = HfDeepSpeedConfig(ds_config)  # transformers keeps only a weak reference to it
     try:
         model = load()
@@ -354,6 +355,25 @@ def load_for_phase(ctx: PhaseContext, load: Callable[[], torch.nn.Module], what:
                    f"holds {local_numel(model):,} of its {sum(full_numel(p) for p in params):,} parameters "
                    f"({len(partitioned)} of {len(params)} tensors partitioned)")
     return model
+
+
+def config_for_loading(ds_config: dict, name: str | None) -> dict:
+    """The phase's DeepSpeed JSON for zero.Init, its "auto" bucket sizes filled from the saved config of
+    ``name`` as the engine will fill them from the model: zero.Init marks which parameters stay
+    gathered (persistent) by the threshold it reads, which would otherwise be DeepSpeed's default
+    (1e5 elements) rather than the engine's 10 x width. Without a readable config, unchanged (the
+    load itself then says what is missing)."""
+    if name is None or not has_width_autos(ds_config):
+        return ds_config
+    from transformers import AutoConfig
+
+    from dist_dpc.models.loading import resolve_name
+
+    try:
+        width = config_width(AutoConfig.from_pretrained(resolve_name(name)))
+    except (OSError, ValueError):
+        return ds_config
+    return fill_width_autos(ds_config, width) if width is not None else ds_config
 
 
 def _phase_ds_config(cfg: Config, world: WorldInfo, lr: float | None, dp_enabled: bool) -> dict:

@@ -101,3 +101,16 @@ def test_a_partitioned_teacher_follows_the_training_configs_gather_settings():
     assert engine.zero_reduce_bucket_size() != 77  # only the gather settings are inherited
     default = partition_frozen(tiny_bert(32), micro_batch_size=2, bf16=False).ds_inference[0]
     assert default.zero_max_live_parameters() == 1_000_000_000
+
+
+def test_zero_init_reads_the_same_filled_sizes_as_the_engine(tmp_path):
+    """At ZeRO 3 the phases build models inside zero.Init, which marks the parameters that stay
+    gathered by the persistence threshold it reads: the one the engine will use, from the saved
+    config; a name without a readable config leaves the JSON as it is (the load then says why)."""
+    from dist_dpc.pipeline.trainer import config_for_loading
+
+    tiny_bert(48).save_pretrained(tmp_path / "m")
+    ds = {"zero_optimization": {"stage": 3, **AUTOS}}
+    assert config_for_loading(ds, str(tmp_path / "m")) == fill_width_autos(ds, 48)
+    assert config_for_loading(ds, str(tmp_path / "missing")) == ds
+    assert config_for_loading(ds, None) == ds
