@@ -220,6 +220,7 @@ def config_width(config: Any) -> int | None:
 
 
 def has_width_autos(ds: dict) -> bool:
+    """Whether zero_optimization leaves one of the width-sized keys "auto"."""
     zero = ds.get("zero_optimization")
     return isinstance(zero, dict) and any(zero.get(k) == "auto" for k in _WIDTH_KEYS)
 

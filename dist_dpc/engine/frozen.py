@@ -23,8 +23,8 @@ GATHER_SETTINGS = ("stage3_max_live_parameters", "stage3_max_reuse_distance", "s
 def partition_frozen(module: nn.Module, *, micro_batch_size: int, bf16: bool, zero: dict | None = None) -> nn.Module:
     """``module`` frozen, in eval mode, its parameters partitioned over the ranks (ZeRO 3); call it as
     before. ``zero``: the training config's zero_optimization block, whose gather settings
-    (GATHER_SETTINGS; "auto" sized from the frozen model's width) the frozen model follows too. The DeepSpeed engine that owns the
-    partitioning is kept on the module (``ds_inference``)."""
+    (GATHER_SETTINGS; "auto" sized from the frozen model's width) the frozen model follows too. The
+    DeepSpeed engine that owns the partitioning is kept on the module (``ds_inference``)."""
     import deepspeed
 
     module.requires_grad_(False).eval()
