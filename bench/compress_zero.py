@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import json
 import os
 import resource
@@ -194,16 +195,25 @@ class _Mallinfo2(ctypes.Structure):
                                                       "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
+@functools.cache
+def _mallinfo2():
+    """glibc's mallinfo2, looked up once (the sampler calls it every 0.1 ms), or None without glibc >= 2.33."""
+    try:
+        function = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    function.restype = _Mallinfo2
+    return function
+
+
 def malloc_in_use() -> int | None:
     """Bytes glibc's malloc has handed out and not yet had back (every arena, mmap-ed blocks included):
     torch's CPU tensors are allocated there, whole, whether or not their pages were touched, and
     nothing freed or any library's code counts. None where glibc (>= 2.33) is not there."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallinfo2.restype = _Mallinfo2
-    except (OSError, AttributeError):
+    mallinfo2 = _mallinfo2()
+    if mallinfo2 is None:
         return None
-    info = libc.mallinfo2()
+    info = mallinfo2()
     return int(info.uordblks + info.hblkhd)
 
 

@@ -335,14 +335,15 @@ def load_for_phase(ctx: PhaseContext, load: Callable[[], torch.nn.Module], what:
     build whole models. A debug model (``name`` in DEBUG_MODELS) is built whole: it is tiny, and under
     zero.Init transformers would initialise it on rank 0 in another order, so the same seed would give
     other weights at ZeRO 3 than at ZeRO 0-2."""
-    if phase_zero_stage(ctx) != 3 or name in DEBUG_MODELS:
+    ds_config = _phase_ds_config(ctx.cfg, ctx.world, None, ctx.cfg.privacy.enabled)
+    if _zero_stage(ds_config) != 3 or name in DEBUG_MODELS:
         return load()
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
     from dist_dpc.engine.frozen import local_numel
     from dist_dpc.engine.partitioned import full_numel, is_partitioned
 
-    ds_config = config_for_loading(_phase_ds_config(ctx.cfg, ctx.world, None, ctx.cfg.privacy.enabled), name)
+    ds_config = config_for_loading(ds_config, name)
     hf_setting = HfDeepSpeedConfig(ds_config)  # transformers keeps only a weak reference to it
     try:
         model = load()
