@@ -180,14 +180,19 @@ class SyntheticKDObjective(nn.Module):
         self._teacher = (teacher.eval().requires_grad_(False),)  # a tuple: not a registered submodule
         self.alpha, self.temperature, self.hidden_weight = alpha, temperature, hidden_weight
         width_s, width_t = student.config.hidden_size, teacher.config.hidden_size
-        self.projection = nn.Linear(width_s, width_t) if hidden_weight > 0 and width_s != width_t else nn.Identity()
+        # In the student's dtype: a student built under ZeRO-3's zero.Init in bf16 is bf16 already, and
+        # DeepSpeed partitions the trainable parameters of one module in one dtype.
+        dtype = next(student.parameters()).dtype
+        self.projection = (nn.Linear(width_s, width_t, dtype=dtype) if hidden_weight > 0 and width_s != width_t
+                           else nn.Identity())
 
     @property
     def teacher(self) -> nn.Module:
         return self._teacher[0]
 
-    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum of the loss over the batch's counted tokens, number of those tokens)."""
+    def forward(self, batch: dict, return_ce: bool = False):
+        """(sum of the loss over the batch's counted tokens, number of those tokens), and with
+        ``return_ce`` the student's plain next-token cross-entropy summed over the same tokens."""
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         hidden = self.hidden_weight > 0
         with torch.no_grad():
@@ -196,7 +201,14 @@ class SyntheticKDObjective(nn.Module):
         per_token, mask = token_kd_terms(student.logits, teacher.logits, batch["labels"], self.alpha, self.temperature)
         total = per_token.sum()
         if hidden:
-            projected = self.projection(student.hidden_states[-1][:, :-1].float())
+            h = student.hidden_states[-1][:, :-1]
+            weight = getattr(self.projection, "weight", None)  # under bf16 DeepSpeed casts the projection too
+            projected = self.projection(h.to(weight.dtype) if weight is not None else h).float()
             diff = ((projected - teacher.hidden_states[-1][:, :-1].float()) ** 2).mean(-1)
             total = total + self.hidden_weight * (diff * mask).sum()
-        return total, mask.sum()
+        if not return_ce:
+            return total, mask.sum()
+        targets = batch["labels"][:, 1:]
+        ce = F.cross_entropy(student.logits[:, :-1].float().transpose(1, 2), targets.masked_fill(~mask, 0),
+                             reduction="none")
+        return total, mask.sum(), (ce * mask).sum()

@@ -3,13 +3,18 @@ teacher's token distributions (Flemings & Annavaram 2024). No DP-SGD and no priv
 are the DP teacher and text generated from it (post-processing); it is refused if any input is
 private data. The student model carries the tree's guarantee (the teacher's DP-SGD and the histogram).
 
-    RUN/distill_synthetic/ model/  best/ (the best held-out model so far)  state.pt (resume)  results.json
+    RUN/distill_synthetic/ model/  best/ (the best held-out model so far)  checkpoints/ (resume)  results.json
 
-Training: AdamW at a constant lr over the synthetic set minus a held-out part (distill_synthetic.
-holdout_fraction, seeded by run.seed), batches of distill_synthetic.batch_size (micro-batches of
-train.micro_batch_size), ranks splitting each batch and summing gradients; the held-out objective
-every eval_every steps and at each epoch's end; the best model kept, stopping after `patience`
-evaluations without improvement. A killed job resumes from the last evaluation.
+It shards like the DP phases: the student trains under DeepSpeed (engine.public_engine) at the
+phase's ZeRO stage and precision, built partitioned at ZeRO 3 (a student cut from the teacher is cut
+from its files, never from a whole teacher), and the frozen teacher is partitioned at ZeRO 3 like
+DPKD's (engine.frozen). Training: AdamW at a constant lr (unless the DeepSpeed JSON brings its own
+optimizer) over the synthetic set minus a held-out part (distill_synthetic.holdout_fraction, seeded
+by run.seed), batches of distill_synthetic.batch_size split over the ranks in micro-batches of
+train.micro_batch_size, the loss normalised by the batch's text tokens; the held-out objective every
+eval_every steps and at each epoch's end; the best model kept, stopping after `patience` evaluations
+without improvement. A killed job resumes from the last evaluation's DeepSpeed checkpoint, at another
+world size too (pipeline.checkpoints).
 """
 
 from __future__ import annotations
@@ -23,19 +28,27 @@ from pathlib import Path
 import torch
 from torch.utils.data import Subset
 
-from dist_dpc.compress.distill import SyntheticKDObjective, every_other_layer, student_from_teacher, transformer_layers
+from dist_dpc.compress.distill import SyntheticKDObjective, every_other_layer, transformer_layers
+from dist_dpc.compress.layer_files import saved_depth
 from dist_dpc.data.splits import TextSplit
 from dist_dpc.data.lm import control_prefix
+from dist_dpc.engine import build_ds_config
+from dist_dpc.engine.ds_config import model_width
+from dist_dpc.engine.frozen import local_numel
+from dist_dpc.engine.partitioned import full_numel, gathered_state_dict
+from dist_dpc.engine.public_engine import PublicDataEngine
 from dist_dpc.models import ModelConfig, load_tokenizer
+from dist_dpc.pipeline.checkpoints import Checkpoints
 from dist_dpc.pipeline.config import Config
 from dist_dpc.pipeline.lineage import import_lineage, read_lineage, write_lineage
-from dist_dpc.pipeline.trainer import finish_phase, local_device, open_phase, open_tracker, phase_zero_stage, root_of
+from dist_dpc.pipeline.trainer import (finish_phase, frozen_for_phase, load_for_phase, open_phase, open_tracker,
+                                       phase_zero_stage, root_of, write_layers)
 from dist_dpc.tasks import make_task
 from dist_dpc.utils.atomic import atomic_write
 from dist_dpc.utils.logging import log
 from dist_dpc.utils.progress import Progress
 
-STATE = "state.pt"
+CHECKPOINTS = "checkpoints"
 
 
 class PrivateInputError(ValueError):
@@ -120,7 +133,7 @@ def run_distill_synthetic(cfg: Config) -> dict:
     ctx = open_phase(cfg, "distill_synthetic", load_data=False)
     if ctx.is_main and (ctx.directory / "results.json").is_file():  # run.overwrite: a new run, not a resume
         shutil.rmtree(ctx.directory / "best", ignore_errors=True)
-        (ctx.directory / STATE).unlink(missing_ok=True)
+        shutil.rmtree(ctx.directory / CHECKPOINTS, ignore_errors=True)
     torch.distributed.barrier()
     teacher_dir = Path(plan["source"])
     # The samples' lineage is the generating tree's whole spend (its teacher, its histogram); the
@@ -131,34 +144,45 @@ def run_distill_synthetic(cfg: Config) -> dict:
     samples_ledger = (read_lineage(samples_file.parent) or {}).get("ledger_id")
     if samples_ledger is None or (read_lineage(teacher_dir) or {}).get("ledger_id") != samples_ledger:
         import_lineage(ctx, teacher_dir, role="distill_synthetic.teacher (the samples' source)")
-    teacher = task.load_model(ModelConfig(name=str(teacher_dir), task=cfg.model.task), ctx.tokenizer,
-                              num_labels=None, label_names=None, seed=cfg.run.seed)
+
+    def load(name, what: str):  # built partitioned at ZeRO 3 (zero.Init), whole at ZeRO 0-2
+        model_cfg = ModelConfig(name=str(name), task=cfg.model.task)
+        return load_for_phase(ctx, lambda: task.load_model(model_cfg, ctx.tokenizer, num_labels=None, label_names=None,
+                                                           seed=cfg.run.seed), what, name=str(name))
+
+    teacher = load(teacher_dir, "teacher")
     if s.student == "from_teacher":
-        layers, _ = transformer_layers(teacher)
-        layer_map = s.layer_map if s.layer_map is not None else every_other_layer(len(layers))
-        student = student_from_teacher(teacher, layer_map)  # copying DP weights: post-processing
+        depth = saved_depth(teacher_dir)
+        layer_map = s.layer_map if s.layer_map is not None else every_other_layer(depth)
+        if not layer_map or len(set(layer_map)) != len(layer_map) or any(not 0 <= i < depth for i in layer_map):
+            raise ValueError(f"distill_synthetic.layer_map={layer_map} is invalid: distinct teacher layer indices in "
+                             f"[0, {depth})")
+        # Copying the DP teacher's layers is post-processing. They are cut from its files (as DPKD and
+        # structured pruning do), so at ZeRO 3 no rank ever holds the whole teacher or student.
+        write_layers(ctx, teacher_dir, ctx.directory / "student_init", layer_map,
+                     record=ctx.directory / "student_layers.json")
+        student = load(ctx.directory / "student_init", "student")
         init = f"teacher layers {layer_map}"
     else:
         import_lineage(ctx, s.student, role="distill_synthetic.student")
-        student_cfg = ModelConfig(name=s.student, task=cfg.model.task)
-        student = task.load_model(student_cfg, ctx.tokenizer, num_labels=None, label_names=None, seed=cfg.run.seed)
+        student = load(s.student, "student")
         init = f"pre-trained {s.student}"
     student.requires_grad_(True)
-    if phase_zero_stage(ctx) > 0:  # said, not silently ignored: the student and teacher fit one rank or not at all
-        log(ctx.world, f"[distill_synthetic] ZeRO stage {phase_zero_stage(ctx)} is not applied in this phase: it "
-                       "trains data-parallel with the student and the teacher whole on every rank "
-                       "(docs/compression.md, 'Left whole')")
-    device = local_device()
+    teacher_layers, teacher_whole = _layer_params(teacher), sum(full_numel(p) for p in teacher.parameters())
+    teacher = frozen_for_phase(ctx, teacher)  # partitioned at ZeRO 3 (no optimizer state), else whole
+    if hasattr(teacher, "ds_inference"):
+        log(ctx.world, f"[distill_synthetic] teacher partitioned over {ctx.world.world_size} ranks (ZeRO 3): rank 0 "
+                       f"holds {local_numel(teacher):,} of its {teacher_whole:,} parameters")
     objective = SyntheticKDObjective(student, teacher, alpha=s.kd_weight, temperature=s.temperature,
-                                     hidden_weight=s.hidden_weight).to(device)
-    teacher.to(device)
+                                     hidden_weight=s.hidden_weight)
     train, holdout = _synthetic_sets(ctx, samples_file)
     tracker = open_tracker(ctx)
     log(ctx.world, f"[distill_synthetic] student: {init} ({_layer_params(student):,} parameters in its transformer "
-                   f"layers, teacher {_layer_params(teacher):,}); {len(train)} synthetic samples, {len(holdout)} held "
+                   f"layers, teacher {teacher_layers:,}); {len(train)} synthetic samples, {len(holdout)} held "
                    f"out; loss (1-{s.kd_weight})*CE + {s.kd_weight}*T^2*KL, T={s.temperature}"
                    + (f" + {s.hidden_weight}*MSE(last hidden{', projected' if not isinstance(objective.projection, torch.nn.Identity) else ''})"
-                      if s.hidden_weight else "") + "; no DP-SGD, no privacy spent")
+                      if s.hidden_weight else "") + f"; no DP-SGD, no privacy spent; ZeRO stage {phase_zero_stage(ctx)}, "
+                   f"{ctx.world.world_size} rank(s)")
     best = _train(ctx, objective, train, holdout, tracker)
     model_dir = ctx.directory / "model"
     if ctx.is_main:
@@ -177,15 +201,17 @@ def run_distill_synthetic(cfg: Config) -> dict:
                "sampling": "none (synthetic data, no DP-SGD)", "randomness": cfg.privacy.randomness,
                "spent": 0.0, "student_init": init, "samples": str(samples_file), "teacher": str(teacher_dir),
                "synthetic_train": len(train), "synthetic_holdout": len(holdout),
-               "parameters": sum(p.numel() for p in student.parameters()),
-               "layer_parameters": _layer_params(student), "teacher_layer_parameters": _layer_params(teacher),
+               "parameters": sum(full_numel(p) for p in student.parameters()),
+               "layer_parameters": _layer_params(student), "teacher_layer_parameters": teacher_layers,
+               "zero_stage": phase_zero_stage(ctx), "world_size": ctx.world.world_size,
                "kd_weight": s.kd_weight, "temperature": s.temperature, "hidden_weight": s.hidden_weight}
     finish_phase(ctx, tracker, results, model_dir)
     return results
 
 
 def _layer_params(model) -> int:
-    return sum(p.numel() for p in transformer_layers(model)[0].parameters())
+    """Parameters of the model's transformer layers (whole sizes, also when partitioned at ZeRO 3)."""
+    return sum(full_numel(p) for p in transformer_layers(model)[0].parameters())
 
 
 def _synthetic_sets(ctx, samples_file: Path):
@@ -210,24 +236,45 @@ def _text_tokens(example: dict) -> int:
     return max(0, len(example["input_ids"]) - max(1, int(example["loss_start"])))
 
 
+def rank_micro_batches(examples: list, rank: int, world_size: int, micro: int) -> list[tuple[list, float]]:
+    """This rank's share ``examples[rank::world_size]`` as (micro-batch, weight 1) pairs, padded with
+    (the first example, weight 0) to the micro-batch count of the rank with the most: at ZeRO 2/3 a
+    backward and at ZeRO 3 any forward (the teacher's too) is a collective every rank enters alike."""
+    mine = examples[rank::world_size]
+    count = math.ceil(math.ceil(len(examples) / world_size) / micro)
+    return [(mine[j:j + micro], 1.0) if mine[j:j + micro] else (examples[:1], 0.0)
+            for j in range(0, count * micro, micro)]
+
+
+def student_ds_config(ctx) -> dict:
+    """The phase's DeepSpeed config: the run's JSON, ZeRO stage and precision; AdamW at
+    distill_synthetic.lr (unless the JSON names an optimizer). No DP rules: nothing private trains here."""
+    cfg, s = ctx.cfg, ctx.cfg.distill_synthetic
+    return build_ds_config(cfg.train.deepspeed_config, micro_batch_size=cfg.train.micro_batch_size,
+                           world_size=ctx.world.world_size, zero_stage=cfg.train.zero_stage, lr=s.lr,
+                           weight_decay=s.weight_decay, optimizer="adamw", bf16=cfg.train.bf16, dp_enabled=False)
+
+
+def _kd_sum(engine, batch: dict) -> torch.Tensor:
+    return engine(batch)[0]
+
+
 def _train(ctx, objective: SyntheticKDObjective, train, holdout, tracker) -> dict:
     s, world = ctx.cfg.distill_synthetic, ctx.world
     micro = ctx.cfg.train.micro_batch_size
     pad = ctx.tokenizer.pad_token_id
-    params = [p for p in objective.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    ds_config = student_ds_config(ctx)
+    checkpoints = Checkpoints(ctx.directory / CHECKPOINTS, keep=ctx.cfg.train.keep_checkpoints, world=world)
+    universal = checkpoints.needs_universal(int(ds_config["zero_optimization"]["stage"]))
+    if universal:  # written at another world size: DeepSpeed re-partitions it (pipeline.checkpoints)
+        ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+    engine = PublicDataEngine(objective, ds_config, width=model_width(objective.student))
     steps_per_epoch = math.ceil(len(train) / s.batch_size)
     total = max(1, math.ceil(s.epochs * steps_per_epoch))
     state = {"step": 0, "best_loss": math.inf, "best_step": 0, "bad": 0, "best_metrics": None}
-    saved = ctx.directory / STATE
-    if saved.is_file():
-        checkpoint = torch.load(saved, weights_only=False)
-        objective.load_state_dict(checkpoint["objective"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        state = checkpoint["state"]
-        log(world, f"[distill_synthetic] resumed at step {state['step']}/{total}")
-    device = next(objective.parameters()).device
-    objective.train()
+    if checkpoints.latest() is not None:
+        state = checkpoints.load(engine, universal=universal)["state"]
+        log(world, f"[distill_synthetic] resumed at step {state['step']}/{total} from {checkpoints.latest()}")
     progress = Progress(world, total=total, initial=state["step"], desc="distill_synthetic")
     started = time.perf_counter()
     while state["step"] < total and state["bad"] < s.patience:
@@ -237,28 +284,21 @@ def _train(ctx, objective: SyntheticKDObjective, train, holdout, tracker) -> dic
         batch_ids = order[position * s.batch_size:(position + 1) * s.batch_size].tolist()
         examples = [train[i] for i in batch_ids]
         tokens = sum(_text_tokens(e) for e in examples)
-        mine = examples[world.rank::world.world_size]
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum = 0.0
-        for j in range(0, len(mine), micro):
-            batch = {k: v.to(device) for k, v in ctx.task.collate(mine[j:j + micro], pad).items()}
-            total_loss, _ = objective(batch)
-            (total_loss / max(tokens, 1)).backward()
-            loss_sum += float(total_loss.detach())
-        _sum_gradients(params, world.world_size)
-        optimizer.step()
-        state["step"] = step + 1
+        micro_batches = [(ctx.task.collate(chunk, pad), weight)
+                         for chunk, weight in rank_micro_batches(examples, world.rank, world.world_size, micro)]
+        loss_sum = engine.train_step(micro_batches, _kd_sum, normaliser=max(tokens, 1))
+        state["step"] = engine.steps_done
         end_of_epoch = (position + 1) == steps_per_epoch
         metrics = {"train/loss": _all_sum(loss_sum) / max(tokens, 1)}
         if state["step"] % s.eval_every == 0 or end_of_epoch or state["step"] == total:
-            held = _evaluate(ctx, objective, holdout)
+            held = _evaluate(ctx, engine, holdout)
             metrics.update({f"synthetic_holdout/{k}": v for k, v in held.items()})
             if held["loss"] < state["best_loss"]:
                 state.update(best_loss=held["loss"], best_step=state["step"], bad=0, best_metrics=held)
-                _save_best(ctx, objective)
+                _save_best(ctx, engine)
             else:
                 state["bad"] += 1
-            _save_state(ctx, objective, optimizer, state)
+            checkpoints.save(engine, {"state": state})
             log(world, f"[distill_synthetic] step {state['step']}/{total}: held-out loss {held['loss']:.4f} "
                        f"(best {state['best_loss']:.4f} at step {state['best_step']})")
         tracker.log(metrics, step=state["step"])
@@ -274,32 +314,21 @@ def _train(ctx, objective: SyntheticKDObjective, train, holdout, tracker) -> dic
 
 
 @torch.no_grad()
-def _evaluate(ctx, objective: SyntheticKDObjective, holdout) -> dict:
+def _evaluate(ctx, engine: PublicDataEngine, holdout) -> dict:
     """The held-out objective (token-weighted), and the student's perplexity on the held-out text."""
-    objective.eval()
-    mine = [holdout[i] for i in range(ctx.world.rank, len(holdout), ctx.world.world_size)]
-    device = next(objective.parameters()).device
-    pad, micro = ctx.tokenizer.pad_token_id, ctx.cfg.train.micro_batch_size
+    engine.ds.eval()
+    world, pad, micro = ctx.world, ctx.tokenizer.pad_token_id, ctx.cfg.train.micro_batch_size
     loss, tokens, nll = 0.0, 0, 0.0
-    for j in range(0, len(mine), micro):
-        batch = {k: v.to(device) for k, v in ctx.task.collate(mine[j:j + micro], pad).items()}
-        total_loss, count = objective(batch)
-        loss += float(total_loss)
-        tokens += int(count)
-        nll += float(ctx.task.loss(objective.student, batch).mul(
-            (batch["labels"][:, 1:] != -100).sum(1)).sum())
-    objective.train()
+    for chunk, weight in rank_micro_batches([holdout[i] for i in range(len(holdout))], world.rank, world.world_size,
+                                            micro):
+        batch = {k: v.to(engine.ds.device) for k, v in ctx.task.collate(chunk, pad).items()}
+        total_loss, count, ce = engine.ds(batch, return_ce=True)
+        if weight:
+            loss, tokens, nll = loss + float(total_loss), tokens + int(count), nll + float(ce)
+    engine.ds.train()
     loss, tokens, nll = _all_sum(loss), _all_sum(tokens), _all_sum(nll)
     return {"loss": loss / max(tokens, 1), "perplexity": math.exp(nll / max(tokens, 1)), "tokens": int(tokens),
             "examples": len(holdout)}
-
-
-def _sum_gradients(params, world_size: int) -> None:
-    if world_size > 1:
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            torch.distributed.all_reduce(p.grad)
 
 
 def _all_sum(value: float) -> float:
@@ -310,20 +339,17 @@ def _all_sum(value: float) -> float:
     return float(value)
 
 
-def _save_best(ctx, objective: SyntheticKDObjective) -> None:
+def _save_best(ctx, engine: PublicDataEngine) -> None:
+    """The student (without the projection) as an HF directory; at ZeRO 3 gathered one tensor at a
+    time onto rank 0's CPU."""
+    student = engine.module.student
+    state = gathered_state_dict(student, keep=ctx.is_main)
     if ctx.is_main:
         target = ctx.directory / "best"
         tmp = ctx.directory / "best.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        objective.student.save_pretrained(str(tmp))
+        student.save_pretrained(str(tmp), state_dict=state)
         ctx.tokenizer.save_pretrained(str(tmp))
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
-    torch.distributed.barrier()
-
-
-def _save_state(ctx, objective, optimizer, state: dict) -> None:
-    if ctx.is_main:
-        payload = {"objective": objective.state_dict(), "optimizer": optimizer.state_dict(), "state": state}
-        atomic_write(ctx.directory / STATE, lambda tmp: torch.save(payload, tmp))
     torch.distributed.barrier()

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from dist_dpc.compress.distill import DistillationLoss, every_other_layer, transformer_layers
-from dist_dpc.compress.layer_files import choose_layers, layer_importance_on_disk, saved_depth, write_kept_layers
+from dist_dpc.compress.layer_files import choose_layers, layer_importance_on_disk, saved_depth
 from dist_dpc.compress.pruning import (MaskEnforcer, apply_masks, compute_masks, depth_schedule,
                                        sparsity_schedule, sparsity_stats)
 from dist_dpc.models import ModelConfig
@@ -29,10 +29,10 @@ from dist_dpc.models.loading import set_trainable
 from dist_dpc.pipeline.config import ALL_PHASES, MODEL_PHASES, Config
 from dist_dpc.pipeline.head_init import HeadStart
 from dist_dpc.pipeline.lineage import import_lineage
-from dist_dpc.pipeline.trainer import (PhaseContext, evaluate_engine, finish_phase, frozen_for_phase,
-                                       load_for_phase, local_device, check_before_spending, open_phase, open_tracker, phase_privacy, phase_results,
-                                       planned_steps,
-                                       _from_rank0, root_of, run_train, save_model, steps_per_epoch, train_dp)
+from dist_dpc.pipeline.trainer import (PhaseContext, check_before_spending, evaluate_engine, finish_phase,
+                                       frozen_for_phase, load_for_phase, local_device, open_phase, open_tracker,
+                                       phase_privacy, phase_results, planned_steps, root_of, run_train, save_model,
+                                       steps_per_epoch, train_dp, write_layers)
 from dist_dpc.privacy.ledger import PrivacyLedger
 from dist_dpc.tasks import TASKS, make_task
 from dist_dpc.utils.logging import log
@@ -130,7 +130,7 @@ def run_distill(cfg: Config) -> dict:
         # cut from its files (as structured pruning does) and the student is built from them, so at
         # ZeRO 3 it is partitioned from the start. What trains is chosen on the student's own
         # parameter names (its layers renumbered 0, 1, ...).
-        _write_layers(ctx, teacher_dir, ctx.directory / "student_init", layer_map,
+        write_layers(ctx, teacher_dir, ctx.directory / "student_init", layer_map,
                       record=ctx.directory / "student_layers.json")
         student = load_model_dir(ctx.directory / "student_init", ctx, trainable, trainable_field, what="student")
         init = f"teacher layers {layer_map}"
@@ -289,23 +289,8 @@ def _cut_layers(ctx: PhaseContext, source: Path, target: Path, depth: int, keep_
     """Rank ``source``'s layers from its files, write the ``depth`` kept ones to ``target`` and return
     their indices. Every rank ranks the same bytes, so all agree."""
     keep = choose_layers(layer_importance_on_disk(source), depth, keep_last)
-    _write_layers(ctx, source, target, keep, record=target.parent / "kept_layers.json")
+    write_layers(ctx, source, target, keep, record=target.parent / "kept_layers.json")
     return keep
-
-
-def _write_layers(ctx: PhaseContext, source: Path, target: Path, keep: list[int], record: Path) -> None:
-    """``target``: the saved model ``source`` with only the layers ``keep`` (write_kept_layers), written
-    by the main rank while the others wait; the choice is recorded in ``record``."""
-    failure = None
-    if ctx.is_main:
-        try:
-            write_kept_layers(source, target, keep)
-            ctx.run.write_json(record, {"source": str(source), "kept": keep})
-        except (OSError, ValueError) as err:  # every rank raises, none waits for a rank that gave up
-            failure = f"{type(err).__name__}: {err}"
-    failure = _from_rank0(failure)
-    if failure:
-        raise RuntimeError(f"{ctx.phase}: writing the layers {keep} of {source} to {target} failed on rank 0: {failure}")
 
 
 def _round_key(key, r: int):

@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from dist_dpc.compress.layer_files import write_kept_layers
 from dist_dpc.engine import DPEngine, build_ds_config, init_distributed
 from dist_dpc.engine.lr_schedule import make_lr_schedule
 from dist_dpc.engine.partitioned import gathered_state_dict
@@ -303,6 +304,21 @@ def check_before_spending(ctx: PhaseContext, model: torch.nn.Module, *, steps: i
     ds_config = _phase_ds_config(cfg, ctx.world, lr, cfg.privacy.enabled)
     _lr_schedule(cfg, ds_config, steps)
     DPEngine.check_settings(model, ds_config, cfg.privacy)
+
+
+def write_layers(ctx: PhaseContext, source: Path, target: Path, keep: list[int], record: Path) -> None:
+    """``target``: the saved model ``source`` with only the layers ``keep`` (write_kept_layers), written
+    by the main rank while the others wait; the choice is recorded in ``record``."""
+    failure = None
+    if ctx.is_main:
+        try:
+            write_kept_layers(source, target, keep)
+            ctx.run.write_json(record, {"source": str(source), "kept": keep})
+        except (OSError, ValueError) as err:  # every rank raises, none waits for a rank that gave up
+            failure = f"{type(err).__name__}: {err}"
+    failure = _from_rank0(failure)
+    if failure:
+        raise RuntimeError(f"{ctx.phase}: writing the layers {keep} of {source} to {target} failed on rank 0: {failure}")
 
 
 def phase_zero_stage(ctx: PhaseContext) -> int:

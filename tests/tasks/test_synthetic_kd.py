@@ -261,3 +261,108 @@ def test_a_student_in_another_tree_imports_the_samples_whole_cost(chain):
     theirs = json.loads((root / "skd" / "eval" / "results.json").read_text())["ledger"]
     assert list(ours["phases"]) == [f"imported:{(root / 'skd' / 'generate').resolve()}"]
     assert ours["total_epsilon_prv"] == pytest.approx(theirs["total_epsilon_prv"], rel=1e-9)
+
+
+def _student_weights(tree):
+    from safetensors.torch import load_file
+
+    return load_file(tree / "distill_synthetic" / "model" / "model.safetensors")
+
+
+@pytest.mark.timeout(1200)
+def test_the_student_shards_like_the_dp_phases_and_resumes_at_another_world_size(chain, tmp_path):
+    """distill_synthetic under DeepSpeed (issue 16, item 4): one process at ZeRO 0, two ranks at ZeRO 0
+    and two ranks at ZeRO 3 (student and teacher built partitioned) train the same student from the
+    same samples. Batches of 5 over 2 ranks in micro-batches of 2 leave rank 1 a padding micro-batch
+    every step, so the token normalisation and the padding are both checked. Then a 2-rank ZeRO-3
+    run rewound to its step-4 checkpoint (the disk state a kill right after that save leaves)
+    resumes in one process, through DeepSpeed's universal format, to the same student."""
+    from safetensors.torch import load_file
+
+    from tests.engine.launch import torchrun
+    from tests.pipeline.test_zero3_chain import assert_built_partitioned
+
+    root, args, _ = chain
+    common = [*args, "pipeline.budget_split={}", f"distill_synthetic.samples={root / 'skd' / 'generate'}",
+              "distill_synthetic.epochs=2", "distill_synthetic.batch_size=5", "train.micro_batch_size=2",
+              "distill_synthetic.eval_every=2", "distill_synthetic.patience=100", "distill_synthetic.lr=3e-3",
+              "distill_synthetic.hidden_weight=0.2", "distill_synthetic.holdout_fraction=0.1",
+              "train.keep_checkpoints=20", "wandb.mode=disabled"]
+    one = dpc(["distill_synthetic", *common, "run.name=w1", "train.zero_stage=0"], timeout=600)
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    outs = {}
+    for stage in (0, 3):
+        outs[stage] = torchrun("dist_dpc/cli.py", ["distill_synthetic", *common, f"run.name=w2z{stage}",
+                                                   f"train.zero_stage={stage}"], world_size=2, timeout=600).stdout
+        assert_built_partitioned(outs[stage], stage, ["distill_synthetic] teacher", "distill_synthetic] student"])
+    assert "teacher partitioned over 2 ranks (ZeRO 3)" in outs[3]
+    reference = _student_weights(root / "w1")
+    initial = load_file(root / "w1" / "distill_synthetic" / "student_init" / "model.safetensors")
+    assert any(not torch.equal(reference[k], initial[k]) for k in reference)  # it trained: the comparison has teeth
+    results = {name: json.loads((root / name / "distill_synthetic" / "results.json").read_text())
+               for name in ("w1", "w2z0", "w2z3")}
+    assert results["w2z3"]["zero_stage"] == 3 and results["w2z3"]["world_size"] == 2
+    for name in ("w2z0", "w2z3"):
+        weights = _student_weights(root / name)
+        assert sorted(weights) == sorted(reference)
+        for key in reference:
+            torch.testing.assert_close(weights[key], reference[key], rtol=1e-4, atol=2e-5, msg=f"{name}: {key}")
+        assert results[name]["steps"] == results["w1"]["steps"] == 12
+        assert results[name]["metrics"]["synthetic_holdout"]["loss"] == pytest.approx(
+            results["w1"]["metrics"]["synthetic_holdout"]["loss"], rel=1e-4)
+
+    # Rewind the 2-rank ZeRO-3 tree to its step-4 checkpoint, resume on one rank.
+    phase = root / "w2z3" / "distill_synthetic"
+    tags = sorted(p.name for p in (phase / "checkpoints").glob("step*") if p.is_dir())
+    assert "step00000004" in tags and tags[-1] == "step00000012", tags
+    (phase / "checkpoints" / "latest_complete").write_text("step00000004")
+    (phase / "results.json").unlink()
+    shutil.rmtree(phase / "model")
+    resumed = dpc(["distill_synthetic", *common, "run.name=w2z3", "train.zero_stage=3"], timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resumed at step 4/12" in resumed.stdout + resumed.stderr
+    assert (phase / "checkpoints" / "step00000004-universal").is_dir()  # re-partitioned for world 1
+    weights = _student_weights(root / "w2z3")
+    for key in reference:
+        torch.testing.assert_close(weights[key], reference[key], rtol=1e-4, atol=2e-5, msg=f"resumed: {key}")
+
+
+@pytest.mark.timeout(900)
+def test_a_narrower_student_trains_in_bf16_at_zero3_on_two_ranks(chain, tmp_path):
+    """A pre-trained student of half the teacher's width (the hidden-state term through the learned
+    projection, which DeepSpeed casts to bf16 with the student) at ZeRO 3 in bf16 on 2 ranks: it
+    trains (its held-out objective falls epoch by epoch), and the saved model is the
+    narrow student alone (no projection), loadable by transformers."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from tests.engine.launch import torchrun
+
+    root, args, _ = chain
+    teacher_dir = root / "skd" / "teacher" / "model"
+    config = AutoConfig.from_pretrained(teacher_dir)
+    config.update({"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                   "num_key_value_heads": 1})
+    torch.manual_seed(0)
+    narrow = tmp_path / "narrow"
+    AutoModelForCausalLM.from_config(config).save_pretrained(narrow)
+    AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(narrow)
+    common = [*args, "pipeline.budget_split={}", f"distill_synthetic.samples={root / 'skd' / 'generate'}",
+              f"distill_synthetic.student={narrow}", f"privacy.public_model_dirs=[{narrow}]",
+              "distill_synthetic.epochs=3", "distill_synthetic.batch_size=6", "train.micro_batch_size=2",
+              "distill_synthetic.eval_every=100", "distill_synthetic.lr=1e-2", "distill_synthetic.hidden_weight=0.5",
+              "distill_synthetic.holdout_fraction=0.1", "wandb.mode=disabled", "train.zero_stage=3", "train.bf16=true"]
+    out = torchrun("dist_dpc/cli.py", ["distill_synthetic", *common, "run.name=narrow-bf16"], world_size=2,
+                   timeout=600).stdout
+    assert "projected" in out and "ZeRO stage 3" in out
+    phase = root / "narrow-bf16" / "distill_synthetic"
+    results = json.loads((phase / "results.json").read_text())
+    held = results["metrics"]["synthetic_holdout"]
+    assert math.isfinite(held["loss"]) and results["zero_stage"] == 3
+    saved = AutoModelForCausalLM.from_pretrained(phase / "model")
+    assert saved.config.hidden_size == 16 and not any("projection" in n for n, _ in saved.named_parameters())
+    # One evaluation per epoch (eval_every is larger): the held-out objective falls from epoch 1 to 3.
+    import re
+
+    losses = [float(x) for x in re.findall(r"\[distill_synthetic\] step \d+/\d+: held-out loss ([\d.]+)", out)]
+    assert len(losses) == 3 and losses[-1] < losses[0] - 0.05, losses
+    assert held["loss"] == pytest.approx(min(losses), abs=1e-4)
