@@ -1,12 +1,16 @@
 """Compression phases under ZeRO 0 vs 2 vs 3 on 2 real ranks: step time and memory per rank, one run.
 
-Two workloads, each stage in its own torchrun job (so each peak is its own):
+Three workloads, each stage in its own torchrun job (so each peak is its own):
 - ``distill``: one DPKD step of a half-depth student against its teacher (at ZeRO 3 the teacher is
   partitioned too: dist_dpc/engine/frozen.py);
-- ``prune``: one DP step of the teacher with 50 % unstructured masks enforced on its partitions.
+- ``prune``: one DP step of the teacher with 50 % unstructured masks enforced on its partitions;
+- ``distill_synthetic``: one step of the synthetic-text student (no DP: engine/public_engine.py), a
+  half-depth Llama-shaped causal LM of the same width against its teacher (token KD and the hidden-
+  state term), the teacher partitioned at ZeRO 3 as in the phase.
 Prints median step time and memory per rank with ratios to ZeRO 0, and writes JSON with ``--json``.
 
   python bench/compress_zero.py            # CPU: BERT width 512, 4 layers, 2 ranks x 8 x 64 tokens
+  python bench/compress_zero.py --workloads distill_synthetic   # the causal-LM student alone
   python bench/compress_zero.py --gpu      # one GPU node: BERT-base size, bf16 at ZeRO 2/3
 
 Loaded per rank: the resident size after the models are loaded (and masked), before DeepSpeed
@@ -68,23 +72,39 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def build_lm_teacher(s: dict):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], num_hidden_layers=s["layers"],
+                         num_attention_heads=s["heads"], num_key_value_heads=s["heads"] // 2,
+                         intermediate_size=int(2.75 * s["hidden"]), max_position_embeddings=max(512, s["length"]),
+                         tie_word_embeddings=False)
+    return LlamaForCausalLM(config)
+
+
 def save_models(s: dict, directory: Path) -> None:
-    """The teacher and its half-depth student (every other layer, cut from the teacher's files)."""
+    """The teachers (a BERT classifier; a Llama-shaped causal LM) and their half-depth students (every
+    other layer, cut from the teacher's files)."""
     from dist_dpc.compress.distill import every_other_layer
     from dist_dpc.compress.layer_files import write_kept_layers
 
     build_teacher(s).save_pretrained(directory / "teacher")
     write_kept_layers(directory / "teacher", directory / "student", every_other_layer(s["layers"]))
+    build_lm_teacher(s).save_pretrained(directory / "lm_teacher")
+    write_kept_layers(directory / "lm_teacher", directory / "lm_student", every_other_layer(s["layers"]))
 
 
 def load(path: Path, ds_config: dict, stage: int):
     """As the pipeline's phases load a model (pipeline/trainer.py load_for_phase): at ZeRO 3 inside
     deepspeed.zero.Init through transformers' HfDeepSpeedConfig, else whole."""
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
+    auto = AutoModelForCausalLM if path.name.startswith("lm_") else AutoModelForSequenceClassification
     if stage != 3:
-        model = AutoModelForSequenceClassification.from_pretrained(path, use_kernels=False)
+        model = auto.from_pretrained(path, use_kernels=False)
         # Copied out of the file's memory map into allocated memory, as moving it to a GPU would: the
         # CPU's allocated peak then counts the weights at every stage (ZeRO 3 copies them into its partitions).
         for p in model.parameters():
@@ -92,7 +112,7 @@ def load(path: Path, ds_config: dict, stage: int):
         return model
     setting = HfDeepSpeedConfig(ds_config)
     try:
-        return AutoModelForSequenceClassification.from_pretrained(path, use_kernels=False)
+        return auto.from_pretrained(path, use_kernels=False)
     finally:
         unset_hf_deepspeed_config()
         del setting
@@ -123,6 +143,8 @@ def worker(workload: str, stage: int, s: dict, models: Path, lean: bool = False)
                          micro_batch_size=s["batch"], world_size=world.world_size, zero_stage=stage, lr=1e-4,
                          weight_decay=0.0, optimizer="adamw", bf16=s["bf16"] and stage > 0)
     base, allocated_base = rss_bytes(), malloc_in_use()
+    if workload == "distill_synthetic":
+        return _synthetic_worker(stage, s, models, ds, zero, world, device, base, allocated_base)
     teacher = load(models / "teacher", ds, stage)
     enforcer = None
     if workload == "distill":
@@ -149,14 +171,64 @@ def worker(workload: str, stage: int, s: dict, models: Path, lean: bool = False)
              "attention_mask": torch.ones(b, t, dtype=torch.long, device=device),
              "token_type_ids": torch.zeros(b, t, dtype=torch.long, device=device),
              "labels": torch.randint(0, 2, (b,), generator=gen).to(device), "sample_mask": torch.ones(b, device=device)}
+
+    def step():
+        engine.train_step([batch], logical_batch_size=b * world.world_size)
+
+    out = _measure(step, s, world, base, allocated_base, loaded, lambda: model_state_bytes(engine, loss_fn), device)
+    if enforcer is not None:
+        assert enforcer.violations() == 0
+    return out
+
+
+def _synthetic_worker(stage: int, s: dict, models: Path, ds: dict, zero: dict, world, device, base: int,
+                      allocated_base: int | None) -> dict:
+    """The distill_synthetic step, placed as the phase places it: student under PublicDataEngine,
+    teacher partitioned at ZeRO 3 (else whole), both built under zero.Init at ZeRO 3."""
+    import torch
+
+    from dist_dpc.compress.distill import SyntheticKDObjective
+    from dist_dpc.engine.frozen import partition_frozen
+    from dist_dpc.engine.public_engine import PublicDataEngine
+
+    teacher = load(models / "lm_teacher", ds, stage)
+    student = load(models / "lm_student", ds, stage).requires_grad_(True)
+    teacher = partition_frozen(teacher, micro_batch_size=s["batch"], bf16=s["bf16"], zero=zero) if stage == 3 else \
+        teacher.requires_grad_(False).eval().to(device)
+    objective = SyntheticKDObjective(student, teacher, alpha=0.4, temperature=1.0, hidden_weight=0.2)
+    loaded = rss_bytes() - base
+    engine = PublicDataEngine(objective, ds, width=s["hidden"])
+    gen = torch.Generator().manual_seed(1 + world.rank)
+    b, t = s["batch"], s["length"]
+    ids = torch.randint(1, s["vocab"], (b, t), generator=gen)
+    labels = ids.clone()
+    labels[:, :4] = -100  # control codes carry no loss
+    batch = {"input_ids": ids.to(device), "attention_mask": torch.ones(b, t, dtype=torch.long, device=device),
+             "labels": labels.to(device)}
+    tokens = int((labels[:, 1:] != -100).sum()) * world.world_size
+
+    def step():
+        engine.train_step([(batch, 1.0)], lambda e, x: e(x)[0], normaliser=tokens)
+
+    return _measure(step, s, world, base, allocated_base, loaded,
+                    lambda: model_state_bytes(engine, objective), device)
+
+
+def _measure(step, s: dict, world, base: int, allocated_base: int | None, loaded: int, state_bytes, device) -> dict:
+    """Median step time, peak and allocated memory per rank (the largest rank's), as ``worker`` reports them."""
+    import gc
+
+    import torch
+
+    cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     times = []
-    for i in range(total):
+    for i in range(s["steps"] + s["warmup"]):
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        engine.train_step([batch], logical_batch_size=b * world.world_size)
+        step()
         if cuda:
             torch.cuda.synchronize()
         if i >= s["warmup"]:
@@ -166,22 +238,15 @@ def worker(workload: str, stage: int, s: dict, models: Path, lean: bool = False)
         peak_allocated, between = memory, int(torch.cuda.memory_allocated())
     else:
         memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-        import gc
-
         gc.collect()
         between = malloc_in_use()
-        peak_allocated = allocated_peak(lambda: engine.train_step([batch], logical_batch_size=b * world.world_size),
-                                        allocated_base)
+        peak_allocated = allocated_peak(step, allocated_base)
         between = memory if between is None else between - allocated_base
         peak_allocated = memory if peak_allocated is None else peak_allocated
-    if enforcer is not None:
-        assert enforcer.violations() == 0
-    state = model_state_bytes(engine, loss_fn)
-    out = torch.tensor([statistics.median(times), float(memory), float(state), float(loaded), float(peak_allocated),
-                        float(between)],
-                       dtype=torch.float64)
+    out = torch.tensor([statistics.median(times), float(memory), float(state_bytes()), float(loaded),
+                        float(peak_allocated), float(between)], dtype=torch.float64)
     every = [torch.zeros_like(out) for _ in range(world.world_size)]
-    torch.distributed.all_gather(every, out.to(device) if cuda else out)
+    torch.distributed.all_gather(every, out.to(device))
     return {"median_step_s": max(float(e[0]) for e in every), "memory_bytes_per_rank": max(float(e[1]) for e in every),
             "state_bytes_per_rank": max(float(e[2]) for e in every),
             "loaded_bytes_per_rank": max(float(e[3]) for e in every),
@@ -300,11 +365,11 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--stages", default="0,2,3")
     parser.add_argument("--json", help="write the records to this JSON file")
-    parser.add_argument("--workloads", default="distill,prune")
+    parser.add_argument("--workloads", default="distill,prune,distill_synthetic")
     parser.add_argument("--lean", action="store_true",
                         help="ZeRO 3 releases every gathered layer after its use (stage3_max_live_parameters = "
                              "hidden^2, stage3_max_reuse_distance = 0): memory over speed")
-    parser.add_argument("--worker", choices=("distill", "prune"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=("distill", "prune", "distill_synthetic"), help=argparse.SUPPRESS)
     parser.add_argument("--stage", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--models", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
