@@ -37,6 +37,7 @@ class PublicDataEngine:
                                            config=fill_width_autos(ds_config, width))
         self.world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         self.steps_done = 0
+        self.skipped_steps = 0  # steps whose update DeepSpeed skipped (non-finite gradients)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -58,16 +59,21 @@ class PublicDataEngine:
             total += float(loss.detach()) * weight
         self.ds.step()
         self.steps_done += 1
+        if not self.ds.was_step_applied():  # DeepSpeed skips an update on an overflow (fp16, bf16 at ZeRO 0)
+            self.skipped_steps += 1
         return total
 
     # -- checkpointing (pipeline.checkpoints.Checkpoints drives these, as for the DP engine) ------------
     def save_checkpoint(self, directory: str | Path, tag: str, client_state: dict | None = None) -> None:
         self.ds.save_checkpoint(str(directory), tag=tag,
-                                client_state={"public_engine": {"steps_done": self.steps_done}, **(client_state or {})})
+                                client_state={"public_engine": {"steps_done": self.steps_done,
+                                                                "skipped_steps": self.skipped_steps},
+                                              **(client_state or {})})
 
     def load_checkpoint(self, directory: str | Path, tag: str | None = None) -> dict:
         _, client = self.ds.load_checkpoint(str(directory), tag=tag)
         if client is None:
             raise FileNotFoundError(f"no loadable checkpoint in {directory}")
         self.steps_done = int(client["public_engine"]["steps_done"])
+        self.skipped_steps = int(client["public_engine"].get("skipped_steps", 0))
         return client

@@ -33,7 +33,7 @@ from dist_dpc.compress.layer_files import saved_depth
 from dist_dpc.data.splits import TextSplit
 from dist_dpc.data.lm import control_prefix
 from dist_dpc.engine import build_ds_config
-from dist_dpc.engine.ds_config import model_width
+from dist_dpc.engine.ds_config import model_width, read_ds_config
 from dist_dpc.engine.frozen import local_numel
 from dist_dpc.engine.partitioned import full_numel, gathered_state_dict
 from dist_dpc.engine.public_engine import PublicDataEngine
@@ -41,14 +41,15 @@ from dist_dpc.models import ModelConfig, load_tokenizer
 from dist_dpc.pipeline.checkpoints import Checkpoints
 from dist_dpc.pipeline.config import Config
 from dist_dpc.pipeline.lineage import import_lineage, read_lineage, write_lineage
-from dist_dpc.pipeline.trainer import (finish_phase, frozen_for_phase, load_for_phase, open_phase, open_tracker,
-                                       phase_zero_stage, root_of, write_layers)
+from dist_dpc.pipeline.trainer import (_from_rank0, finish_phase, frozen_for_phase, load_for_phase, open_phase,
+                                       open_tracker, phase_zero_stage, root_of, write_layers)
 from dist_dpc.tasks import make_task
 from dist_dpc.utils.atomic import atomic_write
 from dist_dpc.utils.logging import log
 from dist_dpc.utils.progress import Progress
 
 CHECKPOINTS = "checkpoints"
+BEST_STEP = "best_step.json"  # the step whose model best/ holds
 
 
 class PrivateInputError(ValueError):
@@ -134,6 +135,9 @@ def run_distill_synthetic(cfg: Config) -> dict:
     if ctx.is_main and (ctx.directory / "results.json").is_file():  # run.overwrite: a new run, not a resume
         shutil.rmtree(ctx.directory / "best", ignore_errors=True)
         shutil.rmtree(ctx.directory / CHECKPOINTS, ignore_errors=True)
+        (ctx.directory / BEST_STEP).unlink(missing_ok=True)
+        # The finished run's results go too: a restart of this attempt then resumes from its checkpoints.
+        (ctx.directory / "results.json").unlink()
     torch.distributed.barrier()
     teacher_dir = Path(plan["source"])
     # The samples' lineage is the generating tree's whole spend (its teacher, its histogram); the
@@ -170,9 +174,12 @@ def run_distill_synthetic(cfg: Config) -> dict:
     student.requires_grad_(True)
     teacher_layers, teacher_whole = _layer_params(teacher), sum(full_numel(p) for p in teacher.parameters())
     teacher = frozen_for_phase(ctx, teacher)  # partitioned at ZeRO 3 (no optimizer state), else whole
+    dtype = next(teacher.parameters()).dtype
     if hasattr(teacher, "ds_inference"):
         log(ctx.world, f"[distill_synthetic] teacher partitioned over {ctx.world.world_size} ranks (ZeRO 3): rank 0 "
-                       f"holds {local_numel(teacher):,} of its {teacher_whole:,} parameters")
+                       f"holds {local_numel(teacher):,} of its {teacher_whole:,} parameters ({dtype})")
+    else:
+        log(ctx.world, f"[distill_synthetic] teacher whole on every rank ({teacher_whole:,} parameters, {dtype})")
     objective = SyntheticKDObjective(student, teacher, alpha=s.kd_weight, temperature=s.temperature,
                                      hidden_weight=s.hidden_weight)
     train, holdout = _synthetic_sets(ctx, samples_file)
@@ -204,6 +211,7 @@ def run_distill_synthetic(cfg: Config) -> dict:
                "parameters": sum(full_numel(p) for p in student.parameters()),
                "layer_parameters": _layer_params(student), "teacher_layer_parameters": teacher_layers,
                "zero_stage": phase_zero_stage(ctx), "world_size": ctx.world.world_size,
+               "skipped_steps": best["skipped_steps"],
                "kd_weight": s.kd_weight, "temperature": s.temperature, "hidden_weight": s.hidden_weight}
     finish_phase(ctx, tracker, results, model_dir)
     return results
@@ -250,9 +258,19 @@ def student_ds_config(ctx) -> dict:
     """The phase's DeepSpeed config: the run's JSON, ZeRO stage and precision; AdamW at
     distill_synthetic.lr (unless the JSON names an optimizer). No DP rules: nothing private trains here."""
     cfg, s = ctx.cfg, ctx.cfg.distill_synthetic
-    return build_ds_config(cfg.train.deepspeed_config, micro_batch_size=cfg.train.micro_batch_size,
-                           world_size=ctx.world.world_size, zero_stage=cfg.train.zero_stage, lr=s.lr,
-                           weight_decay=s.weight_decay, optimizer="adamw", bf16=cfg.train.bf16, dp_enabled=False)
+    ds = build_ds_config(cfg.train.deepspeed_config, micro_batch_size=cfg.train.micro_batch_size,
+                         world_size=ctx.world.world_size, zero_stage=cfg.train.zero_stage, lr=s.lr,
+                         weight_decay=s.weight_decay, optimizer="adamw", bf16=cfg.train.bf16, dp_enabled=False)
+    optimizer = ds["optimizer"]
+    log(ctx.world, f"[distill_synthetic] optimizer {optimizer.get('type')} {optimizer.get('params', {})}"
+                   + (f" (the optimizer block of train.deepspeed_config={cfg.train.deepspeed_config!r}, not "
+                      "distill_synthetic.lr/weight_decay)" if "optimizer" in read_ds_config(cfg.train.deepspeed_config)
+                      else ""))
+    if "scheduler" in ds:  # sized for the DP phases' steps; this phase's lr is constant (documented)
+        log(ctx.world, f"[distill_synthetic] the scheduler block of train.deepspeed_config="
+                       f"{cfg.train.deepspeed_config!r} is not applied in this phase (constant lr)")
+        ds = {k: v for k, v in ds.items() if k != "scheduler"}
+    return ds
 
 
 def _kd_sum(engine, batch: dict) -> torch.Tensor:
@@ -275,6 +293,7 @@ def _train(ctx, objective: SyntheticKDObjective, train, holdout, tracker) -> dic
     if checkpoints.latest() is not None:
         state = checkpoints.load(engine, universal=universal)["state"]
         log(world, f"[distill_synthetic] resumed at step {state['step']}/{total} from {checkpoints.latest()}")
+        _reconcile_best(ctx, engine, state)
     progress = Progress(world, total=total, initial=state["step"], desc="distill_synthetic")
     started = time.perf_counter()
     while state["step"] < total and state["bad"] < s.patience:
@@ -293,12 +312,16 @@ def _train(ctx, objective: SyntheticKDObjective, train, holdout, tracker) -> dic
         if state["step"] % s.eval_every == 0 or end_of_epoch or state["step"] == total:
             held = _evaluate(ctx, engine, holdout)
             metrics.update({f"synthetic_holdout/{k}": v for k, v in held.items()})
-            if held["loss"] < state["best_loss"]:
+            improved = held["loss"] < state["best_loss"]
+            if improved:
                 state.update(best_loss=held["loss"], best_step=state["step"], bad=0, best_metrics=held)
-                _save_best(ctx, engine)
             else:
                 state["bad"] += 1
+            # The checkpoint first: a kill before best/ is written leaves a state whose best step is the
+            # checkpoint's own, which the resume re-saves (_reconcile_best).
             checkpoints.save(engine, {"state": state})
+            if improved:
+                _save_best(ctx, engine, state["best_step"])
             log(world, f"[distill_synthetic] step {state['step']}/{total}: held-out loss {held['loss']:.4f} "
                        f"(best {state['best_loss']:.4f} at step {state['best_step']})")
         tracker.log(metrics, step=state["step"])
@@ -307,10 +330,14 @@ def _train(ctx, objective: SyntheticKDObjective, train, holdout, tracker) -> dic
             progress.report(state["step"], {**metrics, "perf/samples_per_s": state["step"] * s.batch_size
                                             / max(time.perf_counter() - started, 1e-9)}, time.perf_counter() - started)
     progress.close()
+    if engine.skipped_steps:
+        log(world, f"[distill_synthetic] DeepSpeed skipped {engine.skipped_steps} of {state['step']} updates "
+                   "(non-finite gradients)")
     if state["bad"] >= s.patience:
         log(world, f"[distill_synthetic] early stop at step {state['step']}: no better held-out loss in "
                    f"{s.patience} evaluations; keeping step {state['best_step']}")
-    return {"metrics": state["best_metrics"], "step": state["best_step"], "steps_done": state["step"]}
+    return {"metrics": state["best_metrics"], "step": state["best_step"], "steps_done": state["step"],
+            "skipped_steps": engine.skipped_steps}
 
 
 @torch.no_grad()
@@ -339,9 +366,26 @@ def _all_sum(value: float) -> float:
     return float(value)
 
 
-def _save_best(ctx, engine: PublicDataEngine) -> None:
+def _reconcile_best(ctx, engine: PublicDataEngine, state: dict) -> None:
+    """After loading a checkpoint: best/ must hold the model of the state's best step. A kill between
+    the checkpoint and best/ leaves an older best/; the best step is then the checkpoint's own, whose
+    weights the engine now holds."""
+    marker = ctx.directory / BEST_STEP
+    on_disk = _from_rank0(json.loads(marker.read_text())["step"] if ctx.is_main and marker.is_file() else None)
+    if on_disk == state["best_step"]:
+        return
+    if state["best_step"] != state["step"]:
+        raise RuntimeError(f"distill_synthetic: {ctx.directory / 'best'} holds step {on_disk}'s model, the checkpoint "
+                           f"says step {state['best_step']} is the best and it is not the checkpoint's own step "
+                           f"({state['step']}): the directory was changed by hand. Rerun with run.overwrite=true")
+    _save_best(ctx, engine, state["best_step"])
+    log(ctx.world, f"[distill_synthetic] best/ re-saved from the checkpoint of step {state['step']} (it held step "
+                   f"{on_disk}'s model)")
+
+
+def _save_best(ctx, engine: PublicDataEngine, step: int) -> None:
     """The student (without the projection) as an HF directory; at ZeRO 3 gathered one tensor at a
-    time onto rank 0's CPU."""
+    time onto rank 0's CPU. Then BEST_STEP names its step."""
     student = engine.module.student
     state = gathered_state_dict(student, keep=ctx.is_main)
     if ctx.is_main:
@@ -352,4 +396,5 @@ def _save_best(ctx, engine: PublicDataEngine) -> None:
         ctx.tokenizer.save_pretrained(str(tmp))
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
+        atomic_write(ctx.directory / BEST_STEP, lambda path: path.write_text(json.dumps({"step": step})))
     torch.distributed.barrier()
