@@ -375,3 +375,43 @@ def test_a_narrower_student_trains_in_bf16_on_two_ranks(chain, tmp_path, stage):
     losses = [float(x) for x in re.findall(r"\[distill_synthetic\] step \d+/\d+: held-out loss ([\d.]+)", out)]
     assert len(losses) == 3 and losses[-1] < losses[0] - 0.05, losses
     assert held["loss"] == pytest.approx(min(losses), abs=1e-4)
+
+
+@pytest.mark.timeout(900)
+def test_a_killed_overwrite_attempt_resumes_instead_of_starting_over(chain):
+    """run.overwrite=true over a finished student starts a new attempt; killed (-9) after its third
+    checkpoint, the same command again resumes that attempt (before, it wiped its own checkpoints and
+    started from step 0 again, because the finished run's results.json was still there)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.pipeline.test_train import env
+
+    root, args, _ = chain
+    common = ["distill_synthetic", *args, "pipeline.budget_split={}", "run.name=again",
+              f"distill_synthetic.samples={root / 'skd' / 'generate'}", "distill_synthetic.batch_size=3",
+              "train.micro_batch_size=3", "distill_synthetic.eval_every=1", "distill_synthetic.patience=1000",
+              "distill_synthetic.holdout_fraction=0.1", "wandb.mode=disabled", "distill_synthetic.epochs=6"]
+    first = dpc(common, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    phase = root / "again" / "distill_synthetic"
+    old_results = (phase / "results.json").read_text()
+    proc = subprocess.Popen([sys.executable, "-m", "dist_dpc.cli", *common, "run.overwrite=true"], env=env(), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    pointer = phase / "checkpoints" / "latest_complete"
+    deadline = time.time() + 300
+    # The new attempt has begun once the finished run's results are gone; then wait for its third checkpoint.
+    while time.time() < deadline and not (not (phase / "results.json").is_file() and pointer.is_file()
+                                          and pointer.read_text().strip() >= "step00000003"):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (phase / "results.json").is_file(), "the attempt finished before it could be killed"
+    resumed = dpc([*common, "run.overwrite=true"], timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed at step" in resumed.stdout + resumed.stderr
+    # Nothing here is random once the seed is fixed: the resumed attempt ends where the first run ended.
+    assert json.loads((phase / "results.json").read_text())["metrics"] == json.loads(old_results)["metrics"]
