@@ -150,7 +150,7 @@ def worker(workload: str, stage: int, s: dict, models: Path, lean: bool = False)
     if workload == "distill":
         model = load(models / "student", ds, stage)
         frozen = partition_frozen(teacher, micro_batch_size=s["batch"], bf16=s["bf16"], zero=zero) if stage == 3 else \
-            teacher.requires_grad_(False).eval().to(device)
+            teacher.requires_grad_(False).eval().to(device, dtype=torch.bfloat16 if ds['bf16'].get('enabled') else None)
         loss_fn = DistillationLoss(frozen, alpha=0.5, temperature=2.0)
     else:
         model = teacher
@@ -194,7 +194,7 @@ def _synthetic_worker(stage: int, s: dict, models: Path, ds: dict, zero: dict, w
     teacher = load(models / "lm_teacher", ds, stage)
     student = load(models / "lm_student", ds, stage).requires_grad_(True)
     teacher = partition_frozen(teacher, micro_batch_size=s["batch"], bf16=s["bf16"], zero=zero) if stage == 3 else \
-        teacher.requires_grad_(False).eval().to(device)
+        teacher.requires_grad_(False).eval().to(device, dtype=torch.bfloat16 if ds['bf16'].get('enabled') else None)
     objective = SyntheticKDObjective(student, teacher, alpha=0.4, temperature=1.0, hidden_weight=0.2)
     loaded = rss_bytes() - base
     engine = PublicDataEngine(objective, ds, width=s["hidden"])

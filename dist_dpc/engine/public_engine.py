@@ -59,7 +59,7 @@ class PublicDataEngine:
             total += float(loss.detach()) * weight
         self.ds.step()
         self.steps_done += 1
-        if not self.ds.was_step_applied():  # DeepSpeed skips an update on an overflow (fp16, bf16 at ZeRO 0)
+        if not self.ds.was_step_applied():  # DeepSpeed skips an update on an overflow (fp16; bf16 too)
             self.skipped_steps += 1
         return total
 

@@ -188,8 +188,8 @@ def run_distill_synthetic(cfg: Config) -> dict:
                    f"layers, teacher {teacher_layers:,}); {len(train)} synthetic samples, {len(holdout)} held "
                    f"out; loss (1-{s.kd_weight})*CE + {s.kd_weight}*T^2*KL, T={s.temperature}"
                    + (f" + {s.hidden_weight}*MSE(last hidden{', projected' if not isinstance(objective.projection, torch.nn.Identity) else ''})"
-                      if s.hidden_weight else "") + f"; no DP-SGD, no privacy spent; ZeRO stage {phase_zero_stage(ctx)}, "
-                   f"{ctx.world.world_size} rank(s)")
+                      if s.hidden_weight else "")
+                   + f"; no DP-SGD, no privacy spent; ZeRO stage {phase_zero_stage(ctx)}, {ctx.world.world_size} rank(s)")
     best = _train(ctx, objective, train, holdout, tracker)
     model_dir = ctx.directory / "model"
     if ctx.is_main:
@@ -368,19 +368,40 @@ def _all_sum(value: float) -> float:
 
 def _reconcile_best(ctx, engine: PublicDataEngine, state: dict) -> None:
     """After loading a checkpoint: best/ must hold the model of the state's best step. A kill between
-    the checkpoint and best/ leaves an older best/; the best step is then the checkpoint's own, whose
-    weights the engine now holds."""
+    the checkpoint and best/ leaves an older best/ (or none); the best step is then the checkpoint's
+    own, whose weights the engine now holds."""
+    if state["best_metrics"] is None:  # no evaluation yet improved on infinity: nothing to hold
+        return
     marker = ctx.directory / BEST_STEP
-    on_disk = _from_rank0(json.loads(marker.read_text())["step"] if ctx.is_main and marker.is_file() else None)
+    on_disk = _on_rank0(ctx, lambda: json.loads(marker.read_text())["step"] if marker.is_file() else None,
+                        f"reading {marker}")
     if on_disk == state["best_step"]:
         return
-    if state["best_step"] != state["step"]:
-        raise RuntimeError(f"distill_synthetic: {ctx.directory / 'best'} holds step {on_disk}'s model, the checkpoint "
-                           f"says step {state['best_step']} is the best and it is not the checkpoint's own step "
-                           f"({state['step']}): the directory was changed by hand. Rerun with run.overwrite=true")
-    _save_best(ctx, engine, state["best_step"])
-    log(ctx.world, f"[distill_synthetic] best/ re-saved from the checkpoint of step {state['step']} (it held step "
-                   f"{on_disk}'s model)")
+    if state["best_step"] == state["step"]:
+        _save_best(ctx, engine, state["best_step"])
+        log(ctx.world, f"[distill_synthetic] best/ re-saved from the checkpoint of step {state['step']} (it held "
+                       f"{'no model' if on_disk is None else f'step {on_disk}'})")
+        return
+    raise RuntimeError(f"distill_synthetic: {ctx.directory / 'best'} holds "
+                       f"{'a model of unrecorded step' if on_disk is None else f'step {on_disk}'}'s model, the "
+                       f"checkpoint says step {state['best_step']} is the best, and the checkpoint (step "
+                       f"{state['step']}) cannot restore it: best/ or {BEST_STEP} was changed or removed by hand. "
+                       "Rerun with run.overwrite=true")
+
+
+def _on_rank0(ctx, work, what: str):
+    """``work()`` on rank 0, its result (or its error, raised on every rank) on all: a failure there
+    must not leave the other ranks waiting in a collective."""
+    result, failure = None, None
+    if ctx.is_main:
+        try:
+            result = work()
+        except (OSError, ValueError, KeyError) as err:
+            failure = f"{type(err).__name__}: {err}"
+    result, failure = _from_rank0((result, failure))
+    if failure:
+        raise RuntimeError(f"distill_synthetic: {what} failed on rank 0: {failure}")
+    return result
 
 
 def _save_best(ctx, engine: PublicDataEngine, step: int) -> None:
@@ -388,7 +409,8 @@ def _save_best(ctx, engine: PublicDataEngine, step: int) -> None:
     time onto rank 0's CPU. Then BEST_STEP names its step."""
     student = engine.module.student
     state = gathered_state_dict(student, keep=ctx.is_main)
-    if ctx.is_main:
+
+    def write():
         target = ctx.directory / "best"
         tmp = ctx.directory / "best.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -397,4 +419,5 @@ def _save_best(ctx, engine: PublicDataEngine, step: int) -> None:
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
         atomic_write(ctx.directory / BEST_STEP, lambda path: path.write_text(json.dumps({"step": step})))
-    torch.distributed.barrier()
+
+    _on_rank0(ctx, write, f"saving the best model (step {step}) to {ctx.directory / 'best'}")
