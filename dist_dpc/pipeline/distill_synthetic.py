@@ -41,7 +41,7 @@ from dist_dpc.models import ModelConfig, load_tokenizer
 from dist_dpc.pipeline.checkpoints import Checkpoints
 from dist_dpc.pipeline.config import Config
 from dist_dpc.pipeline.lineage import import_lineage, read_lineage, write_lineage
-from dist_dpc.pipeline.trainer import (_from_rank0, finish_phase, frozen_for_phase, load_for_phase, open_phase,
+from dist_dpc.pipeline.trainer import (finish_phase, frozen_for_phase, load_for_phase, on_rank0, open_phase,
                                        open_tracker, phase_zero_stage, root_of, write_layers)
 from dist_dpc.tasks import make_task
 from dist_dpc.utils.atomic import atomic_write
@@ -373,7 +373,7 @@ def _reconcile_best(ctx, engine: PublicDataEngine, state: dict) -> None:
     if state["best_metrics"] is None:  # no evaluation yet improved on infinity: nothing to hold
         return
     marker = ctx.directory / BEST_STEP
-    on_disk = _on_rank0(ctx, lambda: json.loads(marker.read_text())["step"] if marker.is_file() else None,
+    on_disk = on_rank0(ctx, lambda: json.loads(marker.read_text())["step"] if marker.is_file() else None,
                         f"reading {marker}")
     if on_disk == state["best_step"]:
         return
@@ -387,21 +387,6 @@ def _reconcile_best(ctx, engine: PublicDataEngine, state: dict) -> None:
                        f"checkpoint says step {state['best_step']} is the best, and the checkpoint (step "
                        f"{state['step']}) cannot restore it: best/ or {BEST_STEP} was changed or removed by hand. "
                        "Rerun with run.overwrite=true")
-
-
-def _on_rank0(ctx, work, what: str):
-    """``work()`` on rank 0, its result (or its error, raised on every rank) on all: a failure there
-    must not leave the other ranks waiting in a collective."""
-    result, failure = None, None
-    if ctx.is_main:
-        try:
-            result = work()
-        except (OSError, ValueError, KeyError) as err:
-            failure = f"{type(err).__name__}: {err}"
-    result, failure = _from_rank0((result, failure))
-    if failure:
-        raise RuntimeError(f"distill_synthetic: {what} failed on rank 0: {failure}")
-    return result
 
 
 def _save_best(ctx, engine: PublicDataEngine, step: int) -> None:
@@ -420,4 +405,4 @@ def _save_best(ctx, engine: PublicDataEngine, step: int) -> None:
         tmp.rename(target)
         atomic_write(ctx.directory / BEST_STEP, lambda path: path.write_text(json.dumps({"step": step})))
 
-    _on_rank0(ctx, write, f"saving the best model (step {step}) to {ctx.directory / 'best'}")
+    on_rank0(ctx, write, f"saving the best model (step {step}) to {ctx.directory / 'best'}")

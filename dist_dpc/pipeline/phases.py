@@ -131,7 +131,7 @@ def run_distill(cfg: Config) -> dict:
         # ZeRO 3 it is partitioned from the start. What trains is chosen on the student's own
         # parameter names (its layers renumbered 0, 1, ...).
         write_layers(ctx, teacher_dir, ctx.directory / "student_init", layer_map,
-                      record=ctx.directory / "student_layers.json")
+                     record=ctx.directory / "student_layers.json")
         student = load_model_dir(ctx.directory / "student_init", ctx, trainable, trainable_field, what="student")
         init = f"teacher layers {layer_map}"
     else:

@@ -309,16 +309,27 @@ def check_before_spending(ctx: PhaseContext, model: torch.nn.Module, *, steps: i
 def write_layers(ctx: PhaseContext, source: Path, target: Path, keep: list[int], record: Path) -> None:
     """``target``: the saved model ``source`` with only the layers ``keep`` (write_kept_layers), written
     by the main rank while the others wait; the choice is recorded in ``record``."""
-    failure = None
+
+    def write():
+        write_kept_layers(source, target, keep)
+        ctx.run.write_json(record, {"source": str(source), "kept": keep})
+
+    on_rank0(ctx, write, f"writing the layers {keep} of {source} to {target}")
+
+
+def on_rank0(ctx: PhaseContext, work: Callable, what: str):
+    """``work()`` on the main rank while the others wait; its result on every rank, or its error
+    raised on every rank (none is left waiting in a collective for a rank that gave up)."""
+    result, failure = None, None
     if ctx.is_main:
         try:
-            write_kept_layers(source, target, keep)
-            ctx.run.write_json(record, {"source": str(source), "kept": keep})
-        except (OSError, ValueError) as err:  # every rank raises, none waits for a rank that gave up
+            result = work()
+        except (OSError, ValueError, KeyError) as err:
             failure = f"{type(err).__name__}: {err}"
-    failure = _from_rank0(failure)
+    result, failure = _from_rank0((result, failure))
     if failure:
-        raise RuntimeError(f"{ctx.phase}: writing the layers {keep} of {source} to {target} failed on rank 0: {failure}")
+        raise RuntimeError(f"{ctx.phase}: {what} failed on rank 0: {failure}")
+    return result
 
 
 def phase_zero_stage(ctx: PhaseContext) -> int:
