@@ -81,6 +81,15 @@ class Checkpoints:
                              f"train.zero_stage={layout['zero_stage']} (the world size may change)")
         return zero_stage >= 1 and layout["world_size"] != self.world.world_size
 
+    def resume_config(self, ds_config: dict) -> tuple[dict, bool]:
+        """The DeepSpeed config for the engine that will resume from the latest checkpoint, and whether
+        it loads through the universal format (a checkpoint of another world size: DeepSpeed
+        re-partitions it). Call before building the engine."""
+        universal = self.needs_universal(int(ds_config.get("zero_optimization", {}).get("stage", 0)))
+        if universal:
+            ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+        return ds_config, universal
+
     def load(self, engine, universal: bool = False) -> dict:
         tag = self.latest()
         if tag is None:

@@ -283,9 +283,7 @@ def _train(ctx, objective: SyntheticKDObjective, train, holdout, tracker) -> dic
     pad = ctx.tokenizer.pad_token_id
     ds_config = student_ds_config(ctx)
     checkpoints = Checkpoints(ctx.directory / CHECKPOINTS, keep=ctx.cfg.train.keep_checkpoints, world=world)
-    universal = checkpoints.needs_universal(int(ds_config["zero_optimization"]["stage"]))
-    if universal:  # written at another world size: DeepSpeed re-partitions it (pipeline.checkpoints)
-        ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+    ds_config, universal = checkpoints.resume_config(ds_config)  # another world size: re-partitioned
     engine = PublicDataEngine(objective, ds_config, width=model_width(objective.student))
     steps_per_epoch = math.ceil(len(train) / s.batch_size)
     total = max(1, math.ceil(s.epochs * steps_per_epoch))

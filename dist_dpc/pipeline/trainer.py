@@ -440,9 +440,7 @@ def train_dp(ctx: PhaseContext, model: torch.nn.Module, *, directory: Path, step
                            world_size=world.world_size, key=key.derive("sampling"))
     ds_config = _phase_ds_config(cfg, world, lr, privacy.enabled)
     checkpoints = Checkpoints(directory / "checkpoints", keep=cfg.train.keep_checkpoints, world=world)
-    universal = checkpoints.needs_universal(_zero_stage(ds_config))
-    if universal:  # written at another world size: DeepSpeed re-partitions it (checkpoints.py)
-        ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+    ds_config, universal = checkpoints.resume_config(ds_config)  # another world size: re-partitioned
     schedule = _lr_schedule(cfg, ds_config, steps)
     # Everything this run composes with: the other ledger entries, then what this attempt released
     # so far (head_init, earlier prune rounds). The ledger adds it up; no phase does.
