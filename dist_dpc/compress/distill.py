@@ -13,6 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def kd_mix(ce: torch.Tensor, kl: torch.Tensor, alpha: float, temperature: float) -> torch.Tensor:
+    """The KD objective from its terms: (1 - alpha) * CE + alpha * T^2 * KL (Hinton et al.'s T^2 keeps
+    the soft term's gradient scale independent of T)."""
+    return (1 - alpha) * ce + alpha * temperature ** 2 * kl
+
+
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, alpha: float,
             temperature: float) -> torch.Tensor:
     """Per-sample (1 - alpha) * CE(labels) + alpha * T^2 * KL(teacher_T || student_T), shape (B,)."""
@@ -25,14 +31,14 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
     log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=-1)
     log_p_student = F.log_softmax(student_logits / temperature, dim=-1)
     kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)
-    return (1 - alpha) * ce + alpha * temperature ** 2 * kl
+    return kd_mix(ce, kl, alpha, temperature)
 
 
-def token_kd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, alpha: float,
-                   temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token KD of a causal LM: position t predicts labels[t + 1]. Returns the per-token loss
-    (1 - alpha) * CE + alpha * T^2 * KL(teacher_T || student_T), shape (B, L - 1), and the mask of
-    the positions that count (labels not -100: the text and its EOS; never padding or control codes)."""
+def token_ce_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Next-token terms of a causal LM, position t predicting labels[t + 1], each of shape (B, L - 1):
+    the student's CE, KL(teacher_T || student_T), and the mask of the positions that count (labels
+    not -100: the text and its EOS; never padding or control codes). CE and KL are not masked."""
     s = student_logits[:, :-1].float()
     t = teacher_logits[:, :-1].float()
     targets = labels[:, 1:]
@@ -41,8 +47,16 @@ def token_kd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, l
     log_p_teacher = F.log_softmax(t / temperature, dim=-1)
     log_p_student = F.log_softmax(s / temperature, dim=-1)
     kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)
-    per_token = (1 - alpha) * ce + alpha * temperature ** 2 * kl
-    return per_token * mask, mask
+    return ce, kl, mask
+
+
+def token_kd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, alpha: float,
+                   temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token KD of a causal LM (token_ce_kl). Returns the per-token loss
+    (1 - alpha) * CE + alpha * T^2 * KL(teacher_T || student_T), shape (B, L - 1), zero where the mask
+    is False, and the mask."""
+    ce, kl, mask = token_ce_kl(student_logits, teacher_logits, labels, temperature)
+    return kd_mix(ce, kl, alpha, temperature) * mask, mask
 
 
 def token_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, alpha: float,
@@ -198,8 +212,8 @@ class SyntheticKDObjective(nn.Module):
         with torch.no_grad():
             teacher = self.teacher(**inputs, output_hidden_states=hidden)
         student = self.student(**inputs, output_hidden_states=hidden)
-        per_token, mask = token_kd_terms(student.logits, teacher.logits, batch["labels"], self.alpha, self.temperature)
-        total = per_token.sum()
+        ce, kl, mask = token_ce_kl(student.logits, teacher.logits, batch["labels"], self.temperature)
+        total = (kd_mix(ce, kl, self.alpha, self.temperature) * mask).sum()
         if hidden:
             h = student.hidden_states[-1][:, :-1]
             weight = getattr(self.projection, "weight", None)  # under bf16 DeepSpeed casts the projection too
@@ -208,7 +222,4 @@ class SyntheticKDObjective(nn.Module):
             total = total + self.hidden_weight * (diff * mask).sum()
         if not return_ce:
             return total, mask.sum()
-        targets = batch["labels"][:, 1:]
-        ce = F.cross_entropy(student.logits[:, :-1].float().transpose(1, 2), targets.masked_fill(~mask, 0),
-                             reduction="none")
         return total, mask.sum(), (ce * mask).sum()
