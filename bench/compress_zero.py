@@ -124,7 +124,7 @@ def worker(workload: str, stage: int, s: dict, models: Path, lean: bool = False)
     from dist_dpc.compress.distill import DistillationLoss
     from dist_dpc.compress.pruning import MaskEnforcer, apply_masks, compute_masks
     from dist_dpc.engine import DPEngine, build_ds_config, init_distributed
-    from dist_dpc.engine.frozen import partition_frozen
+    from dist_dpc.engine.frozen import place_frozen
     from dist_dpc.engine.losses import sequence_classification_loss
     from dist_dpc.privacy import PrivacyConfig
     from dist_dpc.privacy.randomness import SecretKey
@@ -144,13 +144,12 @@ def worker(workload: str, stage: int, s: dict, models: Path, lean: bool = False)
                          weight_decay=0.0, optimizer="adamw", bf16=s["bf16"] and stage > 0)
     base, allocated_base = rss_bytes(), malloc_in_use()
     if workload == "distill_synthetic":
-        return _synthetic_worker(stage, s, models, ds, zero, world, device, base, allocated_base)
+        return _synthetic_worker(stage, s, models, ds, world, device, base, allocated_base)
     teacher = load(models / "teacher", ds, stage)
     enforcer = None
     if workload == "distill":
         model = load(models / "student", ds, stage)
-        frozen = partition_frozen(teacher, micro_batch_size=s["batch"], bf16=s["bf16"], zero=zero) if stage == 3 else \
-            teacher.requires_grad_(False).eval().to(device, dtype=torch.bfloat16 if ds['bf16'].get('enabled') else None)
+        frozen = place_frozen(teacher, ds, device)  # as the phases place it (pipeline.trainer.frozen_for_phase)
         loss_fn = DistillationLoss(frozen, alpha=0.5, temperature=2.0)
     else:
         model = teacher
@@ -181,20 +180,19 @@ def worker(workload: str, stage: int, s: dict, models: Path, lean: bool = False)
     return out
 
 
-def _synthetic_worker(stage: int, s: dict, models: Path, ds: dict, zero: dict, world, device, base: int,
+def _synthetic_worker(stage: int, s: dict, models: Path, ds: dict, world, device, base: int,
                       allocated_base: int | None) -> dict:
     """The distill_synthetic step, placed as the phase places it: student under PublicDataEngine,
     teacher partitioned at ZeRO 3 (else whole), both built under zero.Init at ZeRO 3."""
     import torch
 
     from dist_dpc.compress.distill import SyntheticKDObjective
-    from dist_dpc.engine.frozen import partition_frozen
+    from dist_dpc.engine.frozen import place_frozen
     from dist_dpc.engine.public_engine import PublicDataEngine
 
     teacher = load(models / "lm_teacher", ds, stage)
     student = load(models / "lm_student", ds, stage).requires_grad_(True)
-    teacher = partition_frozen(teacher, micro_batch_size=s["batch"], bf16=s["bf16"], zero=zero) if stage == 3 else \
-        teacher.requires_grad_(False).eval().to(device, dtype=torch.bfloat16 if ds['bf16'].get('enabled') else None)
+    teacher = place_frozen(teacher, ds, device)
     objective = SyntheticKDObjective(student, teacher, alpha=0.4, temperature=1.0, hidden_weight=0.2)
     loaded = rss_bytes() - base
     engine = PublicDataEngine(objective, ds, width=s["hidden"])

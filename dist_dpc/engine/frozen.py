@@ -40,6 +40,19 @@ def partition_frozen(module: nn.Module, *, micro_batch_size: int, bf16: bool, ze
     return inner
 
 
+def place_frozen(module: nn.Module, ds_config: dict, device: torch.device) -> nn.Module:
+    """``module`` frozen and placed like the model that trains under ``ds_config`` (a built DeepSpeed
+    config): partitioned over the ranks at ZeRO 3 (partition_frozen, with the config's gather
+    settings), else whole on ``device``; in bf16 when the config trains in bf16, at every stage, so
+    that its outputs do not depend on the stage and a whole copy costs 2 bytes a weight."""
+    bf16 = bool(ds_config.get("bf16", {}).get("enabled"))
+    zero = ds_config.get("zero_optimization", {})
+    if int(zero.get("stage", 0)) == 3:
+        return partition_frozen(module, micro_batch_size=ds_config["train_micro_batch_size_per_gpu"], bf16=bf16,
+                                zero=zero)
+    return module.requires_grad_(False).eval().to(device, dtype=torch.bfloat16 if bf16 else None)
+
+
 @torch.no_grad()
 def local_numel(module: nn.Module) -> int:
     """Elements of ``module``'s parameters held on this rank outside a forward (its ZeRO-3 partitions)."""

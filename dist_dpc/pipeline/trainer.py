@@ -342,18 +342,12 @@ def _zero_stage(ds_config: dict) -> int:
 
 
 def frozen_for_phase(ctx: PhaseContext, model: torch.nn.Module) -> torch.nn.Module:
-    """A frozen model the phase only runs forward (DPKD's teacher), placed like the model that trains:
-    partitioned over the ranks at ZeRO 3 (engine.frozen), else whole on this rank's device; in bf16
-    when the phase trains in bf16 (train.bf16 or the DeepSpeed JSON's), at every stage, so that the
-    teacher's outputs do not depend on the stage and a whole teacher costs 2 bytes a weight."""
-    ds_config = _phase_ds_config(ctx.cfg, ctx.world, None, ctx.cfg.privacy.enabled)
-    bf16 = bool(ds_config.get("bf16", {}).get("enabled"))
-    if _zero_stage(ds_config) == 3:
-        from dist_dpc.engine.frozen import partition_frozen
+    """A frozen model the phase only runs forward (DPKD's teacher), placed like the model that trains
+    (engine.frozen.place_frozen): partitioned over the ranks at ZeRO 3, else whole on this rank's
+    device; in bf16 when the phase trains in bf16 (train.bf16 or the DeepSpeed JSON's)."""
+    from dist_dpc.engine.frozen import place_frozen
 
-        return partition_frozen(model, micro_batch_size=ctx.cfg.train.micro_batch_size, bf16=bf16,
-                                zero=ds_config.get("zero_optimization"))
-    return model.requires_grad_(False).eval().to(local_device(), dtype=torch.bfloat16 if bf16 else None)
+    return place_frozen(model, _phase_ds_config(ctx.cfg, ctx.world, None, ctx.cfg.privacy.enabled), local_device())
 
 
 def load_for_phase(ctx: PhaseContext, load: Callable[[], torch.nn.Module], what: str = "model",
