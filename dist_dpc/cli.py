@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "Writes RUN/teacher; its sigma is calibrated so that the run tree stays within its share of "
                     "privacy.target_epsilon (pipeline.budget_split)."),
         "distill": ("DPKD: a smaller student trained with DP-SGD against the DP teacher (section distill)",
-                    "Student = every other teacher layer (distill.layer_map) or distill.student; loss "
+                    "Student = every other teacher layer, the last one kept (distill.layer_map), or distill.student; loss "
                     "(1-alpha)*CE + alpha*T^2*KL(teacher||student); the teacher's logits come from the same private batch."),
         "prune": ("DPIMP: rounds of magnitude pruning and DP fine-tuning (section prune)",
                   "prune.method = unstructured (global magnitude, target_sparsity), structured (whole layers, "

@@ -37,10 +37,11 @@ def _check_phase_schedule(section: str, epochs: float | None, lr: float | None,
 @dataclass(kw_only=True)
 class DistillConfig:
     student: str = "from_teacher"
-    """from_teacher: the teacher with only the layers of layer_map (default every other one); or a
-    model name/directory of a smaller pre-trained model with the same tokenizer."""
+    """from_teacher: the teacher with only the layers of layer_map (default every other one, the last
+    one kept); or a model name/directory of a smaller pre-trained model with the same tokenizer."""
     layer_map: list[int] | None = None
-    """Teacher layers the student keeps (null: 0, 2, 4, ...)."""
+    """Teacher layers the student keeps (null: every other one counted back from the last: 1, 3, 5 of
+    a 6-layer teacher, 0, 2, 4, 6 of a 7-layer one)."""
     alpha: float = 0.5
     """Weight of the distillation term: (1 - alpha) * CE(labels) + alpha * T^2 * KL(teacher_T || student_T).
     alpha=0 trains the same student with DP-SGD alone (the no-KD baseline)."""
@@ -118,10 +119,11 @@ class DistillSyntheticConfig:
     """The synthetic set: auto (this tree's generate/samples.jsonl) or the samples.jsonl of a generate
     run (its summary.json must show a DP source; private data is refused)."""
     student: str = "from_teacher"
-    """from_teacher: the teacher with only the layers of layer_map (default every other one); or a
-    smaller causal LM (directory or hub name) with the teacher's tokenizer."""
+    """from_teacher: the teacher with only the layers of layer_map (default every other one, the last
+    one kept); or a smaller causal LM (directory or hub name) with the teacher's tokenizer."""
     layer_map: list[int] | None = None
-    """Teacher layers a from_teacher student keeps (null: 0, 2, 4, ...)."""
+    """Teacher layers a from_teacher student keeps (null: every other one counted back from the last:
+    1, 3, ..., 29 of a 30-layer teacher)."""
     kd_weight: float = 0.4
     """lambda: loss = (1 - lambda) * CE(synthetic tokens) + lambda * T^2 * KL(teacher_T || student_T) per
     text token (+ hidden_weight * MSE); 0 trains on the synthetic text alone (the no-KD baseline)."""

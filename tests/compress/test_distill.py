@@ -43,7 +43,7 @@ def test_kd_loss_is_per_sample():
 def test_student_copies_selected_layers_and_runs(name, stack):
     cfg = ModelConfig(name=name)
     teacher = load_sequence_classifier(cfg, num_labels=2, seed=0)
-    # Give the debug teacher 4 layers by stacking copies, so "every other" keeps 0 and 2.
+    # Give the debug teacher 4 layers by stacking copies, so "every other" keeps 1 and 3 (the last one).
     layers = teacher.get_submodule(stack)
     layers.extend([__import__("copy").deepcopy(layer) for layer in layers])
     for i, layer in enumerate(layers):
@@ -55,8 +55,8 @@ def test_student_copies_selected_layers_and_runs(name, stack):
         teacher.config.layer_types = teacher.config.layer_types * 2
     student = student_from_teacher(teacher)
     kept = student.get_submodule(stack)
-    assert len(kept) == 2 and getattr(student.config, count) == 2 and every_other_layer(4) == [0, 2]
-    assert all(float(p.detach().flatten()[0]) == pytest.approx(0.01 * (j * 2 + 1)) for j, layer in enumerate(kept) for p in layer.parameters())
+    assert len(kept) == 2 and getattr(student.config, count) == 2 and every_other_layer(4) == [1, 3]
+    assert all(float(p.detach().flatten()[0]) == pytest.approx(0.01 * (j * 2 + 2)) for j, layer in enumerate(kept) for p in layer.parameters())
     t_params = dict(teacher.named_parameters())
     for n, p in student.named_parameters():
         if stack not in n:  # embeddings, final norm, classifier: identical copies, not shared
@@ -69,6 +69,15 @@ def test_student_copies_selected_layers_and_runs(name, stack):
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.parametrize("depth, expected", [(1, [0]), (2, [1]), (6, [1, 3, 5]), (7, [0, 2, 4, 6]), (12, [1, 3, 5, 7, 9, 11])])
+def test_default_layer_map_keeps_every_other_layer_and_the_last(depth, expected):
+    # The head was trained on the last layer's outputs: the default student keeps it, at half the depth
+    # rounded up, the kept layers in the teacher's order.
+    layers = every_other_layer(depth)
+    assert layers == expected
+    assert layers[-1] == depth - 1 and len(layers) == (depth + 1) // 2 and layers == sorted(set(layers))
+
+
 def test_dpkd_update_with_a_zero3_teacher_equals_the_per_example_reference(tmp_path):
     """ZeRO 3 on 2 real ranks with the teacher partitioned too (each rank holds half its weights, no
     optimizer state): one DPKD step (KL, CE and the hidden-state term; noise off) equals the
