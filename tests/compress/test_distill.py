@@ -68,7 +68,6 @@ def test_student_copies_selected_layers_and_runs(name, stack):
         student_from_teacher(teacher, [0, 7])
 
 
-@pytest.mark.timeout(600)
 @pytest.mark.parametrize("depth, expected", [(1, [0]), (2, [1]), (6, [1, 3, 5]), (7, [0, 2, 4, 6]), (12, [1, 3, 5, 7, 9, 11])])
 def test_default_layer_map_keeps_every_other_layer_and_the_last(depth, expected):
     # The head was trained on the last layer's outputs: the default student keeps it, at half the depth
@@ -78,6 +77,7 @@ def test_default_layer_map_keeps_every_other_layer_and_the_last(depth, expected)
     assert layers[-1] == depth - 1 and len(layers) == (depth + 1) // 2 and layers == sorted(set(layers))
 
 
+@pytest.mark.timeout(600)
 def test_dpkd_update_with_a_zero3_teacher_equals_the_per_example_reference(tmp_path):
     """ZeRO 3 on 2 real ranks with the teacher partitioned too (each rank holds half its weights, no
     optimizer state): one DPKD step (KL, CE and the hidden-state term; noise off) equals the
