@@ -14,6 +14,11 @@ from pathlib import Path
 from typing import Any
 
 
+def config_zero_stage(ds_config: dict) -> int:
+    """The ZeRO stage a DeepSpeed config asks for (0 when it names none)."""
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
 class UnsafeDeepSpeedConfig(ValueError):
     """The DeepSpeed config would alter gradients after clipping/noise, voiding the guarantee."""
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dist_dpc.engine.ds_config import fill_width_autos, model_width
+from dist_dpc.engine.ds_config import config_zero_stage, fill_width_autos, model_width
 
 
 # How many gathered parameters ZeRO 3 keeps live, and what it prefetches: the training config's
@@ -46,10 +46,9 @@ def place_frozen(module: nn.Module, ds_config: dict, device: torch.device) -> nn
     settings), else whole on ``device``; in bf16 when the config trains in bf16, at every stage, so
     that its outputs do not depend on the stage and a whole copy costs 2 bytes a weight."""
     bf16 = bool(ds_config.get("bf16", {}).get("enabled"))
-    zero = ds_config.get("zero_optimization", {})
-    if int(zero.get("stage", 0)) == 3:
+    if config_zero_stage(ds_config) == 3:
         return partition_frozen(module, micro_batch_size=ds_config["train_micro_batch_size_per_gpu"], bf16=bf16,
-                                zero=zero)
+                                zero=ds_config["zero_optimization"])
     return module.requires_grad_(False).eval().to(device, dtype=torch.bfloat16 if bf16 else None)
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from dist_dpc.engine.ds_config import config_zero_stage
 from dist_dpc.utils.atomic import PRIVATE_FILE, atomic_write, make_private_tree, private_dir
 
 
@@ -85,7 +86,7 @@ class Checkpoints:
         """The DeepSpeed config for the engine that will resume from the latest checkpoint, and whether
         it loads through the universal format (a checkpoint of another world size: DeepSpeed
         re-partitions it). Call before building the engine."""
-        universal = self.needs_universal(int(ds_config.get("zero_optimization", {}).get("stage", 0)))
+        universal = self.needs_universal(config_zero_stage(ds_config))
         if universal:
             ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
         return ds_config, universal

@@ -22,7 +22,7 @@ from dist_dpc.engine import DPEngine, build_ds_config, init_distributed
 from dist_dpc.engine.lr_schedule import make_lr_schedule
 from dist_dpc.engine.partitioned import gathered_state_dict
 from dist_dpc.engine.distributed import WorldInfo
-from dist_dpc.engine.ds_config import config_width, fill_width_autos, has_width_autos
+from dist_dpc.engine.ds_config import config_width, config_zero_stage, fill_width_autos, has_width_autos
 from dist_dpc.models import load_tokenizer
 from dist_dpc.models.loading import DEBUG_MODELS
 from dist_dpc.pipeline.checkpoints import Checkpoints
@@ -334,11 +334,7 @@ def on_rank0(ctx: PhaseContext, work: Callable, what: str):
 
 def phase_zero_stage(ctx: PhaseContext) -> int:
     """The ZeRO stage the phase's engine will run at (train.zero_stage, or the DeepSpeed JSON's)."""
-    return _zero_stage(_phase_ds_config(ctx.cfg, ctx.world, None, ctx.cfg.privacy.enabled))
-
-
-def _zero_stage(ds_config: dict) -> int:
-    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+    return config_zero_stage(_phase_ds_config(ctx.cfg, ctx.world, None, ctx.cfg.privacy.enabled))
 
 
 def frozen_for_phase(ctx: PhaseContext, model: torch.nn.Module) -> torch.nn.Module:
@@ -360,7 +356,7 @@ def load_for_phase(ctx: PhaseContext, load: Callable[[], torch.nn.Module], what:
     zero.Init transformers would initialise it on rank 0 in another order, so the same seed would give
     other weights at ZeRO 3 than at ZeRO 0-2."""
     ds_config = _phase_ds_config(ctx.cfg, ctx.world, None, ctx.cfg.privacy.enabled)
-    if _zero_stage(ds_config) != 3 or name in DEBUG_MODELS:
+    if config_zero_stage(ds_config) != 3 or name in DEBUG_MODELS:
         return load()
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
