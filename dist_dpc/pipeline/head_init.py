@@ -1,7 +1,7 @@
 """The DP start of a classifier head, before a phase's DP fine-tuning (config section ``head_init``).
 
   1. one pass of the frozen model over the private training set (each rank its share of the rows):
-     the [CLS] states, and the teacher's logits when distilling;
+     the [CLS] states (a distilling phase passes its teacher's logits in, from its own pass);
   2. centre_pooler: pooler := tanh([CLS] - m), m a DP mean of the [CLS] states (Gaussian mechanism);
   3. probe_epochs: DP-SGD on the classifier alone over the pooled features (the probe), at the
      phase's sigma and sampling rate, so its steps simply add to the phase's DP-SGD steps.
@@ -14,18 +14,16 @@ ledger's single entry stays true.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from dist_dpc.data import collate
 from dist_dpc.engine.distributed import collective_device
-from dist_dpc.engine.losses import model_inputs
 from dist_dpc.engine.partitioned import gathered_forward, model_is_partitioned, whole
 from dist_dpc.models.heads import centre_pooler_, cls_hidden, has_pooled_head, pool, pooled_head, set_classifier_
 from dist_dpc.pipeline.config import HeadInitConfig
+from dist_dpc.pipeline.dataset_pass import per_example_outputs
 from dist_dpc.pipeline.trainer import local_device, planned_steps, steps_per_epoch
 from dist_dpc.pipeline.trainer import sample_rate as phase_sample_rate
 from dist_dpc.privacy.accounting import Mechanism
@@ -81,8 +79,10 @@ def _dp_mean(settings: HeadInitConfig, phase: str) -> Mechanism:
 
 
 def initialise_head(ctx, model: torch.nn.Module, h: HeadInitConfig, *, directory: Path, steps: int, key: SecretKey,
-                    teacher: torch.nn.Module | None = None, alpha: float = 0.0, temperature: float = 1.0) -> dict:
+                    teacher_logits: torch.Tensor | None = None, alpha: float = 0.0, temperature: float = 1.0) -> dict:
     """Centre the pooler and/or probe the classifier of ``model`` in place; returns what was done.
+    ``teacher_logits``: a distillation teacher's logits of every training example in dataset order
+    (dataset_pass.teacher_logits), the probe's soft targets.
     Each DP release is recorded through ``ctx.budget`` the moment it is computed, before anything
     derived from it is written (head_init.pt, the model). ``h``: the settings resolved for ``model``."""
     if not h.enabled:
@@ -101,7 +101,7 @@ def initialise_head(ctx, model: torch.nn.Module, h: HeadInitConfig, *, directory
             head.classifier.load_state_dict(state["classifier"])
         log(ctx.world, f"[{ctx.phase}] head_init: reloaded {saved} (the private data is not read again)")
         return released_info(state["info"], ctx.cfg.privacy)
-    cls, labels, teacher_logits = _features(ctx, model, head, teacher)
+    cls, labels = _features(ctx, model, head)
     with whole(head_params, modify=True):
         info = _fit_head(ctx, head, h, cls, labels, teacher_logits, steps=steps, key=key, alpha=alpha,
                          temperature=temperature)
@@ -158,47 +158,20 @@ def released_info(info: dict, privacy: PrivacyConfig) -> dict:
     return {step: {k: v for k, v in values.items() if k != "clipped_fraction"} for step, values in info.items()}
 
 
-def _features(ctx, model, head, teacher):
-    """[CLS] states (N, hidden) of every training example in dataset order, labels, teacher logits."""
-    device = local_device()
-    world, data, pad = ctx.world, ctx.train_set, ctx.tokenizer.pad_token_id
-    mine = list(range(world.rank, len(data), world.world_size))
+def _features(ctx, model, head):
+    """[CLS] states (N, hidden) of every training example in dataset order, and the labels."""
     was_training = model.training
     model.eval()
     if not model_is_partitioned(model):  # zero.Init placed the partitions already
-        model.to(device)
-    if teacher is not None and not hasattr(teacher, "ds_inference"):
-        teacher.eval().to(device)
-    cls_parts, logit_parts = [], []
-    batch_size = max(ctx.cfg.train.micro_batch_size, 64)
-    # Every rank runs as many teacher passes as the rank with the most examples: a partitioned (ZeRO-3)
-    # teacher's forward is a collective. A rank with fewer runs its last passes on a throw-away batch.
-    passes = math.ceil(math.ceil(len(data) / world.world_size) / batch_size)
-    for b in range(passes):
-        rows = mine[b * batch_size:(b + 1) * batch_size]
-        batch = collate([data[i] for i in (rows or mine[:1] or [0])], pad)
-        batch = {k: v.to(device) for k, v in batch.items()}
+        model.to(local_device())
+
+    def states(batch):
         with gathered_forward(head.encoder):  # ZeRO 3: one module's weights whole at a time
-            states = cls_hidden(head, batch).float().cpu()
-        if rows:
-            cls_parts.append(states)
-        if teacher is not None:
-            with torch.no_grad():
-                logits = teacher(**model_inputs(batch)).logits.float().cpu()
-            if rows:
-                logit_parts.append(logits)
+            return cls_hidden(head, batch)
+
+    cls = per_example_outputs(ctx, states)
     model.train(was_training)
-    local = (mine, torch.cat(cls_parts) if cls_parts else torch.zeros(0, head.hidden_size),
-             torch.cat(logit_parts) if logit_parts else None)
-    gathered = [None] * world.world_size
-    torch.distributed.all_gather_object(gathered, local)
-    order = [i for rows, _, _ in gathered for i in rows]
-    cls = torch.cat([c for _, c, _ in gathered])
-    logits = torch.cat([t for _, _, t in gathered]) if teacher is not None else None
-    inverse = torch.empty(len(order), dtype=torch.long)
-    inverse[torch.tensor(order)] = torch.arange(len(order))
-    labels = torch.tensor([int(l) for l in data.labels])
-    return cls[inverse], labels, None if logits is None else logits[inverse]
+    return cls, torch.tensor([int(label) for label in ctx.train_set.labels])
 
 
 def _broadcast(tensor: torch.Tensor) -> None:

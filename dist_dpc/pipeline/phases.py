@@ -27,6 +27,7 @@ from dist_dpc.models import ModelConfig
 from dist_dpc.engine.partitioned import full_numel
 from dist_dpc.models.loading import set_trainable
 from dist_dpc.pipeline.config import ALL_PHASES, MODEL_PHASES, Config
+from dist_dpc.pipeline.dataset_pass import teacher_logits
 from dist_dpc.pipeline.head_init import HeadStart
 from dist_dpc.pipeline.lineage import import_lineage
 from dist_dpc.pipeline.trainer import (PhaseContext, check_before_spending, evaluate_engine, finish_phase,
@@ -163,9 +164,13 @@ def run_distill(cfg: Config) -> dict:
     tracker = open_tracker(ctx)
     log(ctx.world, f"[distill] student: {init}; loss (1-{d.alpha})*CE + {d.alpha}*T^2*KL, T={d.temperature}"
                    + (f", hidden MSE x{d.hidden_weight}" if d.hidden_weight else ""))
-    # The probe fits the student's classifier to the same loss (without the hidden-state term).
-    info = start.run(ctx, student, ctx.directory, ctx.key, teacher=teacher if d.alpha else None,
-                     alpha=d.alpha, temperature=d.temperature)
+    # One teacher pass over the data instead of a teacher forward in every step: a classifier's logits
+    # are a small table (N x classes); a causal LM's (a vocabulary per token) are not, so its teacher
+    # runs each step. The probe fits the student's classifier to the same loss (no hidden-state term).
+    table = teacher_logits(ctx, teacher) if d.alpha and not ctx.task.token_level else None
+    loss.use_teacher_logits(table)
+    info = start.run(ctx, student, ctx.directory, ctx.key, teacher_logits=table, alpha=d.alpha,
+                     temperature=d.temperature)
     engine = train_dp(ctx, student, directory=ctx.directory, steps=steps, privacy=privacy, tracker=tracker,
                       loss_fn=loss, lr=d.lr)
     metrics = evaluate_engine(engine, ctx)

@@ -471,12 +471,22 @@ def train_dp(ctx: PhaseContext, model: torch.nn.Module, *, directory: Path, step
     return engine
 
 
+def micro_batch(ctx: PhaseContext, rows: list[int], pad_id: int) -> dict:
+    """The training examples ``rows`` as one fixed-shape micro-batch (padding rows: sample_mask 0),
+    with each sample's row in the training set as ``example_index`` (0 on padding rows): how a loss
+    reads a per-example table computed once, as DistillationLoss does its teacher's logits."""
+    batch = ctx.task.collate([ctx.train_set[i] for i in rows], pad_id, num_rows=ctx.cfg.train.micro_batch_size)
+    index = torch.zeros(batch["sample_mask"].shape[0], dtype=torch.long)
+    index[:len(rows)] = torch.as_tensor(rows, dtype=torch.long)
+    batch["example_index"] = index
+    return batch
+
+
 def _steps(ctx, engine, sampler, tracker, metrics_log, checkpoints, progress, guard, steps, step_offset, start):
     cfg, pad_id = ctx.cfg, ctx.tokenizer.pad_token_id
     for step in range(engine.steps_done, steps):
         plan = sampler.plan(step)
-        micro = [ctx.task.collate([ctx.train_set[i] for i in idx], pad_id, num_rows=cfg.train.micro_batch_size)
-                 for idx in plan.micro_batches]
+        micro = [micro_batch(ctx, idx, pad_id) for idx in plan.micro_batches]
         step_start = time.perf_counter()
         stats = engine.train_step(micro, plan.logical_batch_size)
         seconds = time.perf_counter() - step_start

@@ -106,3 +106,71 @@ def test_dpkd_update_with_a_zero3_teacher_equals_the_per_example_reference(tmp_p
     diff = torch.cat([(result["final"][n] - result["initial"][n] - d).flatten() for n, d in expected.items()])
     ref = torch.cat([d.flatten() for d in expected.values()])
     assert float(diff.norm() / ref.norm()) < 1e-5
+
+
+def _teacher_and_examples():
+    from tests.pipeline.dataset_pass_worker import examples
+
+    teacher = load_sequence_classifier(ModelConfig(name="tiny-bert", dropout=0.0), num_labels=2, seed=7).double().eval()
+    return teacher, examples(7, teacher.config.vocab_size)
+
+
+def _one_at_a_time(model, data) -> torch.Tensor:
+    """The independent reference: each example alone, unpadded."""
+    with torch.no_grad():
+        return torch.cat([model(input_ids=torch.tensor([e["input_ids"]])).logits for e in data])
+
+
+def test_a_table_of_teacher_logits_gives_each_sample_its_own_row():
+    """DistillationLoss with the phase's table of teacher logits (looked up by example_index) equals
+    the loss that runs the teacher on the micro-batch, for rows in any order with padding rows; an
+    index that does not follow the rows changes the losses (so the comparison has teeth)."""
+    from dist_dpc.compress.distill import DistillationLoss
+    from dist_dpc.data import collate
+
+    teacher, data = _teacher_and_examples()
+    student = load_sequence_classifier(ModelConfig(name="tiny-bert", dropout=0.0), num_labels=2, seed=8).double()
+    table = _one_at_a_time(teacher, data)
+    rows = [5, 2, 6]
+    batch = collate([data[i] for i in rows], 0, num_rows=5)
+    batch["example_index"] = torch.tensor(rows + [0, 0])
+    looked_up = DistillationLoss(teacher, alpha=0.6, temperature=2.0, teacher_logits=table)(student, batch)
+    run = DistillationLoss(teacher, alpha=0.6, temperature=2.0)(student, batch)
+    torch.testing.assert_close(looked_up[:3], run[:3], rtol=1e-9, atol=1e-12)
+    shuffled = dict(batch, example_index=torch.tensor([2, 6, 5, 0, 0]))
+    wrong = DistillationLoss(teacher, alpha=0.6, temperature=2.0, teacher_logits=table)(student, shuffled)
+    assert (wrong[:3] - run[:3]).abs().max() > 1e-6  # a random tiny teacher: rows differ by ~1e-4
+
+    with pytest.raises(ValueError, match="example_index"):
+        DistillationLoss(teacher, alpha=0.6, temperature=2.0, teacher_logits=table)(
+            student, {k: v for k, v in batch.items() if k != "example_index"})
+    # With the hidden-state term the teacher runs anyway: the table is not used.
+    assert DistillationLoss(teacher, alpha=0.6, temperature=2.0, hidden_weight=0.1, layer_map=[0],
+                            teacher_logits=table).teacher_logits is None
+
+
+@pytest.mark.timeout(300)
+def test_one_pass_over_the_data_on_two_ranks_is_in_dataset_order(tmp_path):
+    """dataset_pass.per_example_outputs on 2 real ranks with uneven shares (4 and 3 rows, passes of
+    3) returns every example's teacher logits in dataset order: against the teacher run on each
+    example alone in this process."""
+    from tests.engine.launch import torchrun
+
+    teacher, data = _teacher_and_examples()
+    torchrun("tests/pipeline/dataset_pass_worker.py", [str(tmp_path / "logits.pt")], world_size=2, timeout=240)
+    got = torch.load(tmp_path / "logits.pt", weights_only=True)
+    torch.testing.assert_close(got.double(), _one_at_a_time(teacher, data), rtol=1e-4, atol=1e-5)
+
+
+def test_the_trainers_micro_batch_carries_each_samples_row():
+    from types import SimpleNamespace
+
+    from dist_dpc.data import collate
+    from dist_dpc.pipeline.trainer import micro_batch
+
+    _, data = _teacher_and_examples()
+    ctx = SimpleNamespace(train_set=data, cfg=SimpleNamespace(train=SimpleNamespace(micro_batch_size=4)),
+                          task=SimpleNamespace(collate=lambda ex, pad, num_rows=None: collate(ex, pad, num_rows=num_rows)))
+    batch = micro_batch(ctx, [4, 1, 3], 0)
+    assert batch["example_index"].tolist() == [4, 1, 3, 0] and batch["sample_mask"].tolist() == [1, 1, 1, 0]
+    torch.testing.assert_close(batch["input_ids"], collate([data[i] for i in [4, 1, 3]], 0, num_rows=4)["input_ids"])
