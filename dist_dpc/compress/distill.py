@@ -1,7 +1,7 @@
 """DP knowledge distillation (Mireshghallah et al. 2022, Alg. 1): the loss and the student's initialisation.
 
-The student is trained with DP-SGD on the private data; the frozen DP teacher's logits on the same
-private batch enter the loss, which is still a per-sample loss, so the DP step clips it like any other.
+The student is trained with DP-SGD on the private data; the frozen DP teacher's logits on each sample
+enter that sample's loss, which is still a per-sample loss, so the DP step clips it like any other.
 """
 
 from __future__ import annotations
@@ -136,8 +136,8 @@ class DistillationLoss:
     teacher's output on an example never changes, so one pass over the data replaces a teacher
     forward in every step (on SST-2's DPKD phase about a third of the step). Without a table (causal
     LMs: a vocabulary of logits per token) the teacher runs on each micro-batch, its outputs cached
-    per micro-batch because the flat clipping mode calls the loss twice on it. Either way sample i's
-    loss reads only sample i's row. With ``hidden_weight`` > 0 the student's hidden states also
+    per micro-batch because the engine's first step calls the loss twice on it (its self-test).
+    Either way sample i's loss reads only sample i's teacher output; padding rows read a constant. With ``hidden_weight`` > 0 the student's hidden states also
     regress onto the teacher's layers named by ``layer_map`` (mean squared error over real tokens;
     hidden sizes must match, as with a student cut from the teacher), so the teacher runs each step.
     """
@@ -159,9 +159,12 @@ class DistillationLoss:
         self.use_teacher_logits(teacher_logits)
 
     def use_teacher_logits(self, table: torch.Tensor | None) -> None:
-        """Read the teacher's logits from ``table`` (N, C) from now on; None: run the teacher. Ignored
-        with hidden_weight > 0, where the teacher runs each step for its hidden states anyway."""
+        """Read the teacher's logits from ``table`` (N, C) from now on and drop the teacher; None: run
+        the teacher. Ignored with hidden_weight > 0, where the teacher runs each step for its hidden
+        states anyway."""
         self.teacher_logits = table if self.hidden_weight == 0 else None
+        if self.teacher_logits is not None:
+            self.teacher = None
 
     @torch.no_grad()
     def _teacher_outputs(self, inputs: dict):
@@ -177,8 +180,16 @@ class DistillationLoss:
             raise ValueError("DistillationLoss with teacher_logits needs each micro-batch's example_index (the row of "
                              "each sample in the training set; dist_dpc's trainer adds it): build the loss without "
                              "teacher_logits to run the teacher on each micro-batch")
-        index = batch["example_index"]
-        return self.teacher_logits[index.to(self.teacher_logits.device)].to(index.device)
+        index, real = batch["example_index"], batch["sample_mask"] > 0
+        table = self.teacher_logits
+        if bool(((index < 0) | (index >= len(table)))[real].any()):
+            # The index is not shown: which examples a step sampled is private under Poisson sampling.
+            raise ValueError(f"DistillationLoss: an example_index outside the teacher_logits table of {len(table)} rows "
+                             "(the table must hold every training example, in dataset order)")
+        rows = table[index.clamp(0, len(table) - 1).to(table.device)].to(index.device)
+        # Padding rows get a constant (a uniform teacher), never a real example's row: their loss is
+        # masked out anyway, and so no private value enters a row that stands for no example.
+        return torch.where(real.to(index.device).unsqueeze(-1), rows, torch.zeros_like(rows))
 
     def __call__(self, forward, batch: dict) -> torch.Tensor:
         inputs = {k: batch[k] for k in self.input_keys if k in batch}

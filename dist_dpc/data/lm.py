@@ -153,10 +153,10 @@ def tokenize_lm(split: TextSplit, tokenizer, max_length: int | None, cache_dir: 
 
 
 def collate_lm(examples: list[dict], pad_token_id: int, pad_to_multiple_of: int = 8,
-               num_rows: int | None = None) -> dict[str, torch.Tensor]:
+               num_rows: int | None = None, length: int | None = None) -> dict[str, torch.Tensor]:
     """Right-padded ids, attention mask, and labels (-100 where no loss: BOS, prefix, padding); with
     ``num_rows``, padding rows (sample_mask 0) fill the micro-batch."""
-    input_ids, attention = padded_ids(examples, pad_token_id, pad_to_multiple_of, num_rows)
+    input_ids, attention = padded_ids(examples, pad_token_id, pad_to_multiple_of, num_rows, length)
     labels = torch.full_like(input_ids, IGNORE)
     for i, e in enumerate(examples):
         n = len(e["input_ids"])

@@ -57,14 +57,18 @@ def tokenize_split(split: TextSplit, tokenizer, max_length: int, cache_dir: str 
 
 
 def padded_ids(examples: list[dict], pad_token_id: int, pad_to_multiple_of: int = 8,
-               num_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) right-padded to the longest example rounded up; with ``num_rows``,
-    padding rows fill the micro-batch (attending to one position, so softmax stays finite)."""
+               num_rows: int | None = None, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) right-padded to the longest example rounded up, or to exactly
+    ``length`` (a shape that depends on no example's length); with ``num_rows``, padding rows fill
+    the micro-batch (attending to one position, so softmax stays finite)."""
     rows = num_rows if num_rows is not None else len(examples)
     if rows < len(examples):
         raise ValueError(f"{len(examples)} examples do not fit in {rows} rows")
     longest = max([len(e["input_ids"]) for e in examples] + [1])
-    length = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    if length is None:
+        length = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    elif longest > length:
+        raise ValueError(f"an example of {longest} tokens does not fit in a batch padded to {length} (data.max_length)")
     input_ids = torch.full((rows, length), pad_token_id, dtype=torch.long)
     attention = torch.zeros(rows, length, dtype=torch.long)
     attention[len(examples):, 0] = 1
@@ -75,10 +79,11 @@ def padded_ids(examples: list[dict], pad_token_id: int, pad_to_multiple_of: int 
     return input_ids, attention
 
 
-def collate(examples: list[dict], pad_token_id: int, pad_to_multiple_of: int = 8, num_rows: int | None = None) -> dict[str, torch.Tensor]:
-    """Pad to the longest example (rounded up); with ``num_rows``, append padding rows (sample_mask 0)
-    so that every micro-batch has the same number of rows on every rank."""
-    input_ids, attention = padded_ids(examples, pad_token_id, pad_to_multiple_of, num_rows)
+def collate(examples: list[dict], pad_token_id: int, pad_to_multiple_of: int = 8, num_rows: int | None = None,
+            length: int | None = None) -> dict[str, torch.Tensor]:
+    """Pad to the longest example (rounded up), or to exactly ``length``; with ``num_rows``, append
+    padding rows (sample_mask 0) so that every micro-batch has the same number of rows on every rank."""
+    input_ids, attention = padded_ids(examples, pad_token_id, pad_to_multiple_of, num_rows, length)
     rows, length = input_ids.shape
     has_types = bool(examples) and "token_type_ids" in examples[0]
     types = torch.zeros(rows, length, dtype=torch.long) if has_types else None

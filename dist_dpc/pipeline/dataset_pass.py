@@ -22,7 +22,12 @@ def per_example_outputs(ctx, compute: Callable[[dict], torch.Tensor], *, batch_s
     dataset order on every rank. ``compute`` runs without gradients on batches already on this
     rank's device. Every rank runs as many batches as the rank with the most rows, because a
     partitioned (ZeRO-3) model's forward is a collective: a rank with fewer runs its last ones on a
-    throw-away batch."""
+    throw-away batch.
+
+    Every batch is padded to data.max_length, so its shape depends on N and the config alone: an
+    example's output is then computed the same way whichever examples share its batch (padded to
+    their longest, it would differ with their lengths in the last bits, and removing one example
+    would move every later row into another batch)."""
     device = local_device()
     world, data, pad = ctx.world, ctx.train_set, ctx.tokenizer.pad_token_id
     mine = list(range(world.rank, len(data), world.world_size))
@@ -31,7 +36,7 @@ def per_example_outputs(ctx, compute: Callable[[dict], torch.Tensor], *, batch_s
     parts = []
     for b in range(passes):
         rows = mine[b * batch_size:(b + 1) * batch_size]
-        batch = ctx.task.collate([data[i] for i in (rows or mine[:1] or [0])], pad)
+        batch = ctx.task.collate([data[i] for i in (rows or mine[:1] or [0])], pad, length=ctx.cfg.data.max_length)
         batch = {k: v.to(device) for k, v in batch.items()}
         with torch.no_grad():
             out = compute(batch).float().cpu()

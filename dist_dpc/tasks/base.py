@@ -41,7 +41,10 @@ class Task:
     def tokenize(self, split: TextSplit, tokenizer, cache_dir, train: bool):
         raise NotImplementedError
 
-    def collate(self, examples: list[dict], pad_token_id: int, num_rows: int | None = None) -> dict:
+    def collate(self, examples: list[dict], pad_token_id: int, num_rows: int | None = None,
+                length: int | None = None) -> dict:
+        """One batch: ``num_rows`` rows (padding rows: sample_mask 0); every row padded to the longest
+        example, or to exactly ``length`` tokens."""
         raise NotImplementedError
 
     def audit_canaries(self, generator, count: int, num_labels: int | None) -> TextSplit:

@@ -36,8 +36,8 @@ class CausalLM(Task):
         # Training examples are truncated to the context; evaluation texts are kept whole (windows).
         return tokenize_lm(split, tokenizer, self.data_cfg.max_length if train else None, cache_dir=cache_dir)
 
-    def collate(self, examples, pad_token_id, num_rows=None):
-        return collate_lm(examples, pad_token_id, num_rows=num_rows)
+    def collate(self, examples, pad_token_id, num_rows=None, length=None):
+        return collate_lm(examples, pad_token_id, num_rows=num_rows, length=length)
 
     def audit_canaries(self, generator, count, num_labels):
         # Random secrets after a fixed prefix (the secret-sharer canaries of Carlini et al.): the

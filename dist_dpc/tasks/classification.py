@@ -31,8 +31,8 @@ class SequenceClassification(Task):
     def tokenize(self, split, tokenizer, cache_dir, train: bool):
         return tokenize_split(split, tokenizer, self.data_cfg.max_length, cache_dir=cache_dir)
 
-    def collate(self, examples, pad_token_id, num_rows=None):
-        return collate(examples, pad_token_id, num_rows=num_rows)
+    def collate(self, examples, pad_token_id, num_rows=None, length=None):
+        return collate(examples, pad_token_id, num_rows=num_rows, length=length)
 
     def load_model(self, model_cfg, tokenizer, *, num_labels, label_names, seed):
         return load_sequence_classifier(model_cfg, num_labels, tokenizer, seed=seed, label_names=label_names)

@@ -77,11 +77,9 @@ def test_default_layer_map_keeps_every_other_layer_and_the_last(depth, expected)
     assert layers[-1] == depth - 1 and len(layers) == (depth + 1) // 2 and layers == sorted(set(layers))
 
 
-@pytest.mark.timeout(600)
-def test_dpkd_update_with_a_zero3_teacher_equals_the_per_example_reference(tmp_path):
-    """ZeRO 3 on 2 real ranks with the teacher partitioned too (each rank holds half its weights, no
-    optimizer state): one DPKD step (KL, CE and the hidden-state term; noise off) equals the
-    per-example reference computed with the whole teacher in float64."""
+def _dpkd_step_against_the_reference(tmp_path, *, stage: int, clipping: str, distill: dict) -> dict:
+    """One DPKD step on 2 real ranks (noise off) against the per-example reference computed with
+    the whole teacher in float64, each example alone; returns the worker's result."""
     from dist_dpc.compress.distill import DistillationLoss
     from dist_dpc.models import ModelConfig, load_sequence_classifier
     from tests.engine.dp_worker import logical_batch
@@ -89,23 +87,47 @@ def test_dpkd_update_with_a_zero3_teacher_equals_the_per_example_reference(tmp_p
     from tests.reference import clipped_sum, per_example_grads
 
     seed, micro, lr, clip = 3, 3, 1000.0, 0.05
-    distill = {"alpha": 0.6, "temperature": 2.0, "hidden_weight": 0.3, "layer_map": [0, 1], "sharded": True}
-    case = {"model": "tiny-bert", "stage": 3, "clipping": "per_layer", "accumulation": 2, "noise_multiplier": 0.0,
+    case = {"model": "tiny-bert", "stage": stage, "clipping": clipping, "accumulation": 2, "noise_multiplier": 0.0,
             "max_grad_norm": clip, "micro_batch_size": micro, "lr": lr, "batch_size": 2 * 2 * micro - 1,
             "distill": distill}
     result = run_worker({"cases": [case], "expected_batch_size": 7, "seed": seed}, 2, tmp_path)["results"][0]
     teacher = load_sequence_classifier(ModelConfig(name="tiny-bert", dropout=0.0), num_labels=2, seed=seed + 1)
-    total = sum(p.numel() for p in teacher.parameters())
-    assert result["comms"]["teacher_local_numel"] <= total / 2 + 64  # its half (plus ZeRO-3 padding)
-
     student = load_sequence_classifier(ModelConfig(name="tiny-bert", dropout=0.0), num_labels=2, seed=seed).double()
-    kd = DistillationLoss(teacher.double(), alpha=0.6, temperature=2.0, hidden_weight=0.3, layer_map=[0, 1])
+    kd = DistillationLoss(teacher.double(), alpha=distill["alpha"], temperature=distill["temperature"],
+                          hidden_weight=distill["hidden_weight"], layer_map=distill["layer_map"])
     batch = logical_batch(student.config.vocab_size, case["batch_size"], 9, seed)
     grads = per_example_grads(student, batch, lambda model, one: kd(model, one))
-    expected = {n: -lr * g / 7 for n, g in clipped_sum(student, grads, clip, "per_layer").items()}
+    expected = {n: -lr * g / 7 for n, g in clipped_sum(student, grads, clip, clipping).items()}
     diff = torch.cat([(result["final"][n] - result["initial"][n] - d).flatten() for n, d in expected.items()])
     ref = torch.cat([d.flatten() for d in expected.values()])
     assert float(diff.norm() / ref.norm()) < 1e-5
+    return result
+
+
+@pytest.mark.timeout(600)
+def test_dpkd_update_with_a_zero3_teacher_equals_the_per_example_reference(tmp_path):
+    """ZeRO 3 on 2 real ranks with the teacher partitioned too (each rank holds half its weights, no
+    optimizer state): one DPKD step (KL, CE and the hidden-state term, so the teacher runs on each
+    micro-batch; noise off) equals the per-example reference."""
+    from dist_dpc.models import ModelConfig, load_sequence_classifier
+
+    distill = {"alpha": 0.6, "temperature": 2.0, "hidden_weight": 0.3, "layer_map": [0, 1], "sharded": True}
+    result = _dpkd_step_against_the_reference(tmp_path, stage=3, clipping="per_layer", distill=distill)
+    teacher = load_sequence_classifier(ModelConfig(name="tiny-bert", dropout=0.0), num_labels=2, seed=4)
+    total = sum(p.numel() for p in teacher.parameters())
+    assert result["comms"]["teacher_local_numel"] <= total / 2 + 64  # its half (plus ZeRO-3 padding)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("stage, clipping, sharded", [(3, "per_layer", True), (0, "flat", False)])
+def test_dpkd_update_from_the_teacher_logits_table_equals_the_per_example_reference(tmp_path, stage, clipping, sharded):
+    """The pipeline's default DPKD path (no hidden-state term): the teacher's logits come from a
+    table looked up by each row's example_index, on 2 real ranks whose micro-batches hold every
+    other row plus padding rows. One step equals the per-example reference that runs the teacher
+    on each example (float64), at ZeRO 3 per layer and ZeRO 0 flat."""
+    distill = {"alpha": 0.6, "temperature": 2.0, "hidden_weight": 0.0, "layer_map": None, "sharded": sharded,
+               "table": True}
+    _dpkd_step_against_the_reference(tmp_path, stage=stage, clipping=clipping, distill=distill)
 
 
 def _teacher_and_examples():
@@ -174,3 +196,32 @@ def test_the_trainers_micro_batch_carries_each_samples_row():
     batch = micro_batch(ctx, [4, 1, 3], 0)
     assert batch["example_index"].tolist() == [4, 1, 3, 0] and batch["sample_mask"].tolist() == [1, 1, 1, 0]
     torch.testing.assert_close(batch["input_ids"], collate([data[i] for i in [4, 1, 3]], 0, num_rows=4)["input_ids"])
+
+
+def test_one_examples_row_of_the_pass_does_not_depend_on_the_other_examples():
+    """The pass pads every batch to data.max_length: replacing one example by a longer one leaves
+    every other example's teacher logits bit for bit the same. (Padded to each batch's longest, the
+    other rows of its batch would change in their last bits with the new length.)"""
+    from types import SimpleNamespace
+
+    from dist_dpc.data import collate
+    from dist_dpc.engine import init_distributed
+    from dist_dpc.pipeline.dataset_pass import teacher_logits
+
+    teacher, data = _teacher_and_examples()
+    teacher = teacher.float()
+    world = init_distributed()
+
+    def ctx_for(examples):
+        return SimpleNamespace(world=world, train_set=examples, tokenizer=SimpleNamespace(pad_token_id=0),
+                               task=SimpleNamespace(collate=lambda ex, pad, num_rows=None, length=None:
+                                                    collate(ex, pad, num_rows=num_rows, length=length)),
+                               cfg=SimpleNamespace(train=SimpleNamespace(micro_batch_size=4),
+                                                   data=SimpleNamespace(max_length=24)))
+
+    longer = dict(data[2], input_ids=list(range(5, 25)), attention_mask=[1] * 20)
+    before = teacher_logits(ctx_for(data), teacher)
+    after = teacher_logits(ctx_for(data[:2] + [longer] + data[3:]), teacher)
+    others = [i for i in range(len(data)) if i != 2]
+    assert torch.equal(before[others], after[others])
+    assert not torch.equal(before[2], after[2])

@@ -56,6 +56,8 @@ def rank_micro_batches(batch: dict, rank: int, world: int, micro: int, accumulat
             "labels": torch.cat([rows["labels"], torch.full((pad, *rows["labels"].shape[1:]),
                                                               -100 if rows["labels"].dim() == 2 else 0, dtype=torch.long)]),
             "sample_mask": torch.cat([torch.ones(len(idx)), torch.zeros(pad)]),
+            # Each row's place in the logical batch, as the trainer's micro_batch gives its dataset row.
+            "example_index": torch.tensor(idx + [0] * pad, dtype=torch.long),
         }
         out.append(rows)
     return out
@@ -102,6 +104,18 @@ def distill_loss(case: dict, seed: int):
         teacher = partition_frozen(teacher, micro_batch_size=case["micro_batch_size"], bf16=False)
     return DistillationLoss(teacher, alpha=d["alpha"], temperature=d["temperature"], hidden_weight=d["hidden_weight"],
                             layer_map=d["layer_map"])
+
+
+@torch.no_grad()
+def one_at_a_time(teacher, batch: dict) -> torch.Tensor:
+    """The teacher's logits of each row of the logical batch, run alone on its real tokens: the
+    table DistillationLoss reads by example_index. Every rank runs every row (a partitioned
+    teacher's forward is a collective)."""
+    rows = []
+    for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
+        n = int(mask.sum())
+        rows.append(teacher(input_ids=ids[None, :n], attention_mask=mask[None, :n]).logits.float())
+    return torch.cat(rows)
 
 
 def with_test_lora(name: str, seed: int, rank: int):
@@ -186,6 +200,8 @@ def run_case(case: dict, spec: dict, world) -> dict:
     engine, initial = make_engine(case, spec, world)
     size = case.get("batch_size", spec.get("batch_size"))
     batch = case_batch(case, spec, engine.module)
+    if case.get("distill", {}).get("table"):
+        engine.loss_fn.use_teacher_logits(one_at_a_time(engine.loss_fn.teacher, batch))
     comms = {}
     for step in range(case.get("steps", 1)):
         if step == case.get("resume_at"):

@@ -31,8 +31,10 @@ def main(out_file: str) -> None:
     model = load_sequence_classifier(ModelConfig(name="tiny-bert", dropout=0.0), num_labels=2, seed=7).eval()
     data = examples(7, model.config.vocab_size)
     ctx = SimpleNamespace(world=world, train_set=data, tokenizer=SimpleNamespace(pad_token_id=0),
-                          task=SimpleNamespace(collate=lambda ex, pad, num_rows=None: collate(ex, pad, num_rows=num_rows)),
-                          cfg=SimpleNamespace(train=SimpleNamespace(micro_batch_size=3)))
+                          task=SimpleNamespace(collate=lambda ex, pad, num_rows=None, length=None:
+                                               collate(ex, pad, num_rows=num_rows, length=length)),
+                          cfg=SimpleNamespace(train=SimpleNamespace(micro_batch_size=3),
+                                              data=SimpleNamespace(max_length=8)))
     logits = per_example_outputs(ctx, lambda batch: model(**model_inputs(batch)).logits, batch_size=3)
     if world.is_main:
         torch.save(logits, out_file)
