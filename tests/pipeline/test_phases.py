@@ -258,17 +258,19 @@ def test_which_checkpoints_need_the_universal_format(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_distill_at_zero3_on_two_ranks_partitions_the_teacher(tmp_path):
+@pytest.mark.parametrize("hidden_weight", [0.2, 0.0])
+def test_distill_at_zero3_on_two_ranks_partitions_the_teacher(tmp_path, hidden_weight):
     """`dpc distill` under torchrun at ZeRO 3: the teacher is partitioned (each rank half of it), and
-    head_init's teacher passes stay in lockstep although the ranks' shares differ (129 and 128
-    examples: 3 and 2 batches of 64) -- a partitioned teacher's forward is a collective, so a rank
-    that stopped early would hang the other."""
+    the pass that builds its logits table stays in lockstep although the ranks' shares differ (129
+    and 128 examples: 3 and 2 batches of 64) -- a partitioned teacher's forward is a collective, so a
+    rank that stopped early would hang the other. With the hidden-state term the teacher also runs
+    in every step; without it the steps read the table."""
     from tests.engine.launch import torchrun
 
     args = [CONFIG, f"run.output_dir={tmp_path}", "run.name=z", *TINY, "data.synthetic_size=257", "train.max_steps=3",
             "train.zero_stage=3", "privacy.target_epsilon=6", "pipeline.phases=[teacher, distill]",
             "pipeline.budget_split={teacher: 0.5, distill: 0.5}", "head_init.probe_epochs=1",
-            "head_init.centre_pooler=true", "distill.hidden_weight=0.2"]
+            "head_init.centre_pooler=true", f"distill.hidden_weight={hidden_weight}"]
     ok(dpc(["teacher", *args]))
     out = torchrun("dist_dpc/cli.py", ["distill", *args], world_size=2, timeout=600).stdout
     assert "teacher partitioned over 2 ranks (ZeRO 3)" in out
