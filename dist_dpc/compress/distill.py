@@ -134,7 +134,7 @@ class DistillationLoss:
     The teacher's logits come from ``teacher_logits``, a table of every training example's (N, C) in
     dataset order, looked up by the micro-batch's ``example_index`` (the trainer adds it): the frozen
     teacher's output on an example never changes, so one pass over the data replaces a teacher
-    forward in every step (on SST-2's DPKD phase about a third of the step). Without a table (causal
+    forward in every step (on SST-2's DPKD phase about a quarter of the step). Without a table (causal
     LMs: a vocabulary of logits per token) the teacher runs on each micro-batch, its outputs cached
     per micro-batch because the engine's first step calls the loss twice on it (its self-test).
     Either way sample i's loss reads only sample i's teacher output; padding rows read a constant. With ``hidden_weight`` > 0 the student's hidden states also
