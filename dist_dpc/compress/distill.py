@@ -137,9 +137,10 @@ class DistillationLoss:
     forward in every step (on SST-2's DPKD phase about a quarter of the step). Without a table (causal
     LMs: a vocabulary of logits per token) the teacher runs on each micro-batch, its outputs cached
     per micro-batch because the engine's first step calls the loss twice on it (its self-test).
-    Either way sample i's loss reads only sample i's teacher output; padding rows read a constant. With ``hidden_weight`` > 0 the student's hidden states also
-    regress onto the teacher's layers named by ``layer_map`` (mean squared error over real tokens;
-    hidden sizes must match, as with a student cut from the teacher), so the teacher runs each step.
+    Either way sample i's loss reads only sample i's teacher output; padding rows read a constant.
+    With ``hidden_weight`` > 0 the student's hidden states also regress onto the teacher's layers
+    named by ``layer_map`` (mean squared error over real tokens; hidden sizes must match, as with a
+    student cut from the teacher), so the teacher runs each step.
     """
 
     def __init__(self, teacher: nn.Module, *, alpha: float, temperature: float, hidden_weight: float = 0.0,
