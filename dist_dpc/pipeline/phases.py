@@ -169,8 +169,7 @@ def run_distill(cfg: Config) -> dict:
     # runs each step. The probe fits the student's classifier to the same loss (no hidden-state term).
     table = teacher_logits(ctx, teacher) if d.alpha and not ctx.task.token_level else None
     loss.use_teacher_logits(table)
-    if loss.teacher is None:  # the table replaces it: free its memory (or its ZeRO-3 partitions)
-        teacher = None
+    del teacher  # the loss keeps it where it still runs it; else its memory (or ZeRO-3 partitions) is freed
     info = start.run(ctx, student, ctx.directory, ctx.key, teacher_logits=table, alpha=d.alpha,
                      temperature=d.temperature)
     engine = train_dp(ctx, student, directory=ctx.directory, steps=steps, privacy=privacy, tracker=tracker,

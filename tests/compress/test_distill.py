@@ -185,14 +185,12 @@ def test_one_pass_over_the_data_on_two_ranks_is_in_dataset_order(tmp_path):
 
 
 def test_the_trainers_micro_batch_carries_each_samples_row():
-    from types import SimpleNamespace
-
     from dist_dpc.data import collate
     from dist_dpc.pipeline.trainer import micro_batch
+    from tests.pipeline.dataset_pass_worker import toy_context
 
     _, data = _teacher_and_examples()
-    ctx = SimpleNamespace(train_set=data, cfg=SimpleNamespace(train=SimpleNamespace(micro_batch_size=4)),
-                          task=SimpleNamespace(collate=lambda ex, pad, num_rows=None: collate(ex, pad, num_rows=num_rows)))
+    ctx = toy_context(data, micro_batch_size=4, max_length=8)
     batch = micro_batch(ctx, [4, 1, 3], 0)
     assert batch["example_index"].tolist() == [4, 1, 3, 0] and batch["sample_mask"].tolist() == [1, 1, 1, 0]
     torch.testing.assert_close(batch["input_ids"], collate([data[i] for i in [4, 1, 3]], 0, num_rows=4)["input_ids"])
@@ -202,22 +200,16 @@ def test_one_examples_row_of_the_pass_does_not_depend_on_the_other_examples():
     """The pass pads every batch to data.max_length: replacing one example by a longer one leaves
     every other example's teacher logits bit for bit the same. (Padded to each batch's longest, the
     other rows of its batch would change in their last bits with the new length.)"""
-    from types import SimpleNamespace
-
-    from dist_dpc.data import collate
     from dist_dpc.engine import init_distributed
     from dist_dpc.pipeline.dataset_pass import teacher_logits
+    from tests.pipeline.dataset_pass_worker import toy_context
 
     teacher, data = _teacher_and_examples()
     teacher = teacher.float()
     world = init_distributed()
 
     def ctx_for(examples):
-        return SimpleNamespace(world=world, train_set=examples, tokenizer=SimpleNamespace(pad_token_id=0),
-                               task=SimpleNamespace(collate=lambda ex, pad, num_rows=None, length=None:
-                                                    collate(ex, pad, num_rows=num_rows, length=length)),
-                               cfg=SimpleNamespace(train=SimpleNamespace(micro_batch_size=4),
-                                                   data=SimpleNamespace(max_length=24)))
+        return toy_context(examples, micro_batch_size=4, max_length=24, world=world)
 
     longer = dict(data[2], input_ids=list(range(5, 25)), attention_mask=[1] * 20)
     before = teacher_logits(ctx_for(data), teacher)

@@ -26,15 +26,21 @@ def examples(n: int, vocab: int) -> list[dict]:
     return out
 
 
+def toy_context(data: list[dict], *, micro_batch_size: int, max_length: int, world=None) -> SimpleNamespace:
+    """What dataset_pass and the trainer's micro_batch read of a phase context, over ``data``
+    (classification collate, pad id 0)."""
+    return SimpleNamespace(world=world, train_set=data, tokenizer=SimpleNamespace(pad_token_id=0),
+                           task=SimpleNamespace(collate=lambda ex, pad, num_rows=None, length=None:
+                                                collate(ex, pad, num_rows=num_rows, length=length)),
+                           cfg=SimpleNamespace(train=SimpleNamespace(micro_batch_size=micro_batch_size),
+                                               data=SimpleNamespace(max_length=max_length)))
+
+
 def main(out_file: str) -> None:
     world = init_distributed()
     model = load_sequence_classifier(ModelConfig(name="tiny-bert", dropout=0.0), num_labels=2, seed=7).eval()
     data = examples(7, model.config.vocab_size)
-    ctx = SimpleNamespace(world=world, train_set=data, tokenizer=SimpleNamespace(pad_token_id=0),
-                          task=SimpleNamespace(collate=lambda ex, pad, num_rows=None, length=None:
-                                               collate(ex, pad, num_rows=num_rows, length=length)),
-                          cfg=SimpleNamespace(train=SimpleNamespace(micro_batch_size=3),
-                                              data=SimpleNamespace(max_length=8)))
+    ctx = toy_context(data, micro_batch_size=3, max_length=8, world=world)
     logits = per_example_outputs(ctx, lambda batch: model(**model_inputs(batch)).logits, batch_size=3)
     if world.is_main:
         torch.save(logits, out_file)
