@@ -44,9 +44,10 @@ run() { name=$1; shift; want "$name" || return 0
         [ -f "$OUT/$name/eval/results.json" ] && { echo "== $name: done"; return; }
         echo "== $name: $*"; "$DPC" pipeline "${BASE[@]}" run.name=$name "$@" "${EXTRA[@]}"; }
 
-# The reference a user would run without privacy: full fine-tuning, lr 5e-5, batch 32, 2 epochs.
+# The reference a user would run without privacy: full fine-tuning, lr 5e-5, batch 32, 2 epochs, the model's own
+# dropout (as from_pretrained gives it).
 run standard pipeline.phases=[teacher,eval] pipeline.budget_split={} privacy.enabled=false model.lora=null \
-    model.freeze_embeddings=false train.lr=5e-5 train.batch_size=32 train.micro_batch_size=32 train.epochs=2 \
+    model.dropout=null model.freeze_embeddings=false train.lr=5e-5 train.batch_size=32 train.micro_batch_size=32 train.epochs=2 \
     train.lr_schedule=constant train.warmup_steps=0 head_init.centre_pooler=false head_init.probe_epochs=0
 # The recipe without clipping or noise.
 run recipe pipeline.phases=[teacher,eval] pipeline.budget_split={} privacy.enabled=false

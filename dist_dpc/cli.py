@@ -264,7 +264,9 @@ def describe_recipe(cfg) -> str:
     auto = "auto: on for a BERT-style head"
     lines = [
         f"teacher: {f'DP-LoRA r={m.lora.r} alpha={m.lora.alpha:g}' if m.lora else 'full fine-tuning'} of {m.name}"
-        f"{', embeddings frozen' if m.freeze_embeddings else ''}; head_init: centred pooler "
+        f"{', embeddings frozen' if m.freeze_embeddings else ''}, "
+        f"{'pre-trained dropout' if m.dropout is None else 'dropout off' if m.dropout == 0 else f'dropout {m.dropout:g}'}; "
+        f"head_init: centred pooler "
         f"{auto if h.centre_pooler is None else h.centre_pooler}, DP probe "
         f"{f'{auto}, {AUTO_PROBE_EPOCHS:g} epochs' if h.probe_epochs is None else f'{h.probe_epochs:g} epochs'}, "
         f"DP mean sigma {'scaled to N: 0.06 N / sqrt(width) within [5, 20]' if h.mean_noise_multiplier is None else f'{h.mean_noise_multiplier:g}'}",

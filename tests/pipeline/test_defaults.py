@@ -17,7 +17,7 @@ from tests.pipeline.test_train import dpc
 # Only the data size and the length of the run are set (a test must be quick); everything that
 # decides how the model trains is the default.
 SMALL = ["data.task=synthetic_sentiment", "data.synthetic_size=240", "data.max_length=16", "train.batch_size=24",
-         "train.micro_batch_size=12", "train.max_steps=4", "wandb.mode=disabled", "model.dropout=0",
+         "train.micro_batch_size=12", "train.max_steps=4", "wandb.mode=disabled",
          "privacy.randomness=insecure_reproducible", "privacy.noise_seed=3"]
 
 
@@ -131,3 +131,15 @@ def test_a_training_set_too_small_for_the_epsilon_is_refused_with_the_smallest_r
     refused = dpc(["train", *base, "run.name=s4", "privacy.target_epsilon=0.001"])
     assert refused.returncode == 2 and "head_init's DP mean" in refused.stderr, refused.stderr[-2000:]
     assert "smallest epsilon this run allows is above" in refused.stderr
+
+
+@pytest.mark.parametrize("name", ["tiny-bert", "minilm"])
+def test_dropout_is_off_by_default_and_null_keeps_the_pretrained_value(name):
+    from dist_dpc.models import ModelConfig, load_sequence_classifier, load_tokenizer
+
+    def dropouts(model_config):
+        model = load_sequence_classifier(model_config, 2, load_tokenizer(model_config), seed=0)
+        return {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+
+    assert dropouts(ModelConfig(name=name)) == {0.0}
+    assert dropouts(ModelConfig(name=name, dropout=None)) == {0.1}  # BERT's and MiniLM's own value
