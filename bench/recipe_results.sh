@@ -14,28 +14,9 @@ OUT=${1:-runs/recipe/$TASK}; shift || true
 EXTRA=("$@")
 DPC=${DPC:-.venv/bin/dpc}
 PY=${PY:-.venv/bin/python}
-YELP=${YELP:-runs/yelp_tasks}
 ROWS=${ROWS:-standard,recipe,dp,structured,unstructured,two-four}
-
-stars="['Review Stars: 1.0', 'Review Stars: 2.0', 'Review Stars: 3.0', 'Review Stars: 4.0', 'Review Stars: 5.0']"
-categories="['Business Category: Arts & Entertainment', 'Business Category: Bars', 'Business Category: Beauty & Spas', \
-'Business Category: Event Planning & Services', 'Business Category: Grocery', 'Business Category: Health & Medical', \
-'Business Category: Home & Garden', 'Business Category: Hotels & Travel', 'Business Category: Restaurants', \
-'Business Category: Shopping']"
-case $TASK in
-  sst2) DATA=(data.task=sst2 data.data_dir=../shared/data/glue data.max_train_samples=20000 data.max_length=48) ;;
-  yelp-*)
-    [ -f "$YELP/stars/train.csv" ] || "$PY" bench/yelp_tasks.py ../shared/data/yelp "$YELP"
-    name=${TASK#yelp-}
-    DATA=(data.task=csv "data.train_file=$YELP/$name/train.csv" "data.eval_file=$YELP/$name/test.csv" data.max_length=64)
-    case $name in
-      stars) DATA+=("data.label_names=$stars") ;;
-      category) DATA+=("data.label_names=$categories") ;;
-      pair) DATA+=(data.text_pair_column=category "data.label_names=['mismatch', 'match']") ;;
-      *) echo "unknown task $TASK" >&2; exit 2 ;;
-    esac ;;
-  *) echo "unknown task $TASK (sst2, yelp-stars, yelp-category, yelp-pair)" >&2; exit 2 ;;
-esac
+source "$(dirname "$0")/task_data.sh"
+task_data "$TASK" test
 
 BASE=(configs/recipe.yaml run.output_dir=$OUT "${DATA[@]}")
 TEACHER=$OUT/dp/teacher/model
