@@ -19,7 +19,7 @@ ROWS = [  # label, run tree, phase
 
 def main(out: str) -> None:
     root = Path(out)
-    print("| model | test accuracy | vs DP teacher | non-zero params | epsilon (delta) | train minutes |")
+    print("| model | test accuracy | vs DP teacher | non-zero params | epsilon (delta) | phase minutes |")
     print("|---|---:|---:|---:|---|---:|")
     teacher = None
     for label, tree, phase in ROWS:
@@ -38,7 +38,8 @@ def main(out: str) -> None:
         eps = "none (not private)" if not trained["private"] else f"{trained['epsilon']:.2f} ({trained['delta']:.2g})"
         gap = f"{acc - teacher:+.2f}" if teacher is not None and (tree, phase) != ("dp", "teacher") and \
             trained["private"] else ""
-        minutes = (trained.get("train_seconds") or 0) / 60
+        # The whole phase where recorded (head_init, the teacher pass, every pruning round), else its DP-SGD steps.
+        minutes = (trained.get("phase_seconds") or trained.get("train_seconds") or 0) / 60
         print(f"| {label} | {acc:.2f} % | {gap} | {row['nonzero_parameters'] / 1e6:.2f} M | {eps} | {minutes:.0f} |")
 
 

@@ -11,7 +11,7 @@ import dataclasses
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -66,6 +66,7 @@ class PhaseContext:
     holdout_set: object = None  # private validation split (data.holdout_fraction), for `dpc tune` only
     public_train_size: int | None = None  # with a holdout: N(1 - fraction), the public stand-in for len(train_set)
     public_holdout_size: int | None = None
+    opened: float = field(default_factory=time.perf_counter)  # for results' phase_seconds
 
     @property
     def train_size(self) -> int:
@@ -660,7 +661,8 @@ def phase_results(ctx: PhaseContext, engine: DPEngine, metrics: dict, steps: int
         "sampling": ctx.sampling,
         "randomness": privacy.randomness,
         "dataset_size": ctx.train_size,  # public: with a holdout, its stand-in
-        "train_seconds": getattr(engine, "train_seconds", None),
+        "train_seconds": getattr(engine, "train_seconds", None),  # the DP-SGD steps (a prune phase: its last round's)
+        "phase_seconds": time.perf_counter() - ctx.opened,  # the whole phase (head_init, passes, every round)
         "parameters": sum(p.numel() for p in model_parameters(engine.module)),
         **exact_phase_statistics(engine, privacy),
         **extra,

@@ -60,6 +60,9 @@ def test_pipeline_ledger_masks_export_and_resume(tmp_path):
     alone = sum(opacus_prv_epsilon([m], delta) for m in mechs)
     assert total < 0.9 * alone
     assert "privacy ledger" in proc.stdout and "PRV composition of all phases" in proc.stdout
+    # phase_seconds is the whole phase (loading, head_init, both pruning rounds); train_seconds only
+    # the DP-SGD steps (for prune: its last round's).
+    assert all(r["phase_seconds"] > r["train_seconds"] > 0 for r in results.values())
 
     # DPKD student: half the teacher's layers, initialised from its layers 0 (every other one).
     teacher_cfg = json.loads((run / "teacher" / "model" / "config.json").read_text())
