@@ -41,6 +41,28 @@ def resolve_name(name: str) -> str:
     return name
 
 
+def position_limit(config) -> int | None:
+    """The most tokens one sequence of this model may hold (None: unknown): GPT-2's n_positions,
+    else max_position_embeddings, less RoBERTa's offset (its positions start after the padding
+    index). Longer inputs fail inside the embedding lookup with an index error, or, for rotary
+    models, run past the context the model was trained on."""
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return None
+    if "roberta" in str(getattr(config, "model_type", "")) and getattr(config, "pad_token_id", None) is not None:
+        limit -= config.pad_token_id + 1
+    return limit
+
+
+def check_max_length(config, max_length: int, what: str) -> None:
+    """Refuse data.max_length beyond the model's position limit, before anything trains."""
+    limit = position_limit(config)
+    if limit is not None and max_length > limit:
+        field = "n_positions" if getattr(config, "n_positions", None) else "max_position_embeddings"
+        raise ValueError(f"data.max_length={max_length} is longer than {what} can read: it has {limit} positions "
+                         f"(its config's {field}); set data.max_length to at most {limit}")
+
+
 BYTE_LEVEL = "byte-level"  # the debug causal LMs' tokenizer (dist_dpc.models.byte_tokenizer)
 
 

@@ -24,7 +24,7 @@ from dist_dpc.engine.partitioned import gathered_state_dict
 from dist_dpc.engine.distributed import WorldInfo
 from dist_dpc.engine.ds_config import config_width, config_zero_stage, fill_width_autos, has_width_autos
 from dist_dpc.models import load_tokenizer
-from dist_dpc.models.loading import DEBUG_MODELS
+from dist_dpc.models.loading import DEBUG_MODELS, check_max_length
 from dist_dpc.pipeline.checkpoints import Checkpoints
 from dist_dpc.pipeline.preemption import PreemptionGuard
 from dist_dpc.pipeline.config import Config, user_config
@@ -298,10 +298,12 @@ def _clear_stale_attempt(ctx: PhaseContext) -> None:
 
 
 def check_before_spending(ctx: PhaseContext, model: torch.nn.Module, *, steps: int, lr: float | None = None) -> None:
-    """What train_dp refuses on the settings and the model alone (the DeepSpeed config, a clashing scheduler, layers the DP engine cannot clip),
+    """What train_dp refuses on the settings and the model alone (data.max_length beyond the model's
+    positions, the DeepSpeed config, a clashing scheduler, layers the DP engine cannot clip),
     checked before the phase reserves budget and before head_init reads the private data: a refusal
     then spends nothing."""
     cfg = ctx.cfg
+    check_max_length(model.config, cfg.data.max_length, f"the {ctx.phase} phase's model")
     ds_config = _phase_ds_config(cfg, ctx.world, lr, cfg.privacy.enabled)
     _lr_schedule(cfg, ds_config, steps)
     DPEngine.check_settings(model, ds_config, cfg.privacy)

@@ -93,11 +93,13 @@ def test_head_init_defaults_to_off_for_a_head_without_a_pooler(tmp_path):
 @pytest.mark.timeout(600)
 def test_settings_the_engine_refuses_are_refused_before_head_init_reads_data(tmp_path):
     # A DeepSpeed JSON that clips gradients itself; one whose scheduler clashes with the default
-    # linear schedule: each refused with head_init (default) not yet run.
+    # linear schedule; each refused with head_init (default) not yet run.
     (tmp_path / "clip.json").write_text(json.dumps({"gradient_clipping": 1.0}))
     (tmp_path / "sched.json").write_text(json.dumps({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 2}}}))
+    # data.max_length beyond tiny-bert's 128 positions: refused, saying the most it can read.
     cases = [(f"train.deepspeed_config={tmp_path / 'clip.json'}", "gradient_clipping"),
-             (f"train.deepspeed_config={tmp_path / 'sched.json'}", "scheduler block")]
+             (f"train.deepspeed_config={tmp_path / 'sched.json'}", "scheduler block"),
+             ("data.max_length=200", "set data.max_length to at most 128")]
     for i, (setting, message) in enumerate(cases):
         refused = dpc(["train", config(tmp_path, "tiny-bert"), f"run.output_dir={tmp_path}", f"run.name=z{i}", *SMALL,
                        setting])
