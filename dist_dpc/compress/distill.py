@@ -140,7 +140,8 @@ class DistillationLoss:
     Either way sample i's loss reads only sample i's teacher output; padding rows read a constant.
     With ``hidden_weight`` > 0 the student's hidden states also regress onto the teacher's layers
     named by ``layer_map`` (mean squared error over real tokens; hidden sizes must match, as with a
-    student cut from the teacher), so the teacher runs each step.
+    student cut from the teacher), so the teacher runs each step. With alpha 0 and no hidden term
+    the teacher is not used at all.
     """
 
     def __init__(self, teacher: nn.Module, *, alpha: float, temperature: float, hidden_weight: float = 0.0,
@@ -164,8 +165,14 @@ class DistillationLoss:
         the teacher. Ignored with hidden_weight > 0, where the teacher runs each step for its hidden
         states anyway."""
         self.teacher_logits = table if self.hidden_weight == 0 else None
-        if self.teacher_logits is not None:
+        if self.teacher_logits is not None or not self.reads_teacher:
             self.teacher = None
+
+    @property
+    def reads_teacher(self) -> bool:
+        """False with alpha 0 and no hidden-state term: the loss is the student's cross-entropy alone,
+        so the teacher is neither run nor kept (its soft term would be weighted by 0)."""
+        return self.alpha > 0 or self.hidden_weight > 0
 
     @torch.no_grad()
     def _teacher_outputs(self, inputs: dict):
@@ -196,10 +203,14 @@ class DistillationLoss:
         inputs = {k: batch[k] for k in self.input_keys if k in batch}
         if self.teacher_logits is not None:
             teacher, teacher_logits = None, self._looked_up(batch)
+        elif not self.reads_teacher:
+            teacher, teacher_logits = None, None
         else:
             teacher = self._teacher_outputs(inputs)
             teacher_logits = teacher.logits
         student = forward(**inputs, output_hidden_states=self.hidden_weight > 0)
+        if teacher_logits is None:  # alpha 0: a constant stands in for the teacher; its term is multiplied by 0
+            teacher_logits = torch.zeros_like(student.logits)
         kd = token_kd_loss if self.token_level else kd_loss
         loss = kd(student.logits, teacher_logits, batch["labels"], self.alpha, self.temperature)
         if self.hidden_weight > 0:

@@ -166,6 +166,16 @@ def test_a_table_of_teacher_logits_gives_each_sample_its_own_row():
     with pytest.raises(ValueError, match="example_index"):
         DistillationLoss(teacher, alpha=0.6, temperature=2.0, teacher_logits=table)(
             student, {k: v for k, v in batch.items() if k != "example_index"})
+    # alpha 0 without a hidden term: the student's cross-entropy, the teacher never run nor kept.
+    class Refuses(torch.nn.Module):
+        def forward(self, **_):
+            raise AssertionError("the teacher ran with alpha 0")
+
+    plain = DistillationLoss(Refuses(), alpha=0.0, temperature=2.0)
+    assert plain.teacher is None
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+    ce = torch.nn.functional.cross_entropy(student(**inputs).logits.float(), batch["labels"], reduction="none")
+    torch.testing.assert_close(plain(student, batch), ce)
     # With the hidden-state term the teacher runs anyway: the table is not used.
     assert DistillationLoss(teacher, alpha=0.6, temperature=2.0, hidden_weight=0.1, layer_map=[0],
                             teacher_logits=table).teacher_logits is None
