@@ -1,14 +1,15 @@
 """The recipe's DP step (per_layer, C 1) against the non-DP step, side by side in one process:
-MiniLM on the first 2,000 SST-2 training sentences, 8 micro-batches of 64 (48 tokens at most).
+MiniLM on 512 SST-2 training sentences (a seeded subset, data.max_train_samples), 8 micro-batches of
+64 (48 tokens at most), loaded and tokenized by dist_dpc.data as the phases do.
 
     python bench/recipe_step.py bitfit|lora [DROPOUT] [profile]
 
 DROPOUT: model.dropout (default: the pre-trained 0.1); a third argument prints torch.profiler's top
 ops of one DP step. Prints the best of 3 steps each (after one warm-up) and their ratio.
 Run 2026-12-05 on the 2-core CPU (docs/RESULTS.md): bitfit 6.5 / 6.0 s (1.08x), lora 6.1-6.6 / 6.2 s
-(1.00x) at dropout 0.1; bitfit 5.0 / 4.15 s (1.21x) at dropout 0 (a second run, minutes later).
+(1.00x) at dropout 0.1; bitfit 5.0 / 4.15 s (1.21x) at dropout 0 (a second run, minutes later). Those runs
+read the first 512 training rows by hand; the seeded subset has other lengths, so compare ratios, not seconds.
 """
-import csv
 import sys
 import time
 import torch
@@ -19,7 +20,7 @@ from dist_dpc.models import ModelConfig, load_sequence_classifier, load_tokenize
 from dist_dpc.models.config import LoraSettings
 from dist_dpc.engine.losses import sequence_classification_loss
 from dist_dpc.compress.config import BITFIT
-from dist_dpc.data import collate
+from dist_dpc.data import DataConfig, collate, load_task, tokenize_split
 
 mode = sys.argv[1]  # bitfit | lora
 world = init_distributed()
@@ -27,11 +28,10 @@ drop = float(sys.argv[2]) if len(sys.argv) > 2 else None
 cfgm = ModelConfig(name="minilm", dropout=drop, trainable=BITFIT if mode == "bitfit" else None, freeze_embeddings=True,
                    lora=LoraSettings() if mode == "lora" else None)
 tok = load_tokenizer(cfgm, log=None)
-with open("../shared/data/glue/SST-2/train.tsv") as f:
-    rows = list(csv.reader(f, delimiter="\t"))[1:2000]
-enc = [tok(r[0], truncation=True, max_length=48) for r in rows]
-examples = [{"input_ids": e["input_ids"], "attention_mask": e["attention_mask"], "token_type_ids": e["token_type_ids"], "labels": int(r[1])} for e, r in zip(enc, rows)]
-micro = [collate(examples[i*64:(i+1)*64], tok.pad_token_id, num_rows=64) for i in range(8)]
+# The loaders every phase uses: SST-2 from the local GLUE copy, a seeded subset, tokenized as the phases do.
+data = load_task(DataConfig(task="sst2", data_dir="../shared/data/glue", max_train_samples=512, max_length=48))
+examples = tokenize_split(data.train, tok, 48)
+micro = [collate([examples[j] for j in range(i * 64, (i + 1) * 64)], tok.pad_token_id, num_rows=64) for i in range(8)]
 out = {}
 for private in [True, False]:
     model = load_sequence_classifier(cfgm, 2, tok, seed=0)
