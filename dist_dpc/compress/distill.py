@@ -16,6 +16,10 @@ from torch import nn
 def kd_mix(ce: torch.Tensor, kl: torch.Tensor, alpha: float, temperature: float) -> torch.Tensor:
     """The KD objective from its terms: (1 - alpha) * CE + alpha * T^2 * KL (Hinton et al.'s T^2 keeps
     the soft term's gradient scale independent of T)."""
+    if alpha == 0:  # the soft term is absent, not multiplied by 0 (0 * inf would be NaN)
+        return ce
+    if alpha == 1:
+        return temperature ** 2 * kl
     return (1 - alpha) * ce + alpha * temperature ** 2 * kl
 
 
@@ -162,8 +166,8 @@ class DistillationLoss:
 
     def use_teacher_logits(self, table: torch.Tensor | None) -> None:
         """Read the teacher's logits from ``table`` (N, C) from now on and drop the teacher; None: run
-        the teacher. Ignored with hidden_weight > 0, where the teacher runs each step for its hidden
-        states anyway."""
+        the teacher (unless the loss does not read it: alpha 0 without a hidden term). Ignored with
+        hidden_weight > 0, where the teacher runs each step for its hidden states anyway."""
         self.teacher_logits = table if self.hidden_weight == 0 else None
         if self.teacher_logits is not None or not self.reads_teacher:
             self.teacher = None
@@ -209,7 +213,7 @@ class DistillationLoss:
             teacher = self._teacher_outputs(inputs)
             teacher_logits = teacher.logits
         student = forward(**inputs, output_hidden_states=self.hidden_weight > 0)
-        if teacher_logits is None:  # alpha 0: a constant stands in for the teacher; its term is multiplied by 0
+        if teacher_logits is None:  # alpha 0: a constant stands in for the teacher; kd_mix leaves its term out
             teacher_logits = torch.zeros_like(student.logits)
         kd = token_kd_loss if self.token_level else kd_loss
         loss = kd(student.logits, teacher_logits, batch["labels"], self.alpha, self.temperature)

@@ -20,7 +20,7 @@ from dist_dpc.data.overlap import refuse_overlap
 from dist_dpc.data.splits import TaskData, TextSplit
 from dist_dpc.data.synthetic import generate
 from dist_dpc.data.tables import read_rows, require_file
-from dist_dpc.data.tokenize import padded_ids
+from dist_dpc.data.tokenize import PAD_MULTIPLE, padded_ids
 from dist_dpc.utils.atomic import PRIVATE_FILE, atomic_write, private_dir
 
 IGNORE = -100  # label of a position that carries no loss (torch's cross_entropy ignore_index)
@@ -152,7 +152,7 @@ def tokenize_lm(split: TextSplit, tokenizer, max_length: int | None, cache_dir: 
     return data
 
 
-def collate_lm(examples: list[dict], pad_token_id: int, pad_to_multiple_of: int = 8,
+def collate_lm(examples: list[dict], pad_token_id: int, pad_to_multiple_of: int = PAD_MULTIPLE,
                num_rows: int | None = None, length: int | None = None) -> dict[str, torch.Tensor]:
     """Right-padded ids, attention mask, and labels (-100 where no loss: BOS, prefix, padding); with
     ``num_rows``, padding rows (sample_mask 0) fill the micro-batch."""

@@ -56,7 +56,10 @@ def tokenize_split(split: TextSplit, tokenizer, max_length: int, cache_dir: str 
     return data
 
 
-def padded_ids(examples: list[dict], pad_token_id: int, pad_to_multiple_of: int = 8,
+PAD_MULTIPLE = 8  # batches are padded to their longest example rounded up to this (tensor-core friendly shapes)
+
+
+def padded_ids(examples: list[dict], pad_token_id: int, pad_to_multiple_of: int = PAD_MULTIPLE,
                num_rows: int | None = None, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask) right-padded to the longest example rounded up, or to exactly
     ``length`` (a shape that depends on no example's length); with ``num_rows``, padding rows fill
@@ -79,7 +82,7 @@ def padded_ids(examples: list[dict], pad_token_id: int, pad_to_multiple_of: int 
     return input_ids, attention
 
 
-def collate(examples: list[dict], pad_token_id: int, pad_to_multiple_of: int = 8, num_rows: int | None = None,
+def collate(examples: list[dict], pad_token_id: int, pad_to_multiple_of: int = PAD_MULTIPLE, num_rows: int | None = None,
             length: int | None = None) -> dict[str, torch.Tensor]:
     """Pad to the longest example (rounded up), or to exactly ``length``; with ``num_rows``, append
     padding rows (sample_mask 0) so that every micro-batch has the same number of rows on every rank."""

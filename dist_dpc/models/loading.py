@@ -54,13 +54,21 @@ def position_limit(config) -> int | None:
     return limit
 
 
-def check_max_length(config, max_length: int, what: str) -> None:
-    """Refuse data.max_length beyond the model's position limit, before anything trains."""
+def check_max_length(config, max_length: int, what: str, pad_multiple: int = 1) -> None:
+    """Refuse data.max_length whose longest batch does not fit in the model's positions, before
+    anything trains: batches are padded to their longest example rounded up to ``pad_multiple``, so
+    a Poisson batch holding one long example would otherwise fail mid-phase, after the budget is
+    reserved, on a data-dependent step."""
     limit = position_limit(config)
-    if limit is not None and max_length > limit:
-        field = "n_positions" if getattr(config, "n_positions", None) else "max_position_embeddings"
-        raise ValueError(f"data.max_length={max_length} is longer than {what} can read: it has {limit} positions "
-                         f"(its config's {field}); set data.max_length to at most {limit}")
+    longest = -(-max_length // pad_multiple) * pad_multiple
+    if limit is None or longest <= limit:
+        return
+    field = "n_positions" if getattr(config, "n_positions", None) else "max_position_embeddings"
+    source = f"its config's {field}" + (" less RoBERTa's padding offset" if limit != getattr(config, field) else "")
+    most = limit // pad_multiple * pad_multiple
+    padded = "" if longest == max_length else f" (batches are padded up to a multiple of {pad_multiple}: {longest} tokens)"
+    raise ValueError(f"data.max_length={max_length}{padded} is longer than {what} can read: it has {limit} positions "
+                     f"({source}); set data.max_length to at most {most}")
 
 
 BYTE_LEVEL = "byte-level"  # the debug causal LMs' tokenizer (dist_dpc.models.byte_tokenizer)

@@ -23,9 +23,10 @@ from dist_dpc.compress.distill import DistillationLoss, every_other_layer, trans
 from dist_dpc.compress.layer_files import choose_layers, layer_importance_on_disk, saved_depth
 from dist_dpc.compress.pruning import (MaskEnforcer, apply_masks, compute_masks, depth_schedule,
                                        sparsity_schedule, sparsity_stats)
+from dist_dpc.data import PAD_MULTIPLE
 from dist_dpc.models import ModelConfig
 from dist_dpc.engine.partitioned import full_numel
-from dist_dpc.models.loading import set_trainable
+from dist_dpc.models.loading import check_max_length, set_trainable
 from dist_dpc.pipeline.config import ALL_PHASES, MODEL_PHASES, Config
 from dist_dpc.pipeline.dataset_pass import teacher_logits
 from dist_dpc.pipeline.head_init import HeadStart
@@ -122,6 +123,7 @@ def run_distill(cfg: Config) -> dict:
     ctx = open_phase(cfg, "distill")
     import_lineage(ctx, teacher_dir, role="distill.teacher")
     teacher = load_model_dir(teacher_dir, ctx, what="teacher")  # frozen by DistillationLoss
+    teacher_config = teacher.config
     if d.student == "from_teacher":
         depth = saved_depth(teacher_dir)
         layer_map = d.layer_map if d.layer_map is not None else every_other_layer(depth)
@@ -158,6 +160,8 @@ def run_distill(cfg: Config) -> dict:
     loss = DistillationLoss(teacher, alpha=d.alpha, temperature=d.temperature, hidden_weight=d.hidden_weight,
                             layer_map=layer_map, token_level=ctx.task.token_level)
     steps = planned_steps(d.epochs or cfg.train.epochs, cfg.train.max_steps, steps_per_epoch(ctx))
+    if loss.reads_teacher:  # the teacher reads the same batches: its positions must hold them too
+        check_max_length(teacher_config, cfg.data.max_length, "the distill phase's teacher", pad_multiple=PAD_MULTIPLE)
     check_before_spending(ctx, student, steps=steps, lr=d.lr)
     start = HeadStart.plan(ctx, student)
     privacy = phase_privacy(ctx, steps + start.probe_steps, fixed=start.fixed)

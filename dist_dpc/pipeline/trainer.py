@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from dist_dpc.compress.layer_files import write_kept_layers
+from dist_dpc.data import PAD_MULTIPLE
 from dist_dpc.engine import DPEngine, build_ds_config, init_distributed
 from dist_dpc.engine.lr_schedule import make_lr_schedule
 from dist_dpc.engine.partitioned import gathered_state_dict
@@ -303,7 +304,7 @@ def check_before_spending(ctx: PhaseContext, model: torch.nn.Module, *, steps: i
     checked before the phase reserves budget and before head_init reads the private data: a refusal
     then spends nothing."""
     cfg = ctx.cfg
-    check_max_length(model.config, cfg.data.max_length, f"the {ctx.phase} phase's model")
+    check_max_length(model.config, cfg.data.max_length, f"the {ctx.phase} phase's model", pad_multiple=PAD_MULTIPLE)
     ds_config = _phase_ds_config(cfg, ctx.world, lr, cfg.privacy.enabled)
     _lr_schedule(cfg, ds_config, steps)
     DPEngine.check_settings(model, ds_config, cfg.privacy)

@@ -227,3 +227,21 @@ def test_one_examples_row_of_the_pass_does_not_depend_on_the_other_examples():
     others = [i for i in range(len(data)) if i != 2]
     assert torch.equal(before[others], after[others])
     assert not torch.equal(before[2], after[2])
+
+
+def test_kd_loss_leaves_out_a_term_of_weight_zero():
+    """alpha 0 is the student's cross-entropy and alpha 1 the soft term alone, even where the other
+    term is infinite (0 * inf would make the loss NaN)."""
+    from dist_dpc.compress.distill import kd_loss
+
+    student = torch.tensor([[2.0, -float("inf"), 0.5]])
+    teacher = torch.tensor([[0.0, 1.0, 0.0]])  # puts mass on the class the student rules out: KL = inf
+    ce = torch.nn.functional.cross_entropy(student, torch.tensor([0]), reduction="none")
+    assert torch.isfinite(ce).all()
+    torch.testing.assert_close(kd_loss(student, teacher, torch.tensor([0]), 0.0, 2.0), ce)
+    assert torch.isinf(kd_loss(student, teacher, torch.tensor([0]), 0.5, 2.0)).all()
+    finite = torch.tensor([[2.0, 0.1, 0.5]])
+    only_kl = kd_loss(finite, teacher, torch.tensor([1]), 1.0, 2.0)
+    mixed = kd_loss(finite, teacher, torch.tensor([1]), 0.5, 2.0)
+    ce_f = torch.nn.functional.cross_entropy(finite, torch.tensor([1]), reduction="none")
+    torch.testing.assert_close(mixed, 0.5 * ce_f + 0.5 * only_kl)

@@ -317,3 +317,28 @@ def test_a_killed_saves_leftovers_never_join_a_checkpoint(tmp_path):
     (stale / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_text("planted")
     with pytest.raises(RuntimeError, match="2 optimizer shards but was written by 1 ranks"):
         checkpoints.load(None, universal=True)
+
+
+@pytest.mark.timeout(600)
+def test_a_teacher_with_fewer_positions_than_the_batches_is_refused_before_spending(tmp_path):
+    """DPKD runs the teacher on the phase's batches: a DP teacher whose positions cannot hold
+    data.max_length is refused before the distill phase reserves budget (else the teacher pass or a
+    step that drew a long example would fail midway, after the reservation)."""
+    from safetensors.torch import save_file
+
+    ok(dpc(["teacher", CONFIG, f"run.output_dir={tmp_path}", "run.name=t", *TINY, "privacy.target_epsilon=4"]))
+    short = tmp_path / "short"
+    shutil.copytree(tmp_path / "t" / "teacher" / "model", short)
+    config = json.loads((short / "config.json").read_text())
+    config["max_position_embeddings"] = 16
+    (short / "config.json").write_text(json.dumps(config))
+    weights = load_file(short / "model.safetensors")
+    key = next(k for k in weights if k.endswith("position_embeddings.weight"))
+    weights[key] = weights[key][:16].clone()
+    save_file(weights, short / "model.safetensors", metadata={"format": "pt"})
+    refused = dpc(["distill", CONFIG, f"run.output_dir={tmp_path}", "run.name=s", *TINY, "data.max_length=24",
+                   f"distill.teacher={short}", "distill.student=tiny-bert"])
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "the distill phase's teacher" in refused.stderr and "at most 16" in refused.stderr, refused.stderr[-3000:]
+    ledger = json.loads((tmp_path / "s" / "privacy_ledger.json").read_text())
+    assert not ledger["phases"].get("distill", {}).get("mechanisms"), ledger["phases"].keys()
