@@ -36,8 +36,9 @@ class DataConfig:
     null: yelp uses [label1, label2], other sources have no prefix. [] : no prefix."""
     max_length: int = 128
     """Tokens per example after truncation (causal_lm: the training context; evaluation scores
-    longer texts in windows of this many tokens). At most the model's positions (refused before
-    training otherwise)."""
+    longer texts in windows of this many tokens). Batches are padded to their longest example
+    rounded up to a multiple of 8, which must fit the model's positions (and a DPKD teacher's):
+    refused before training otherwise, naming the largest value that fits."""
     eval_stride: int | None = None
     """model.task=causal_lm evaluation: a text longer than max_length is scored in windows of
     max_length tokens that advance by this many (each token scored once, with up to max_length -
