@@ -5,7 +5,8 @@
 #   bench/val_teacher.sh TASK NAME [overrides...]      (OUT=runs/val_teacher by default)
 #   TASK: yelp-stars | yelp-category | yelp-pair | sst2 (bench/sst2_val.py's carve: train.csv, val_long.csv)
 #
-# The model is scored on the validation split; results land in OUT/NAME/eval.
+# The model is scored on the validation split; results land in OUT/NAME/eval. Overrides come last
+# and win (bench/val_prune.sh runs a pruning tree through this script).
 set -euo pipefail
 TASK=$1; NAME=$2; shift 2
 OUT=${OUT:-runs/val_teacher}
