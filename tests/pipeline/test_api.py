@@ -198,8 +198,8 @@ def test_misuse_cannot_spend_more_than_the_ledger_says(tmp_path):
     retried failed step, a loss that mixes rows, and a step of the DeepSpeed engine behind the DP step."""
     ledger = tmp_path / "ledger.json"
 
-    def start(name="train", epsilon=4.0):
-        return dist_dpc.initialize(model=model(), config=config(), training_data=examples(), steps=6, name=name,
+    def start(name="train", epsilon=4.0, **ds):
+        return dist_dpc.initialize(model=model(), config=config(**ds), training_data=examples(), steps=6, name=name,
                                    privacy=dist_dpc.PrivacyConfig(target_epsilon=epsilon, max_effective_noise=None),
                                    ledger=ledger)
 
@@ -212,7 +212,9 @@ def test_misuse_cannot_spend_more_than_the_ledger_says(tmp_path):
         engine.load_checkpoint(tmp_path / "ckpt", "one")  # would rewind the count under released steps
     with pytest.raises(ValueError, match="entry 'train' is still running"):
         start()  # a second run may not hide under the first one's plan
-    other, _, other_loader, _ = start(name="other", epsilon=8.0)  # composes with train's whole plan
+    # composes with train's whole plan; micro-batches of 1 so that the Poisson draw (expected 12) spans
+    # two or more of them unless it holds fewer than 2 rows (odds ~1e-4; with 5 a row, one in 50 did not)
+    other, _, other_loader, _ = start(name="other", epsilon=8.0, train_micro_batch_size_per_gpu=1)
 
     # A step that fails half-way is spent, and the engine stops (its buffers hold part of the step).
     calls = {"n": 0}
