@@ -213,7 +213,7 @@ def test_misuse_cannot_spend_more_than_the_ledger_says(tmp_path):
     with pytest.raises(ValueError, match="entry 'train' is still running"):
         start()  # a second run may not hide under the first one's plan
     # composes with train's whole plan; micro-batches of 1 so that the Poisson draw (expected 12) spans
-    # two or more of them unless it holds fewer than 2 rows (odds ~1e-4; with 5 a row, one in 50 did not)
+    # two or more of them unless it holds fewer than 2 rows (odds ~1e-4; at 5 rows a micro-batch about one draw in 50 did not)
     other, _, other_loader, _ = start(name="other", epsilon=8.0, train_micro_batch_size_per_gpu=1)
 
     # A step that fails half-way is spent, and the engine stops (its buffers hold part of the step).
